@@ -1,0 +1,801 @@
+#![forbid(unsafe_code)]
+//! The hub: every step's queue, batching, priorities, deadlines and the record of which worker
+//! holds which task, in the main process.
+//!
+//! Workers never talk to each other. The hub sends each formed batch to exactly one idle
+//! worker through that worker's inbound ring, and reads results from each worker's outbound
+//! ring; a result names the step the task goes to next (the worker evaluated the steps'
+//! conditions), and the hub either queues it there or hands it back to the caller. Because
+//! every task passes through here:
+//! - a batch is filled by the hub and then owned by one worker (`nprocs > 1` batches exactly);
+//! - priorities and the starvation guard apply across all of a step's waiting tasks;
+//! - expired tasks are dropped before dispatch and counted;
+//! - on a worker's death the hub knows exactly which tasks it held, fails only those, and
+//!   frees its shared memory.
+//!
+//! The hub has no thread. Its owner drives it: [`Hub::submit`] dispatches inline, and
+//! [`Hub::poll`] drains the outbound rings, routes, dispatches and reports outcomes. Between
+//! polls the owner sleeps on the doorbell eventfd (see [`crate::reactor`]), which workers only
+//! ring when the hub announced it was going to sleep ([`Hub::prepare_sleep`]).
+//!
+//! # Bounds
+//! A step's queue holds at most `queue_capacity` submitted tasks. Tasks forwarded from a batch
+//! that already ran are never refused (refusing would lose them); instead no step is sent a new
+//! batch while a step after it is at capacity, so the overshoot is bounded by the batches
+//! already running upstream.
+
+use std::collections::HashSet;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::batch::{self, Decision};
+use crate::clock::Nanos;
+use crate::error::{EngineError, Result};
+use crate::layout::{slot_label, FlowLayout, HUB_LABEL};
+use crate::message::*;
+use crate::prio::PriorityQueue;
+use crate::shm::{Arena, Consumer, Extent, Producer, SharedRegion};
+
+/// One step as the hub sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepSpec {
+    pub nprocs: usize,
+    pub batch_size: usize,
+    pub batch_timeout: Duration,
+    pub queue_capacity: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub steps: Vec<StepSpec>,
+    /// Number of priority levels; a task's priority is clamped to `priorities - 1`.
+    pub priorities: usize,
+    /// See [`crate::prio`]: one dispatch in `fair_every` goes to a waiting lower level.
+    pub fair_every: u32,
+    /// Bytes per ring (two rings per worker).
+    pub ring_capacity: usize,
+    /// Bytes of the shared-memory pool for large payloads.
+    pub arena_bytes: usize,
+    pub page_size: usize,
+    /// Bodies above this size travel through the arena instead of the ring.
+    pub inline_max: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            steps: Vec::new(),
+            priorities: 1,
+            fair_every: 10,
+            ring_capacity: 1 << 20,
+            arena_bytes: 1 << 30,
+            page_size: 1 << 16,
+            inline_max: 64 << 10,
+        }
+    }
+}
+
+impl HubConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::Config(m));
+        if self.steps.is_empty() {
+            return bad("a flow needs at least one step".into());
+        }
+        if !(1..=255).contains(&self.priorities) {
+            return bad(format!("queue_priorities must be between 1 and 255, got {}", self.priorities));
+        }
+        if self.fair_every == 1 {
+            return bad("fair_every must be 0 (strict priority) or at least 2".into());
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            if s.nprocs < 1 {
+                return bad(format!("step {}: nprocs must be >= 1, got {}", i + 1, s.nprocs));
+            }
+            if s.batch_size < 1 {
+                return bad(format!("step {}: batch_size must be >= 1, got {}", i + 1, s.batch_size));
+            }
+            if s.batch_size > self.ring_capacity / 128 {
+                return bad(format!("step {}: batch_size {} is too large for the ring", i + 1, s.batch_size));
+            }
+            if s.queue_capacity < 1 {
+                return bad(format!("step {}: queue size must be >= 1", i + 1));
+            }
+        }
+        let slots: usize = self.steps.iter().map(|s| s.nprocs).sum();
+        if slots > 4096 {
+            return bad(format!("{slots} worker processes is more than the engine supports (4096)"));
+        }
+        Ok(())
+    }
+
+    pub fn layout(&self) -> FlowLayout {
+        let slots = self.steps.iter().map(|s| s.nprocs).sum();
+        FlowLayout::new(slots, self.ring_capacity, self.arena_bytes, self.page_size)
+    }
+}
+
+/// A task body handed out by the hub.
+#[derive(Debug)]
+pub enum Payload<'a> {
+    Inline(&'a [u8]),
+    /// In the arena. The receiver owns one reference and must release it.
+    Extent(Extent),
+}
+
+#[derive(Debug)]
+pub enum Failure<'a> {
+    /// The handler of `step` raised; the body is the worker's description of the exception.
+    Handler { step: usize, body: Payload<'a> },
+    /// The deadline passed before a handler of `step` saw the task.
+    Expired { step: usize },
+    /// The worker that held the task died.
+    WorkerDied { step: usize, pid: u32 },
+    /// The flow was stopped without finishing the task.
+    Stopped,
+    /// A forwarded body did not fit in the shared-memory pool.
+    ArenaExhausted { step: usize },
+}
+
+#[derive(Debug)]
+pub enum Outcome<'a> {
+    Done { task_id: u64, body: Payload<'a> },
+    Failed { task_id: u64, failure: Failure<'a> },
+    WorkerReady { slot: usize, step: usize, pid: u32 },
+    WorkerStartFailed { slot: usize, step: usize, pid: u32, message: String },
+    WorkerExited { slot: usize, step: usize, pid: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// No process.
+    Vacant,
+    /// Spawned, `on_start` running.
+    Starting,
+    Idle,
+    Busy,
+    /// Told to stop; exits after its batch.
+    Stopping,
+    Dead,
+}
+
+#[derive(Debug)]
+enum Body {
+    Inline(Vec<u8>),
+    Extent(Extent),
+}
+
+#[derive(Debug)]
+struct Queued {
+    id: u64,
+    priority: u8,
+    deadline: Nanos,
+    arrived: Nanos,
+    body: Body,
+}
+
+struct Held {
+    id: u64,
+    extent: Option<Extent>,
+    resolved: bool,
+}
+
+struct Slot {
+    step: usize,
+    state: SlotState,
+    pid: u32,
+    inbound: Producer,
+    outbound: Consumer,
+    held: Vec<Held>,
+}
+
+/// Counters per step, read by metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepStats {
+    pub batches: u64,
+    pub tasks: u64,
+    pub expired: u64,
+    pub failed: u64,
+    pub worker_deaths: u64,
+}
+
+struct Step {
+    spec: StepSpec,
+    queue: PriorityQueue<Queued>,
+    /// Idle slots, most recently idle last: it is the likeliest still spinning, so it wakes
+    /// fastest.
+    idle: Vec<usize>,
+    timer: Option<Nanos>,
+    inline_max: usize,
+    stats: StepStats,
+}
+
+pub struct Hub {
+    region: Arc<SharedRegion>,
+    layout: FlowLayout,
+    arena: Arena,
+    steps: Vec<Step>,
+    slots: Vec<Slot>,
+    next_id: u64,
+    in_flight: usize,
+    cancelled: HashSet<u64>,
+    deferred: Vec<(u64, Failure<'static>)>,
+    scratch: Vec<u8>,
+    accepting: bool,
+}
+
+impl Hub {
+    /// Creates the shared region and the hub that owns its main-process side.
+    pub fn create(cfg: &HubConfig) -> Result<Self> {
+        cfg.validate()?;
+        let layout = cfg.layout();
+        let region = Arc::new(SharedRegion::create("aqueduct-flow", layout.total_bytes())?);
+        Self::with_region(cfg, region)
+    }
+
+    /// A hub over heap memory, for tests that play the workers in the same process.
+    pub fn create_in_heap(cfg: &HubConfig) -> Result<Self> {
+        cfg.validate()?;
+        let region = Arc::new(SharedRegion::heap(cfg.layout().total_bytes()));
+        Self::with_region(cfg, region)
+    }
+
+    fn with_region(cfg: &HubConfig, region: Arc<SharedRegion>) -> Result<Self> {
+        let layout = cfg.layout();
+        layout.init(&region)?;
+        let arena = Arena::attach(region.clone(), layout.arena)?;
+        let mut slots = Vec::with_capacity(layout.nslots);
+        let mut steps = Vec::with_capacity(cfg.steps.len());
+        for (step_index, spec) in cfg.steps.iter().enumerate() {
+            for _ in 0..spec.nprocs {
+                let slot = slots.len();
+                slots.push(Slot {
+                    step: step_index,
+                    state: SlotState::Vacant,
+                    pid: 0,
+                    inbound: Producer::attach(region.clone(), layout.inbound(slot))?,
+                    outbound: Consumer::attach(region.clone(), layout.outbound(slot))?,
+                    held: Vec::new(),
+                });
+            }
+            // A whole batch of inline bodies must fit in an (empty) inbound ring.
+            let per_task = (layout.ring_capacity - 64) / spec.batch_size;
+            let inline_max = per_task.saturating_sub(8 + HEADER_LEN + 8) / 8 * 8;
+            steps.push(Step {
+                spec: spec.clone(),
+                queue: PriorityQueue::new(cfg.priorities, spec.queue_capacity, cfg.fair_every),
+                idle: Vec::new(),
+                timer: None,
+                inline_max: inline_max.min(cfg.inline_max),
+                stats: StepStats::default(),
+            });
+        }
+        Ok(Self {
+            region,
+            layout,
+            arena,
+            steps,
+            slots,
+            next_id: 1,
+            in_flight: 0,
+            cancelled: HashSet::new(),
+            deferred: Vec::new(),
+            scratch: Vec::new(),
+            accepting: true,
+        })
+    }
+
+    pub fn region(&self) -> &Arc<SharedRegion> {
+        &self.region
+    }
+    pub fn layout(&self) -> &FlowLayout {
+        &self.layout
+    }
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+    pub fn arena_mut(&mut self) -> &mut Arena {
+        &mut self.arena
+    }
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+    pub fn slot_step(&self, slot: usize) -> usize {
+        self.slots[slot].step
+    }
+    pub fn slot_state(&self, slot: usize) -> SlotState {
+        self.slots[slot].state
+    }
+    pub fn slot_pid(&self, slot: usize) -> u32 {
+        self.slots[slot].pid
+    }
+    /// Task ids the worker in `slot` holds right now (its current batch, minus finished ones).
+    pub fn held_by(&self, slot: usize) -> Vec<u64> {
+        self.slots[slot].held.iter().filter(|h| !h.resolved).map(|h| h.id).collect()
+    }
+    pub fn queue_len(&self, step: usize) -> usize {
+        self.steps[step].queue.len()
+    }
+    pub fn step_stats(&self, step: usize) -> StepStats {
+        self.steps[step].stats
+    }
+    /// Tasks submitted and not yet reported back.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+    pub fn is_accepting(&self) -> bool {
+        self.accepting
+    }
+    /// After this, `submit` fails with [`EngineError::Stopped`].
+    pub fn stop_accepting(&mut self) {
+        self.accepting = false;
+    }
+    /// Inline-size limit for bodies entering `step`.
+    pub fn inline_max(&self, step: usize) -> usize {
+        self.steps[step].inline_max
+    }
+
+    /// Records that a process was started for `slot`; it is given work once it reports ready.
+    pub fn worker_spawned(&mut self, slot: usize, pid: u32) {
+        let s = &mut self.slots[slot];
+        s.state = SlotState::Starting;
+        s.pid = pid;
+        self.region.atomic_u32(self.layout.slot_field(slot, 0)).store(pid, Ordering::Release);
+    }
+
+    /// Queues a task at `step` and dispatches at once if a worker is idle.
+    pub fn submit(&mut self, step: usize, priority: u8, deadline: Nanos, body: &[u8]) -> Result<u64> {
+        if !self.accepting {
+            return Err(EngineError::Stopped);
+        }
+        let st = self.steps.get(step).ok_or(EngineError::Config(format!("no step {step}")))?;
+        if st.queue.is_full() {
+            return Err(EngineError::QueueFull { step, capacity: st.queue.capacity() });
+        }
+        let body = if body.len() > st.inline_max {
+            let ext = self
+                .arena
+                .alloc(HUB_LABEL, body.len())
+                .ok_or(EngineError::ArenaExhausted { requested: body.len(), capacity: self.arena.layout().capacity_bytes() })?;
+            self.arena.write(&ext, 0, body)?;
+            Body::Extent(ext)
+        } else {
+            Body::Inline(body.to_vec())
+        };
+        self.enqueue_new(step, priority, deadline, body)
+    }
+
+    /// Queues a task whose body the caller already placed in the arena (zero-copy submit). The
+    /// hub takes over the caller's reference.
+    pub fn submit_extent(&mut self, step: usize, priority: u8, deadline: Nanos, ext: Extent) -> Result<u64> {
+        if !self.accepting {
+            return Err(EngineError::Stopped);
+        }
+        let st = self.steps.get(step).ok_or(EngineError::Config(format!("no step {step}")))?;
+        if st.queue.is_full() {
+            return Err(EngineError::QueueFull { step, capacity: st.queue.capacity() });
+        }
+        self.enqueue_new(step, priority, deadline, Body::Extent(ext))
+    }
+
+    fn enqueue_new(&mut self, step: usize, priority: u8, deadline: Nanos, body: Body) -> Result<u64> {
+        let now = Nanos::now();
+        let id = self.next_id;
+        self.next_id += 1;
+        let q = Queued { id, priority, deadline, arrived: now, body };
+        if self.steps[step].queue.push(priority as usize, q).is_err() {
+            unreachable!("fullness checked by the caller");
+        }
+        self.in_flight += 1;
+        self.dispatch(step, now)?;
+        Ok(id)
+    }
+
+    /// Drops a task the caller gave up on. Queued tasks are removed; a task held by a worker is
+    /// forgotten when its result comes back. Returns whether the task was still in flight.
+    pub fn cancel(&mut self, task_id: u64) -> bool {
+        for step in 0..self.steps.len() {
+            let removed = self.steps[step].queue.remove_where(|q| q.id == task_id);
+            if !removed.is_empty() {
+                for q in removed {
+                    self.drop_body(&q.body);
+                }
+                self.in_flight -= 1;
+                return true;
+            }
+        }
+        let held = self.slots.iter().any(|s| s.held.iter().any(|h| h.id == task_id && !h.resolved));
+        if held && self.cancelled.insert(task_id) {
+            self.in_flight -= 1;
+            return true;
+        }
+        false
+    }
+
+    fn drop_body(&self, body: &Body) {
+        if let Body::Extent(e) = body {
+            let _ = self.arena.release(e);
+        }
+    }
+
+    /// The earliest time a partial batch becomes due, if one is waiting.
+    pub fn next_timer(&self) -> Option<Nanos> {
+        self.steps.iter().filter_map(|s| s.timer).min()
+    }
+
+    /// Whether any worker has published records the hub has not read.
+    pub fn has_pending(&mut self) -> bool {
+        self.slots.iter_mut().any(|s| s.outbound.has_data()) || !self.deferred.is_empty()
+    }
+
+    /// Raises the doorbell flag before the owner sleeps. Returns `false` (and lowers it again)
+    /// when records arrived meanwhile: the owner must poll instead of sleeping.
+    pub fn prepare_sleep(&mut self) -> bool {
+        let region = self.region.clone();
+        let flag = self.layout.doorbell_waiting(&region);
+        flag.store(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.has_pending() {
+            flag.store(0, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Lowers the doorbell flag after waking: workers stop ringing while the hub is awake.
+    pub fn woke(&self) {
+        self.layout.doorbell_waiting(&self.region).store(0, Ordering::SeqCst);
+    }
+
+    /// Reads every worker's published records, routes results, forms and sends due batches,
+    /// and reports outcomes. Returns how many outcomes were reported.
+    pub fn poll(&mut self, now: Nanos, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
+        let mut reported = 0;
+        for (task_id, failure) in std::mem::take(&mut self.deferred) {
+            out(Outcome::Failed { task_id, failure });
+            reported += 1;
+        }
+        for slot in 0..self.slots.len() {
+            reported += self.drain_slot(slot, now, out)?;
+        }
+        self.dispatch_all(now)?;
+        for (task_id, failure) in std::mem::take(&mut self.deferred) {
+            out(Outcome::Failed { task_id, failure });
+            reported += 1;
+        }
+        Ok(reported)
+    }
+
+    fn drain_slot(&mut self, slot: usize, now: Nanos, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
+        let mut reported = 0;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = (|| -> Result<()> {
+            while let Some(rec) = self.slots[slot].outbound.peek()? {
+                self.slots[slot].outbound.read_payload(&rec, &mut scratch)?;
+                self.slots[slot].outbound.consume(&rec);
+                match rec.tag {
+                    TAG_READY => {
+                        let s = &mut self.slots[slot];
+                        if s.state == SlotState::Starting {
+                            s.state = SlotState::Idle;
+                            self.steps[s.step].idle.push(slot);
+                        }
+                        out(Outcome::WorkerReady { slot, step: s.step, pid: s.pid });
+                        reported += 1;
+                    }
+                    TAG_START_FAILED => {
+                        let s = &mut self.slots[slot];
+                        s.state = SlotState::Stopping;
+                        let message = String::from_utf8_lossy(&scratch).into_owned();
+                        out(Outcome::WorkerStartFailed { slot, step: s.step, pid: s.pid, message });
+                        reported += 1;
+                    }
+                    TAG_RESULT => {
+                        let header = TaskHeader::decode(&scratch)?;
+                        reported += self.on_result(slot, header, &scratch[HEADER_LEN..], now, out)?;
+                    }
+                    TAG_BATCH_DONE => self.on_batch_done(slot),
+                    _ => return Err(EngineError::Protocol("unknown record from a worker")),
+                }
+            }
+            self.slots[slot].outbound.release();
+            Ok(())
+        })();
+        self.scratch = scratch;
+        result.map(|_| reported)
+    }
+
+    fn on_result(
+        &mut self,
+        slot: usize,
+        header: TaskHeader,
+        inline: &[u8],
+        now: Nanos,
+        out: &mut dyn FnMut(Outcome<'_>),
+    ) -> Result<usize> {
+        let step = self.slots[slot].step;
+        let held = self.slots[slot]
+            .held
+            .iter_mut()
+            .find(|h| h.id == header.task_id && !h.resolved)
+            .ok_or(EngineError::Protocol("result for a task the worker does not hold"))?;
+        held.resolved = true;
+        if let Some(ext) = header.extent {
+            // The hub takes over the worker's message: from now on it is responsible for the pages.
+            self.arena.relabel(&ext, HUB_LABEL)?;
+        }
+        if self.cancelled.remove(&header.task_id) {
+            if let Some(ext) = header.extent {
+                self.arena.release(&ext)?;
+            }
+            return Ok(0);
+        }
+        let payload = || match header.extent {
+            Some(ext) => Payload::Extent(ext),
+            None => Payload::Inline(inline),
+        };
+        let task_id = header.task_id;
+        match header.status {
+            Status::Expired => {
+                self.steps[step].stats.expired += 1;
+                self.in_flight -= 1;
+                out(Outcome::Failed { task_id, failure: Failure::Expired { step } });
+            }
+            Status::Error => {
+                self.steps[step].stats.failed += 1;
+                self.in_flight -= 1;
+                out(Outcome::Failed { task_id, failure: Failure::Handler { step, body: payload() } });
+            }
+            Status::Ok if header.route == ROUTE_DONE => {
+                self.in_flight -= 1;
+                out(Outcome::Done { task_id, body: payload() });
+            }
+            Status::Ok => {
+                let next = header.route as usize;
+                if next <= step || next >= self.steps.len() {
+                    return Err(EngineError::Protocol("a result routed to a step that is not downstream"));
+                }
+                let body = match header.extent {
+                    Some(ext) => Body::Extent(ext),
+                    None if inline.len() > self.steps[next].inline_max => {
+                        match self.arena.alloc(HUB_LABEL, inline.len()) {
+                            Some(ext) => {
+                                self.arena.write(&ext, 0, inline)?;
+                                Body::Extent(ext)
+                            }
+                            None => {
+                                self.in_flight -= 1;
+                                out(Outcome::Failed { task_id, failure: Failure::ArenaExhausted { step: next } });
+                                return Ok(1);
+                            }
+                        }
+                    }
+                    None => Body::Inline(inline.to_vec()),
+                };
+                let q = Queued { id: task_id, priority: header.priority, deadline: header.deadline, arrived: now, body };
+                self.steps[next].queue.push_unbounded(header.priority as usize, q);
+                return Ok(0);
+            }
+        }
+        Ok(1)
+    }
+
+    fn on_batch_done(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        let step = s.step;
+        let held = std::mem::take(&mut s.held);
+        if s.state == SlotState::Busy {
+            s.state = SlotState::Idle;
+            self.steps[step].idle.push(slot);
+        }
+        for h in held {
+            if let Some(ext) = h.extent {
+                let _ = self.arena.release(&ext);
+            }
+            if !h.resolved {
+                // A worker always answers for every task; a missing answer is a protocol bug, and
+                // the caller still gets an outcome instead of waiting forever.
+                self.in_flight -= usize::from(!self.cancelled.remove(&h.id));
+                self.deferred.push((h.id, Failure::WorkerDied { step, pid: s.pid }));
+            }
+        }
+    }
+
+    fn dispatch_all(&mut self, now: Nanos) -> Result<()> {
+        for step in 0..self.steps.len() {
+            self.dispatch(step, now)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a step after `step` is at capacity (then `step` gets no new batch).
+    fn downstream_full(&self, step: usize) -> bool {
+        self.steps[step + 1..].iter().any(|s| s.queue.len() >= s.queue.capacity())
+    }
+
+    fn dispatch(&mut self, step: usize, now: Nanos) -> Result<()> {
+        self.steps[step].timer = None;
+        while !self.steps[step].idle.is_empty() && !self.downstream_full(step) {
+            let st = &self.steps[step];
+            let oldest = st.queue.oldest().map(|q| q.arrived);
+            match batch::decide(st.queue.len(), oldest, st.spec.batch_size, st.spec.batch_timeout, now) {
+                Decision::Idle => break,
+                Decision::WaitUntil(t) => {
+                    self.steps[step].timer = Some(t);
+                    break;
+                }
+                Decision::Send(n) => {
+                    let mut tasks = Vec::with_capacity(n);
+                    while tasks.len() < n {
+                        let Some((_, q)) = self.steps[step].queue.pop() else { break };
+                        if q.deadline != Nanos::ZERO && now >= q.deadline {
+                            self.steps[step].stats.expired += 1;
+                            self.drop_body(&q.body);
+                            self.in_flight -= 1;
+                            self.deferred.push((q.id, Failure::Expired { step }));
+                            continue;
+                        }
+                        tasks.push(q);
+                    }
+                    if tasks.is_empty() {
+                        continue;
+                    }
+                    let slot = self.steps[step].idle.pop().expect("checked non-empty");
+                    self.send_batch(slot, tasks, now)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_batch(&mut self, slot: usize, tasks: Vec<Queued>, now: Nanos) -> Result<()> {
+        let step = self.slots[slot].step;
+        let s = &mut self.slots[slot];
+        let count = tasks.len() as u32;
+        let mut ok = s.inbound.try_write(TAG_BATCH, &[&count.to_le_bytes(), &[0u8; 4]])?;
+        for q in &tasks {
+            let mut h = TaskHeader::new(q.id, q.priority, q.deadline);
+            h.sent_at = now;
+            h.route = step as u16;
+            ok &= match &q.body {
+                Body::Inline(b) => s.inbound.try_write(TAG_TASK, &[&h.encode(), b])?,
+                Body::Extent(e) => {
+                    h.extent = Some(*e);
+                    s.inbound.try_write(TAG_TASK, &[&h.encode()])?
+                }
+            };
+        }
+        if !ok {
+            // Cannot happen while inline bodies respect `inline_max` and the worker released its
+            // ring before reporting its batch done.
+            return Err(EngineError::Protocol("a batch did not fit in an idle worker's inbound ring"));
+        }
+        s.inbound.publish();
+        s.state = SlotState::Busy;
+        s.held = tasks
+            .into_iter()
+            .map(|q| Held {
+                id: q.id,
+                extent: match q.body {
+                    Body::Extent(e) => Some(e),
+                    Body::Inline(_) => None,
+                },
+                resolved: false,
+            })
+            .collect();
+        let stats = &mut self.steps[step].stats;
+        stats.batches += 1;
+        stats.tasks += count as u64;
+        Ok(())
+    }
+
+    /// Handles the death of the worker in `slot`: first takes every record it managed to
+    /// publish (those results are valid), then fails the tasks it still held, frees the shared
+    /// memory labelled with it and resets its rings for a replacement.
+    pub fn worker_exited(&mut self, slot: usize, out: &mut dyn FnMut(Outcome<'_>)) -> Result<()> {
+        let now = Nanos::now();
+        // A corrupt tail from a process killed mid-write is not an error of the flow.
+        let _ = self.drain_slot(slot, now, out);
+        let s = &mut self.slots[slot];
+        let (step, pid) = (s.step, s.pid);
+        let was_live = !matches!(s.state, SlotState::Vacant | SlotState::Dead);
+        s.state = SlotState::Dead;
+        for h in std::mem::take(&mut s.held) {
+            if let Some(ext) = h.extent {
+                let _ = self.arena.release(&ext);
+            }
+            if !h.resolved && !self.cancelled.remove(&h.id) {
+                self.in_flight -= 1;
+                out(Outcome::Failed { task_id: h.id, failure: Failure::WorkerDied { step, pid } });
+            }
+        }
+        self.steps[step].idle.retain(|&i| i != slot);
+        if was_live {
+            self.steps[step].stats.worker_deaths += 1;
+        }
+        self.arena.reclaim_owner(slot_label(slot));
+        self.layout.inbound(slot).reset(&self.region);
+        self.layout.outbound(slot).reset(&self.region);
+        let s = &mut self.slots[slot];
+        s.inbound = Producer::attach(self.region.clone(), self.layout.inbound(slot))?;
+        s.outbound = Consumer::attach(self.region.clone(), self.layout.outbound(slot))?;
+        out(Outcome::WorkerExited { slot, step, pid });
+        self.dispatch_all(now)
+    }
+
+    /// Tells the worker in `slot` to exit once its current batch is done.
+    pub fn send_stop(&mut self, slot: usize) -> Result<()> {
+        let s = &mut self.slots[slot];
+        if matches!(s.state, SlotState::Vacant | SlotState::Dead) {
+            return Ok(());
+        }
+        if !s.inbound.try_write(TAG_STOP, &[])? {
+            return Err(EngineError::Protocol("no room for a stop record"));
+        }
+        s.inbound.publish();
+        if s.state == SlotState::Idle {
+            let step = s.step;
+            self.steps[step].idle.retain(|&i| i != slot);
+        }
+        s.state = SlotState::Stopping;
+        Ok(())
+    }
+
+    /// Fails every task still queued or held with [`Failure::Stopped`] (a non-graceful stop).
+    pub fn fail_all(&mut self, out: &mut dyn FnMut(Outcome<'_>)) {
+        self.accepting = false;
+        for (task_id, failure) in std::mem::take(&mut self.deferred) {
+            out(Outcome::Failed { task_id, failure });
+        }
+        for step in 0..self.steps.len() {
+            for q in self.steps[step].queue.remove_where(|_| true) {
+                self.drop_body(&q.body);
+                out(Outcome::Failed { task_id: q.id, failure: Failure::Stopped });
+            }
+        }
+        for s in &mut self.slots {
+            for h in s.held.iter_mut().filter(|h| !h.resolved) {
+                h.resolved = true;
+                if !self.cancelled.remove(&h.id) {
+                    out(Outcome::Failed { task_id: h.id, failure: Failure::Stopped });
+                }
+            }
+        }
+        self.in_flight = 0;
+    }
+}
+
+/// The doorbell: an eventfd that workers write when the hub sleeps.
+pub struct Doorbell {
+    fd: OwnedFd,
+}
+
+impl Doorbell {
+    pub fn new() -> Result<Self> {
+        let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
+            .map_err(EngineError::os("eventfd"))?;
+        Ok(Self { fd })
+    }
+
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Consumes pending rings (the eventfd is non-blocking).
+    pub fn clear(&self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut buf);
+    }
+
+    pub fn ring(&self) {
+        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+    }
+}

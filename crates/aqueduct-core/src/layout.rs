@@ -1,0 +1,150 @@
+#![forbid(unsafe_code)]
+//! The layout of a flow's shared region: one header, one slot per worker, then the arena.
+//!
+//! | offset | content |
+//! |---|---|
+//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32, arena_bytes u64, page_size u32`; at 64 the hub's doorbell flag |
+//! | 4096 + i * stride | slot `i`: a 4096-byte slot header (`pid`, `generation`, `step`, metrics), the inbound ring (hub to worker), the outbound ring (worker to hub) |
+//! | after the slots | the arena |
+//!
+//! A process that attaches to a region it did not create reads the parameters from the header
+//! and recomputes the same layout, then checks every magic number.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::error::{EngineError, Result};
+use crate::shm::{ArenaLayout, RingLayout, SharedRegion};
+
+const MAGIC: u32 = 0x4151_464c; // "AQFL"
+const VERSION: u32 = 1;
+const FLOW_HEADER: usize = 4096;
+const SLOT_HEADER: usize = 4096;
+const OFF_DOORBELL_WAITING: usize = 64;
+
+/// The arena label of the hub (the main process); slot `i` is labelled `i + 2`.
+pub const HUB_LABEL: u32 = 1;
+
+pub fn slot_label(slot: usize) -> u32 {
+    slot as u32 + 2
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowLayout {
+    pub nslots: usize,
+    pub ring_capacity: usize,
+    pub arena: ArenaLayout,
+    slot_stride: usize,
+}
+
+impl FlowLayout {
+    pub fn new(nslots: usize, ring_capacity: usize, arena_bytes: usize, page_size: usize) -> Self {
+        let ring = RingLayout::new(0, ring_capacity);
+        let slot_stride = (SLOT_HEADER + 2 * ring.total_bytes()).div_ceil(4096) * 4096;
+        let arena_off = FLOW_HEADER + nslots * slot_stride;
+        Self {
+            nslots,
+            ring_capacity: ring.capacity,
+            arena: ArenaLayout::new(arena_off, arena_bytes, page_size),
+            slot_stride,
+        }
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.arena.offset + self.arena.total_bytes()
+    }
+
+    fn slot_off(&self, slot: usize) -> usize {
+        assert!(slot < self.nslots, "slot {slot} out of range");
+        FLOW_HEADER + slot * self.slot_stride
+    }
+
+    /// Hub to worker.
+    pub fn inbound(&self, slot: usize) -> RingLayout {
+        RingLayout::new(self.slot_off(slot) + SLOT_HEADER, self.ring_capacity)
+    }
+
+    /// Worker to hub.
+    pub fn outbound(&self, slot: usize) -> RingLayout {
+        let inbound = self.inbound(slot);
+        RingLayout::new(inbound.offset + inbound.total_bytes(), self.ring_capacity)
+    }
+
+    /// Offset of a u32 field in a slot header, for per-slot counters (see `metrics`).
+    pub fn slot_field(&self, slot: usize, index: usize) -> usize {
+        assert!(index * 4 < SLOT_HEADER);
+        self.slot_off(slot) + index * 4
+    }
+
+    /// Writes every header of a fresh region.
+    pub fn init(&self, region: &SharedRegion) -> Result<()> {
+        if region.len() < self.total_bytes() {
+            return Err(EngineError::Config("shared region smaller than its layout".into()));
+        }
+        let u32_at = |off: usize| region.atomic_u32(off);
+        u32_at(0).store(MAGIC, Ordering::Relaxed);
+        u32_at(4).store(VERSION, Ordering::Relaxed);
+        u32_at(8).store(self.nslots as u32, Ordering::Relaxed);
+        u32_at(12).store(self.ring_capacity as u32, Ordering::Relaxed);
+        region.atomic_u64(16).store(self.arena.capacity_bytes() as u64, Ordering::Relaxed);
+        u32_at(24).store(self.arena.page_size as u32, Ordering::Relaxed);
+        for slot in 0..self.nslots {
+            self.inbound(slot).init(region);
+            self.outbound(slot).init(region);
+        }
+        self.arena.init(region);
+        std::sync::atomic::fence(Ordering::Release);
+        Ok(())
+    }
+
+    /// Recomputes the layout of a region created elsewhere and validates it.
+    pub fn read(region: &SharedRegion) -> Result<Self> {
+        if region.len() < FLOW_HEADER {
+            return Err(EngineError::Corrupt("region smaller than a flow header"));
+        }
+        let u32_at = |off: usize| region.atomic_u32(off).load(Ordering::Acquire) as usize;
+        if u32_at(0) != MAGIC as usize || u32_at(4) != VERSION as usize {
+            return Err(EngineError::Corrupt("not an aqueduct flow region, or another version"));
+        }
+        let layout = Self::new(
+            u32_at(8),
+            u32_at(12),
+            region.atomic_u64(16).load(Ordering::Acquire) as usize,
+            u32_at(24),
+        );
+        if region.len() < layout.total_bytes() {
+            return Err(EngineError::Corrupt("region smaller than its recorded layout"));
+        }
+        for slot in 0..layout.nslots {
+            layout.inbound(slot).validate(region)?;
+            layout.outbound(slot).validate(region)?;
+        }
+        layout.arena.validate(region)?;
+        Ok(layout)
+    }
+
+    /// The flag the hub raises before it sleeps; workers ring the doorbell only when it is up.
+    pub fn doorbell_waiting<'a>(&self, region: &'a SharedRegion) -> &'a AtomicU32 {
+        region.atomic_u32(OFF_DOORBELL_WAITING)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_roundtrips_through_the_header() {
+        let l = FlowLayout::new(3, 64 * 1024, 1 << 20, 65536);
+        let region = SharedRegion::heap(l.total_bytes());
+        l.init(&region).unwrap();
+        assert_eq!(FlowLayout::read(&region).unwrap(), l);
+        assert!(l.outbound(2).offset + l.outbound(2).total_bytes() <= l.arena.offset);
+        assert!(l.inbound(1).offset >= l.outbound(0).offset + l.outbound(0).total_bytes());
+    }
+
+    #[test]
+    fn foreign_bytes_are_rejected() {
+        let region = SharedRegion::heap(8192);
+        assert!(FlowLayout::read(&region).is_err());
+    }
+}

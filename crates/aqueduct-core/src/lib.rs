@@ -1,0 +1,35 @@
+//! aqueduct-core: the engine under Aqueduct, with no Python in it.
+//!
+//! A flow is one shared-memory region (a memfd) holding a pair of single-producer
+//! single-consumer rings per worker process and a page arena for large payloads. The main
+//! process runs the [`hub::Hub`]: every step's bounded priority queue, batch formation, deadline
+//! drops, and the record of which tasks each worker holds. Workers run a
+//! [`worker::WorkerEndpoint`]: receive a batch, answer for each task, report the batch done.
+//!
+//! - [`shm`]: the memfd region, rings, arena and futex events (the only `unsafe` code).
+//! - [`message`]: record tags and the task header.
+//! - [`prio`], [`batch`]: the queueing and batching policies, as pure code.
+//! - [`hub`], [`worker`]: the two ends of the protocol.
+//! - [`reactor`], [`engine`]: what the main process sleeps on (epoll over the doorbell eventfd,
+//!   a timerfd and worker pidfds) and the driver that combines it with the hub.
+//!
+//! ARCHITECTURE.md at the repository root records why the engine has this shape and the
+//! measurements that chose it.
+
+pub mod batch;
+pub mod clock;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod layout;
+pub mod message;
+pub mod prio;
+pub mod reactor;
+pub mod shm;
+pub mod worker;
+
+pub use clock::Nanos;
+pub use engine::Engine;
+pub use error::{EngineError, Result};
+pub use hub::{Failure, Hub, HubConfig, Outcome, Payload, StepSpec};
+pub use worker::{Received, WorkerEndpoint};

@@ -1,0 +1,237 @@
+#![forbid(unsafe_code)]
+//! The worker's end of the transport: receive a batch, answer for each task, report the batch
+//! done.
+//!
+//! A worker owns one slot of the flow region: it consumes the slot's inbound ring and produces
+//! into its outbound ring. It waits for work by spinning briefly and then parking on the
+//! inbound ring's futex (see [`SpinPolicy`]), so an idle worker costs no CPU. It wakes the hub
+//! through the doorbell eventfd only when the hub has announced it is going to sleep.
+//!
+//! Task bodies stay in the inbound ring (or the arena) until [`WorkerEndpoint::finish_batch`],
+//! so a runtime can read them in place while it handles the batch.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::clock::Nanos;
+use crate::error::{EngineError, Result};
+use crate::hub::Doorbell;
+use crate::layout::{slot_label, FlowLayout};
+use crate::message::*;
+use crate::shm::event::SpinPolicy;
+use crate::shm::{Arena, Consumer, Extent, Producer, SharedRegion};
+
+/// Where a task's body is, in the region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyLoc {
+    pub offset: usize,
+    pub len: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TaskRef {
+    pub header: TaskHeader,
+    pub body: BodyLoc,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A batch of this many tasks is ready in [`WorkerEndpoint::tasks`].
+    Batch(usize),
+    /// The hub asked this worker to exit.
+    Stop,
+    /// Nothing arrived before the timeout.
+    Timeout,
+}
+
+pub struct WorkerEndpoint {
+    region: Arc<SharedRegion>,
+    layout: FlowLayout,
+    slot: usize,
+    inbound: Consumer,
+    outbound: Producer,
+    arena: Arena,
+    doorbell: Doorbell,
+    spin: SpinPolicy,
+    batch: Vec<TaskRef>,
+    inline_max: usize,
+}
+
+impl WorkerEndpoint {
+    /// Attaches to `slot` of a flow region created by the hub.
+    pub fn attach(region: Arc<SharedRegion>, slot: usize, doorbell: Doorbell) -> Result<Self> {
+        let layout = FlowLayout::read(&region)?;
+        if slot >= layout.nslots {
+            return Err(EngineError::Config(format!("slot {slot} does not exist ({} slots)", layout.nslots)));
+        }
+        let inbound = Consumer::attach(region.clone(), layout.inbound(slot))?;
+        let outbound = Producer::attach(region.clone(), layout.outbound(slot))?;
+        let arena = Arena::attach(region.clone(), layout.arena)?;
+        let inline_max = (outbound.max_payload() - HEADER_LEN).min(64 << 10);
+        Ok(Self {
+            region,
+            layout,
+            slot,
+            inbound,
+            outbound,
+            arena,
+            doorbell,
+            spin: SpinPolicy::default(),
+            batch: Vec::new(),
+            inline_max,
+        })
+    }
+
+    pub fn set_spin(&mut self, spin: SpinPolicy) {
+        self.spin = spin;
+    }
+
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    pub fn region(&self) -> &Arc<SharedRegion> {
+        &self.region
+    }
+
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
+    /// Bodies above this size are sent through the arena.
+    pub fn inline_max(&self) -> usize {
+        self.inline_max
+    }
+
+    fn send(&mut self, tag: u32, parts: &[&[u8]]) -> Result<()> {
+        let len = parts.iter().map(|p| p.len()).sum();
+        while !self.outbound.try_write(tag, parts)? {
+            self.flush();
+            self.outbound.wait_for_space(len, self.spin);
+        }
+        Ok(())
+    }
+
+    /// Publishes what was written and rings the doorbell if the hub sleeps.
+    pub fn flush(&mut self) {
+        self.outbound.publish_quietly();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let waiting = self.layout.doorbell_waiting(&self.region);
+        if waiting.load(Ordering::SeqCst) != 0 && waiting.swap(0, Ordering::SeqCst) != 0 {
+            self.doorbell.ring();
+        }
+    }
+
+    /// Reports that start-up finished; the hub starts sending batches.
+    pub fn ready(&mut self) -> Result<()> {
+        self.send(TAG_READY, &[])?;
+        self.flush();
+        Ok(())
+    }
+
+    /// Reports that start-up failed, with a description of why.
+    pub fn start_failed(&mut self, message: &str) -> Result<()> {
+        let bytes = message.as_bytes();
+        let max = self.outbound.max_payload();
+        self.send(TAG_START_FAILED, &[&bytes[..bytes.len().min(max)]])?;
+        self.flush();
+        Ok(())
+    }
+
+    /// Waits for the next batch (or a stop request) for at most `timeout`.
+    pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Received> {
+        debug_assert!(self.batch.is_empty(), "finish_batch before receiving the next one");
+        let deadline = timeout.map(|t| Instant::now() + t);
+        if !self.inbound.wait_for_data(self.spin, deadline) {
+            return Ok(Received::Timeout);
+        }
+        let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("woken without a record"))?;
+        self.inbound.consume(&rec);
+        match rec.tag {
+            TAG_STOP => {
+                self.inbound.release();
+                Ok(Received::Stop)
+            }
+            TAG_BATCH => {
+                let count = self.region.read_u64(rec.offset)? as u32 as usize;
+                for _ in 0..count {
+                    let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("batch shorter than announced"))?;
+                    if rec.tag != TAG_TASK {
+                        return Err(EngineError::Protocol("expected a task record"));
+                    }
+                    self.inbound.consume(&rec);
+                    let mut h = [0u8; HEADER_LEN];
+                    if rec.len < HEADER_LEN {
+                        return Err(EngineError::Protocol("task record shorter than its header"));
+                    }
+                    self.region.read(rec.offset, &mut h)?;
+                    let header = TaskHeader::decode(&h)?;
+                    let body = match header.extent {
+                        Some(ext) => BodyLoc { offset: self.arena.offset_of(&ext)?, len: ext.len as usize },
+                        None => BodyLoc { offset: rec.offset + HEADER_LEN, len: rec.len - HEADER_LEN },
+                    };
+                    self.batch.push(TaskRef { header, body });
+                }
+                Ok(Received::Batch(count))
+            }
+            _ => Err(EngineError::Protocol("unexpected record from the hub")),
+        }
+    }
+
+    pub fn tasks(&self) -> &[TaskRef] {
+        &self.batch
+    }
+
+    /// Copies the body of task `i` of the current batch.
+    pub fn read_body(&self, i: usize, dst: &mut Vec<u8>) -> Result<()> {
+        let loc = self.batch[i].body;
+        dst.resize(loc.len, 0);
+        self.region.read(loc.offset, dst)
+    }
+
+    /// Answers for task `i` of the current batch. `route` is the next step, or
+    /// [`ROUTE_DONE`]. Large bodies go to the arena.
+    pub fn send_result(&mut self, i: usize, status: Status, route: u16, body: &[u8]) -> Result<()> {
+        let mut h = self.batch[i].header;
+        h.status = status;
+        h.route = route;
+        h.sent_at = Nanos::now();
+        h.extent = None;
+        if body.len() > self.inline_max {
+            let ext = self.alloc(body.len())?;
+            self.arena.write(&ext, 0, body)?;
+            h.extent = Some(ext);
+            self.send(TAG_RESULT, &[&h.encode()])
+        } else {
+            self.send(TAG_RESULT, &[&h.encode(), body])
+        }
+    }
+
+    /// Answers for task `i` with a body the caller already wrote into an extent it allocated
+    /// with [`Self::alloc`] (zero-copy results).
+    pub fn send_result_extent(&mut self, i: usize, status: Status, route: u16, ext: Extent) -> Result<()> {
+        let mut h = self.batch[i].header;
+        h.status = status;
+        h.route = route;
+        h.sent_at = Nanos::now();
+        h.extent = Some(ext);
+        self.send(TAG_RESULT, &[&h.encode()])
+    }
+
+    /// Allocates an arena extent labelled with this worker's slot.
+    pub fn alloc(&mut self, len: usize) -> Result<Extent> {
+        self.arena
+            .alloc(slot_label(self.slot), len)
+            .ok_or(EngineError::ArenaExhausted { requested: len, capacity: self.arena.layout().capacity_bytes() })
+    }
+
+    /// Ends the current batch: gives the inbound bytes back and tells the hub this worker is idle.
+    pub fn finish_batch(&mut self) -> Result<()> {
+        self.batch.clear();
+        self.inbound.release();
+        self.send(TAG_BATCH_DONE, &[])?;
+        self.flush();
+        Ok(())
+    }
+}
