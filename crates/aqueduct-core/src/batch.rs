@@ -24,7 +24,13 @@ pub enum Decision {
     WaitUntil(Nanos),
 }
 
-pub fn decide(queued: usize, oldest_arrival: Option<Nanos>, batch_size: usize, timeout: Duration, now: Nanos) -> Decision {
+pub fn decide(
+    queued: usize,
+    oldest_arrival: Option<Nanos>,
+    batch_size: usize,
+    timeout: Duration,
+    now: Nanos,
+) -> Decision {
     let Some(oldest) = oldest_arrival.filter(|_| queued > 0) else {
         return Decision::Idle;
     };

@@ -85,7 +85,9 @@ impl FlowLayout {
         u32_at(4).store(VERSION, Ordering::Relaxed);
         u32_at(8).store(self.nslots as u32, Ordering::Relaxed);
         u32_at(12).store(self.ring_capacity as u32, Ordering::Relaxed);
-        region.atomic_u64(16).store(self.arena.capacity_bytes() as u64, Ordering::Relaxed);
+        region
+            .atomic_u64(16)
+            .store(self.arena.capacity_bytes() as u64, Ordering::Relaxed);
         u32_at(24).store(self.arena.page_size as u32, Ordering::Relaxed);
         for slot in 0..self.nslots {
             self.inbound(slot).init(region);

@@ -115,7 +115,9 @@ pub struct SpinPolicy {
 
 impl Default for SpinPolicy {
     fn default() -> Self {
-        Self { spin: Duration::from_micros(50) }
+        Self {
+            spin: Duration::from_micros(50),
+        }
     }
 }
 

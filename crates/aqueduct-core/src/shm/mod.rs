@@ -14,10 +14,11 @@
 
 pub mod arena;
 pub mod event;
+pub mod fd;
 pub mod region;
 pub mod ring;
 
 pub use arena::{Arena, ArenaLayout, Extent};
 pub use event::FutexEvent;
 pub use region::SharedRegion;
-pub use ring::{Consumer, Producer, RingLayout, RecordView};
+pub use ring::{Consumer, Producer, RecordView, RingLayout};

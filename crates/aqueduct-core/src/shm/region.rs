@@ -23,9 +23,14 @@ const BASE_ALIGN: usize = 4096;
 // The mapping and the heap buffer are only held so that dropping the region unmaps or frees
 // them; all access goes through `base`.
 enum Backing {
-    Memfd { file: File, _map: MmapRaw },
+    Memfd {
+        file: File,
+        _map: MmapRaw,
+    },
     /// Heap memory for single-process tests (Miri cannot map files).
-    Heap { _buf: Box<[AlignedPage]> },
+    Heap {
+        _buf: Box<[AlignedPage]>,
+    },
 }
 
 #[repr(C, align(4096))]
@@ -50,7 +55,8 @@ impl SharedRegion {
     /// Creates an anonymous memfd of `len` bytes and maps it. The pages are allocated lazily by
     /// the kernel on first touch, so a large, mostly idle region costs nothing.
     pub fn create(name: &str, len: usize) -> Result<Self> {
-        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC).map_err(EngineError::os("memfd_create"))?;
+        let fd =
+            rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC).map_err(EngineError::os("memfd_create"))?;
         rustix::fs::ftruncate(&fd, len as u64).map_err(EngineError::os("ftruncate"))?;
         Self::map(fd)
     }
@@ -69,7 +75,11 @@ impl SharedRegion {
         let map = MmapRaw::map_raw(&file).map_err(|e| EngineError::Os("mmap", e))?;
         let base = map.as_mut_ptr();
         debug_assert_eq!(base as usize % BASE_ALIGN, 0);
-        Ok(Self { backing: Backing::Memfd { file, _map: map }, base, len })
+        Ok(Self {
+            backing: Backing::Memfd { file, _map: map },
+            base,
+            len,
+        })
     }
 
     /// A zeroed heap region, for tests that must run under Miri.
@@ -77,7 +87,11 @@ impl SharedRegion {
         let pages = len.div_ceil(BASE_ALIGN).max(1);
         let mut buf = vec![AlignedPage([0; BASE_ALIGN]); pages].into_boxed_slice();
         let base = buf.as_mut_ptr().cast::<u8>();
-        Self { backing: Backing::Heap { _buf: buf }, base, len: pages * BASE_ALIGN }
+        Self {
+            backing: Backing::Heap { _buf: buf },
+            base,
+            len: pages * BASE_ALIGN,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -203,7 +217,10 @@ impl std::fmt::Debug for SharedRegion {
             Backing::Memfd { .. } => "memfd",
             Backing::Heap { .. } => "heap",
         };
-        f.debug_struct("SharedRegion").field("kind", &kind).field("len", &self.len).finish()
+        f.debug_struct("SharedRegion")
+            .field("kind", &kind)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -238,6 +255,10 @@ mod tests {
         b.read(4096, &mut out).unwrap();
         assert_eq!(out, [1, 2, 3]);
         a.discard(0, 1 << 16).unwrap();
-        assert_eq!(b.atomic_u32(8).load(Ordering::Acquire), 0, "punched pages read as zeros");
+        assert_eq!(
+            b.atomic_u32(8).load(Ordering::Acquire),
+            0,
+            "punched pages read as zeros"
+        );
     }
 }

@@ -1,0 +1,482 @@
+//! The hub and worker endpoints end to end in one process: the test plays the workers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aqueduct_core::hub::{Doorbell, Failure, Hub, HubConfig, Outcome, Payload, SlotState, StepSpec};
+use aqueduct_core::message::{Status, ROUTE_DONE};
+use aqueduct_core::shm::event::SpinPolicy;
+use aqueduct_core::{Nanos, Received, WorkerEndpoint};
+use proptest::prelude::*;
+
+fn step(nprocs: usize, batch_size: usize, timeout_ms: u64, cap: usize) -> StepSpec {
+    StepSpec {
+        nprocs,
+        batch_size,
+        batch_timeout: Duration::from_millis(timeout_ms),
+        queue_capacity: cap,
+    }
+}
+
+fn config(steps: Vec<StepSpec>) -> HubConfig {
+    HubConfig {
+        steps,
+        ring_capacity: 64 << 10,
+        arena_bytes: 4 << 20,
+        page_size: 4096,
+        ..HubConfig::default()
+    }
+}
+
+/// Owned outcome, for assertions.
+#[derive(Debug, PartialEq)]
+enum Got {
+    Done(Vec<u8>),
+    Handler(usize),
+    Expired(usize),
+    Died(usize),
+    Stopped,
+}
+
+struct Rig {
+    hub: Hub,
+    workers: Vec<WorkerEndpoint>,
+    got: HashMap<u64, Got>,
+}
+
+impl Rig {
+    fn new(cfg: HubConfig) -> Self {
+        let mut hub = Hub::create_in_heap(&cfg).unwrap();
+        let mut workers = Vec::new();
+        for slot in 0..hub.slot_count() {
+            let mut w = WorkerEndpoint::attach(hub.region().clone(), slot, Doorbell::new().unwrap()).unwrap();
+            w.set_spin(SpinPolicy::NONE);
+            hub.worker_spawned(slot, 1000 + slot as u32);
+            w.ready().unwrap();
+            workers.push(w);
+        }
+        let mut rig = Rig {
+            hub,
+            workers,
+            got: HashMap::new(),
+        };
+        rig.poll();
+        rig
+    }
+
+    fn poll_at(&mut self, now: Nanos) {
+        let (hub, got) = (&mut self.hub, &mut self.got);
+        let arena_reader = hub.arena().region().clone();
+        let layout = *hub.layout();
+        let mut sink = |o: Outcome<'_>| {
+            let record = |id: u64, g: Got, got: &mut HashMap<u64, Got>| {
+                assert!(got.insert(id, g).is_none(), "task {id} reported twice");
+            };
+            match o {
+                Outcome::Done { task_id, body } => {
+                    let bytes = match body {
+                        Payload::Inline(b) => b.to_vec(),
+                        Payload::Extent(e) => {
+                            let a = aqueduct_core::shm::Arena::attach(arena_reader.clone(), layout.arena).unwrap();
+                            let mut v = vec![0; e.len as usize];
+                            a.read(&e, 0, &mut v).unwrap();
+                            a.release(&e).unwrap();
+                            v
+                        }
+                    };
+                    record(task_id, Got::Done(bytes), got)
+                }
+                Outcome::Failed { task_id, failure } => {
+                    let g = match failure {
+                        Failure::Handler { step, .. } => Got::Handler(step),
+                        Failure::Expired { step } => Got::Expired(step),
+                        Failure::WorkerDied { step, .. } => Got::Died(step),
+                        Failure::Stopped => Got::Stopped,
+                        Failure::ArenaExhausted { .. } => panic!("arena exhausted"),
+                    };
+                    record(task_id, g, got)
+                }
+                _ => {}
+            }
+        };
+        hub.poll(now, &mut sink).unwrap();
+    }
+
+    fn poll(&mut self) {
+        self.poll_at(Nanos::now());
+    }
+
+    /// Worker `slot` takes its batch (if any) and answers every task with `f`.
+    fn work(&mut self, slot: usize, f: impl Fn(usize, &[u8]) -> (Status, u16, Vec<u8>)) -> Vec<usize> {
+        let w = &mut self.workers[slot];
+        match w.recv(Some(Duration::ZERO)).unwrap() {
+            Received::Batch(n) => {
+                let mut lens = Vec::new();
+                for i in 0..n {
+                    let mut body = Vec::new();
+                    w.read_body(i, &mut body).unwrap();
+                    lens.push(body.len());
+                    let (st, route, out) = f(i, &body);
+                    w.send_result(i, st, route, &out).unwrap();
+                }
+                w.finish_batch().unwrap();
+                lens
+            }
+            Received::Stop => panic!("unexpected stop"),
+            Received::Timeout => Vec::new(),
+        }
+    }
+
+    fn echo(&mut self, slot: usize) -> usize {
+        self.work(slot, |_, b| (Status::Ok, ROUTE_DONE, b.to_vec())).len()
+    }
+}
+
+#[test]
+fn a_task_makes_a_round_trip() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
+    let id = rig.hub.submit(0, 0, Nanos::ZERO, b"hello").unwrap();
+    assert_eq!(rig.hub.held_by(0), vec![id], "dispatched inline at submit");
+    assert_eq!(rig.echo(0), 1);
+    rig.poll();
+    assert_eq!(rig.got.remove(&id), Some(Got::Done(b"hello".to_vec())));
+    assert_eq!(rig.hub.in_flight(), 0);
+    assert_eq!(rig.hub.slot_state(0), SlotState::Idle);
+}
+
+#[test]
+fn timeout_zero_takes_what_is_queued_up_to_batch_size() {
+    let mut rig = Rig::new(config(vec![step(1, 4, 0, 20)]));
+    let first = rig.hub.submit(0, 0, Nanos::ZERO, b"a").unwrap();
+    assert_eq!(
+        rig.hub.held_by(0),
+        vec![first],
+        "an idle worker gets a batch of 1 at once"
+    );
+    for _ in 0..6 {
+        rig.hub.submit(0, 0, Nanos::ZERO, b"b").unwrap();
+    }
+    assert_eq!(rig.echo(0), 1);
+    rig.poll();
+    assert_eq!(rig.echo(0), 4, "full batch from the backlog");
+    rig.poll();
+    assert_eq!(rig.echo(0), 2, "the rest, without waiting");
+    rig.poll();
+    assert_eq!(rig.got.len(), 7);
+}
+
+#[test]
+fn timeout_waits_for_a_full_batch_or_the_deadline_from_the_first_task() {
+    let mut rig = Rig::new(config(vec![step(1, 4, 50, 20)]));
+    let t0 = Nanos::now();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"a").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"b").unwrap();
+    assert!(rig.hub.held_by(0).is_empty(), "partial batch waits");
+    let due = rig.hub.next_timer().expect("a batch timer is armed");
+    assert!(due >= t0.saturating_add(Duration::from_millis(50)));
+    assert!(due <= Nanos::now().saturating_add(Duration::from_millis(50)));
+    rig.poll_at(Nanos(due.0 - 1));
+    assert!(rig.hub.held_by(0).is_empty(), "not before the timeout");
+    rig.poll_at(due);
+    assert_eq!(rig.hub.held_by(0).len(), 2, "partial batch leaves at the timeout");
+    // A full batch leaves without waiting.
+    rig.echo(0);
+    rig.poll();
+    for _ in 0..4 {
+        rig.hub.submit(0, 0, Nanos::ZERO, b"c").unwrap();
+    }
+    assert_eq!(rig.hub.held_by(0).len(), 4);
+}
+
+#[test]
+fn with_several_workers_one_batch_goes_to_one_worker() {
+    let mut rig = Rig::new(config(vec![step(2, 3, 50, 20)]));
+    for _ in 0..3 {
+        rig.hub.submit(0, 0, Nanos::ZERO, b"x").unwrap();
+    }
+    let held: Vec<usize> = (0..2).map(|s| rig.hub.held_by(s).len()).collect();
+    assert!(
+        held == vec![3, 0] || held == vec![0, 3],
+        "one worker got the whole batch: {held:?}"
+    );
+}
+
+#[test]
+fn higher_priority_is_served_first() {
+    let mut cfg = config(vec![step(1, 1, 0, 20)]);
+    cfg.priorities = 3;
+    let mut rig = Rig::new(cfg);
+    let blocker = rig.hub.submit(0, 0, Nanos::ZERO, b"busy").unwrap();
+    let low = rig.hub.submit(0, 0, Nanos::ZERO, b"low").unwrap();
+    let high = rig.hub.submit(0, 2, Nanos::ZERO, b"high").unwrap();
+    let mid = rig.hub.submit(0, 1, Nanos::ZERO, b"mid").unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.extend(rig.hub.held_by(0));
+        rig.echo(0);
+        rig.poll();
+    }
+    assert_eq!(order, vec![blocker, high, mid, low]);
+}
+
+#[test]
+fn expired_tasks_are_dropped_before_a_worker_sees_them_and_counted() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
+    let blocker = rig.hub.submit(0, 0, Nanos::ZERO, b"busy").unwrap();
+    let soon = Nanos::now().saturating_add(Duration::from_millis(1));
+    let doomed = rig.hub.submit(0, 0, soon, b"late").unwrap();
+    std::thread::sleep(Duration::from_millis(2)); // let the deadline pass: time is the input here
+    rig.echo(0);
+    rig.poll();
+    assert_eq!(rig.got.remove(&doomed), Some(Got::Expired(0)));
+    assert_eq!(rig.got.remove(&blocker), Some(Got::Done(b"busy".to_vec())));
+    assert_eq!(rig.hub.step_stats(0).expired, 1);
+    assert_eq!(rig.echo(0), 0, "the worker never saw it");
+}
+
+#[test]
+fn results_route_through_steps_and_may_skip_one() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20), step(1, 1, 0, 20), step(1, 1, 0, 20)]));
+    let a = rig.hub.submit(0, 0, Nanos::ZERO, b"a").unwrap();
+    rig.work(0, |_, b| (Status::Ok, 2, [b, b"1"].concat())); // skip step 1
+    rig.poll();
+    assert!(rig.hub.held_by(1).is_empty());
+    rig.work(2, |_, b| (Status::Ok, ROUTE_DONE, [b, b"3"].concat()));
+    rig.poll();
+    assert_eq!(rig.got.remove(&a), Some(Got::Done(b"a13".to_vec())));
+}
+
+#[test]
+fn a_handler_error_fails_only_its_task() {
+    let mut rig = Rig::new(config(vec![step(1, 2, 0, 20)]));
+    rig.hub.submit(0, 0, Nanos::ZERO, b"first").unwrap();
+    let ok = rig.hub.submit(0, 0, Nanos::ZERO, b"ok").unwrap();
+    let bad = rig.hub.submit(0, 0, Nanos::ZERO, b"bad").unwrap();
+    rig.echo(0);
+    rig.poll();
+    rig.work(0, |_, b| {
+        if b == b"bad" {
+            (Status::Error, ROUTE_DONE, b"ValueError".to_vec())
+        } else {
+            (Status::Ok, ROUTE_DONE, b.to_vec())
+        }
+    });
+    rig.poll();
+    assert_eq!(rig.got.remove(&bad), Some(Got::Handler(0)));
+    assert_eq!(rig.got.remove(&ok), Some(Got::Done(b"ok".to_vec())));
+    assert_eq!(rig.hub.step_stats(0).failed, 1);
+}
+
+#[test]
+fn a_dead_worker_fails_only_what_it_held_and_its_published_results_survive() {
+    let mut rig = Rig::new(config(vec![step(2, 2, 0, 20)]));
+    let ids: Vec<u64> = (0..4)
+        .map(|i| rig.hub.submit(0, 0, Nanos::ZERO, &[i]).unwrap())
+        .collect();
+    // Each idle worker took one task at once; the other two wait.
+    assert_eq!(rig.hub.held_by(0).len() + rig.hub.held_by(1).len(), 2);
+    assert_eq!(rig.hub.queue_len(0), 2);
+    let (dying, healthy) = (0, 1);
+    rig.echo(dying);
+    rig.poll();
+    let dying_held = rig.hub.held_by(dying);
+    assert_eq!(dying_held.len(), 2, "the freed worker took the backlog as one batch");
+    // The dying worker answers its first task, publishes it, then is "killed" mid-batch.
+    {
+        let w = &mut rig.workers[dying];
+        assert_eq!(w.recv(Some(Duration::ZERO)).unwrap(), Received::Batch(2));
+        w.send_result(0, Status::Ok, ROUTE_DONE, b"survivor").unwrap();
+        w.flush();
+    }
+    let mut exits = Vec::new();
+    let mut sink = |o: Outcome<'_>| match o {
+        Outcome::Failed {
+            task_id,
+            failure: Failure::WorkerDied { step, pid },
+        } => exits.push((task_id, step, pid)),
+        Outcome::Done { task_id, .. } => exits.push((task_id, 99, 0)),
+        _ => {}
+    };
+    rig.hub.worker_exited(dying, &mut sink).unwrap();
+    assert_eq!(
+        exits,
+        vec![(dying_held[0], 99, 0), (dying_held[1], 0, 1000 + dying as u32)]
+    );
+    assert_eq!(rig.hub.slot_state(dying), SlotState::Dead);
+    // The healthy worker goes on.
+    rig.echo(healthy);
+    rig.poll();
+    assert_eq!(rig.hub.in_flight(), 0);
+    let done = ids
+        .iter()
+        .filter(|i| matches!(rig.got.get(i), Some(Got::Done(_))))
+        .count();
+    assert_eq!(done, 2, "the first task of each worker");
+    // A replacement in the same slot picks up work.
+    let mut w = WorkerEndpoint::attach(rig.hub.region().clone(), dying, Doorbell::new().unwrap()).unwrap();
+    w.set_spin(SpinPolicy::NONE);
+    rig.workers[dying] = w;
+    rig.hub.worker_spawned(dying, 2000);
+    rig.workers[dying].ready().unwrap();
+    rig.poll();
+    let id = rig.hub.submit(0, 0, Nanos::ZERO, b"after").unwrap();
+    rig.echo(dying);
+    rig.echo(healthy);
+    rig.poll();
+    assert_eq!(rig.got.remove(&id), Some(Got::Done(b"after".to_vec())));
+}
+
+#[test]
+fn large_bodies_travel_through_the_arena_and_are_freed() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20), step(1, 1, 0, 20)]));
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let id = rig.hub.submit(0, 0, Nanos::ZERO, &big).unwrap();
+    assert!(rig.hub.arena().used_pages() > 0);
+    let lens = rig.work(0, |_, b| (Status::Ok, 1, b.to_vec()));
+    assert_eq!(lens, vec![big.len()]);
+    rig.poll();
+    rig.work(1, |_, b| (Status::Ok, ROUTE_DONE, b.to_vec()));
+    rig.poll();
+    assert_eq!(rig.got.remove(&id), Some(Got::Done(big)));
+    assert_eq!(rig.hub.arena().used_pages(), 0, "every extent freed");
+}
+
+#[test]
+fn cancel_removes_queued_tasks_and_drops_held_results() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
+    let held = rig.hub.submit(0, 0, Nanos::ZERO, b"held").unwrap();
+    let queued = rig.hub.submit(0, 0, Nanos::ZERO, b"queued").unwrap();
+    assert!(rig.hub.cancel(queued));
+    assert!(rig.hub.cancel(held));
+    assert!(!rig.hub.cancel(held), "second cancel is a no-op");
+    assert_eq!(rig.hub.in_flight(), 0);
+    rig.echo(0);
+    rig.poll();
+    assert!(rig.got.is_empty(), "cancelled tasks report nothing");
+    assert_eq!(rig.echo(0), 0, "the queued one never reached the worker");
+}
+
+#[test]
+fn a_full_queue_refuses_submissions() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 2)]));
+    rig.hub.submit(0, 0, Nanos::ZERO, b"1").unwrap(); // dispatched
+    rig.hub.submit(0, 0, Nanos::ZERO, b"2").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"3").unwrap();
+    let err = rig.hub.submit(0, 0, Nanos::ZERO, b"4").unwrap_err();
+    assert!(err.to_string().contains("full"), "{err}");
+}
+
+#[test]
+fn fail_all_reports_every_pending_task_once() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
+    let ids: Vec<u64> = (0..3)
+        .map(|_| rig.hub.submit(0, 0, Nanos::ZERO, b"x").unwrap())
+        .collect();
+    let mut stopped = Vec::new();
+    rig.hub.fail_all(&mut |o| {
+        if let Outcome::Failed {
+            task_id,
+            failure: Failure::Stopped,
+        } = o
+        {
+            stopped.push(task_id)
+        }
+    });
+    stopped.sort();
+    assert_eq!(stopped, ids);
+    assert!(rig.hub.submit(0, 0, Nanos::ZERO, b"x").is_err());
+}
+
+#[test]
+fn config_errors_name_the_problem() {
+    let cases = [
+        (config(vec![step(0, 1, 0, 1)]), "nprocs"),
+        (config(vec![step(1, 0, 0, 1)]), "batch_size"),
+        (config(vec![]), "at least one step"),
+        (
+            HubConfig {
+                priorities: 0,
+                ..config(vec![step(1, 1, 0, 1)])
+            },
+            "queue_priorities",
+        ),
+    ];
+    for (cfg, needle) in cases {
+        let err = Hub::create_in_heap(&cfg).err().expect("invalid config accepted");
+        assert!(err.to_string().contains(needle), "{err} should mention {needle}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// Whatever the interleaving of submissions, worker progress, handler errors and worker
+    /// deaths, every accepted task gets exactly one outcome, queues respect their bound, and
+    /// batches respect batch_size.
+    #[test]
+    fn every_task_gets_exactly_one_outcome(
+        ops in proptest::collection::vec((0u8..6, 0usize..4, 0u8..3), 1..200),
+        nprocs in 1usize..3, batch_size in 1usize..5, cap in 1usize..8,
+    ) {
+        let mut cfg = config(vec![step(nprocs, batch_size, 0, cap), step(nprocs, batch_size, 0, cap)]);
+        cfg.priorities = 3;
+        let mut rig = Rig::new(cfg);
+        let mut accepted = Vec::new();
+        let slots = rig.hub.slot_count();
+        for (op, arg, prio) in ops {
+            match op {
+                0 | 1 => {
+                    if let Ok(id) = rig.hub.submit(arg % 2, prio, Nanos::ZERO, &[prio]) { accepted.push(id); }
+                }
+                2 | 3 => {
+                    let slot = arg % slots;
+                    let last = rig.hub.slot_step(slot) == 1;
+                    let lens = rig.work(slot, |i, b| {
+                        if b[0] == 2 && i == 0 { (Status::Error, ROUTE_DONE, vec![]) }
+                        else if last { (Status::Ok, ROUTE_DONE, b.to_vec()) }
+                        else { (Status::Ok, 1, b.to_vec()) }
+                    });
+                    prop_assert!(lens.len() <= batch_size);
+                    rig.poll();
+                }
+                4 => rig.poll(),
+                _ => {
+                    let slot = arg % slots;
+                    if rig.hub.slot_state(slot) != SlotState::Dead {
+                        let got = &mut rig.got;
+                        rig.hub.worker_exited(slot, &mut |o| match o {
+                            Outcome::Failed { task_id, .. } => { assert!(got.insert(task_id, Got::Died(0)).is_none()); }
+                            Outcome::Done { task_id, .. } => { assert!(got.insert(task_id, Got::Done(vec![])).is_none()); }
+                            _ => {}
+                        }).unwrap();
+                        let mut w = WorkerEndpoint::attach(rig.hub.region().clone(), slot, Doorbell::new().unwrap()).unwrap();
+                        w.set_spin(SpinPolicy::NONE);
+                        w.ready().unwrap();
+                        rig.workers[slot] = w;
+                        rig.hub.worker_spawned(slot, 1);
+                        rig.poll();
+                    }
+                }
+            }
+            for s in 0..2 {
+                prop_assert!(rig.hub.queue_len(s) <= cap + nprocs * batch_size, "queue bound");
+            }
+        }
+        // Drain: keep every worker working until nothing is in flight.
+        let mut rounds = 0;
+        while rig.hub.in_flight() > 0 {
+            for slot in 0..slots {
+                let last = rig.hub.slot_step(slot) == 1;
+                rig.work(slot, |_, b| (Status::Ok, if last { ROUTE_DONE } else { 1 }, b.to_vec()));
+            }
+            rig.poll();
+            rounds += 1;
+            prop_assert!(rounds < 1000, "no progress");
+        }
+        let mut reported: Vec<u64> = rig.got.keys().copied().collect();
+        reported.sort();
+        accepted.sort();
+        prop_assert_eq!(reported, accepted);
+        prop_assert_eq!(rig.hub.arena().used_pages(), 0);
+    }
+}
