@@ -31,9 +31,10 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -254,15 +255,20 @@ def process_tree() -> list[psutil.Process]:
     return [me, *me.children(recursive=True)]
 
 
-def total_rss_mb() -> float:
-    """Resident set size of this process tree, in MiB (shared pages count per process)."""
-    total = 0
+def rss_by_process() -> dict[int, float]:
+    """Resident set size of each process of this tree, in MiB."""
+    sizes = {}
     for proc in process_tree():
         try:
-            total += proc.memory_info().rss
+            sizes[proc.pid] = proc.memory_info().rss / 2**20
         except psutil.Error:
             pass  # a process that vanished meanwhile
-    return total / 2**20
+    return sizes
+
+
+def total_rss_mb() -> float:
+    """Resident set size of this process tree, in MiB (shared pages count per process)."""
+    return sum(rss_by_process().values())
 
 
 def scaled(quick: bool, quick_value: Any, full_value: Any) -> Any:
@@ -330,7 +336,10 @@ async def latency_1step(quick: bool) -> dict[str, Any]:
         raise RuntimeError(f"no successful call out of {calls} ({failures} failures)")
     percentiles = statistics.quantiles(samples_us, n=100, method="inclusive")
     return result(
-        "p50", round(statistics.median(samples_us), 2), "us", "lower",
+        "p50",
+        round(statistics.median(samples_us), 2),
+        "us",
+        "lower",
         p99_us=round(percentiles[98], 2),
         mean_us=round(statistics.fmean(samples_us), 2),
         calls=len(samples_us),
@@ -355,9 +364,15 @@ async def _throughput(quick: bool, n_steps: int, in_flight: int) -> dict[str, An
             flow, num_task, in_flight=in_flight, max_tasks=max_tasks, max_seconds=max_seconds, check=check
         )
     return result(
-        "throughput", round(stats.rate, 1), "tasks/s", "higher",
-        in_flight=in_flight, steps=n_steps, warmup_failures=warm.failures,
-        **stats.as_extra(), **running.timings(),
+        "throughput",
+        round(stats.rate, 1),
+        "tasks/s",
+        "higher",
+        in_flight=in_flight,
+        steps=n_steps,
+        warmup_failures=warm.failures,
+        **stats.as_extra(),
+        **running.timings(),
     )
 
 
@@ -401,9 +416,16 @@ async def _payload(quick: bool, megabytes: int, shared: bool) -> dict[str, Any]:
         await drive(flow, make, in_flight=in_flight, max_tasks=in_flight * 2, max_seconds=1.0, check=check)
         stats = await drive(flow, make, in_flight=in_flight, max_tasks=max_tasks, max_seconds=max_seconds, check=check)
     return result(
-        "throughput", round(stats.rate, 2), "tasks/s", "higher",
-        payload_mb=megabytes, shared=shared, in_flight=in_flight,
-        mb_per_s=round(stats.rate * megabytes, 1), **stats.as_extra(), **running.timings(),
+        "throughput",
+        round(stats.rate, 2),
+        "tasks/s",
+        "higher",
+        payload_mb=megabytes,
+        shared=shared,
+        in_flight=in_flight,
+        mb_per_s=round(stats.rate * megabytes, 1),
+        **stats.as_extra(),
+        **running.timings(),
     )
 
 
@@ -438,18 +460,29 @@ async def _batching(quick: bool, batch_timeout: float) -> dict[str, Any]:
     async with running as flow:
         await drive(flow, num_task, in_flight=in_flight, max_tasks=in_flight * 4, max_seconds=0.5, check=check_plus_one)
         stats = await drive(
-            flow, num_task, in_flight=in_flight, max_tasks=max_tasks, max_seconds=max_seconds,
-            check=check_plus_one, on_done=record,
+            flow,
+            num_task,
+            in_flight=in_flight,
+            max_tasks=max_tasks,
+            max_seconds=max_seconds,
+            check=check_plus_one,
+            on_done=record,
         )
     return result(
-        "throughput", round(stats.rate, 1), "tasks/s", "higher",
+        "throughput",
+        round(stats.rate, 1),
+        "tasks/s",
+        "higher",
         ideal_tasks_per_s=round(ideal, 1),
         ratio_to_ideal=round(stats.rate / ideal, 4),
         # Every task reports the size of the batch it was handled in, so this mean is
         # weighted by tasks: the batch size an average task experienced.
         mean_batch_size=round(statistics.fmean(batch_lens), 2) if batch_lens else None,
-        batch_size=BATCH_SIZE, batch_timeout=batch_timeout, in_flight=in_flight,
-        **stats.as_extra(), **running.timings(),
+        batch_size=BATCH_SIZE,
+        batch_timeout=batch_timeout,
+        in_flight=in_flight,
+        **stats.as_extra(),
+        **running.timings(),
     )
 
 
@@ -475,13 +508,23 @@ async def cpu_2ms_nprocs2(quick: bool) -> dict[str, Any]:
     async with running as flow:
         await drive(flow, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=CPU_IN_FLIGHT * 4, max_seconds=0.5)
         stats = await drive(
-            flow, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=max_tasks, max_seconds=max_seconds,
+            flow,
+            num_task,
+            in_flight=CPU_IN_FLIGHT,
+            max_tasks=max_tasks,
+            max_seconds=max_seconds,
             check=check_plus_one,
         )
     return result(
-        "throughput", round(stats.rate, 1), "tasks/s", "higher",
-        in_flight=CPU_IN_FLIGHT, nprocs=2, task_cpu_ms=CPU_TASK_S * 1e3,
-        **stats.as_extra(), **running.timings(),
+        "throughput",
+        round(stats.rate, 1),
+        "tasks/s",
+        "higher",
+        in_flight=CPU_IN_FLIGHT,
+        nprocs=2,
+        task_cpu_ms=CPU_TASK_S * 1e3,
+        **stats.as_extra(),
+        **running.timings(),
     )
 
 
@@ -496,13 +539,21 @@ async def ppe_cpu_2ms(quick: bool) -> dict[str, Any]:
             return True
 
         # No flow here: the custom submit function replaces flow.process.
-        await drive(None, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=CPU_IN_FLIGHT * 4, max_seconds=0.5,
-                    submit=submit)
-        stats = await drive(None, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=max_tasks, max_seconds=max_seconds,
-                            submit=submit)
+        await drive(
+            None, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=CPU_IN_FLIGHT * 4, max_seconds=0.5, submit=submit
+        )
+        stats = await drive(
+            None, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=max_tasks, max_seconds=max_seconds, submit=submit
+        )
     return result(
-        "throughput", round(stats.rate, 1), "tasks/s", "higher",
-        in_flight=CPU_IN_FLIGHT, workers=2, task_cpu_ms=CPU_TASK_S * 1e3, **stats.as_extra(),
+        "throughput",
+        round(stats.rate, 1),
+        "tasks/s",
+        "higher",
+        in_flight=CPU_IN_FLIGHT,
+        workers=2,
+        task_cpu_ms=CPU_TASK_S * 1e3,
+        **stats.as_extra(),
     )
 
 
@@ -518,7 +569,10 @@ async def start_stop(quick: bool) -> dict[str, Any]:
         await asyncio.sleep(0.5)
         children_before = len(process_tree()) - 1
     return result(
-        "stop_ms", running.stop_ms, "ms", "lower",
+        "stop_ms",
+        running.stop_ms,
+        "ms",
+        "lower",
         start_ms=running.start_ms,
         children_before_stop=children_before,
         # Descendants still alive right after stop() returned (a resource tracker counts).
@@ -574,14 +628,19 @@ async def idle_cpu(quick: bool) -> dict[str, Any]:
             label = "main" if proc.pid == os.getpid() else f"child:{proc.pid}"
             per_proc[label] = round(used / wall * 100, 4)
     return result(
-        "cpu_percent", round(total / wall * 100, 4), "% of one core", "lower",
-        idle_s=round(wall, 3), processes=len(before), per_process_percent=per_proc,
+        "cpu_percent",
+        round(total / wall * 100, 4),
+        "% of one core",
+        "lower",
+        idle_s=round(wall, 3),
+        processes=len(before),
+        per_process_percent=per_proc,
     )
 
 
 async def soak_memory(quick: bool) -> dict[str, Any]:
     """Many small tasks through a 2-step flow; RSS of the process tree sampled along."""
-    total_tasks, max_seconds = scaled(quick, (3000, 20.0), (20000, 90.0))
+    total_tasks, max_seconds = scaled(quick, (5000, 20.0), (20000, 90.0))
     n_samples = 20
     every = max(1, total_tasks // n_samples)
     in_flight = 16
@@ -599,20 +658,41 @@ async def soak_memory(quick: bool) -> dict[str, Any]:
         # Warm-up so that allocator pools and caches are populated before the baseline.
         await drive(flow, num_task, in_flight=in_flight, max_tasks=max(200, total_tasks // 10), max_seconds=5.0)
         samples.append((0, round(total_rss_mb(), 2)))
+        rss_start = rss_by_process()
         stats = await drive(
-            flow, num_task, in_flight=in_flight, max_tasks=total_tasks, max_seconds=max_seconds,
-            check=check_plus_two, on_done=sample,
+            flow,
+            num_task,
+            in_flight=in_flight,
+            max_tasks=total_tasks,
+            max_seconds=max_seconds,
+            check=check_plus_two,
+            on_done=sample,
         )
         if not samples or samples[-1][0] != done:
             samples.append((done, round(total_rss_mb(), 2)))
+        rss_end = rss_by_process()
     start_mb, end_mb = samples[0][1], samples[-1][1]
+    # Where the growth happened: the main process versus the workers (and helpers).
+    by_process = {
+        "main" if pid == os.getpid() else f"child:{pid}": round(rss_end[pid] - rss_start[pid], 2)
+        for pid in rss_start.keys() & rss_end.keys()
+    }
     mid_mb = samples[len(samples) // 2][1]
     return result(
-        "rss_growth_mb", round(end_mb - start_mb, 2), "MB", "lower",
-        start_mb=start_mb, end_mb=end_mb,
+        "rss_growth_mb",
+        round(end_mb - start_mb, 2),
+        "MB",
+        "lower",
+        start_mb=start_mb,
+        end_mb=end_mb,
         growth_second_half_mb=round(end_mb - mid_mb, 2),
         growth_per_1k_tasks_mb=round((end_mb - start_mb) / max(done, 1) * 1000, 3),
-        samples=samples, rate=round(stats.rate, 1), **stats.as_extra(), **running.timings(),
+        growth_main_mb=by_process.get("main"),
+        growth_by_process_mb=by_process,
+        samples=samples,
+        rate=round(stats.rate, 1),
+        **stats.as_extra(),
+        **running.timings(),
     )
 
 
@@ -627,7 +707,7 @@ async def selftest_hang(quick: bool) -> dict[str, Any]:
     # A running flow, so that the runner has worker processes to clean up as well.
     async with RunningFlow(FlowStep(IncHandler())) as flow:
         await flow.process(NumTask(1), timeout_sec=CALL_TIMEOUT_S)
-        time.sleep(3600)  # blocks the event loop on purpose: the runner must kill us
+        time.sleep(3600)  # noqa: ASYNC251 - blocks the loop on purpose: the runner must kill us
     return result("never", 0, "", "lower")
 
 

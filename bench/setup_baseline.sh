@@ -15,14 +15,24 @@ PYTHON="${PYTHON:-python3}"
 
 # Packages of the baseline environment. numpy is needed by the payload scenarios
 # (and by aqueduct's share_value for arrays), psutil by the CPU / memory scenarios.
-BASELINE_PKGS=("aqueduct==1.15.0" "numpy" "psutil")
+# Their versions are taken from bench/requirements.txt, so that both implementations
+# are measured with the same helper libraries.
+mapfile -t HELPER_PINS < <(grep -E '^(numpy|psutil)==' "${BENCH_DIR}/requirements.txt" || true)
+if [[ ${#HELPER_PINS[@]} -ne 2 ]]; then
+    HELPER_PINS=("numpy" "psutil")
+fi
+BASELINE_PKGS=("aqueduct==1.15.0" "${HELPER_PINS[@]}")
 
 # A tiny probe: succeeds only if the exact aqueduct version and helpers are there.
 probe() {
-    "${VENV}/bin/python" - <<'EOF' 2>/dev/null
+    "${VENV}/bin/python" - "${HELPER_PINS[@]}" <<'EOF' 2>/dev/null
 import importlib.metadata as md
+import sys
 import numpy, psutil  # noqa: F401
 assert md.version("aqueduct") == "1.15.0"
+for pin in sys.argv[1:]:
+    name, _, version = pin.partition("==")
+    assert not version or md.version(name) == version, pin
 EOF
 }
 

@@ -84,10 +84,7 @@ impl HubConfig {
             return bad("a flow needs at least one step".into());
         }
         if !(1..=255).contains(&self.priorities) {
-            return bad(format!(
-                "queue_priorities must be between 1 and 255, got {}",
-                self.priorities
-            ));
+            return bad(format!("queue_priorities must be between 1 and 255, got {}", self.priorities));
         }
         if self.fair_every == 1 {
             return bad("fair_every must be 0 (strict priority) or at least 2".into());
@@ -100,11 +97,7 @@ impl HubConfig {
                 return bad(format!("step {}: batch_size must be >= 1, got {}", i + 1, s.batch_size));
             }
             if s.batch_size > self.ring_capacity / 128 {
-                return bad(format!(
-                    "step {}: batch_size {} is too large for the ring",
-                    i + 1,
-                    s.batch_size
-                ));
+                return bad(format!("step {}: batch_size {} is too large for the ring", i + 1, s.batch_size));
             }
             if s.queue_capacity < 1 {
                 return bad(format!("step {}: queue size must be >= 1", i + 1));
@@ -112,9 +105,7 @@ impl HubConfig {
         }
         let slots: usize = self.steps.iter().map(|s| s.nprocs).sum();
         if slots > 4096 {
-            return bad(format!(
-                "{slots} worker processes is more than the engine supports (4096)"
-            ));
+            return bad(format!("{slots} worker processes is more than the engine supports (4096)"));
         }
         Ok(())
     }
@@ -149,30 +140,11 @@ pub enum Failure<'a> {
 
 #[derive(Debug)]
 pub enum Outcome<'a> {
-    Done {
-        task_id: u64,
-        body: Payload<'a>,
-    },
-    Failed {
-        task_id: u64,
-        failure: Failure<'a>,
-    },
-    WorkerReady {
-        slot: usize,
-        step: usize,
-        pid: u32,
-    },
-    WorkerStartFailed {
-        slot: usize,
-        step: usize,
-        pid: u32,
-        message: String,
-    },
-    WorkerExited {
-        slot: usize,
-        step: usize,
-        pid: u32,
-    },
+    Done { task_id: u64, body: Payload<'a> },
+    Failed { task_id: u64, failure: Failure<'a> },
+    WorkerReady { slot: usize, step: usize, pid: u32 },
+    WorkerStartFailed { slot: usize, step: usize, pid: u32, message: String },
+    WorkerExited { slot: usize, step: usize, pid: u32 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,12 +315,7 @@ impl Hub {
     }
     /// Task ids the worker in `slot` holds right now (its current batch, minus finished ones).
     pub fn held_by(&self, slot: usize) -> Vec<u64> {
-        self.slots[slot]
-            .held
-            .iter()
-            .filter(|h| !h.resolved)
-            .map(|h| h.id)
-            .collect()
+        self.slots[slot].held.iter().filter(|h| !h.resolved).map(|h| h.id).collect()
     }
     pub fn queue_len(&self, step: usize) -> usize {
         self.steps[step].queue.len()
@@ -377,9 +344,7 @@ impl Hub {
         let s = &mut self.slots[slot];
         s.state = SlotState::Starting;
         s.pid = pid;
-        self.region
-            .atomic_u32(self.layout.slot_field(slot, 0))
-            .store(pid, Ordering::Release);
+        self.region.atomic_u32(self.layout.slot_field(slot, 0)).store(pid, Ordering::Release);
     }
 
     /// Queues a task at `step` and dispatches at once if a worker is idle.
@@ -387,24 +352,15 @@ impl Hub {
         if !self.accepting {
             return Err(EngineError::Stopped);
         }
-        let st = self
-            .steps
-            .get(step)
-            .ok_or(EngineError::Config(format!("no step {step}")))?;
+        let st = self.steps.get(step).ok_or(EngineError::Config(format!("no step {step}")))?;
         if st.queue.is_full() {
-            return Err(EngineError::QueueFull {
-                step,
-                capacity: st.queue.capacity(),
-            });
+            return Err(EngineError::QueueFull { step, capacity: st.queue.capacity() });
         }
         let body = if body.len() > st.inline_max {
-            let ext = self
-                .arena
-                .alloc(HUB_LABEL, body.len())
-                .ok_or(EngineError::ArenaExhausted {
-                    requested: body.len(),
-                    capacity: self.arena.layout().capacity_bytes(),
-                })?;
+            let ext = self.arena.alloc(HUB_LABEL, body.len()).ok_or(EngineError::ArenaExhausted {
+                requested: body.len(),
+                capacity: self.arena.layout().capacity_bytes(),
+            })?;
             self.arena.write(&ext, 0, body)?;
             Body::Extent(ext)
         } else {
@@ -419,15 +375,9 @@ impl Hub {
         if !self.accepting {
             return Err(EngineError::Stopped);
         }
-        let st = self
-            .steps
-            .get(step)
-            .ok_or(EngineError::Config(format!("no step {step}")))?;
+        let st = self.steps.get(step).ok_or(EngineError::Config(format!("no step {step}")))?;
         if st.queue.is_full() {
-            return Err(EngineError::QueueFull {
-                step,
-                capacity: st.queue.capacity(),
-            });
+            return Err(EngineError::QueueFull { step, capacity: st.queue.capacity() });
         }
         self.enqueue_new(step, priority, deadline, Body::Extent(ext))
     }
@@ -436,13 +386,7 @@ impl Hub {
         let now = Nanos::now();
         let id = self.next_id;
         self.next_id += 1;
-        let q = Queued {
-            id,
-            priority,
-            deadline,
-            arrived: now,
-            body,
-        };
+        let q = Queued { id, priority, deadline, arrived: now, body };
         if self.steps[step].queue.push(priority as usize, q).is_err() {
             unreachable!("fullness checked by the caller");
         }
@@ -464,10 +408,7 @@ impl Hub {
                 return true;
             }
         }
-        let held = self
-            .slots
-            .iter()
-            .any(|s| s.held.iter().any(|h| h.id == task_id && !h.resolved));
+        let held = self.slots.iter().any(|s| s.held.iter().any(|h| h.id == task_id && !h.resolved));
         if held && self.cancelled.insert(task_id) {
             self.in_flight -= 1;
             return true;
@@ -543,23 +484,14 @@ impl Hub {
                             s.state = SlotState::Idle;
                             self.steps[s.step].idle.push(slot);
                         }
-                        out(Outcome::WorkerReady {
-                            slot,
-                            step: s.step,
-                            pid: s.pid,
-                        });
+                        out(Outcome::WorkerReady { slot, step: s.step, pid: s.pid });
                         reported += 1;
                     }
                     TAG_START_FAILED => {
                         let s = &mut self.slots[slot];
                         s.state = SlotState::Stopping;
                         let message = String::from_utf8_lossy(&scratch).into_owned();
-                        out(Outcome::WorkerStartFailed {
-                            slot,
-                            step: s.step,
-                            pid: s.pid,
-                            message,
-                        });
+                        out(Outcome::WorkerStartFailed { slot, step: s.step, pid: s.pid, message });
                         reported += 1;
                     }
                     TAG_RESULT => {
@@ -611,32 +543,21 @@ impl Hub {
             Status::Expired => {
                 self.steps[step].stats.expired += 1;
                 self.in_flight -= 1;
-                out(Outcome::Failed {
-                    task_id,
-                    failure: Failure::Expired { step },
-                });
+                out(Outcome::Failed { task_id, failure: Failure::Expired { step } });
             }
             Status::Error => {
                 self.steps[step].stats.failed += 1;
                 self.in_flight -= 1;
-                out(Outcome::Failed {
-                    task_id,
-                    failure: Failure::Handler { step, body: payload() },
-                });
+                out(Outcome::Failed { task_id, failure: Failure::Handler { step, body: payload() } });
             }
             Status::Ok if header.route == ROUTE_DONE => {
                 self.in_flight -= 1;
-                out(Outcome::Done {
-                    task_id,
-                    body: payload(),
-                });
+                out(Outcome::Done { task_id, body: payload() });
             }
             Status::Ok => {
                 let next = header.route as usize;
                 if next <= step || next >= self.steps.len() {
-                    return Err(EngineError::Protocol(
-                        "a result routed to a step that is not downstream",
-                    ));
+                    return Err(EngineError::Protocol("a result routed to a step that is not downstream"));
                 }
                 let body = match header.extent {
                     Some(ext) => Body::Extent(ext),
@@ -648,23 +569,15 @@ impl Hub {
                             }
                             None => {
                                 self.in_flight -= 1;
-                                out(Outcome::Failed {
-                                    task_id,
-                                    failure: Failure::ArenaExhausted { step: next },
-                                });
+                                out(Outcome::Failed { task_id, failure: Failure::ArenaExhausted { step: next } });
                                 return Ok(1);
                             }
                         }
                     }
                     None => Body::Inline(inline.to_vec()),
                 };
-                let q = Queued {
-                    id: task_id,
-                    priority: header.priority,
-                    deadline: header.deadline,
-                    arrived: now,
-                    body,
-                };
+                let q =
+                    Queued { id: task_id, priority: header.priority, deadline: header.deadline, arrived: now, body };
                 self.steps[next].queue.push_unbounded(header.priority as usize, q);
                 return Ok(0);
             }
@@ -702,9 +615,7 @@ impl Hub {
 
     /// Whether a step after `step` is at capacity (then `step` gets no new batch).
     fn downstream_full(&self, step: usize) -> bool {
-        self.steps[step + 1..]
-            .iter()
-            .any(|s| s.queue.len() >= s.queue.capacity())
+        self.steps[step + 1..].iter().any(|s| s.queue.len() >= s.queue.capacity())
     }
 
     fn dispatch(&mut self, step: usize, now: Nanos) -> Result<()> {
@@ -764,9 +675,7 @@ impl Hub {
         if !ok {
             // Cannot happen while inline bodies respect `inline_max` and the worker released its
             // ring before reporting its batch done.
-            return Err(EngineError::Protocol(
-                "a batch did not fit in an idle worker's inbound ring",
-            ));
+            return Err(EngineError::Protocol("a batch did not fit in an idle worker's inbound ring"));
         }
         s.inbound.publish();
         s.state = SlotState::Busy;
@@ -804,10 +713,7 @@ impl Hub {
             }
             if !h.resolved && !self.cancelled.remove(&h.id) {
                 self.in_flight -= 1;
-                out(Outcome::Failed {
-                    task_id: h.id,
-                    failure: Failure::WorkerDied { step, pid },
-                });
+                out(Outcome::Failed { task_id: h.id, failure: Failure::WorkerDied { step, pid } });
             }
         }
         self.steps[step].idle.retain(|&i| i != slot);
@@ -851,20 +757,14 @@ impl Hub {
         for step in 0..self.steps.len() {
             for q in self.steps[step].queue.remove_where(|_| true) {
                 self.drop_body(&q.body);
-                out(Outcome::Failed {
-                    task_id: q.id,
-                    failure: Failure::Stopped,
-                });
+                out(Outcome::Failed { task_id: q.id, failure: Failure::Stopped });
             }
         }
         for s in &mut self.slots {
             for h in s.held.iter_mut().filter(|h| !h.resolved) {
                 h.resolved = true;
                 if !self.cancelled.remove(&h.id) {
-                    out(Outcome::Failed {
-                        task_id: h.id,
-                        failure: Failure::Stopped,
-                    });
+                    out(Outcome::Failed { task_id: h.id, failure: Failure::Stopped });
                 }
             }
         }
@@ -879,11 +779,9 @@ pub struct Doorbell {
 
 impl Doorbell {
     pub fn new() -> Result<Self> {
-        let fd = rustix::event::eventfd(
-            0,
-            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )
-        .map_err(EngineError::os("eventfd"))?;
+        let fd =
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
+                .map_err(EngineError::os("eventfd"))?;
         Ok(Self { fd })
     }
 

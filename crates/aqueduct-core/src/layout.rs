@@ -85,9 +85,7 @@ impl FlowLayout {
         u32_at(4).store(VERSION, Ordering::Relaxed);
         u32_at(8).store(self.nslots as u32, Ordering::Relaxed);
         u32_at(12).store(self.ring_capacity as u32, Ordering::Relaxed);
-        region
-            .atomic_u64(16)
-            .store(self.arena.capacity_bytes() as u64, Ordering::Relaxed);
+        region.atomic_u64(16).store(self.arena.capacity_bytes() as u64, Ordering::Relaxed);
         u32_at(24).store(self.arena.page_size as u32, Ordering::Relaxed);
         for slot in 0..self.nslots {
             self.inbound(slot).init(region);
@@ -107,12 +105,8 @@ impl FlowLayout {
         if u32_at(0) != MAGIC as usize || u32_at(4) != VERSION as usize {
             return Err(EngineError::Corrupt("not an aqueduct flow region, or another version"));
         }
-        let layout = Self::new(
-            u32_at(8),
-            u32_at(12),
-            region.atomic_u64(16).load(Ordering::Acquire) as usize,
-            u32_at(24),
-        );
+        let layout =
+            Self::new(u32_at(8), u32_at(12), region.atomic_u64(16).load(Ordering::Acquire) as usize, u32_at(24));
         if region.len() < layout.total_bytes() {
             return Err(EngineError::Corrupt("region smaller than its recorded layout"));
         }

@@ -76,15 +76,7 @@ pub struct TaskHeader {
 
 impl TaskHeader {
     pub fn new(task_id: u64, priority: u8, deadline: Nanos) -> Self {
-        Self {
-            task_id,
-            deadline,
-            sent_at: Nanos::ZERO,
-            priority,
-            status: Status::Ok,
-            route: 0,
-            extent: None,
-        }
+        Self { task_id, deadline, sent_at: Nanos::ZERO, priority, status: Status::Ok, route: 0, extent: None }
     }
 
     pub fn encode(&self) -> [u8; HEADER_LEN] {
@@ -112,11 +104,7 @@ impl TaskHeader {
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
         let extent = match b[25] {
             0 => None,
-            1 => Some(Extent {
-                head: u32_at(32),
-                pages: u32_at(36),
-                len: u64_at(40),
-            }),
+            1 => Some(Extent { head: u32_at(32), pages: u32_at(36), len: u64_at(40) }),
             _ => return Err(EngineError::Protocol("unknown body kind")),
         };
         Ok(Self {

@@ -73,10 +73,7 @@ impl<T> PriorityQueue<T> {
     /// stops feeding the producer instead of refusing its output).
     pub fn push_unbounded(&mut self, level: usize, item: T) {
         let level = level.min(self.levels.len() - 1);
-        self.levels[level].push_back(Entry {
-            seq: self.next_seq,
-            item,
-        });
+        self.levels[level].push_back(Entry { seq: self.next_seq, item });
         self.next_seq += 1;
         self.len += 1;
     }
@@ -91,9 +88,8 @@ impl<T> PriorityQueue<T> {
         if self.fair_every == 0 {
             return Some(top);
         }
-        let oldest_below = (0..top)
-            .filter(|&l| !self.levels[l].is_empty())
-            .min_by_key(|&l| self.levels[l].front().unwrap().seq);
+        let oldest_below =
+            (0..top).filter(|&l| !self.levels[l].is_empty()).min_by_key(|&l| self.levels[l].front().unwrap().seq);
         match oldest_below {
             Some(l) if self.contended_streak + 1 >= self.fair_every => Some(l),
             _ => Some(top),
@@ -121,11 +117,7 @@ impl<T> PriorityQueue<T> {
 
     /// The oldest item at any level (arrival order).
     pub fn oldest(&self) -> Option<&T> {
-        self.levels
-            .iter()
-            .filter_map(|q| q.front())
-            .min_by_key(|e| e.seq)
-            .map(|e| &e.item)
+        self.levels.iter().filter_map(|q| q.front()).min_by_key(|e| e.seq).map(|e| &e.item)
     }
 
     /// Removes every item for which `drop` returns true, returning them.

@@ -39,37 +39,20 @@ pub struct Reactor {
 }
 
 fn timespec(n: Nanos) -> Timespec {
-    Timespec {
-        tv_sec: (n.0 / 1_000_000_000) as i64,
-        tv_nsec: (n.0 % 1_000_000_000) as _,
-    }
+    Timespec { tv_sec: (n.0 / 1_000_000_000) as i64, tv_nsec: (n.0 % 1_000_000_000) as _ }
 }
 
 impl Reactor {
     pub fn new(doorbell: Doorbell) -> Result<Self> {
         let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(EngineError::os("epoll_create"))?;
-        let timer = rustix::time::timerfd_create(
-            TimerfdClockId::Monotonic,
-            TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
-        )
-        .map_err(EngineError::os("timerfd_create"))?;
-        epoll::add(
-            &ep,
-            doorbell.fd(),
-            epoll::EventData::new_u64(KEY_DOORBELL),
-            epoll::EventFlags::IN,
-        )
-        .map_err(EngineError::os("epoll_ctl"))?;
+        let timer =
+            rustix::time::timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK)
+                .map_err(EngineError::os("timerfd_create"))?;
+        epoll::add(&ep, doorbell.fd(), epoll::EventData::new_u64(KEY_DOORBELL), epoll::EventFlags::IN)
+            .map_err(EngineError::os("epoll_ctl"))?;
         epoll::add(&ep, &timer, epoll::EventData::new_u64(KEY_TIMER), epoll::EventFlags::IN)
             .map_err(EngineError::os("epoll_ctl"))?;
-        Ok(Self {
-            epoll: ep,
-            doorbell,
-            timer,
-            armed: None,
-            pidfds: HashMap::new(),
-            events: Vec::with_capacity(64),
-        })
+        Ok(Self { epoll: ep, doorbell, timer, armed: None, pidfds: HashMap::new(), events: Vec::with_capacity(64) })
     }
 
     /// The descriptor an event loop watches for readability.
@@ -86,13 +69,8 @@ impl Reactor {
         let pid = rustix::process::Pid::from_raw(pid as i32).ok_or(EngineError::Config("pid 0".into()))?;
         let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
             .map_err(EngineError::os("pidfd_open"))?;
-        epoll::add(
-            &self.epoll,
-            &fd,
-            epoll::EventData::new_u64(slot as u64),
-            epoll::EventFlags::IN,
-        )
-        .map_err(EngineError::os("epoll_ctl"))?;
+        epoll::add(&self.epoll, &fd, epoll::EventData::new_u64(slot as u64), epoll::EventFlags::IN)
+            .map_err(EngineError::os("epoll_ctl"))?;
         if let Some(old) = self.pidfds.insert(slot, fd) {
             let _ = epoll::delete(&self.epoll, &old);
         }
@@ -109,10 +87,7 @@ impl Reactor {
             Some(t) => timespec(Nanos(t.0.max(1))),
             None => Timespec { tv_sec: 0, tv_nsec: 0 },
         };
-        let spec = Itimerspec {
-            it_interval: Timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: value,
-        };
+        let spec = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };
         rustix::time::timerfd_settime(&self.timer, TimerfdTimerFlags::ABSTIME, &spec)
             .map_err(EngineError::os("timerfd_settime"))?;
         self.armed = at;
@@ -121,16 +96,9 @@ impl Reactor {
 
     /// Collects what is ready, waiting at most `timeout` (`Some(ZERO)` never blocks).
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Ready> {
-        let ts = timeout.map(|d| Timespec {
-            tv_sec: d.as_secs() as i64,
-            tv_nsec: d.subsec_nanos() as _,
-        });
+        let ts = timeout.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as _ });
         self.events.clear();
-        match epoll::wait(
-            &self.epoll,
-            rustix::buffer::spare_capacity(&mut self.events),
-            ts.as_ref(),
-        ) {
+        match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut self.events), ts.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(EngineError::Os("epoll_wait", e.into())),
         }

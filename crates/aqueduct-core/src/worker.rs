@@ -63,10 +63,7 @@ impl WorkerEndpoint {
     pub fn attach(region: Arc<SharedRegion>, slot: usize, doorbell: Doorbell) -> Result<Self> {
         let layout = FlowLayout::read(&region)?;
         if slot >= layout.nslots {
-            return Err(EngineError::Config(format!(
-                "slot {slot} does not exist ({} slots)",
-                layout.nslots
-            )));
+            return Err(EngineError::Config(format!("slot {slot} does not exist ({} slots)", layout.nslots)));
         }
         let inbound = Consumer::attach(region.clone(), layout.inbound(slot))?;
         let outbound = Producer::attach(region.clone(), layout.outbound(slot))?;
@@ -149,10 +146,7 @@ impl WorkerEndpoint {
         if !self.inbound.wait_for_data(self.spin, deadline) {
             return Ok(Received::Timeout);
         }
-        let rec = self
-            .inbound
-            .peek()?
-            .ok_or(EngineError::Protocol("woken without a record"))?;
+        let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("woken without a record"))?;
         self.inbound.consume(&rec);
         match rec.tag {
             TAG_STOP => {
@@ -162,10 +156,7 @@ impl WorkerEndpoint {
             TAG_BATCH => {
                 let count = self.region.read_u64(rec.offset)? as u32 as usize;
                 for _ in 0..count {
-                    let rec = self
-                        .inbound
-                        .peek()?
-                        .ok_or(EngineError::Protocol("batch shorter than announced"))?;
+                    let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("batch shorter than announced"))?;
                     if rec.tag != TAG_TASK {
                         return Err(EngineError::Protocol("expected a task record"));
                     }
@@ -177,14 +168,8 @@ impl WorkerEndpoint {
                     self.region.read(rec.offset, &mut h)?;
                     let header = TaskHeader::decode(&h)?;
                     let body = match header.extent {
-                        Some(ext) => BodyLoc {
-                            offset: self.arena.offset_of(&ext)?,
-                            len: ext.len as usize,
-                        },
-                        None => BodyLoc {
-                            offset: rec.offset + HEADER_LEN,
-                            len: rec.len - HEADER_LEN,
-                        },
+                        Some(ext) => BodyLoc { offset: self.arena.offset_of(&ext)?, len: ext.len as usize },
+                        None => BodyLoc { offset: rec.offset + HEADER_LEN, len: rec.len - HEADER_LEN },
                     };
                     self.batch.push(TaskRef { header, body });
                 }
@@ -238,10 +223,7 @@ impl WorkerEndpoint {
     pub fn alloc(&mut self, len: usize) -> Result<Extent> {
         self.arena
             .alloc(slot_label(self.slot), len)
-            .ok_or(EngineError::ArenaExhausted {
-                requested: len,
-                capacity: self.arena.layout().capacity_bytes(),
-            })
+            .ok_or(EngineError::ArenaExhausted { requested: len, capacity: self.arena.layout().capacity_bytes() })
     }
 
     /// Ends the current batch: gives the inbound bytes back and tells the hub this worker is idle.

@@ -10,22 +10,11 @@ use aqueduct_core::{Nanos, Received, WorkerEndpoint};
 use proptest::prelude::*;
 
 fn step(nprocs: usize, batch_size: usize, timeout_ms: u64, cap: usize) -> StepSpec {
-    StepSpec {
-        nprocs,
-        batch_size,
-        batch_timeout: Duration::from_millis(timeout_ms),
-        queue_capacity: cap,
-    }
+    StepSpec { nprocs, batch_size, batch_timeout: Duration::from_millis(timeout_ms), queue_capacity: cap }
 }
 
 fn config(steps: Vec<StepSpec>) -> HubConfig {
-    HubConfig {
-        steps,
-        ring_capacity: 64 << 10,
-        arena_bytes: 4 << 20,
-        page_size: 4096,
-        ..HubConfig::default()
-    }
+    HubConfig { steps, ring_capacity: 64 << 10, arena_bytes: 4 << 20, page_size: 4096, ..HubConfig::default() }
 }
 
 /// Owned outcome, for assertions.
@@ -55,11 +44,7 @@ impl Rig {
             w.ready().unwrap();
             workers.push(w);
         }
-        let mut rig = Rig {
-            hub,
-            workers,
-            got: HashMap::new(),
-        };
+        let mut rig = Rig { hub, workers, got: HashMap::new() };
         rig.poll();
         rig
     }
@@ -148,11 +133,7 @@ fn a_task_makes_a_round_trip() {
 fn timeout_zero_takes_what_is_queued_up_to_batch_size() {
     let mut rig = Rig::new(config(vec![step(1, 4, 0, 20)]));
     let first = rig.hub.submit(0, 0, Nanos::ZERO, b"a").unwrap();
-    assert_eq!(
-        rig.hub.held_by(0),
-        vec![first],
-        "an idle worker gets a batch of 1 at once"
-    );
+    assert_eq!(rig.hub.held_by(0), vec![first], "an idle worker gets a batch of 1 at once");
     for _ in 0..6 {
         rig.hub.submit(0, 0, Nanos::ZERO, b"b").unwrap();
     }
@@ -195,10 +176,7 @@ fn with_several_workers_one_batch_goes_to_one_worker() {
         rig.hub.submit(0, 0, Nanos::ZERO, b"x").unwrap();
     }
     let held: Vec<usize> = (0..2).map(|s| rig.hub.held_by(s).len()).collect();
-    assert!(
-        held == vec![3, 0] || held == vec![0, 3],
-        "one worker got the whole batch: {held:?}"
-    );
+    assert!(held == vec![3, 0] || held == vec![0, 3], "one worker got the whole batch: {held:?}");
 }
 
 #[test]
@@ -270,9 +248,7 @@ fn a_handler_error_fails_only_its_task() {
 #[test]
 fn a_dead_worker_fails_only_what_it_held_and_its_published_results_survive() {
     let mut rig = Rig::new(config(vec![step(2, 2, 0, 20)]));
-    let ids: Vec<u64> = (0..4)
-        .map(|i| rig.hub.submit(0, 0, Nanos::ZERO, &[i]).unwrap())
-        .collect();
+    let ids: Vec<u64> = (0..4).map(|i| rig.hub.submit(0, 0, Nanos::ZERO, &[i]).unwrap()).collect();
     // Each idle worker took one task at once; the other two wait.
     assert_eq!(rig.hub.held_by(0).len() + rig.hub.held_by(1).len(), 2);
     assert_eq!(rig.hub.queue_len(0), 2);
@@ -290,27 +266,18 @@ fn a_dead_worker_fails_only_what_it_held_and_its_published_results_survive() {
     }
     let mut exits = Vec::new();
     let mut sink = |o: Outcome<'_>| match o {
-        Outcome::Failed {
-            task_id,
-            failure: Failure::WorkerDied { step, pid },
-        } => exits.push((task_id, step, pid)),
+        Outcome::Failed { task_id, failure: Failure::WorkerDied { step, pid } } => exits.push((task_id, step, pid)),
         Outcome::Done { task_id, .. } => exits.push((task_id, 99, 0)),
         _ => {}
     };
     rig.hub.worker_exited(dying, &mut sink).unwrap();
-    assert_eq!(
-        exits,
-        vec![(dying_held[0], 99, 0), (dying_held[1], 0, 1000 + dying as u32)]
-    );
+    assert_eq!(exits, vec![(dying_held[0], 99, 0), (dying_held[1], 0, 1000 + dying as u32)]);
     assert_eq!(rig.hub.slot_state(dying), SlotState::Dead);
     // The healthy worker goes on.
     rig.echo(healthy);
     rig.poll();
     assert_eq!(rig.hub.in_flight(), 0);
-    let done = ids
-        .iter()
-        .filter(|i| matches!(rig.got.get(i), Some(Got::Done(_))))
-        .count();
+    let done = ids.iter().filter(|i| matches!(rig.got.get(i), Some(Got::Done(_)))).count();
     assert_eq!(done, 2, "the first task of each worker");
     // A replacement in the same slot picks up work.
     let mut w = WorkerEndpoint::attach(rig.hub.region().clone(), dying, Doorbell::new().unwrap()).unwrap();
@@ -369,16 +336,10 @@ fn a_full_queue_refuses_submissions() {
 #[test]
 fn fail_all_reports_every_pending_task_once() {
     let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
-    let ids: Vec<u64> = (0..3)
-        .map(|_| rig.hub.submit(0, 0, Nanos::ZERO, b"x").unwrap())
-        .collect();
+    let ids: Vec<u64> = (0..3).map(|_| rig.hub.submit(0, 0, Nanos::ZERO, b"x").unwrap()).collect();
     let mut stopped = Vec::new();
     rig.hub.fail_all(&mut |o| {
-        if let Outcome::Failed {
-            task_id,
-            failure: Failure::Stopped,
-        } = o
-        {
+        if let Outcome::Failed { task_id, failure: Failure::Stopped } = o {
             stopped.push(task_id)
         }
     });
@@ -393,13 +354,7 @@ fn config_errors_name_the_problem() {
         (config(vec![step(0, 1, 0, 1)]), "nprocs"),
         (config(vec![step(1, 0, 0, 1)]), "batch_size"),
         (config(vec![]), "at least one step"),
-        (
-            HubConfig {
-                priorities: 0,
-                ..config(vec![step(1, 1, 0, 1)])
-            },
-            "queue_priorities",
-        ),
+        (HubConfig { priorities: 0, ..config(vec![step(1, 1, 0, 1)]) }, "queue_priorities"),
     ];
     for (cfg, needle) in cases {
         let err = Hub::create_in_heap(&cfg).err().expect("invalid config accepted");

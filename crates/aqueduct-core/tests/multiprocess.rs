@@ -31,18 +31,9 @@ fn main() {
         std::process::exit(2);
     });
     let cases: &[(&str, fn())] = &[
-        (
-            "round_trips_through_worker_processes",
-            round_trips_through_worker_processes,
-        ),
-        (
-            "large_payloads_cross_processes_through_the_arena",
-            large_payloads_cross_processes_through_the_arena,
-        ),
-        (
-            "sigkill_mid_batch_fails_only_held_tasks",
-            sigkill_mid_batch_fails_only_held_tasks,
-        ),
+        ("round_trips_through_worker_processes", round_trips_through_worker_processes),
+        ("large_payloads_cross_processes_through_the_arena", large_payloads_cross_processes_through_the_arena),
+        ("sigkill_mid_batch_fails_only_held_tasks", sigkill_mid_batch_fails_only_held_tasks),
         ("two_steps_with_a_handler_error", two_steps_with_a_handler_error),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -53,11 +44,7 @@ fn main() {
         }
         let t = Instant::now();
         let ok = std::panic::catch_unwind(case).is_ok();
-        println!(
-            "test {name} ... {} ({:.2?})",
-            if ok { "ok" } else { "FAILED" },
-            t.elapsed()
-        );
+        println!("test {name} ... {} ({:.2?})", if ok { "ok" } else { "FAILED" }, t.elapsed());
         failed += usize::from(!ok);
     }
     if failed > 0 {
@@ -89,12 +76,10 @@ fn worker_main(role: &str) {
                         "two_step" if route == 0 => {
                             w.send_result(i, Status::Ok, 1, &[&body[..], b"+s0"].concat()).unwrap()
                         }
-                        "two_step" if body.starts_with(b"bad") => w
-                            .send_result(i, Status::Error, ROUTE_DONE, b"ValueError: bad input")
-                            .unwrap(),
-                        "two_step" => w
-                            .send_result(i, Status::Ok, ROUTE_DONE, &[&body[..], b"+s1"].concat())
-                            .unwrap(),
+                        "two_step" if body.starts_with(b"bad") => {
+                            w.send_result(i, Status::Error, ROUTE_DONE, b"ValueError: bad input").unwrap()
+                        }
+                        "two_step" => w.send_result(i, Status::Ok, ROUTE_DONE, &[&body[..], b"+s1"].concat()).unwrap(),
                         // Answers a "stall" task visibly, then stalls: the test kills it mid-batch.
                         "stall" => {
                             w.send_result(i, Status::Ok, ROUTE_DONE, &body).unwrap();
@@ -119,16 +104,8 @@ struct Flow {
 
 impl Flow {
     fn new(steps: Vec<StepSpec>) -> Self {
-        let cfg = HubConfig {
-            steps,
-            ring_capacity: 256 << 10,
-            arena_bytes: 64 << 20,
-            ..HubConfig::default()
-        };
-        Self {
-            engine: Engine::new(&cfg).unwrap(),
-            children: HashMap::new(),
-        }
+        let cfg = HubConfig { steps, ring_capacity: 256 << 10, arena_bytes: 64 << 20, ..HubConfig::default() };
+        Self { engine: Engine::new(&cfg).unwrap(), children: HashMap::new() }
     }
 
     fn spawn(&mut self, slot: usize, role: &str) {
@@ -162,11 +139,7 @@ impl Flow {
         while !done(events) {
             assert!(Instant::now() < end, "deadline passed; events so far: {}", events.len());
             let arena = Arena::attach(self.engine.hub.region().clone(), self.engine.hub.layout().arena).unwrap();
-            self.engine
-                .wait(Some(Duration::from_millis(100)), &mut |o| {
-                    events.push(Event::from(o, &arena))
-                })
-                .unwrap();
+            self.engine.wait(Some(Duration::from_millis(100)), &mut |o| events.push(Event::from(o, &arena))).unwrap();
         }
     }
 
@@ -197,31 +170,17 @@ enum Event {
 impl Event {
     fn from(o: Outcome<'_>, arena: &Arena) -> Self {
         match o {
-            Outcome::Done {
-                task_id,
-                body: Payload::Inline(b),
-            } => Event::Done(task_id, b.to_vec()),
-            Outcome::Done {
-                task_id,
-                body: Payload::Extent(e),
-            } => {
+            Outcome::Done { task_id, body: Payload::Inline(b) } => Event::Done(task_id, b.to_vec()),
+            Outcome::Done { task_id, body: Payload::Extent(e) } => {
                 let mut v = vec![0; e.len as usize];
                 arena.read(&e, 0, &mut v).unwrap();
                 arena.release(&e).unwrap();
                 Event::Done(task_id, v)
             }
-            Outcome::Failed {
-                task_id,
-                failure:
-                    Failure::Handler {
-                        body: Payload::Inline(b),
-                        ..
-                    },
-            } => Event::Handler(task_id, String::from_utf8_lossy(b).into()),
-            Outcome::Failed {
-                task_id,
-                failure: Failure::WorkerDied { step, pid },
-            } => Event::Died(task_id, step, pid),
+            Outcome::Failed { task_id, failure: Failure::Handler { body: Payload::Inline(b), .. } } => {
+                Event::Handler(task_id, String::from_utf8_lossy(b).into())
+            }
+            Outcome::Failed { task_id, failure: Failure::WorkerDied { step, pid } } => Event::Died(task_id, step, pid),
             Outcome::WorkerReady { slot, .. } => Event::Ready(slot),
             Outcome::WorkerExited { slot, .. } => Event::Exited(slot),
             _ => Event::Other,
@@ -234,17 +193,11 @@ fn count_done(events: &[Event]) -> usize {
 }
 
 fn round_trips_through_worker_processes() {
-    let mut flow = Flow::new(vec![StepSpec {
-        nprocs: 2,
-        batch_size: 8,
-        batch_timeout: Duration::ZERO,
-        queue_capacity: 256,
-    }]);
+    let mut flow =
+        Flow::new(vec![StepSpec { nprocs: 2, batch_size: 8, batch_timeout: Duration::ZERO, queue_capacity: 256 }]);
     flow.spawn(0, "echo");
     flow.spawn(1, "echo");
-    flow.run_until(Duration::from_secs(20), |ev| {
-        ev.iter().filter(|e| matches!(e, Event::Ready(_))).count() == 2
-    });
+    flow.run_until(Duration::from_secs(20), |ev| ev.iter().filter(|e| matches!(e, Event::Ready(_))).count() == 2);
     let total = 20_000u32;
     let mut sent = 0u32;
     let mut expected = HashMap::new();
@@ -270,12 +223,8 @@ fn round_trips_through_worker_processes() {
 }
 
 fn large_payloads_cross_processes_through_the_arena() {
-    let mut flow = Flow::new(vec![StepSpec {
-        nprocs: 1,
-        batch_size: 1,
-        batch_timeout: Duration::ZERO,
-        queue_capacity: 8,
-    }]);
+    let mut flow =
+        Flow::new(vec![StepSpec { nprocs: 1, batch_size: 1, batch_timeout: Duration::ZERO, queue_capacity: 8 }]);
     flow.spawn(0, "echo");
     let mut ids = HashMap::new();
     for i in 0..8u8 {
@@ -292,28 +241,15 @@ fn large_payloads_cross_processes_through_the_arena() {
 }
 
 fn sigkill_mid_batch_fails_only_held_tasks() {
-    let spec = StepSpec {
-        nprocs: 2,
-        batch_size: 3,
-        batch_timeout: Duration::from_millis(50),
-        queue_capacity: 64,
-    };
+    let spec = StepSpec { nprocs: 2, batch_size: 3, batch_timeout: Duration::from_millis(50), queue_capacity: 64 };
     let mut flow = Flow::new(vec![spec]);
     flow.spawn(0, "stall");
     flow.spawn(1, "stall");
-    flow.run_until(Duration::from_secs(20), |ev| {
-        ev.iter().filter(|e| matches!(e, Event::Ready(_))).count() == 2
-    });
+    flow.run_until(Duration::from_secs(20), |ev| ev.iter().filter(|e| matches!(e, Event::Ready(_))).count() == 2);
     // Three "stall" tasks make one full batch for one worker: the victim.
-    let batch: Vec<u64> = (0..3u8)
-        .map(|i| flow.submit(&[b's', b't', b'a', b'l', b'l', i]))
-        .collect();
+    let batch: Vec<u64> = (0..3u8).map(|i| flow.submit(&[b's', b't', b'a', b'l', b'l', i])).collect();
     let victim = if flow.engine.hub.held_by(0) == batch { 0 } else { 1 };
-    assert_eq!(
-        flow.engine.hub.held_by(victim),
-        batch,
-        "one worker holds the whole batch"
-    );
+    assert_eq!(flow.engine.hub.held_by(victim), batch, "one worker holds the whole batch");
     // Everything else goes to the other worker.
     let others: Vec<u64> = (0..27u8).map(|i| flow.submit(&[i])).collect();
     // Wait until the victim has visibly answered the first task of its batch: it is mid-batch.
@@ -322,23 +258,13 @@ fn sigkill_mid_batch_fails_only_held_tasks() {
     });
     let pid = flow.children[&victim].id();
     let killed_at = Instant::now();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-    flow.run_more(&mut events, Duration::from_secs(20), |ev| {
-        ev.contains(&Event::Exited(victim))
-    });
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    flow.run_more(&mut events, Duration::from_secs(20), |ev| ev.contains(&Event::Exited(victim)));
     let noticed = killed_at.elapsed();
-    assert!(
-        noticed < Duration::from_secs(2),
-        "death noticed through the pidfd, took {noticed:?}"
-    );
+    assert!(noticed < Duration::from_secs(2), "death noticed through the pidfd, took {noticed:?}");
     flow.run_more(&mut events, Duration::from_secs(20), |ev| {
-        others
-            .iter()
-            .all(|id| ev.iter().any(|e| matches!(e, Event::Done(i, _) if i == id)))
+        others.iter().all(|id| ev.iter().any(|e| matches!(e, Event::Done(i, _) if i == id)))
     });
     let died: Vec<u64> = events
         .iter()
@@ -347,22 +273,10 @@ fn sigkill_mid_batch_fails_only_held_tasks() {
             _ => None,
         })
         .collect();
-    assert_eq!(
-        died,
-        batch[1..].to_vec(),
-        "exactly the unanswered tasks of the killed batch failed"
-    );
-    let done = |id: &u64| {
-        events
-            .iter()
-            .filter(|e| matches!(e, Event::Done(i, _) if i == id))
-            .count()
-    };
+    assert_eq!(died, batch[1..].to_vec(), "exactly the unanswered tasks of the killed batch failed");
+    let done = |id: &u64| events.iter().filter(|e| matches!(e, Event::Done(i, _) if i == id)).count();
     assert_eq!(done(&batch[0]), 1);
-    assert!(
-        others.iter().all(|id| done(id) == 1),
-        "every other task completed exactly once"
-    );
+    assert!(others.iter().all(|id| done(id) == 1), "every other task completed exactly once");
     assert_eq!(flow.engine.hub.in_flight(), 0);
     let _ = flow.children.remove(&victim).map(|mut c| c.wait());
     // A replacement worker serves new tasks from the same slot.
@@ -375,22 +289,14 @@ fn sigkill_mid_batch_fails_only_held_tasks() {
 }
 
 fn two_steps_with_a_handler_error() {
-    let spec = StepSpec {
-        nprocs: 1,
-        batch_size: 4,
-        batch_timeout: Duration::from_millis(2),
-        queue_capacity: 64,
-    };
+    let spec = StepSpec { nprocs: 1, batch_size: 4, batch_timeout: Duration::from_millis(2), queue_capacity: 64 };
     let mut flow = Flow::new(vec![spec.clone(), spec]);
     flow.spawn(0, "two_step");
     flow.spawn(1, "two_step");
     let good = flow.submit(b"good");
     let bad = flow.submit(b"bad");
     let events = flow.run_until(Duration::from_secs(20), |ev| {
-        ev.iter()
-            .filter(|e| matches!(e, Event::Done(..) | Event::Handler(..)))
-            .count()
-            == 2
+        ev.iter().filter(|e| matches!(e, Event::Done(..) | Event::Handler(..))).count() == 2
     });
     assert!(events.contains(&Event::Done(good, b"good+s0+s1".to_vec())));
     assert!(events.contains(&Event::Handler(bad, "ValueError: bad input".into())));

@@ -12,8 +12,10 @@
 //! | data | `npages * page_size` bytes | 4096-aligned |
 //!
 //! # Allocation
-//! Any process of the flow allocates, lock-free: it scans `owner` from a private cursor
-//! (next-fit) for a run of free pages and claims each page with a CAS from 0 to its own label.
+//! Any process of the flow allocates, lock-free: it scans `owner` from the start (first-fit)
+//! for a run of free pages and claims each page with a CAS from 0 to its own label. First-fit
+//! keeps reusing the same low pages, which are already faulted in and warm in cache; a
+//! next-fit cursor would walk the whole arena and fault in fresh pages on every lap.
 //! If a CAS loses a race it un-claims what it took and scans on. Every claimed page carries the
 //! label, so a process killed halfway through a claim leaves pages the supervisor can find and
 //! free ([`Arena::reclaim_owner`]).
@@ -52,15 +54,8 @@ impl ArenaLayout {
     /// least 4096).
     pub fn new(offset: usize, bytes: usize, page_size: usize) -> Self {
         assert!(offset % 4096 == 0, "arena offset must be page-aligned");
-        assert!(
-            page_size.is_power_of_two() && page_size >= 4096,
-            "page_size must be a power of two >= 4096"
-        );
-        Self {
-            offset,
-            page_size,
-            npages: bytes.div_ceil(page_size),
-        }
+        assert!(page_size.is_power_of_two() && page_size >= 4096, "page_size must be a power of two >= 4096");
+        Self { offset, page_size, npages: bytes.div_ceil(page_size) }
     }
 
     fn owner_off(&self) -> usize {
@@ -86,12 +81,8 @@ impl ArenaLayout {
     pub fn init(&self, region: &SharedRegion) {
         region.atomic_u32(self.offset).store(MAGIC, Ordering::Relaxed);
         region.atomic_u32(self.offset + 4).store(VERSION, Ordering::Relaxed);
-        region
-            .atomic_u32(self.offset + 8)
-            .store(self.page_size as u32, Ordering::Relaxed);
-        region
-            .atomic_u32(self.offset + 12)
-            .store(self.npages as u32, Ordering::Relaxed);
+        region.atomic_u32(self.offset + 8).store(self.page_size as u32, Ordering::Relaxed);
+        region.atomic_u32(self.offset + 12).store(self.npages as u32, Ordering::Relaxed);
         // A fresh memfd is zero-filled, which is the all-free state; clear anyway for reuse.
         for slice in [self.owner_off(), self.pages_off(), self.refs_off()] {
             for a in region.atomic_u32_slice(slice, self.npages) {
@@ -106,8 +97,7 @@ impl ArenaLayout {
             && region.atomic_u32(self.offset + 4).load(Ordering::Acquire) == VERSION
             && region.atomic_u32(self.offset + 8).load(Ordering::Acquire) == self.page_size as u32
             && region.atomic_u32(self.offset + 12).load(Ordering::Acquire) == self.npages as u32;
-        ok.then_some(())
-            .ok_or(EngineError::Corrupt("arena header does not match its layout"))
+        ok.then_some(()).ok_or(EngineError::Corrupt("arena header does not match its layout"))
     }
 }
 
@@ -124,17 +114,12 @@ pub struct Extent {
 pub struct Arena {
     region: Arc<SharedRegion>,
     layout: ArenaLayout,
-    cursor: usize,
 }
 
 impl Arena {
     pub fn attach(region: Arc<SharedRegion>, layout: ArenaLayout) -> Result<Self> {
         layout.validate(&region)?;
-        Ok(Self {
-            region,
-            layout,
-            cursor: 0,
-        })
+        Ok(Self { region, layout })
     }
 
     pub fn layout(&self) -> ArenaLayout {
@@ -146,12 +131,10 @@ impl Arena {
     }
 
     fn owner(&self) -> &[AtomicU32] {
-        self.region
-            .atomic_u32_slice(self.layout.owner_off(), self.layout.npages)
+        self.region.atomic_u32_slice(self.layout.owner_off(), self.layout.npages)
     }
     fn pages(&self) -> &[AtomicU32] {
-        self.region
-            .atomic_u32_slice(self.layout.pages_off(), self.layout.npages)
+        self.region.atomic_u32_slice(self.layout.pages_off(), self.layout.npages)
     }
     fn refs(&self) -> &[AtomicU32] {
         self.region.atomic_u32_slice(self.layout.refs_off(), self.layout.npages)
@@ -167,7 +150,7 @@ impl Arena {
             return None;
         }
         let owner = self.region.atomic_u32_slice(self.layout.owner_off(), npages);
-        let mut start = if self.cursor + need <= npages { self.cursor } else { 0 };
+        let mut start = 0;
         let mut scanned = 0usize;
         // Each iteration either returns or advances `start` past at least one page, so the scan
         // visits every page a bounded number of times.
@@ -177,28 +160,18 @@ impl Arena {
                 start = 0;
                 continue;
             }
-            if let Some(busy) = (start..start + need)
-                .rev()
-                .find(|&i| owner[i].load(Ordering::Relaxed) != FREE)
-            {
+            if let Some(busy) = (start..start + need).rev().find(|&i| owner[i].load(Ordering::Relaxed) != FREE) {
                 scanned += busy + 1 - start;
                 start = busy + 1;
                 continue;
             }
-            match (start..start + need).find(|&i| {
-                owner[i]
-                    .compare_exchange(FREE, label, Ordering::Acquire, Ordering::Relaxed)
-                    .is_err()
-            }) {
+            match (start..start + need)
+                .find(|&i| owner[i].compare_exchange(FREE, label, Ordering::Acquire, Ordering::Relaxed).is_err())
+            {
                 None => {
                     self.pages()[start].store(need as u32, Ordering::Relaxed);
                     self.refs()[start].store(1, Ordering::Relaxed);
-                    self.cursor = start + need;
-                    return Some(Extent {
-                        head: start as u32,
-                        pages: need as u32,
-                        len: len as u64,
-                    });
+                    return Some(Extent { head: start as u32, pages: need as u32, len: len as u64 });
                 }
                 Some(lost) => {
                     for page in &owner[start..lost] {
@@ -295,10 +268,7 @@ impl Arena {
 
     /// Pages currently allocated (a gauge for metrics and leak tests).
     pub fn used_pages(&self) -> usize {
-        self.owner()
-            .iter()
-            .filter(|p| p.load(Ordering::Relaxed) != FREE)
-            .count()
+        self.owner().iter().filter(|p| p.load(Ordering::Relaxed) != FREE).count()
     }
 
     pub fn page_size(&self) -> usize {

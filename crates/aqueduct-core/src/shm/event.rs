@@ -115,9 +115,7 @@ pub struct SpinPolicy {
 
 impl Default for SpinPolicy {
     fn default() -> Self {
-        Self {
-            spin: Duration::from_micros(50),
-        }
+        Self { spin: Duration::from_micros(50) }
     }
 }
 

@@ -29,10 +29,6 @@ pub fn adopt_inherited(raw: RawFd) -> Result<OwnedFd> {
 
 /// Clears close-on-exec so that a child started with `exec` inherits `fd`.
 pub fn set_inheritable(fd: BorrowedFd<'_>, inheritable: bool) -> Result<()> {
-    let flags = if inheritable {
-        rustix::io::FdFlags::empty()
-    } else {
-        rustix::io::FdFlags::CLOEXEC
-    };
+    let flags = if inheritable { rustix::io::FdFlags::empty() } else { rustix::io::FdFlags::CLOEXEC };
     rustix::io::fcntl_setfd(fd, flags).map_err(EngineError::os("fcntl(F_SETFD)"))
 }

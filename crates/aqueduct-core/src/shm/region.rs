@@ -20,16 +20,18 @@ use crate::error::{EngineError, Result};
 
 const BASE_ALIGN: usize = 4096;
 
-// The mapping and the heap buffer are only held so that dropping the region unmaps or frees
-// them; all access goes through `base`.
+// The mapping is only held so that dropping the region unmaps it; all access goes through
+// `base`. The heap buffer is held as a raw pointer (from `Box::into_raw`) rather than a `Box`:
+// a `Box` asserts unique access whenever it moves, which would invalidate `base` and every
+// pointer derived from it.
 enum Backing {
     Memfd {
         file: File,
         _map: MmapRaw,
     },
-    /// Heap memory for single-process tests (Miri cannot map files).
+    /// Heap memory for single-process tests (Miri cannot map files). Freed in `Drop`.
     Heap {
-        _buf: Box<[AlignedPage]>,
+        pages: *mut [AlignedPage],
     },
 }
 
@@ -75,23 +77,15 @@ impl SharedRegion {
         let map = MmapRaw::map_raw(&file).map_err(|e| EngineError::Os("mmap", e))?;
         let base = map.as_mut_ptr();
         debug_assert_eq!(base as usize % BASE_ALIGN, 0);
-        Ok(Self {
-            backing: Backing::Memfd { file, _map: map },
-            base,
-            len,
-        })
+        Ok(Self { backing: Backing::Memfd { file, _map: map }, base, len })
     }
 
     /// A zeroed heap region, for tests that must run under Miri.
     pub fn heap(len: usize) -> Self {
-        let pages = len.div_ceil(BASE_ALIGN).max(1);
-        let mut buf = vec![AlignedPage([0; BASE_ALIGN]); pages].into_boxed_slice();
-        let base = buf.as_mut_ptr().cast::<u8>();
-        Self {
-            backing: Backing::Heap { _buf: buf },
-            base,
-            len: pages * BASE_ALIGN,
-        }
+        let count = len.div_ceil(BASE_ALIGN).max(1);
+        let pages = Box::into_raw(vec![AlignedPage([0; BASE_ALIGN]); count].into_boxed_slice());
+        let base = pages.cast::<u8>();
+        Self { backing: Backing::Heap { pages }, base, len: count * BASE_ALIGN }
     }
 
     pub fn len(&self) -> usize {
@@ -211,16 +205,23 @@ impl SharedRegion {
     }
 }
 
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        if let Backing::Heap { pages } = self.backing {
+            // SAFETY: `pages` came from `Box::into_raw` in `heap` and is freed only here, once;
+            // no accessor outlives `&self`, so nothing uses `base` afterwards.
+            drop(unsafe { Box::from_raw(pages) });
+        }
+    }
+}
+
 impl std::fmt::Debug for SharedRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.backing {
             Backing::Memfd { .. } => "memfd",
             Backing::Heap { .. } => "heap",
         };
-        f.debug_struct("SharedRegion")
-            .field("kind", &kind)
-            .field("len", &self.len)
-            .finish()
+        f.debug_struct("SharedRegion").field("kind", &kind).field("len", &self.len).finish()
     }
 }
 
@@ -255,10 +256,6 @@ mod tests {
         b.read(4096, &mut out).unwrap();
         assert_eq!(out, [1, 2, 3]);
         a.discard(0, 1 << 16).unwrap();
-        assert_eq!(
-            b.atomic_u32(8).load(Ordering::Acquire),
-            0,
-            "punched pages read as zeros"
-        );
+        assert_eq!(b.atomic_u32(8).load(Ordering::Acquire), 0, "punched pages read as zeros");
     }
 }

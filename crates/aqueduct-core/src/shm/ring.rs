@@ -84,15 +84,9 @@ impl RingLayout {
 
     /// Writes the header of an empty ring. Call once, before any process uses it.
     pub fn init(&self, region: &SharedRegion) {
-        region
-            .atomic_u32(self.offset + OFF_MAGIC)
-            .store(MAGIC, Ordering::Relaxed);
-        region
-            .atomic_u32(self.offset + OFF_VERSION)
-            .store(VERSION, Ordering::Relaxed);
-        region
-            .atomic_u64(self.offset + OFF_CAPACITY)
-            .store(self.capacity as u64, Ordering::Relaxed);
+        region.atomic_u32(self.offset + OFF_MAGIC).store(MAGIC, Ordering::Relaxed);
+        region.atomic_u32(self.offset + OFF_VERSION).store(VERSION, Ordering::Relaxed);
+        region.atomic_u64(self.offset + OFF_CAPACITY).store(self.capacity as u64, Ordering::Relaxed);
         for off in [OFF_TAIL, OFF_HEAD] {
             region.atomic_u64(self.offset + off).store(0, Ordering::Relaxed);
         }
@@ -107,8 +101,7 @@ impl RingLayout {
         let ok = region.atomic_u32(self.offset + OFF_MAGIC).load(Ordering::Acquire) == MAGIC
             && region.atomic_u32(self.offset + OFF_VERSION).load(Ordering::Acquire) == VERSION
             && region.atomic_u64(self.offset + OFF_CAPACITY).load(Ordering::Acquire) == self.capacity as u64;
-        ok.then_some(())
-            .ok_or(EngineError::Corrupt("ring header does not match its layout"))
+        ok.then_some(()).ok_or(EngineError::Corrupt("ring header does not match its layout"))
     }
 
     /// Discards unread records and forgets parked waiters. Only valid when neither endpoint's
@@ -116,12 +109,8 @@ impl RingLayout {
     pub fn reset(&self, region: &SharedRegion) {
         let tail = region.atomic_u64(self.offset + OFF_TAIL).load(Ordering::Acquire);
         region.atomic_u64(self.offset + OFF_HEAD).store(tail, Ordering::Release);
-        region
-            .atomic_u32(self.offset + OFF_SPACE_WAITERS)
-            .store(0, Ordering::Release);
-        region
-            .atomic_u32(self.offset + OFF_DATA_WAITERS)
-            .store(0, Ordering::Release);
+        region.atomic_u32(self.offset + OFF_SPACE_WAITERS).store(0, Ordering::Release);
+        region.atomic_u32(self.offset + OFF_DATA_WAITERS).store(0, Ordering::Release);
     }
 
     fn data_event<'a>(&self, region: &'a SharedRegion) -> FutexEvent<'a> {
@@ -154,13 +143,7 @@ impl Producer {
         layout.validate(&region)?;
         let tail = region.atomic_u64(layout.offset + OFF_TAIL).load(Ordering::Acquire);
         let cached_head = region.atomic_u64(layout.offset + OFF_HEAD).load(Ordering::Acquire);
-        Ok(Self {
-            region,
-            layout,
-            tail,
-            cached_head,
-            published: tail,
-        })
+        Ok(Self { region, layout, tail, cached_head, published: tail })
     }
 
     pub fn layout(&self) -> RingLayout {
@@ -176,10 +159,7 @@ impl Producer {
         if self.tail - self.cached_head + need as u64 <= cap {
             return true;
         }
-        self.cached_head = self
-            .region
-            .atomic_u64(self.layout.offset + OFF_HEAD)
-            .load(Ordering::Acquire);
+        self.cached_head = self.region.atomic_u64(self.layout.offset + OFF_HEAD).load(Ordering::Acquire);
         self.tail - self.cached_head + need as u64 <= cap
     }
 
@@ -194,10 +174,7 @@ impl Producer {
         debug_assert_ne!(tag, TAG_PAD);
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > self.layout.max_payload() {
-            return Err(EngineError::RecordTooLarge {
-                len,
-                max: self.layout.max_payload(),
-            });
+            return Err(EngineError::RecordTooLarge { len, max: self.layout.max_payload() });
         }
         let need = RECORD_HEADER + pad8(len);
         let contiguous = self.layout.capacity - (self.tail % self.layout.capacity as u64) as usize;
@@ -233,9 +210,7 @@ impl Producer {
         if self.tail == self.published {
             return false;
         }
-        self.region
-            .atomic_u64(self.layout.offset + OFF_TAIL)
-            .store(self.tail, Ordering::Release);
+        self.region.atomic_u64(self.layout.offset + OFF_TAIL).store(self.tail, Ordering::Release);
         self.published = self.tail;
         let ev = self.layout.data_event(&self.region);
         let parked = ev.has_waiters();
@@ -249,9 +224,7 @@ impl Producer {
     /// hub is woken through its doorbell).
     pub fn publish_quietly(&mut self) {
         if self.tail != self.published {
-            self.region
-                .atomic_u64(self.layout.offset + OFF_TAIL)
-                .store(self.tail, Ordering::Release);
+            self.region.atomic_u64(self.layout.offset + OFF_TAIL).store(self.tail, Ordering::Release);
             self.published = self.tail;
         }
     }
@@ -268,11 +241,7 @@ impl Producer {
 
     /// Bytes written but not yet consumed.
     pub fn backlog(&self) -> u64 {
-        self.tail
-            - self
-                .region
-                .atomic_u64(self.layout.offset + OFF_HEAD)
-                .load(Ordering::Acquire)
+        self.tail - self.region.atomic_u64(self.layout.offset + OFF_HEAD).load(Ordering::Acquire)
     }
 }
 
@@ -300,13 +269,7 @@ impl Consumer {
         layout.validate(&region)?;
         let head = region.atomic_u64(layout.offset + OFF_HEAD).load(Ordering::Acquire);
         let cached_tail = region.atomic_u64(layout.offset + OFF_TAIL).load(Ordering::Acquire);
-        Ok(Self {
-            region,
-            layout,
-            head,
-            cached_tail,
-            released: head,
-        })
+        Ok(Self { region, layout, head, cached_tail, released: head })
     }
 
     pub fn region(&self) -> &Arc<SharedRegion> {
@@ -322,10 +285,7 @@ impl Consumer {
         if self.head != self.cached_tail {
             return true;
         }
-        self.cached_tail = self
-            .region
-            .atomic_u64(self.layout.offset + OFF_TAIL)
-            .load(Ordering::Acquire);
+        self.cached_tail = self.region.atomic_u64(self.layout.offset + OFF_TAIL).load(Ordering::Acquire);
         self.head != self.cached_tail
     }
 
@@ -349,12 +309,7 @@ impl Consumer {
                 self.head += size as u64;
                 continue;
             }
-            return Ok(Some(RecordView {
-                tag,
-                offset: at + RECORD_HEADER,
-                len,
-                next: self.head + size as u64,
-            }));
+            return Ok(Some(RecordView { tag, offset: at + RECORD_HEADER, len, next: self.head + size as u64 }));
         }
     }
 
@@ -376,9 +331,7 @@ impl Consumer {
         if self.head == self.released {
             return;
         }
-        self.region
-            .atomic_u64(self.layout.offset + OFF_HEAD)
-            .store(self.head, Ordering::Release);
+        self.region.atomic_u64(self.layout.offset + OFF_HEAD).store(self.head, Ordering::Release);
         self.released = self.head;
         let ev = self.layout.space_event(&self.region);
         if ev.has_waiters() {
@@ -390,8 +343,7 @@ impl Consumer {
     pub fn wait_for_data(&mut self, spin: super::event::SpinPolicy, deadline: Option<std::time::Instant>) -> bool {
         let region = self.region.clone();
         let ev = self.layout.data_event(&region);
-        spin.wait_until(ev, deadline, || self.has_data().then_some(()))
-            .is_some()
+        spin.wait_until(ev, deadline, || self.has_data().then_some(())).is_some()
     }
 }
 
@@ -404,10 +356,7 @@ mod tests {
         let region = Arc::new(SharedRegion::heap(HEADER_BYTES + cap + 4096));
         let layout = RingLayout::new(0, cap);
         layout.init(&region);
-        (
-            Producer::attach(region.clone(), layout).unwrap(),
-            Consumer::attach(region, layout).unwrap(),
-        )
+        (Producer::attach(region.clone(), layout).unwrap(), Consumer::attach(region, layout).unwrap())
     }
 
     fn pop(c: &mut Consumer) -> Option<(u32, Vec<u8>)> {
@@ -436,25 +385,16 @@ mod tests {
         let (mut p, mut c) = ring(256);
         let big = vec![7u8; p.max_payload()];
         assert!(p.try_write(1, &[&big]).unwrap());
-        assert!(
-            p.try_write(2, &[&big]).unwrap(),
-            "two half-ring records fill the ring exactly"
-        );
+        assert!(p.try_write(2, &[&big]).unwrap(), "two half-ring records fill the ring exactly");
         assert!(!p.try_write(3, &[b"x"]).unwrap(), "a full ring refuses");
         p.publish();
         assert_eq!(pop(&mut c).unwrap(), (1, big.clone()));
         assert!(p.try_write(3, &[b"x"]).unwrap(), "room again after release");
-        assert!(
-            !p.try_write(4, &[&big]).unwrap(),
-            "no contiguous room yet for a large record"
-        );
+        assert!(!p.try_write(4, &[&big]).unwrap(), "no contiguous room yet for a large record");
         p.publish();
         assert_eq!(pop(&mut c).unwrap(), (2, big.clone()));
         assert_eq!(pop(&mut c).unwrap(), (3, b"x".to_vec()));
-        assert!(
-            p.try_write(4, &[&big]).unwrap(),
-            "wraps with padding once the ring drained"
-        );
+        assert!(p.try_write(4, &[&big]).unwrap(), "wraps with padding once the ring drained");
         p.publish();
         assert_eq!(pop(&mut c).unwrap(), (4, big));
     }
@@ -463,10 +403,7 @@ mod tests {
     fn oversized_record_is_an_error() {
         let (mut p, _c) = ring(256);
         let too_big = vec![0u8; p.max_payload() + 1];
-        assert!(matches!(
-            p.try_write(1, &[&too_big]),
-            Err(EngineError::RecordTooLarge { .. })
-        ));
+        assert!(matches!(p.try_write(1, &[&too_big]), Err(EngineError::RecordTooLarge { .. })));
     }
 
     #[test]
