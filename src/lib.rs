@@ -1,7 +1,33 @@
 //! Python bindings for the Aqueduct engine: the extension module `aqueduct._core`.
+//!
+//! Thin by design: each module wraps one engine type and the conversions it needs; errors are
+//! mapped in `errors.rs` alone. The public API (`Flow`, `FlowStep`, `BaseTask`, ...) is Python,
+//! in `python/aqueduct/`, because users subclass and pickle it.
+
+#![forbid(unsafe_code)]
+
+mod engine;
+mod errors;
+mod worker;
+
 use pyo3::prelude::*;
 
+/// Makes the calling process receive SIGKILL when its parent dies, so that a worker never
+/// outlives the flow that started it, even when the main process is SIGKILLed. Returns the
+/// parent pid observed afterwards: if it differs from the expected one, the parent already
+/// died and the caller must exit.
+#[pyfunction]
+fn die_with_parent() -> PyResult<i32> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
+    Ok(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()))
+}
+
 #[pymodule]
-fn _core(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<worker::Worker>()?;
+    m.add_function(wrap_pyfunction!(die_with_parent, m)?)?;
+    m.add("ROUTE_DONE", aqueduct_core::message::ROUTE_DONE)?;
     Ok(())
 }

@@ -76,6 +76,13 @@ impl Engine {
         Ok(n)
     }
 
+    /// Blocks until the engine's fd is readable or `timeout` passes, without handling anything
+    /// (the readiness stays pending for the next `poll`). For owners that must release a lock,
+    /// such as an interpreter lock, between waiting and handling.
+    pub fn block(&self, timeout: Option<Duration>) -> Result<()> {
+        self.reactor.block(timeout)
+    }
+
     /// Raises the doorbell flag; returns false when work is already pending (poll instead).
     pub fn prepare_sleep(&mut self) -> bool {
         self.hub.prepare_sleep()

@@ -320,6 +320,9 @@ impl Hub {
     pub fn queue_len(&self, step: usize) -> usize {
         self.steps[step].queue.len()
     }
+    pub fn queue_capacity(&self, step: usize) -> usize {
+        self.steps[step].queue.capacity()
+    }
     pub fn step_stats(&self, step: usize) -> StepStats {
         self.steps[step].stats
     }

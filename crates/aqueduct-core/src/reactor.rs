@@ -35,7 +35,6 @@ pub struct Reactor {
     timer: OwnedFd,
     armed: Option<Nanos>,
     pidfds: HashMap<usize, OwnedFd>,
-    events: Vec<epoll::Event>,
 }
 
 fn timespec(n: Nanos) -> Timespec {
@@ -52,7 +51,7 @@ impl Reactor {
             .map_err(EngineError::os("epoll_ctl"))?;
         epoll::add(&ep, &timer, epoll::EventData::new_u64(KEY_TIMER), epoll::EventFlags::IN)
             .map_err(EngineError::os("epoll_ctl"))?;
-        Ok(Self { epoll: ep, doorbell, timer, armed: None, pidfds: HashMap::new(), events: Vec::with_capacity(64) })
+        Ok(Self { epoll: ep, doorbell, timer, armed: None, pidfds: HashMap::new() })
     }
 
     /// The descriptor an event loop watches for readability.
@@ -97,13 +96,16 @@ impl Reactor {
     /// Collects what is ready, waiting at most `timeout` (`Some(ZERO)` never blocks).
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Ready> {
         let ts = timeout.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as _ });
-        self.events.clear();
-        match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut self.events), ts.as_ref()) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        // A stack buffer: epoll events hold a raw-pointer union, which would make the reactor
+        // (and the engine) !Send if it were stored.
+        let mut buf: [std::mem::MaybeUninit<epoll::Event>; 64] = [const { std::mem::MaybeUninit::uninit() }; 64];
+        let events: &[epoll::Event] = match epoll::wait(&self.epoll, &mut buf, ts.as_ref()) {
+            Ok((events, _)) => events,
+            Err(rustix::io::Errno::INTR) => &[],
             Err(e) => return Err(EngineError::Os("epoll_wait", e.into())),
-        }
+        };
         let mut ready = Ready::default();
-        for ev in &self.events {
+        for ev in events {
             match ev.data.u64() {
                 KEY_DOORBELL => ready.doorbell = true,
                 KEY_TIMER => ready.timer = true,
@@ -124,6 +126,16 @@ impl Reactor {
             }
         }
         Ok(ready)
+    }
+
+    /// Waits until something is ready, leaving it pending (epoll is level-triggered).
+    pub fn block(&self, timeout: Option<Duration>) -> Result<()> {
+        let ts = timeout.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as _ });
+        let mut events: [std::mem::MaybeUninit<epoll::Event>; 1] = [std::mem::MaybeUninit::uninit()];
+        match epoll::wait(&self.epoll, &mut events, ts.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(EngineError::Os("epoll_wait", e.into())),
+        }
     }
 
     /// Whether the process of `slot` is being watched (alive as far as the reactor knows).

@@ -1,0 +1,58 @@
+# One Makefile for everything; `make help` lists the targets. Every target works on a fresh
+# clone: `test`, `demo` and `bench` set up the virtualenv and build the extension themselves.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help setup build test test-rust test-python miri lint bench bench-quick demo soak clean
+
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv with maturin and the pinned dev/test dependencies
+$(STAMP): requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+build: setup ## Build the release extension into .venv
+	$(VENV)/bin/maturin develop --release --quiet
+
+test: test-rust miri test-python ## Build and run every test, Rust and Python
+
+test-rust: ## cargo tests (unit, property, multi-process)
+	cargo test --workspace --quiet
+
+miri: ## The shared-memory code (rings, arena, events) under Miri, over heap memory
+	@rustup +nightly component add miri rust-src >/dev/null 2>&1 || { echo "miri: cannot install the nightly miri component"; exit 1; }
+	PROPTEST_CASES=4 MIRIFLAGS=-Zmiri-disable-isolation cargo +nightly miri test --quiet -p aqueduct-core --lib
+
+test-python: build ## pytest (each test has a timeout)
+	$(PY) -m pytest -q
+
+lint: setup ## rustfmt, clippy -D warnings, ruff
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	$(VENV)/bin/ruff check python tests bench examples
+
+bench: build ## Benchmarks: the Rust engine (criterion, transport table) and the suite against aqueduct 1.15
+	cargo bench -p aqueduct-core --bench transport_compare
+	$(PY) bench/transport_mpqueue.py
+	$(PY) bench/run.py
+
+bench-quick: build ## A short run of the suite against aqueduct 1.15
+	$(PY) bench/run.py --quick
+
+demo: build ## Build and run the example pipeline end to end
+	$(PY) examples/quickstart.py
+
+clean: ## Remove build outputs and the virtualenv
+	cargo clean
+	rm -rf $(VENV) python/aqueduct/*.so

@@ -1,0 +1,202 @@
+"""Starting and reaping worker processes, per ``mp_start_method``.
+
+``fork``: a zygote is forked from the main process in ``Flow.start()``, before the flow has
+created any thread (it never does) and while the handlers are in their pristine, pre-``on_start``
+state. The zygote then forks every worker, the first ones and every replacement, so a
+replacement never inherits what the main process became later (threads of a web server, a large
+heap, locks held by other threads). The zygote and its workers receive SIGKILL when their parent
+dies (``PR_SET_PDEATHSIG``), so a SIGKILLed main process leaves nothing behind.
+
+``spawn`` and ``forkserver``: each worker is a fresh interpreter started by multiprocessing,
+which pickles the handler and the conditions (an unpicklable one fails ``start()`` with an error
+that names it) and passes the flow's two descriptors with multiprocessing's own fd passing.
+
+Either way the main process watches each worker through a pidfd (in the engine) and asks the
+launcher to reap it once the engine has seen it exit, so a pid is never reused under a watcher.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import socket
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+from . import _worker
+from .exceptions import FlowError
+from .handler import BaseTaskHandler
+from .logger import log
+
+#: What a launcher needs to know about each step: handler, step name, routes after it.
+StepPlan = Tuple[BaseTaskHandler, str, _worker.Routes]
+
+
+class Launcher:
+    def spawn(self, slot: int, step: int) -> int:
+        raise NotImplementedError
+
+    def reap(self, pid: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class ForkZygote(Launcher):
+    """The ``fork`` launcher: a single-threaded process that forks workers on request.
+
+    Protocol over a socketpair, one line per request: ``spawn <slot> <step>`` answers ``<pid>``;
+    ``reap <pid>`` answers ``ok`` once the dead worker is reaped; ``exit`` ends the zygote.
+    """
+
+    def __init__(self, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]):
+        parent_end, child_end = socket.socketpair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        main_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the zygote; it never returns into the caller's stack
+            code = 1
+            try:
+                parent_end.close()
+                _worker.die_with_parent(main_pid)
+                _worker.restore_default_signals()
+                code = _zygote_serve(child_end, region_fd, doorbell_fd, plans)
+            finally:
+                os._exit(code)
+        child_end.close()
+        self.pid = pid
+        self._sock = parent_end
+        self._io = parent_end.makefile('rwb', buffering=0)
+
+    def _request(self, line: str) -> str:
+        try:
+            self._io.write(line.encode() + b'\n')
+            reply = self._io.readline()
+        except OSError as exc:
+            raise FlowError(f'the worker launcher (zygote, pid {self.pid}) is gone: {exc}') from exc
+        if not reply:
+            raise FlowError(f'the worker launcher (zygote, pid {self.pid}) exited')
+        return reply.decode().strip()
+
+    def spawn(self, slot: int, step: int) -> int:
+        return int(self._request(f'spawn {slot} {step}'))
+
+    def reap(self, pid: int) -> None:
+        self._request(f'reap {pid}')
+
+    def close(self) -> None:
+        try:
+            self._io.write(b'exit\n')
+        except OSError:
+            pass
+        self._io.close()
+        self._sock.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _zygote_serve(sock: socket.socket, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]) -> int:
+    io = sock.makefile('rwb', buffering=0)
+    zygote_pid = os.getpid()
+    children: List[int] = []
+    for line in io:
+        cmd, *args = line.decode().split()
+        if cmd == 'spawn':
+            slot, step = int(args[0]), int(args[1])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # a worker
+                code = 1
+                try:
+                    io.close()
+                    sock.close()
+                    _worker.die_with_parent(zygote_pid)
+                    handler, step_name, routes = plans[step]
+                    # Own copies of the descriptors: the inherited numbers stay with the copy of
+                    # the main process's engine object, which this process never touches.
+                    code = _worker.run(os.dup(region_fd), os.dup(doorbell_fd), slot, handler, step_name, routes)
+                finally:
+                    os._exit(code)
+            children.append(pid)
+            io.write(f'{pid}\n'.encode())
+        elif cmd == 'reap':
+            pid = int(args[0])
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            if pid in children:
+                children.remove(pid)
+            io.write(b'ok\n')
+        elif cmd == 'exit':
+            break
+    # The main process is gone or closing: workers must not outlive it.
+    for pid in children:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    return 0
+
+
+class MultiprocessingLauncher(Launcher):
+    """The ``spawn`` and ``forkserver`` launcher."""
+
+    def __init__(self, method: str, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]):
+        self._ctx = multiprocessing.get_context(method)
+        self._method = method
+        self._region_fd = region_fd
+        self._doorbell_fd = doorbell_fd
+        self._plans = plans
+        self._procs: Dict[int, multiprocessing.process.BaseProcess] = {}
+
+    def spawn(self, slot: int, step: int) -> int:
+        handler, step_name, routes = self._plans[step]
+        parent = os.getpid() if self._method == 'spawn' else None
+        args = (
+            _worker.InheritedFd(self._region_fd),
+            _worker.InheritedFd(self._doorbell_fd),
+            slot,
+            handler,
+            step_name,
+            routes,
+            parent,
+        )
+        proc = self._ctx.Process(target=_worker.spawn_entry, args=args, daemon=True, name=f'aqueduct-{step_name}')
+        try:
+            proc.start()
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise FlowError(
+                f'cannot start {step_name} with mp_start_method={self._method!r}: its handler or a '
+                f'handle_condition cannot be pickled ({type(exc).__name__}: {exc}). Define handlers '
+                f'and conditions at module level, or use mp_start_method="fork".'
+            ) from exc
+        self._procs[proc.pid] = proc
+        return proc.pid
+
+    def reap(self, pid: int) -> None:
+        proc = self._procs.pop(pid, None)
+        if proc is not None:
+            proc.join()
+            proc.close()
+
+    def close(self) -> None:
+        for proc in self._procs.values():
+            if proc.is_alive():
+                log.warning('killing worker %s still alive at shutdown', proc.pid)
+                proc.kill()
+            proc.join()
+        self._procs.clear()
+
+
+def make_launcher(method: str, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]) -> Launcher:
+    if method == 'fork':
+        return ForkZygote(region_fd, doorbell_fd, plans)
+    return MultiprocessingLauncher(method, region_fd, doorbell_fd, plans)

@@ -1,0 +1,143 @@
+"""The loop every worker process runs: take a batch, handle it, answer for each task.
+
+Used by both launchers (:mod:`aqueduct._launch`): called directly in a process forked by the
+zygote, or through :func:`spawn_entry` in a ``spawn``/``forkserver`` child.
+
+For each task the worker also decides where it goes next: the first later step whose
+``handle_condition`` is true, or back to the caller. Deadlines are checked once more just before
+the handler runs, so an expired task never reaches it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from typing import Callable, List, Sequence, Tuple
+
+from . import _core
+from .exceptions import remote_error_payload
+from .handler import BaseTaskHandler
+from .logger import log
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+STATUS_EXPIRED = 2
+ROUTE_DONE = _core.ROUTE_DONE
+
+#: ``(step_index, handle_condition)`` of every step after this worker's step.
+Routes = Sequence[Tuple[int, Callable]]
+
+
+def restore_default_signals() -> None:
+    """Web servers (uvicorn, gunicorn) install SIGTERM/SIGINT handlers that a forked worker
+    inherits; a worker must die on SIGTERM and raise KeyboardInterrupt on SIGINT."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def die_with_parent(expected_parent: int) -> None:
+    """Arrange SIGKILL on the parent's death; exit now if the parent is already gone."""
+    if _core.die_with_parent() != expected_parent:
+        os._exit(1)
+
+
+def _route(task, routes: Routes) -> int:
+    for step, condition in routes:
+        if condition(task):
+            return step
+    return ROUTE_DONE
+
+
+def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes: Routes) -> int:
+    """Runs ``on_start``, reports ready, then handles batches until told to stop."""
+    try:
+        handler.on_start()
+    except BaseException as exc:
+        worker.start_failed(f'{step_name}: on_start raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}')
+        return 1
+    worker.ready()
+    loads, dumps, now_ns = pickle.loads, pickle.dumps, time.monotonic_ns
+    send = worker.send_result
+    while True:
+        batch = worker.recv()
+        if batch is None:
+            return 0
+        tasks: List = []
+        indices: List[int] = []
+        now = now_ns()
+        for i, (deadline, _priority, body) in enumerate(batch):
+            if deadline and now >= deadline:
+                send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
+                continue
+            try:
+                tasks.append(loads(body))
+            except Exception as exc:
+                send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
+                continue
+            indices.append(i)
+        if tasks:
+            try:
+                handler.handle(*tasks)
+            except Exception as exc:
+                payload = remote_error_payload(exc, step_name)
+                for i in indices:
+                    send(i, STATUS_ERROR, ROUTE_DONE, payload)
+            else:
+                for i, task in zip(indices, tasks):
+                    try:
+                        route = _route(task, routes)
+                        body = dumps(task, 5)
+                    except Exception as exc:
+                        send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
+                    else:
+                        send(i, STATUS_OK, route, body)
+        worker.finish_batch()
+
+
+def run(region_fd: int, doorbell_fd: int, slot: int, handler: BaseTaskHandler, step_name: str, routes: Routes) -> int:
+    """Entry point of a worker process whose descriptors are ``region_fd`` and ``doorbell_fd``."""
+    restore_default_signals()
+    worker = _core.Worker(region_fd, doorbell_fd, slot)
+    try:
+        return serve(worker, handler, step_name, routes)
+    except KeyboardInterrupt:
+        return 0
+    except BaseException:
+        log.exception('[Worker] %s crashed', step_name)
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class InheritedFd:
+    """A descriptor handed to a ``spawn``/``forkserver`` child through multiprocessing's own
+    descriptor passing: pickling it while the child is being launched registers the fd with
+    the launcher, and unpickling in the child yields the child's copy."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return (_detach_fd, (reduction.DupFd(self.fd),))
+
+
+def _detach_fd(dup) -> int:
+    return dup.detach()
+
+
+def spawn_entry(region_fd: int, doorbell_fd: int, slot: int, handler: BaseTaskHandler, step_name: str,
+                routes: Routes, parent_pid: int | None) -> None:
+    """Target of a ``spawn``/``forkserver`` worker process. ``parent_pid`` is the main process
+    for ``spawn``; ``None`` for ``forkserver``, whose children belong to the fork server (which
+    exits, and so takes its children along, when the main process dies)."""
+    ppid = _core.die_with_parent()
+    if parent_pid is not None and ppid != parent_pid:
+        os._exit(1)
+    sys.exit(run(region_fd, doorbell_fd, slot, handler, step_name, routes))

@@ -1,0 +1,548 @@
+"""``Flow`` and ``FlowStep``: the pipeline and its life cycle.
+
+The main process owns a :class:`aqueduct._core.Engine` (queues, batching, priorities, deadlines
+and supervision, in Rust) and runs it from the asyncio event loop that calls
+:meth:`Flow.process`:
+
+- ``process()`` pickles the task, submits it (the engine dispatches at once if a worker is
+  idle) and awaits a future;
+- the engine's file descriptor is registered with ``loop.add_reader``; when it becomes readable
+  (a worker rang the doorbell, a batch timer fired, a worker died), one ``poll()`` returns every
+  outcome at once and the futures are resolved in bulk;
+- while tasks are in flight the loop keeps polling with ``call_soon`` for a short spin window
+  after the last completion, because waking a sleeping process costs tens of microseconds on a
+  virtual machine, far more than a round trip through shared memory. After the window the loop
+  sleeps in its selector as usual: an idle flow costs no CPU.
+
+No thread is ever started, so forking (the zygote) is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import heapq
+import operator
+import os
+import pickle
+import signal
+import time
+import warnings
+import weakref
+from enum import Enum
+from typing import Dict, List, Optional, Tuple, Union
+
+from . import _core
+from ._launch import Launcher, make_launcher
+from .exceptions import (
+    FlowError,
+    HandlerError,
+    MPStartMethodValueError,
+    NotRunningError,
+    QueueFullError,
+    SharedMemoryExhaustedError,
+    TaskTimeoutError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from .handler import BaseTaskHandler, HandleConditionType
+from .logger import log
+from .task import BaseTask
+
+_START_METHODS = ('fork', 'spawn', 'forkserver')
+
+#: How long the event loop keeps polling after the last completion while tasks are in flight.
+SPIN_SECONDS = int(os.environ.get('AQUEDUCT_SPIN_US', '50')) / 1e6
+
+
+class FlowStep:
+    """One step of a flow: a handler, the processes that run it, and its batching."""
+
+    def __init__(
+        self,
+        handler: BaseTaskHandler,
+        handle_condition: HandleConditionType = operator.truth,
+        nprocs: int = 1,
+        batch_size: int = 1,
+        batch_timeout: float = 0,
+        on_start_wait: float = 0,
+    ):
+        if not isinstance(handler, BaseTaskHandler):
+            raise TypeError(f'handler must be a BaseTaskHandler instance, got {type(handler).__name__}')
+        if not callable(handle_condition):
+            raise TypeError(f'handle_condition must be callable, got {type(handle_condition).__name__}')
+        _check_int('nprocs', nprocs, 1)
+        _check_int('batch_size', batch_size, 1)
+        if not isinstance(batch_timeout, (int, float)) or isinstance(batch_timeout, bool) or batch_timeout < 0:
+            raise ValueError(f'batch_timeout must be a number >= 0 (seconds), got {batch_timeout!r}')
+        if on_start_wait:
+            warnings.warn('on_start_wait is ignored: workers report readiness themselves', DeprecationWarning, 2)
+        self.handler = handler
+        self.handle_condition = handle_condition
+        self.nprocs = nprocs
+        self.batch_size = batch_size
+        self.batch_timeout = float(batch_timeout)
+        self.on_start_wait = on_start_wait
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+
+
+class FlowState(Enum):
+    RUNNING = 'running'
+    STARTING = 'starting'
+    STOPPING = 'stopping'
+    STOPPED = 'stopped'
+    STEPS_INITIALIZED = 'steps_initialized'
+
+
+_running_flows: 'weakref.WeakSet[Flow]' = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """A flow that was never stopped must not leave workers behind at interpreter exit."""
+    for flow in list(_running_flows):
+        flow._teardown(kill=True)
+
+
+class Flow:
+    """A pipeline of steps run by worker processes.
+
+    ``Flow(*steps, metrics_enabled=True, metrics_exporter=None, queue_size=None,
+    queue_priorities=1, mp_start_method='fork')``, as in aqueduct 1.15; a step may be a bare
+    handler.
+    """
+
+    def __init__(
+        self,
+        *steps: Union[FlowStep, BaseTaskHandler],
+        metrics_enabled: bool = True,
+        metrics_collector=None,
+        metrics_exporter=None,
+        queue_size: Optional[int] = None,
+        queue_priorities: int = 1,
+        mp_start_method: str = 'fork',
+    ):
+        if not steps:
+            raise ValueError('a Flow needs at least one step')
+        self._steps: List[FlowStep] = [s if isinstance(s, FlowStep) else FlowStep(s) for s in steps]
+        if mp_start_method not in _START_METHODS:
+            raise MPStartMethodValueError(
+                f'mp_start_method must be one of {", ".join(map(repr, _START_METHODS))}, got {mp_start_method!r}'
+            )
+        if queue_size is not None:
+            _check_int('queue_size', queue_size, 1)
+        _check_int('queue_priorities', queue_priorities, 1)
+        if queue_priorities > 255:
+            raise ValueError(f'queue_priorities must be at most 255, got {queue_priorities}')
+        self._mp_start_method = mp_start_method
+        self._queue_size = queue_size
+        self._queue_priorities = queue_priorities
+        self._metrics_enabled = metrics_enabled
+        self._metrics_exporter = metrics_exporter
+        self._state = FlowState.STOPPED
+        self._engine: Optional[_core.Engine] = None
+        self._launcher: Optional[Launcher] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._reader_fd: Optional[int] = None
+        self._step_names = [s.handler.get_step_name(i) for i, s in enumerate(self._steps, 1)]
+        self._handler_names = [type(s.handler).__name__ for s in self._steps]
+        # Engine task id -> future, and the deadline heap that times them out.
+        self._pending: Dict[int, asyncio.Future] = {}
+        self._deadlines: List[Tuple[float, int]] = []
+        self._deadline_timer: Optional[asyncio.TimerHandle] = None
+        self._space_waiters: List[asyncio.Future] = []
+        self._idle_waiters: List[asyncio.Future] = []
+        self._polling = False
+        self._last_progress = 0.0
+        self._slot_pids: Dict[int, int] = {}
+        self._slot_alive: Dict[int, bool] = {}
+        self._exit_waiters: List[asyncio.Future] = []
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> FlowState:
+        return self._state
+
+    @property
+    def is_running(self) -> bool:
+        return self._state == FlowState.RUNNING
+
+    def _queue_capacity(self, step: FlowStep) -> int:
+        # As in 1.15: room for three batches, and at least 20 tasks.
+        return self._queue_size if self._queue_size is not None else max(step.batch_size * 3, 20)
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, timeout: Optional[float] = None) -> None:
+        """Starts every worker and blocks until each one's ``on_start`` has finished.
+
+        Raises ``TimeoutError`` if that takes longer than ``timeout`` seconds, and
+        :class:`WorkerStartError` if an ``on_start`` raises; either way no process is left behind.
+        """
+        if self._state not in (FlowState.STOPPED,):
+            raise FlowError(f'cannot start a flow that is {self._state.value}')
+        if timeout is not None and timeout < 0:
+            raise ValueError(f'timeout must be >= 0, got {timeout!r}')
+        log.info('Flow is starting')
+        self._state = FlowState.STARTING
+        try:
+            self._start_workers(timeout)
+        except BaseException:
+            self._teardown(kill=True)
+            raise
+        self._state = FlowState.RUNNING
+        _running_flows.add(self)
+        self._engine.prepare_sleep()
+        log.info('Flow was started')
+
+    def _start_workers(self, timeout: Optional[float]) -> None:
+        specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
+        self._engine = engine = _core.Engine(specs, priorities=self._queue_priorities)
+        plans = []
+        for i, step in enumerate(self._steps):
+            routes = [(j, later.handle_condition) for j, later in enumerate(self._steps) if j > i]
+            plans.append((step.handler, self._step_names[i], routes))
+        self._launcher = make_launcher(self._mp_start_method, engine.region_fd(), engine.doorbell_fd(), plans)
+        for slot in range(engine.slot_count):
+            self._spawn(slot)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ready = 0
+        while ready < engine.slot_count:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError('Starting timeout expired')
+            for outcome in engine.wait(remaining):
+                if outcome[0] != 2:
+                    continue
+                _, slot, step, pid, event, message = outcome
+                if event == 'ready':
+                    ready += 1
+                elif event == 'start_failed':
+                    raise WorkerStartError(f'{self._step_names[step]} failed to start (pid {pid}): {message}')
+                elif event == 'exited':
+                    self._on_exited(slot)
+                    raise WorkerStartError(f'{self._step_names[step]} worker (pid {pid}) exited during start-up')
+
+    def _spawn(self, slot: int) -> None:
+        step = self._engine.slot_step(slot)
+        pid = self._launcher.spawn(slot, step)
+        self._slot_pids[slot] = pid
+        self._slot_alive[slot] = True
+        self._engine.worker_spawned(slot, pid)
+
+    def _on_exited(self, slot: int) -> None:
+        """Bookkeeping once the engine has seen a worker exit: reap it."""
+        self._slot_alive[slot] = False
+        pid = self._slot_pids.get(slot)
+        if pid is not None and self._launcher is not None:
+            try:
+                self._launcher.reap(pid)
+            except FlowError:
+                pass
+
+    # ------------------------------------------------------------------ process
+
+    async def process(self, task: BaseTask, timeout_sec: float = 5.0) -> bool:
+        """Sends ``task`` through the steps; the handlers' results are written into it.
+
+        Returns ``True``. Raises :class:`NotRunningError` if the flow is not running,
+        :class:`TaskTimeoutError` (a ``FlowError``) when ``timeout_sec`` passes,
+        :class:`HandlerError` (also an instance of the handler's exception type) when a handler
+        raises, and :class:`WorkerDiedError` when the worker holding the task dies.
+        """
+        if self._state is not FlowState.RUNNING:
+            raise NotRunningError('the flow is not running')
+        engine = self._engine
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        priority = task.priority
+        if priority.__class__ is not int or not 0 <= priority < self._queue_priorities:
+            raise ValueError(
+                f'task priority must be an integer in [0, {self._queue_priorities - 1}] '
+                f'(queue_priorities={self._queue_priorities}), got {priority!r}'
+            )
+        task.set_timeout(timeout_sec)
+        step = self._entry_step(task)
+        if step is None:
+            return True
+        body = pickle.dumps(task, 5)
+        deadline = task.expiration_time
+        deadline_ns = int(deadline * 1e9)
+        while True:
+            try:
+                task_id = engine.submit(step, priority, deadline_ns, body)
+                break
+            except QueueFullError:
+                await self._wait_for_space(deadline)
+        future = loop.create_future()
+        self._pending[task_id] = future
+        self._add_deadline(deadline, task_id)
+        if not self._polling:
+            self._start_polling()
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            if self._pending.pop(task_id, None) is not None and self._engine is not None:
+                self._engine.cancel(task_id)
+            raise
+        task.update(pickle.loads(result))
+        return True
+
+    def _entry_step(self, task: BaseTask) -> Optional[int]:
+        for i, step in enumerate(self._steps):
+            if step.handle_condition(task):
+                return i
+        return None
+
+    async def _wait_for_space(self, deadline: float) -> None:
+        """Backpressure: waits (no polling) until a completion frees queue space."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TaskTimeoutError('Task timeout error: the queue stayed full until the task expired')
+        waiter = self._loop.create_future()
+        self._space_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, remaining)
+        except asyncio.TimeoutError:
+            raise TaskTimeoutError('Task timeout error: the queue stayed full until the task expired') from None
+        finally:
+            if waiter in self._space_waiters:
+                self._space_waiters.remove(waiter)
+        if self._state is not FlowState.RUNNING:
+            raise NotRunningError('the flow stopped while the task waited for queue space')
+
+    # ------------------------------------------------------------------ event loop plumbing
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watches the engine from ``loop`` (the loop may change, e.g. one per test)."""
+        if self._loop is not None and self._reader_fd is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._reader_fd)
+            except (RuntimeError, ValueError):
+                pass
+        self._loop = loop
+        self._reader_fd = self._engine.fileno()
+        loop.add_reader(self._reader_fd, self._on_readable)
+        self._polling = False
+        self._deadline_timer = None
+        if self._deadlines:
+            self._arm_deadline_timer()
+
+    def _on_readable(self) -> None:
+        if not self._polling:
+            self._start_polling()
+
+    def _start_polling(self) -> None:
+        self._polling = True
+        self._last_progress = time.perf_counter()
+        self._loop.call_soon(self._poll_tick)
+
+    def _poll_tick(self) -> None:
+        engine = self._engine
+        if engine is None:
+            self._polling = False
+            return
+        outcomes = engine.poll()
+        now = time.perf_counter()
+        if outcomes:
+            self._deliver(outcomes)
+            self._last_progress = now
+        if engine.in_flight and now - self._last_progress < SPIN_SECONDS:
+            self._loop.call_soon(self._poll_tick)
+            return
+        if engine.prepare_sleep():
+            self._polling = False
+        else:
+            self._loop.call_soon(self._poll_tick)
+
+    def _deliver(self, outcomes: list) -> None:
+        pending = self._pending
+        for outcome in outcomes:
+            kind = outcome[0]
+            if kind == 0:
+                future = pending.pop(outcome[1], None)
+                if future is not None and not future.done():
+                    future.set_result(outcome[2])
+            elif kind == 1:
+                future = pending.pop(outcome[1], None)
+                if future is not None and not future.done():
+                    future.set_exception(self._failure(outcome[2], outcome[3], outcome[4]))
+            else:
+                self._on_worker_event(*outcome[1:])
+        if self._space_waiters:
+            for waiter in self._space_waiters[:8]:
+                if not waiter.done():
+                    waiter.set_result(None)
+        if self._idle_waiters and not pending:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    def _failure(self, kind: str, step: int, detail) -> Exception:
+        name = self._step_names[step] if step >= 0 else ''
+        if kind == 'handler':
+            return HandlerError.from_remote(detail)
+        if kind == 'expired':
+            return TaskTimeoutError(f'Task timeout error: the task expired before {name} could handle it')
+        if kind == 'died':
+            return WorkerDiedError(f'the worker process {detail} of {name} died while holding the task', name, detail)
+        if kind == 'shm_exhausted':
+            return SharedMemoryExhaustedError(f'no shared memory left for the task on its way to {name}')
+        return FlowError('the flow was stopped before the task finished')
+
+    def _on_worker_event(self, slot: int, step: int, pid: int, event: str, message: str) -> None:
+        if event == 'exited':
+            self._on_exited(slot)
+            if self._state is FlowState.RUNNING:
+                log.error('The process %s for %s handler is dead', pid, self._handler_names[step])
+                self._respawn(slot)
+            for waiter in self._exit_waiters:
+                if not waiter.done() and not any(self._slot_alive.values()):
+                    waiter.set_result(None)
+        elif event == 'start_failed':
+            log.error('A replacement worker of %s failed to start: %s', self._step_names[step], message)
+        elif event == 'ready':
+            log.info('Worker %s of %s is ready', pid, self._step_names[step])
+
+    def _respawn(self, slot: int) -> None:
+        try:
+            self._spawn(slot)
+        except Exception:
+            log.exception('could not restart a worker of %s', self._step_names[self._engine.slot_step(slot)])
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _add_deadline(self, deadline: float, task_id: int) -> None:
+        heap = self._deadlines
+        if len(heap) > 64 and len(heap) > 2 * len(self._pending):
+            # Most entries belong to finished tasks: rebuild from the pending ones.
+            heap[:] = [entry for entry in heap if entry[1] in self._pending]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, task_id))
+        if self._deadline_timer is None or deadline < self._deadline_timer_at:
+            self._arm_deadline_timer()
+
+    def _arm_deadline_timer(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        if not self._deadlines:
+            self._deadline_timer = None
+            return
+        at = self._deadlines[0][0]
+        self._deadline_timer_at = at
+        self._deadline_timer = self._loop.call_at(self._loop.time() + (at - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._deadline_timer = None
+        now = time.monotonic()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, task_id = heapq.heappop(heap)
+            future = self._pending.pop(task_id, None)
+            if future is None:
+                continue
+            if self._engine is not None:
+                self._engine.cancel(task_id)
+            if not future.done():
+                future.set_exception(TaskTimeoutError('Task timeout error'))
+        while heap and heap[0][1] not in self._pending:
+            heapq.heappop(heap)
+        if heap:
+            self._arm_deadline_timer()
+        if self._idle_waiters and not self._pending:
+            self._deliver([])
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self, graceful: bool = True) -> None:
+        """Stops the flow.
+
+        ``graceful=True`` lets the tasks in flight finish (each within its own timeout) and then
+        stops the workers; it returns as soon as they have exited. ``graceful=False`` fails every
+        pending ``process()`` call with :class:`FlowError` and stops the workers at once.
+        """
+        if self._state is not FlowState.RUNNING:
+            log.info('Flow is not running')
+            return
+        log.info('Flow is stopping')
+        self._state = FlowState.STOPPING
+        engine = self._engine
+        engine.stop_accepting()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        for waiter in self._space_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if graceful:
+            if self._pending:
+                waiter = loop.create_future()
+                self._idle_waiters.append(waiter)
+                await waiter
+        else:
+            self._deliver(engine.fail_all())
+        exited = loop.create_future()
+        self._exit_waiters.append(exited)
+        for slot, alive in self._slot_alive.items():
+            if alive:
+                if graceful:
+                    engine.send_stop(slot)
+                else:
+                    engine.signal_worker(slot, signal.SIGKILL)
+        if any(self._slot_alive.values()):
+            if not self._polling:
+                self._start_polling()
+            try:
+                await asyncio.wait_for(exited, 5.0 if graceful else 2.0)
+            except asyncio.TimeoutError:
+                log.warning('workers did not exit in time; killing them')
+        self._exit_waiters.remove(exited)
+        self._teardown(kill=True)
+        log.info('Flow was stopped')
+
+    def _teardown(self, kill: bool) -> None:
+        """Releases everything: kills and reaps the remaining workers, the launcher, the reader,
+        and the engine (which unmaps and closes the shared memory). Safe to call twice."""
+        engine = self._engine
+        if engine is not None:
+            for slot, alive in list(self._slot_alive.items()):
+                if alive and kill:
+                    try:
+                        engine.signal_worker(slot, signal.SIGKILL)
+                    except OSError:
+                        pass
+            deadline = time.monotonic() + 5.0
+            while any(self._slot_alive.values()) and time.monotonic() < deadline:
+                for outcome in engine.wait(0.1):
+                    if outcome[0] == 2 and outcome[4] == 'exited':
+                        self._on_exited(outcome[1])
+            if self._loop is not None and self._reader_fd is not None and not self._loop.is_closed():
+                try:
+                    self._loop.remove_reader(self._reader_fd)
+                except (RuntimeError, ValueError):
+                    pass
+        if self._launcher is not None:
+            self._launcher.close()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(FlowError('the flow was stopped before the task finished'))
+        self._pending.clear()
+        self._deadlines.clear()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._launcher = None
+        self._engine = None
+        self._reader_fd = None
+        self._polling = False
+        self._slot_alive.clear()
+        self._slot_pids.clear()
+        self._state = FlowState.STOPPED
+        _running_flows.discard(self)

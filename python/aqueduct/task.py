@@ -1,0 +1,62 @@
+"""``BaseTask``: the unit of work, and the object results are written back into."""
+
+from __future__ import annotations
+
+import uuid
+from time import monotonic
+from typing import Any, Optional, Set
+
+DEFAULT_PRIORITY = 0
+
+
+class BaseTask:
+    """Subclass it with the fields your handlers read and write.
+
+    ``await flow.process(task)`` sends the task through the steps and writes the fields the
+    handlers set back into this same object (:meth:`update`).
+    """
+
+    task_id: str = ''
+    priority: int = DEFAULT_PRIORITY
+    expiration_time: Optional[float] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.task_id = str(uuid.uuid4())
+        self.priority = DEFAULT_PRIORITY
+        self.expiration_time = None
+
+    def __repr__(self) -> str:
+        fields = ', '.join(f'{k}={v!r}' for k, v in self.__dict__.items() if not k.startswith('_'))
+        return f'<{type(self).__name__} {fields}>'
+
+    __str__ = __repr__
+
+    def set_timeout(self, timeout_sec: float) -> None:
+        """The task expires ``timeout_sec`` seconds from now (``process`` sets it)."""
+        self.expiration_time = monotonic() + timeout_sec
+
+    def set_priority(self, priority: int) -> None:
+        """Higher is served first; must be below the flow's ``queue_priorities``."""
+        self.priority = priority
+
+    def is_expired(self) -> bool:
+        return self.expiration_time is not None and monotonic() >= self.expiration_time
+
+    def update(self, source_task: BaseTask, excluded_fields: Optional[Set[str]] = None) -> None:
+        """Copies the fields of ``source_task`` (a processed copy of this task) into this one.
+
+        The bookkeeping fields of ``BaseTask`` itself (``task_id``, ``priority``,
+        ``expiration_time``) are not copied, nor are ``excluded_fields``.
+        """
+        immutable = _BASE_FIELDS if not excluded_fields else _BASE_FIELDS | set(excluded_fields)
+        for field, value in source_task.__dict__.items():
+            if field not in immutable:
+                setattr(self, field, value)
+
+
+_BASE_FIELDS = frozenset({'task_id', 'priority', 'expiration_time', 'metrics'})
+
+
+class StopTask(BaseTask):
+    """Kept for compatibility with code that imports it; the engine stops workers itself."""

@@ -1,0 +1,272 @@
+//! `aqueduct._core.Engine`: the main process's side of a flow, driven by `aqueduct.flow.Flow`.
+//!
+//! The Python event loop watches `fileno()` and calls `poll()` when it is readable (and, while
+//! tasks are in flight, for a short spin window after each completion). Outcomes come back in
+//! bulk, as one list of plain tuples per call, so the per-task cost on the Python side is one
+//! tuple unpack:
+//! - `(0, task_id, body: bytes)`: done, body is the pickled task;
+//! - `(1, task_id, kind: str, step: int, detail)`: failed, kind one of `handler` (detail: the
+//!   pickled error), `expired`, `died` (detail: pid), `stopped`, `shm_exhausted`;
+//! - `(2, slot, step, pid, event: str, message)`: a worker became `ready`, `start_failed` or
+//!   `exited`.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aqueduct_core::hub::{Failure, HubConfig, Outcome, Payload, SlotState, StepSpec};
+use aqueduct_core::shm::Arena;
+use aqueduct_core::{Engine as CoreEngine, Nanos};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::errors::py_err;
+
+#[pyclass(frozen, module = "aqueduct._core")]
+pub struct Engine {
+    inner: Mutex<CoreEngine>,
+}
+
+impl Engine {
+    fn lock(&self) -> MutexGuard<'_, CoreEngine> {
+        // A panic while holding the lock is a bug already reported; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn payload_bytes<'py>(py: Python<'py>, arena: &Arena, body: Payload<'_>) -> PyResult<Bound<'py, PyBytes>> {
+    match body {
+        Payload::Inline(b) => Ok(PyBytes::new(py, b)),
+        Payload::Extent(ext) => {
+            let bytes = PyBytes::new_with(py, ext.len as usize, |buf| {
+                arena.read(&ext, 0, buf).map_err(|e| crate::errors::to_py(py, e))
+            });
+            let _ = arena.release(&ext);
+            bytes
+        }
+    }
+}
+
+/// Converts one outcome to its tuple and appends it.
+fn push_outcome(py: Python<'_>, arena: &Arena, out: &Bound<'_, PyList>, o: Outcome<'_>) -> PyResult<()> {
+    let item = match o {
+        Outcome::Done { task_id, body } => (0u8, task_id, payload_bytes(py, arena, body)?).into_pyobject(py)?.into_any(),
+        Outcome::Failed { task_id, failure } => {
+            let (kind, step, detail): (&str, i64, Bound<'_, PyAny>) = match failure {
+                Failure::Handler { step, body } => ("handler", step as i64, payload_bytes(py, arena, body)?.into_any()),
+                Failure::Expired { step } => ("expired", step as i64, py.None().into_bound(py)),
+                Failure::WorkerDied { step, pid } => ("died", step as i64, pid.into_pyobject(py)?.into_any()),
+                Failure::Stopped => ("stopped", -1, py.None().into_bound(py)),
+                Failure::ArenaExhausted { step } => ("shm_exhausted", step as i64, py.None().into_bound(py)),
+            };
+            (1u8, task_id, kind, step, detail).into_pyobject(py)?.into_any()
+        }
+        Outcome::WorkerReady { slot, step, pid } => (2u8, slot, step, pid, "ready", "").into_pyobject(py)?.into_any(),
+        Outcome::WorkerStartFailed { slot, step, pid, message } => {
+            (2u8, slot, step, pid, "start_failed", message).into_pyobject(py)?.into_any()
+        }
+        Outcome::WorkerExited { slot, step, pid } => (2u8, slot, step, pid, "exited", "").into_pyobject(py)?.into_any(),
+    };
+    out.append(item)
+}
+
+#[pymethods]
+impl Engine {
+    /// `steps` is a list of `(nprocs, batch_size, batch_timeout_seconds, queue_capacity)`.
+    #[new]
+    #[pyo3(signature = (steps, priorities=1, fair_every=10, ring_capacity=1<<20, arena_bytes=1<<30, inline_max=64<<10))]
+    fn new(
+        py: Python<'_>,
+        steps: Vec<(usize, usize, f64, usize)>,
+        priorities: usize,
+        fair_every: u32,
+        ring_capacity: usize,
+        arena_bytes: usize,
+        inline_max: usize,
+    ) -> PyResult<Self> {
+        let steps = steps
+            .into_iter()
+            .map(|(nprocs, batch_size, timeout, queue_capacity)| StepSpec {
+                nprocs,
+                batch_size,
+                batch_timeout: Duration::from_secs_f64(timeout.max(0.0)),
+                queue_capacity,
+            })
+            .collect();
+        let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, arena_bytes, inline_max, ..HubConfig::default() };
+        let engine = CoreEngine::new(&cfg).map_err(py_err(py))?;
+        Ok(Self { inner: Mutex::new(engine) })
+    }
+
+    /// The descriptor to watch for readability.
+    fn fileno(&self) -> i32 {
+        self.lock().fd().as_raw_fd()
+    }
+
+    fn region_fd(&self) -> i32 {
+        self.lock().region_fd().as_raw_fd()
+    }
+
+    fn doorbell_fd(&self) -> i32 {
+        self.lock().doorbell_fd().as_raw_fd()
+    }
+
+    #[getter]
+    fn slot_count(&self) -> usize {
+        self.lock().hub.slot_count()
+    }
+
+    fn slot_step(&self, slot: usize) -> usize {
+        self.lock().hub.slot_step(slot)
+    }
+
+    fn slot_state(&self, slot: usize) -> &'static str {
+        match self.lock().hub.slot_state(slot) {
+            SlotState::Vacant => "vacant",
+            SlotState::Starting => "starting",
+            SlotState::Idle => "idle",
+            SlotState::Busy => "busy",
+            SlotState::Stopping => "stopping",
+            SlotState::Dead => "dead",
+        }
+    }
+
+    fn held_by(&self, slot: usize) -> Vec<u64> {
+        self.lock().hub.held_by(slot)
+    }
+
+    fn worker_spawned(&self, py: Python<'_>, slot: usize, pid: u32) -> PyResult<()> {
+        self.lock().worker_spawned(slot, pid).map_err(py_err(py))
+    }
+
+    /// Queues a pickled task at `step`; returns its engine id. `deadline_ns` is on the
+    /// monotonic clock (`time.monotonic_ns()`), 0 for none.
+    fn submit(&self, py: Python<'_>, step: usize, priority: u8, deadline_ns: u64, body: &[u8]) -> PyResult<u64> {
+        self.lock().hub.submit(step, priority, Nanos(deadline_ns), body).map_err(py_err(py))
+    }
+
+    fn cancel(&self, task_id: u64) -> bool {
+        self.lock().hub.cancel(task_id)
+    }
+
+    /// Handles whatever is ready without blocking; returns the outcomes.
+    fn poll<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let mut engine = self.lock();
+        let arena = Arena::attach(engine.hub.region().clone(), engine.hub.layout().arena).map_err(py_err(py))?;
+        let mut err = None;
+        engine
+            .poll(&mut |o| {
+                if err.is_none() {
+                    err = push_outcome(py, &arena, &out, o).err();
+                }
+            })
+            .map_err(py_err(py))?;
+        err.map_or(Ok(out), Err)
+    }
+
+    /// Blocks (without the GIL) until something happens or `timeout` seconds pass, then
+    /// returns the outcomes. Interruptible by signals (Ctrl-C).
+    #[pyo3(signature = (timeout=None))]
+    fn wait<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyList>> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        loop {
+            let slice = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                None => Duration::from_millis(100),
+            };
+            let ready = py.detach(|| {
+                let mut engine = self.lock();
+                if engine.prepare_sleep() {
+                    engine.block(Some(slice))
+                } else {
+                    Ok(())
+                }
+            });
+            ready.map_err(py_err(py))?;
+            let out = self.poll(py)?;
+            if !out.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(out);
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Raises the doorbell flag before the caller goes idle; `False` means records arrived
+    /// meanwhile and the caller should poll instead.
+    fn prepare_sleep(&self) -> bool {
+        self.lock().prepare_sleep()
+    }
+
+    #[getter]
+    fn in_flight(&self) -> usize {
+        self.lock().hub.in_flight()
+    }
+
+    fn queue_len(&self, step: usize) -> usize {
+        self.lock().hub.queue_len(step)
+    }
+
+    fn queue_full(&self, step: usize) -> bool {
+        let e = self.lock();
+        e.hub.queue_len(step) >= e.hub.queue_capacity(step)
+    }
+
+    fn step_stats<'py>(&self, py: Python<'py>, step: usize) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.lock().hub.step_stats(step);
+        let d = PyDict::new(py);
+        d.set_item("batches", s.batches)?;
+        d.set_item("tasks", s.tasks)?;
+        d.set_item("expired", s.expired)?;
+        d.set_item("failed", s.failed)?;
+        d.set_item("worker_deaths", s.worker_deaths)?;
+        Ok(d)
+    }
+
+    /// Bytes of the shared-memory pool in use.
+    #[getter]
+    fn shm_used_bytes(&self) -> usize {
+        let e = self.lock();
+        e.hub.arena().used_pages() * e.hub.arena().page_size()
+    }
+
+    fn stop_accepting(&self) {
+        self.lock().hub.stop_accepting();
+    }
+
+    /// Asks the worker of `slot` to exit after its current batch.
+    fn send_stop(&self, py: Python<'_>, slot: usize) -> PyResult<()> {
+        self.lock().hub.send_stop(slot).map_err(py_err(py))
+    }
+
+    /// Sends a signal to the worker of `slot` (through its pidfd).
+    fn signal_worker(&self, py: Python<'_>, slot: usize, signum: i32) -> PyResult<()> {
+        let sig = rustix::process::Signal::from_named_raw(signum)
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("unknown signal {signum}")))?;
+        self.lock().reactor().signal(slot, sig).map_err(py_err(py))
+    }
+
+    /// Whether the process of `slot` is still being watched (has not been seen exiting).
+    fn worker_alive(&self, slot: usize) -> bool {
+        self.lock().reactor().watching(slot)
+    }
+
+    /// Fails every queued and held task (a non-graceful stop); returns the outcomes.
+    fn fail_all<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let mut engine = self.lock();
+        let arena = Arena::attach(engine.hub.region().clone(), engine.hub.layout().arena).map_err(py_err(py))?;
+        let mut err = None;
+        engine.hub.fail_all(&mut |o| {
+            if err.is_none() {
+                err = push_outcome(py, &arena, &out, o).err();
+            }
+        });
+        err.map_or(Ok(out), Err)
+    }
+
+    fn __repr__(&self) -> String {
+        let e = self.lock();
+        format!("<aqueduct._core.Engine steps={} workers={} in_flight={}>", e.hub.step_count(), e.hub.slot_count(), e.hub.in_flight())
+    }
+}

@@ -1,0 +1,108 @@
+//! `aqueduct._core.Worker`: a worker process's end of the transport, driven by
+//! `aqueduct._worker`.
+//!
+//! `recv()` blocks without the GIL in slices of at most 100 ms and checks for signals between
+//! slices, so a worker waiting for work still reacts to Ctrl-C and SIGTERM handlers at once
+//! while an idle worker stays asleep on its futex.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aqueduct_core::hub::Doorbell;
+use aqueduct_core::message::Status;
+use aqueduct_core::shm::fd::adopt_inherited;
+use aqueduct_core::shm::SharedRegion;
+use aqueduct_core::{Received, WorkerEndpoint};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+use crate::errors::py_err;
+
+#[pyclass(frozen, module = "aqueduct._core")]
+pub struct Worker {
+    inner: Mutex<WorkerEndpoint>,
+}
+
+impl Worker {
+    fn lock(&self) -> MutexGuard<'_, WorkerEndpoint> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[pymethods]
+impl Worker {
+    /// Attaches to `slot` of the flow whose region and doorbell descriptors this process
+    /// inherited. Takes ownership of both descriptors.
+    #[new]
+    fn new(py: Python<'_>, region_fd: i32, doorbell_fd: i32, slot: usize) -> PyResult<Self> {
+        let region = Arc::new(SharedRegion::attach(adopt_inherited(region_fd).map_err(py_err(py))?).map_err(py_err(py))?);
+        let doorbell = Doorbell::from_fd(adopt_inherited(doorbell_fd).map_err(py_err(py))?);
+        let endpoint = WorkerEndpoint::attach(region, slot, doorbell).map_err(py_err(py))?;
+        Ok(Self { inner: Mutex::new(endpoint) })
+    }
+
+    fn ready(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock().ready().map_err(py_err(py))
+    }
+
+    fn start_failed(&self, py: Python<'_>, message: &str) -> PyResult<()> {
+        self.lock().start_failed(message).map_err(py_err(py))
+    }
+
+    /// Waits for the next batch. Returns a list of `(deadline_ns, priority, body)`, or `None`
+    /// when the flow asked this worker to stop, or `[]` when `timeout` seconds passed.
+    #[pyo3(signature = (timeout=None))]
+    fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyList>>> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        loop {
+            let slice = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                None => Duration::from_millis(100),
+            };
+            let got = py.detach(|| self.lock().recv(Some(slice))).map_err(py_err(py))?;
+            match got {
+                Received::Stop => return Ok(None),
+                Received::Batch(n) => {
+                    let w = self.lock();
+                    let out = PyList::empty(py);
+                    for (i, t) in w.tasks().iter().enumerate().take(n) {
+                        let body = PyBytes::new_with(py, t.body.len, |buf| {
+                            w.region().read(t.body.offset, buf).map_err(|e| crate::errors::to_py(py, e))
+                        })?;
+                        debug_assert!(i < n);
+                        out.append((t.header.deadline.0, t.header.priority, body))?;
+                    }
+                    return Ok(Some(out));
+                }
+                Received::Timeout => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(Some(PyList::empty(py)));
+                    }
+                    py.check_signals()?;
+                }
+            }
+        }
+    }
+
+    /// Answers for task `index` of the current batch. `status` is 0 (ok), 1 (handler error) or
+    /// 2 (expired); `route` is the next step or 65535 for "back to the caller".
+    fn send_result(&self, py: Python<'_>, index: usize, status: u8, route: u16, body: &[u8]) -> PyResult<()> {
+        let status = match status {
+            0 => Status::Ok,
+            1 => Status::Error,
+            2 => Status::Expired,
+            other => return Err(PyValueError::new_err(format!("unknown status {other}"))),
+        };
+        let mut w = self.lock();
+        if index >= w.tasks().len() {
+            return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
+        }
+        w.send_result(index, status, route, body).map_err(py_err(py))
+    }
+
+    /// Ends the current batch and reports this worker idle.
+    fn finish_batch(&self, py: Python<'_>) -> PyResult<()> {
+        self.lock().finish_batch().map_err(py_err(py))
+    }
+}
