@@ -10,7 +10,7 @@
 //! - `(2, slot, step, pid, event: str, message)`: a worker became `ready`, `start_failed` or
 //!   `exited`.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,13 +24,36 @@ use crate::errors::py_err;
 
 #[pyclass(frozen, module = "aqueduct._core")]
 pub struct Engine {
-    inner: Mutex<CoreEngine>,
+    /// `None` once closed: `close()` releases the shared memory and every descriptor at a
+    /// known moment, whatever Python references to this object remain (tracebacks keep frames,
+    /// and frames keep their locals, alive until the garbage collector runs).
+    inner: Mutex<Option<CoreEngine>>,
+}
+
+/// A locked, open engine.
+struct Open<'a>(MutexGuard<'a, Option<CoreEngine>>);
+
+impl std::ops::Deref for Open<'_> {
+    type Target = CoreEngine;
+    fn deref(&self) -> &CoreEngine {
+        self.0.as_ref().expect("checked open")
+    }
+}
+
+impl std::ops::DerefMut for Open<'_> {
+    fn deref_mut(&mut self) -> &mut CoreEngine {
+        self.0.as_mut().expect("checked open")
+    }
 }
 
 impl Engine {
-    fn lock(&self) -> MutexGuard<'_, CoreEngine> {
+    fn lock(&self) -> PyResult<Open<'_>> {
         // A panic while holding the lock is a bug already reported; keep serving.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(Python::attach(|py| crate::errors::to_py(py, aqueduct_core::EngineError::Stopped)));
+        }
+        Ok(Open(guard))
     }
 }
 
@@ -95,64 +118,64 @@ impl Engine {
             .collect();
         let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, arena_bytes, inline_max, ..HubConfig::default() };
         let engine = CoreEngine::new(&cfg).map_err(py_err(py))?;
-        Ok(Self { inner: Mutex::new(engine) })
+        Ok(Self { inner: Mutex::new(Some(engine)) })
     }
 
     /// The descriptor to watch for readability.
-    fn fileno(&self) -> i32 {
-        self.lock().fd().as_raw_fd()
+    fn fileno(&self) -> PyResult<i32> {
+        Ok(self.lock()?.fd().as_raw_fd())
     }
 
-    fn region_fd(&self) -> i32 {
-        self.lock().region_fd().as_raw_fd()
+    fn region_fd(&self) -> PyResult<i32> {
+        Ok(self.lock()?.region_fd().as_raw_fd())
     }
 
-    fn doorbell_fd(&self) -> i32 {
-        self.lock().doorbell_fd().as_raw_fd()
+    fn doorbell_fd(&self) -> PyResult<i32> {
+        Ok(self.lock()?.doorbell_fd().as_raw_fd())
     }
 
     #[getter]
-    fn slot_count(&self) -> usize {
-        self.lock().hub.slot_count()
+    fn slot_count(&self) -> PyResult<usize> {
+        Ok(self.lock()?.hub.slot_count())
     }
 
-    fn slot_step(&self, slot: usize) -> usize {
-        self.lock().hub.slot_step(slot)
+    fn slot_step(&self, slot: usize) -> PyResult<usize> {
+        Ok(self.lock()?.hub.slot_step(slot))
     }
 
-    fn slot_state(&self, slot: usize) -> &'static str {
-        match self.lock().hub.slot_state(slot) {
+    fn slot_state(&self, slot: usize) -> PyResult<&'static str> {
+        Ok(match self.lock()?.hub.slot_state(slot) {
             SlotState::Vacant => "vacant",
             SlotState::Starting => "starting",
             SlotState::Idle => "idle",
             SlotState::Busy => "busy",
             SlotState::Stopping => "stopping",
             SlotState::Dead => "dead",
-        }
+        })
     }
 
-    fn held_by(&self, slot: usize) -> Vec<u64> {
-        self.lock().hub.held_by(slot)
+    fn held_by(&self, slot: usize) -> PyResult<Vec<u64>> {
+        Ok(self.lock()?.hub.held_by(slot))
     }
 
     fn worker_spawned(&self, py: Python<'_>, slot: usize, pid: u32) -> PyResult<()> {
-        self.lock().worker_spawned(slot, pid).map_err(py_err(py))
+        self.lock()?.worker_spawned(slot, pid).map_err(py_err(py))
     }
 
     /// Queues a pickled task at `step`; returns its engine id. `deadline_ns` is on the
     /// monotonic clock (`time.monotonic_ns()`), 0 for none.
     fn submit(&self, py: Python<'_>, step: usize, priority: u8, deadline_ns: u64, body: &[u8]) -> PyResult<u64> {
-        self.lock().hub.submit(step, priority, Nanos(deadline_ns), body).map_err(py_err(py))
+        self.lock()?.hub.submit(step, priority, Nanos(deadline_ns), body).map_err(py_err(py))
     }
 
-    fn cancel(&self, task_id: u64) -> bool {
-        self.lock().hub.cancel(task_id)
+    fn cancel(&self, task_id: u64) -> PyResult<bool> {
+        Ok(self.lock()?.hub.cancel(task_id))
     }
 
     /// Handles whatever is ready without blocking; returns the outcomes.
     fn poll<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
-        let mut engine = self.lock();
+        let mut engine = self.lock()?;
         let arena = Arena::attach(engine.hub.region().clone(), engine.hub.layout().arena).map_err(py_err(py))?;
         let mut err = None;
         engine
@@ -175,15 +198,18 @@ impl Engine {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
                 None => Duration::from_millis(100),
             };
-            let ready = py.detach(|| {
-                let mut engine = self.lock();
+            // Wait on a duplicate of the epoll descriptor without holding the engine's lock.
+            let epoll = {
+                let mut engine = self.lock()?;
                 if engine.prepare_sleep() {
-                    engine.block(Some(slice))
+                    Some(engine.fd().try_clone_to_owned().map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?)
                 } else {
-                    Ok(())
+                    None
                 }
-            });
-            ready.map_err(py_err(py))?;
+            };
+            if let Some(fd) = epoll {
+                py.detach(|| aqueduct_core::reactor::block_on(fd.as_fd(), Some(slice))).map_err(py_err(py))?;
+            }
             let out = self.poll(py)?;
             if !out.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(out);
@@ -194,26 +220,21 @@ impl Engine {
 
     /// Raises the doorbell flag before the caller goes idle; `False` means records arrived
     /// meanwhile and the caller should poll instead.
-    fn prepare_sleep(&self) -> bool {
-        self.lock().prepare_sleep()
+    fn prepare_sleep(&self) -> PyResult<bool> {
+        Ok(self.lock()?.prepare_sleep())
     }
 
     #[getter]
-    fn in_flight(&self) -> usize {
-        self.lock().hub.in_flight()
+    fn in_flight(&self) -> PyResult<usize> {
+        Ok(self.lock()?.hub.in_flight())
     }
 
-    fn queue_len(&self, step: usize) -> usize {
-        self.lock().hub.queue_len(step)
-    }
-
-    fn queue_full(&self, step: usize) -> bool {
-        let e = self.lock();
-        e.hub.queue_len(step) >= e.hub.queue_capacity(step)
+    fn queue_len(&self, step: usize) -> PyResult<usize> {
+        Ok(self.lock()?.hub.queue_len(step))
     }
 
     fn step_stats<'py>(&self, py: Python<'py>, step: usize) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.lock().hub.step_stats(step);
+        let s = self.lock()?.hub.step_stats(step);
         let d = PyDict::new(py);
         d.set_item("batches", s.batches)?;
         d.set_item("tasks", s.tasks)?;
@@ -225,36 +246,37 @@ impl Engine {
 
     /// Bytes of the shared-memory pool in use.
     #[getter]
-    fn shm_used_bytes(&self) -> usize {
-        let e = self.lock();
-        e.hub.arena().used_pages() * e.hub.arena().page_size()
+    fn shm_used_bytes(&self) -> PyResult<usize> {
+        let e = self.lock()?;
+        Ok(e.hub.arena().used_pages() * e.hub.arena().page_size())
     }
 
-    fn stop_accepting(&self) {
-        self.lock().hub.stop_accepting();
+    fn stop_accepting(&self) -> PyResult<()> {
+        self.lock()?.hub.stop_accepting();
+        Ok(())
     }
 
     /// Asks the worker of `slot` to exit after its current batch.
     fn send_stop(&self, py: Python<'_>, slot: usize) -> PyResult<()> {
-        self.lock().hub.send_stop(slot).map_err(py_err(py))
+        self.lock()?.hub.send_stop(slot).map_err(py_err(py))
     }
 
     /// Sends a signal to the worker of `slot` (through its pidfd).
     fn signal_worker(&self, py: Python<'_>, slot: usize, signum: i32) -> PyResult<()> {
         let sig = rustix::process::Signal::from_named_raw(signum)
             .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("unknown signal {signum}")))?;
-        self.lock().reactor().signal(slot, sig).map_err(py_err(py))
+        self.lock()?.reactor().signal(slot, sig).map_err(py_err(py))
     }
 
     /// Whether the process of `slot` is still being watched (has not been seen exiting).
-    fn worker_alive(&self, slot: usize) -> bool {
-        self.lock().reactor().watching(slot)
+    fn worker_alive(&self, slot: usize) -> PyResult<bool> {
+        Ok(self.lock()?.reactor().watching(slot))
     }
 
     /// Fails every queued and held task (a non-graceful stop); returns the outcomes.
     fn fail_all<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
-        let mut engine = self.lock();
+        let mut engine = self.lock()?;
         let arena = Arena::attach(engine.hub.region().clone(), engine.hub.layout().arena).map_err(py_err(py))?;
         let mut err = None;
         engine.hub.fail_all(&mut |o| {
@@ -265,8 +287,27 @@ impl Engine {
         err.map_or(Ok(out), Err)
     }
 
+    /// Releases the shared memory and every descriptor now. Idempotent; any later call raises
+    /// `NotRunningError`.
+    fn close(&self) {
+        let engine = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(engine);
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
     fn __repr__(&self) -> String {
-        let e = self.lock();
-        format!("<aqueduct._core.Engine steps={} workers={} in_flight={}>", e.hub.step_count(), e.hub.slot_count(), e.hub.in_flight())
+        match &*self.inner.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => format!(
+                "<aqueduct._core.Engine steps={} workers={} in_flight={}>",
+                e.hub.step_count(),
+                e.hub.slot_count(),
+                e.hub.in_flight()
+            ),
+            None => "<aqueduct._core.Engine closed>".into(),
+        }
     }
 }

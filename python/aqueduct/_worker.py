@@ -87,7 +87,7 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
                 for i in indices:
                     send(i, STATUS_ERROR, ROUTE_DONE, payload)
             else:
-                for i, task in zip(indices, tasks):
+                for i, task in zip(indices, tasks, strict=True):
                     try:
                         route = _route(task, routes)
                         body = dumps(task, 5)

@@ -132,7 +132,8 @@ def _dual_class(base: type) -> type:
     cls = _dual_classes.get(base)
     if cls is None:
         try:
-            cls = type(base.__name__, (HandlerError, base), {'__module__': base.__module__, '__str__': HandlerError.__str__})
+            namespace = {'__module__': base.__module__, '__str__': HandlerError.__str__}
+            cls = type(base.__name__, (HandlerError, base), namespace)
         except TypeError:
             cls = HandlerError
         _dual_classes[base] = cls

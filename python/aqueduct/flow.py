@@ -30,7 +30,7 @@ import time
 import warnings
 import weakref
 from enum import Enum
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 from . import _core
 from ._launch import Launcher, make_launcher
@@ -98,7 +98,7 @@ class FlowState(Enum):
     STEPS_INITIALIZED = 'steps_initialized'
 
 
-_running_flows: 'weakref.WeakSet[Flow]' = weakref.WeakSet()
+_running_flows: weakref.WeakSet[Flow] = weakref.WeakSet()
 
 
 @atexit.register
@@ -122,7 +122,7 @@ class Flow:
         metrics_enabled: bool = True,
         metrics_collector=None,
         metrics_exporter=None,
-        queue_size: Optional[int] = None,
+        queue_size: int | None = None,
         queue_priorities: int = 1,
         mp_start_method: str = 'fork',
     ):
@@ -144,16 +144,16 @@ class Flow:
         self._metrics_enabled = metrics_enabled
         self._metrics_exporter = metrics_exporter
         self._state = FlowState.STOPPED
-        self._engine: Optional[_core.Engine] = None
-        self._launcher: Optional[Launcher] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._reader_fd: Optional[int] = None
+        self._engine: _core.Engine | None = None
+        self._launcher: Launcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader_fd: int | None = None
         self._step_names = [s.handler.get_step_name(i) for i, s in enumerate(self._steps, 1)]
         self._handler_names = [type(s.handler).__name__ for s in self._steps]
         # Engine task id -> future, and the deadline heap that times them out.
         self._pending: Dict[int, asyncio.Future] = {}
         self._deadlines: List[Tuple[float, int]] = []
-        self._deadline_timer: Optional[asyncio.TimerHandle] = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._space_waiters: List[asyncio.Future] = []
         self._idle_waiters: List[asyncio.Future] = []
         self._polling = False
@@ -178,7 +178,7 @@ class Flow:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, timeout: Optional[float] = None) -> None:
+    def start(self, timeout: float | None = None) -> None:
         """Starts every worker and blocks until each one's ``on_start`` has finished.
 
         Raises ``TimeoutError`` if that takes longer than ``timeout`` seconds, and
@@ -200,7 +200,7 @@ class Flow:
         self._engine.prepare_sleep()
         log.info('Flow was started')
 
-    def _start_workers(self, timeout: Optional[float]) -> None:
+    def _start_workers(self, timeout: float | None) -> None:
         specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
         self._engine = engine = _core.Engine(specs, priorities=self._queue_priorities)
         plans = []
@@ -294,7 +294,7 @@ class Flow:
         task.update(pickle.loads(result))
         return True
 
-    def _entry_step(self, task: BaseTask) -> Optional[int]:
+    def _entry_step(self, task: BaseTask) -> int | None:
         for i, step in enumerate(self._steps):
             if step.handle_condition(task):
                 return i
@@ -309,7 +309,7 @@ class Flow:
         self._space_waiters.append(waiter)
         try:
             await asyncio.wait_for(waiter, remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TaskTimeoutError('Task timeout error: the queue stayed full until the task expired') from None
         finally:
             if waiter in self._space_waiters:
@@ -501,7 +501,7 @@ class Flow:
                 self._start_polling()
             try:
                 await asyncio.wait_for(exited, 5.0 if graceful else 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning('workers did not exit in time; killing them')
         self._exit_waiters.remove(exited)
         self._teardown(kill=True)
@@ -539,6 +539,8 @@ class Flow:
             self._deadline_timer.cancel()
             self._deadline_timer = None
         self._launcher = None
+        if engine is not None:
+            engine.close()  # shared memory and descriptors go now, not when the GC gets to it
         self._engine = None
         self._reader_fd = None
         self._polling = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from time import monotonic
-from typing import Any, Optional, Set
+from typing import Any, Set
 
 DEFAULT_PRIORITY = 0
 
@@ -18,7 +18,7 @@ class BaseTask:
 
     task_id: str = ''
     priority: int = DEFAULT_PRIORITY
-    expiration_time: Optional[float] = None
+    expiration_time: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -43,7 +43,7 @@ class BaseTask:
     def is_expired(self) -> bool:
         return self.expiration_time is not None and monotonic() >= self.expiration_time
 
-    def update(self, source_task: BaseTask, excluded_fields: Optional[Set[str]] = None) -> None:
+    def update(self, source_task: BaseTask, excluded_fields: Set[str] | None = None) -> None:
         """Copies the fields of ``source_task`` (a processed copy of this task) into this one.
 
         The bookkeeping fields of ``BaseTask`` itself (``task_id``, ``priority``,

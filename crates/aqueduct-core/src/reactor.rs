@@ -130,12 +130,7 @@ impl Reactor {
 
     /// Waits until something is ready, leaving it pending (epoll is level-triggered).
     pub fn block(&self, timeout: Option<Duration>) -> Result<()> {
-        let ts = timeout.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as _ });
-        let mut events: [std::mem::MaybeUninit<epoll::Event>; 1] = [std::mem::MaybeUninit::uninit()];
-        match epoll::wait(&self.epoll, &mut events, ts.as_ref()) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
-            Err(e) => Err(EngineError::Os("epoll_wait", e.into())),
-        }
+        block_on(self.epoll.as_fd(), timeout)
     }
 
     /// Whether the process of `slot` is being watched (alive as far as the reactor knows).
@@ -149,5 +144,16 @@ impl Reactor {
             rustix::process::pidfd_send_signal(fd, sig).map_err(EngineError::os("pidfd_send_signal"))?;
         }
         Ok(())
+    }
+}
+
+/// Waits until the reactor descriptor `epoll` (or a duplicate of it) is readable or `timeout`
+/// passes, consuming nothing. Lets an owner wait without holding the lock around the engine.
+pub fn block_on(epoll: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<()> {
+    let ts = timeout.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as _ });
+    let mut events: [std::mem::MaybeUninit<epoll::Event>; 1] = [std::mem::MaybeUninit::uninit()];
+    match epoll::wait(epoll, &mut events, ts.as_ref()) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(EngineError::Os("epoll_wait", e.into())),
     }
 }

@@ -1,0 +1,83 @@
+"""Fixtures: a flow factory that always stops its flows and checks nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+from aqueduct import Flow
+
+
+def _is_multiprocessing_helper(proc: psutil.Process) -> bool:
+    """multiprocessing's own long-lived helpers (the resource tracker, the fork server) are
+    started by ``spawn``/``forkserver`` and outlive any flow by design."""
+    try:
+        cmdline = ' '.join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return 'resource_tracker' in cmdline or 'forkserver' in cmdline
+
+
+def children() -> list:
+    """Live descendant processes, except multiprocessing's helpers."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and not _is_multiprocessing_helper(proc):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.fixture(params=['fork', 'spawn'])
+def start_method(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def make_flow(start_method):
+    """``make_flow(*steps, **kwargs)`` builds and starts a flow with the test's start method;
+    at teardown every flow is stopped and no worker process may remain."""
+    flows: list[Flow] = []
+
+    def make(*steps, start: bool = True, timeout: float | None = 30, **kwargs) -> Flow:
+        kwargs.setdefault('mp_start_method', start_method)
+        flow = Flow(*steps, **kwargs)
+        flows.append(flow)
+        if start:
+            flow.start(timeout=timeout)
+        return flow
+
+    yield make
+    for flow in flows:
+        await flow.stop(graceful=False)
+    assert children() == [], 'worker processes left behind'
+
+
+@pytest.fixture(scope='session', autouse=True)
+def multiprocessing_helpers():
+    """Start multiprocessing's long-lived helpers once, up front, so that the descriptors they
+    keep open for the life of the process are not mistaken for leaks of the first test that
+    happens to start them."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    forkserver.ensure_running()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_fds():
+    """Every test must give back the descriptors it opened (memfd, eventfd, epoll, pidfds)."""
+    before = set(os.listdir('/proc/self/fd'))
+    yield
+    after = set(os.listdir('/proc/self/fd'))
+    leaked = sorted(int(fd) for fd in after - before)
+    details = []
+    for fd in leaked:
+        try:
+            details.append(f'{fd} -> {os.readlink(f"/proc/self/fd/{fd}")}')
+        except OSError:
+            pass
+    assert not details, f'file descriptors leaked: {details}'

@@ -1,0 +1,110 @@
+"""Tasks and handlers shared by the tests. Module level, so ``spawn`` workers can import them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from aqueduct import BaseTask, BaseTaskHandler
+
+
+class Task(BaseTask):
+    def __init__(self, x: int = 0, **fields):
+        super().__init__()
+        self.x = x
+        self.result: int | None = None
+        self.__dict__.update(fields)
+
+
+class Add(BaseTaskHandler):
+    """result = x + amount; records the worker pid and the batch size it saw."""
+
+    def __init__(self, amount: int = 1):
+        self.amount = amount
+
+    def handle(self, *tasks: Task) -> None:
+        for t in tasks:
+            t.result = t.x + self.amount
+            t.pid = os.getpid()
+            t.batch = len(tasks)
+
+
+class Double(BaseTaskHandler):
+    def handle(self, *tasks: Task) -> None:
+        for t in tasks:
+            t.result = (t.result if t.result is not None else t.x) * 2
+            t.doubled_by = os.getpid()
+
+
+class Mark(BaseTaskHandler):
+    """Appends its name to ``task.path``: shows which steps a task went through."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def handle(self, *tasks: Task) -> None:
+        for t in tasks:
+            t.path = getattr(t, 'path', ()) + (self.name,)
+
+
+class SlowStart(BaseTaskHandler):
+    """``on_start`` takes ``delay`` seconds and leaves a mark the tasks can read."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.loaded = None
+
+    def on_start(self) -> None:
+        time.sleep(self.delay)
+        self.loaded = ('model', os.getpid())
+
+    def handle(self, *tasks: Task) -> None:
+        for t in tasks:
+            t.result = self.loaded
+
+
+class FailingStart(BaseTaskHandler):
+    def on_start(self) -> None:
+        raise RuntimeError('model file not found')
+
+    def handle(self, *tasks: Task) -> None:  # pragma: no cover - never reached
+        pass
+
+
+class Sleep(BaseTaskHandler):
+    """Sleeps ``task.sleep`` seconds (default ``delay``) per batch; records what it saw."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.seen: list = []
+
+    def handle(self, *tasks: Task) -> None:
+        time.sleep(max(getattr(t, 'sleep', self.delay) for t in tasks))
+        self.seen.extend(t.x for t in tasks)
+        for t in tasks:
+            t.result = t.x
+            t.batch = len(tasks)
+            t.pid = os.getpid()
+            t.seen_so_far = list(self.seen)
+
+
+class Raise(BaseTaskHandler):
+    """Raises ``ValueError`` for tasks with ``x < 0``."""
+
+    def handle(self, *tasks: Task) -> None:
+        for t in tasks:
+            if t.x < 0:
+                raise ValueError(f'negative input {t.x}')
+            t.result = t.x
+
+
+def is_even(task: Task) -> bool:
+    return task.x % 2 == 0
+
+
+def is_odd(task: Task) -> bool:
+    return task.x % 2 == 1
+
+
+def never(task: Task) -> bool:
+    return False

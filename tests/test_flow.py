@@ -1,0 +1,327 @@
+"""The public API of aqueduct on the Rust engine, under ``fork`` and ``spawn``."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import pickle
+
+import pytest
+from aqueduct import BaseTask, BaseTaskHandler, Flow, FlowState, FlowStep
+from aqueduct.exceptions import (
+    FlowError,
+    HandlerError,
+    MPStartMethodValueError,
+    NotRunningError,
+    TaskTimeoutError,
+    WorkerStartError,
+)
+
+from .conftest import children
+from .handlers import Add, Double, FailingStart, Mark, Raise, Sleep, SlowStart, Task, is_even, is_odd, never
+
+
+async def test_a_task_goes_through_every_step_and_results_land_in_the_callers_task(make_flow):
+    flow = make_flow(FlowStep(Add(10)), Double())  # a bare handler is a step too
+    task = Task(1)
+    assert await flow.process(task) is True
+    assert task.result == 22
+    assert task.pid != task.doubled_by, 'each step runs in its own process'
+
+
+async def test_state_and_is_running(make_flow):
+    flow = make_flow(Add(), start=False)
+    assert flow.state is FlowState.STOPPED and not flow.is_running
+    flow.start(timeout=30)
+    assert flow.state is FlowState.RUNNING and flow.is_running
+    await flow.stop()
+    assert flow.state is FlowState.STOPPED and not flow.is_running
+
+
+async def test_process_on_a_flow_that_is_not_running_raises(make_flow):
+    flow = make_flow(Add(), start=False)
+    with pytest.raises(NotRunningError):
+        await flow.process(Task(1))
+    flow.start(timeout=30)
+    await flow.stop()
+    with pytest.raises(NotRunningError):
+        await flow.process(Task(1))
+
+
+async def test_start_returns_after_every_on_start_finished(make_flow):
+    flow = make_flow(FlowStep(SlowStart(0.3), nprocs=2))
+    tasks = [Task(i) for i in range(6)]
+    await asyncio.gather(*(flow.process(t) for t in tasks))
+    assert all(t.result is not None and t.result[0] == 'model' for t in tasks)
+
+
+async def test_start_timeout_raises_and_leaves_no_process(make_flow):
+    flow = make_flow(FlowStep(SlowStart(30)), start=False)
+    with pytest.raises(TimeoutError):
+        flow.start(timeout=0.5)
+    assert flow.state is FlowState.STOPPED
+    assert children() == []
+
+
+async def test_on_start_failure_fails_start_with_the_cause_and_leaves_no_process(make_flow):
+    flow = make_flow(Add(), FailingStart(), start=False)
+    with pytest.raises(WorkerStartError, match='model file not found'):
+        flow.start(timeout=30)
+    assert children() == []
+    assert flow.state is FlowState.STOPPED
+
+
+async def test_timeout_raises_a_flow_error_that_mentions_it(make_flow):
+    flow = make_flow(Sleep(2.0))
+    with pytest.raises(FlowError, match='[Tt]imeout') as info:
+        await flow.process(Task(1), timeout_sec=0.2)
+    assert isinstance(info.value, TaskTimeoutError)
+
+
+async def test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped(make_flow):
+    flow = make_flow(Sleep(0.3))
+    busy = asyncio.ensure_future(flow.process(Task(1)))
+    await asyncio.sleep(0.05)  # let the first task reach the worker
+    doomed = asyncio.ensure_future(flow.process(Task(2)))
+    await asyncio.sleep(0.05)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    await busy
+    probe = Task(3, sleep=0.0)
+    await flow.process(probe)
+    assert probe.seen_so_far == [1, 3], 'the cancelled task never reached the handler'
+
+
+async def test_graceful_stop_finishes_tasks_in_flight(make_flow):
+    flow = make_flow(FlowStep(Sleep(0.2), nprocs=2))
+    calls = [asyncio.ensure_future(flow.process(Task(i))) for i in range(4)]
+    await asyncio.sleep(0.05)
+    await flow.stop(graceful=True)
+    results = await asyncio.gather(*calls)
+    assert results == [True] * 4
+    assert children() == []
+
+
+async def test_non_graceful_stop_fails_every_pending_call(make_flow):
+    flow = make_flow(Sleep(5.0))
+    calls = [asyncio.ensure_future(flow.process(Task(i), timeout_sec=30)) for i in range(3)]
+    await asyncio.sleep(0.1)
+    await flow.stop(graceful=False)
+    for call in calls:
+        with pytest.raises(FlowError):
+            await call
+    assert children() == []
+
+
+async def test_stop_twice_is_harmless(make_flow):
+    flow = make_flow(Add())
+    await flow.stop()
+    await flow.stop()
+    assert flow.state is FlowState.STOPPED
+
+
+async def test_handle_condition_routes_tasks_past_steps(make_flow):
+    flow = make_flow(
+        FlowStep(Mark('a'), handle_condition=is_even),
+        FlowStep(Mark('b'), handle_condition=is_odd),
+        FlowStep(Mark('c')),
+        FlowStep(Mark('never'), handle_condition=never),
+    )
+    even, odd = Task(2), Task(3)
+    await asyncio.gather(flow.process(even), flow.process(odd))
+    assert even.path == ('a', 'c')
+    assert odd.path == ('b', 'c')
+
+
+async def test_a_task_no_step_accepts_comes_back_unchanged(make_flow):
+    flow = make_flow(FlowStep(Mark('a'), handle_condition=never))
+    task = Task(1)
+    assert await flow.process(task) is True
+    assert not hasattr(task, 'path')
+
+
+async def test_nprocs_runs_a_step_in_several_processes(make_flow):
+    flow = make_flow(FlowStep(Sleep(0.05), nprocs=3))
+    tasks = [Task(i) for i in range(12)]
+    await asyncio.gather(*(flow.process(t) for t in tasks))
+    assert len({t.pid for t in tasks}) == 3
+
+
+async def test_batch_size_is_an_upper_bound_and_timeout_zero_takes_what_is_queued(make_flow):
+    flow = make_flow(FlowStep(Sleep(0.1), batch_size=4))
+    tasks = [Task(i) for i in range(9)]
+    await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks))
+    sizes = [t.batch for t in tasks]
+    assert max(sizes) <= 4
+    assert sizes[0] == 1, 'the first task found an idle worker and went alone, without waiting'
+    assert 4 in sizes, 'the backlog went as full batches'
+
+
+async def test_batch_timeout_fills_a_batch_from_the_first_task(make_flow):
+    flow = make_flow(FlowStep(Sleep(0.0), batch_size=8, batch_timeout=0.3))
+    first = asyncio.ensure_future(flow.process(Task(0)))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(flow.process(Task(i))) for i in range(1, 3)]
+    await asyncio.gather(first, *rest)
+    # Three tasks arrived within the timeout of the first: one batch, not full.
+    full = [Task(i) for i in range(8)]
+    await asyncio.gather(*(flow.process(t) for t in full))
+    assert {t.batch for t in full} == {8}, 'a full batch leaves without waiting for the timeout'
+
+
+async def test_with_several_processes_one_batch_is_filled_by_one_process(make_flow):
+    flow = make_flow(FlowStep(Sleep(0.0), nprocs=2, batch_size=5, batch_timeout=0.5))
+    tasks = [Task(i) for i in range(5)]
+    await asyncio.gather(*(flow.process(t) for t in tasks))
+    assert {t.batch for t in tasks} == {5}
+    assert len({t.pid for t in tasks}) == 1
+
+
+async def test_higher_priority_is_served_first(make_flow):
+    flow = make_flow(FlowStep(Sleep(0.0)), queue_priorities=3)
+    blocker = Task(0, sleep=0.3)
+    running = asyncio.ensure_future(flow.process(blocker))
+    await asyncio.sleep(0.1)
+    low, high = Task(1), Task(2)
+    low.set_priority(0)
+    high.set_priority(2)
+    calls = [asyncio.ensure_future(flow.process(low)), asyncio.ensure_future(flow.process(high))]
+    await asyncio.gather(running, *calls)
+    assert low.seen_so_far.index(2) < low.seen_so_far.index(1), 'high went before low'
+
+
+async def test_priority_out_of_range_is_a_clear_error(make_flow):
+    flow = make_flow(Add(), queue_priorities=2)
+    task = Task(1)
+    task.set_priority(2)
+    with pytest.raises(ValueError, match='priority'):
+        await flow.process(task)
+
+
+async def test_thousands_of_concurrent_calls_with_a_small_queue(make_flow):
+    flow = make_flow(FlowStep(Add(), batch_size=4), Double(), queue_size=8)
+    tasks = [Task(i) for i in range(3000)]
+    await asyncio.gather(*(flow.process(t, timeout_sec=60) for t in tasks))
+    assert [t.result for t in tasks] == [(i + 1) * 2 for i in range(3000)]
+
+
+async def test_a_handler_error_is_both_a_flow_error_and_the_handlers_type(make_flow):
+    flow = make_flow(Raise())
+    with pytest.raises(ValueError, match='negative input -1') as info:
+        await flow.process(Task(-1))
+    err = info.value
+    assert isinstance(err, FlowError) and isinstance(err, HandlerError)
+    assert isinstance(err.__cause__, ValueError)
+    assert 'Traceback' in str(err) and 'raise ValueError' in str(err)
+    ok = Task(5)
+    await flow.process(ok)
+    assert ok.result == 5, 'the flow keeps serving'
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match='nprocs'):
+        FlowStep(Add(), nprocs=0)
+    with pytest.raises(ValueError, match='batch_size'):
+        FlowStep(Add(), batch_size=0)
+    with pytest.raises(ValueError, match='batch_timeout'):
+        FlowStep(Add(), batch_timeout=-1)
+    with pytest.raises(TypeError, match='BaseTaskHandler'):
+        FlowStep(object())
+    with pytest.raises(MPStartMethodValueError, match='mp_start_method'):
+        Flow(Add(), mp_start_method='thread')
+    with pytest.raises(ValueError, match='queue_priorities'):
+        Flow(Add(), queue_priorities=0)
+    with pytest.raises(ValueError, match='queue_size'):
+        Flow(Add(), queue_size=0)
+
+
+class LocalHandler(BaseTaskHandler):
+    def handle(self, *tasks):
+        pass
+
+
+async def test_spawn_with_an_unpicklable_handler_fails_start_clearly():
+    handler = LocalHandler()
+    handler.lock = __import__('threading').Lock()  # locks cannot be pickled
+    flow = Flow(handler, mp_start_method='spawn')
+    with pytest.raises(FlowError, match='cannot be pickled'):
+        flow.start(timeout=30)
+    assert children() == []
+
+
+async def test_forkserver_works(make_flow):
+    flow = make_flow(Add(5), mp_start_method='forkserver')
+    task = Task(1)
+    await flow.process(task)
+    assert task.result == 6
+
+
+def test_base_task_api():
+    t = Task(3)
+    assert isinstance(t.task_id, str) and len(t.task_id) == 36
+    assert t.task_id != Task(3).task_id
+    assert t.priority == 0
+    t.set_priority(2)
+    assert t.priority == 2
+    assert not t.is_expired()
+    t.set_timeout(-1)
+    assert t.is_expired()
+    other = Task(9)
+    other.result = 81
+    other.extra = 'x'
+    t.update(other)
+    assert (t.x, t.result, t.extra) == (9, 81, 'x')
+    assert t.task_id != other.task_id and t.priority == 2, 'bookkeeping fields are not copied'
+    t.update(Task(1, result=5), excluded_fields={'result'})
+    assert t.result == 81
+    assert repr(t).startswith('<Task ') and 'result=81' in repr(t)
+    assert pickle.loads(pickle.dumps(t)).__dict__ == t.__dict__
+
+
+def test_step_names():
+    assert Add.get_step_name(1) == 'step1_Add'
+    assert BaseTaskHandler.get_step_name(3) == 'step3_BaseTaskHandler'
+
+
+def test_logger_can_be_replaced():
+    import logging
+
+    from aqueduct.logger import log, replace_logger
+
+    mine = logging.getLogger('my.app')
+    replace_logger(mine)
+    assert log.name == 'my.app' and log.handlers is mine.handlers
+
+
+def test_default_handle_condition_is_truth():
+    assert FlowStep(Add()).handle_condition is operator.truth
+
+
+async def test_a_flow_survives_a_change_of_event_loop(start_method):
+    flow = Flow(Add(), mp_start_method=start_method)
+    flow.start(timeout=30)
+    try:
+        task = Task(1)
+
+        def in_new_loop():
+            return asyncio.run(flow.process(task))
+
+        assert await asyncio.get_running_loop().run_in_executor(None, in_new_loop) is True
+        again = Task(2)
+        await flow.process(again)
+        assert (task.result, again.result) == (2, 3)
+    finally:
+        await flow.stop()
+    assert children() == []
+
+
+def test_seed_example_task_class_shape():
+    class MyTask(BaseTask):
+        def __init__(self, number: int):
+            super().__init__()
+            self.number = number
+            self.result = None
+
+    t = MyTask(4)
+    assert t.number == 4 and t.result is None
