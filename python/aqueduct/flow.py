@@ -29,8 +29,9 @@ import signal
 import time
 import warnings
 import weakref
+from collections import deque
 from enum import Enum
-from typing import Dict, List, Tuple, Union
+from typing import Deque, Dict, List, Tuple, Union
 
 from . import _core
 from ._launch import Launcher, make_launcher
@@ -154,7 +155,11 @@ class Flow:
         self._pending: Dict[int, asyncio.Future] = {}
         self._deadlines: List[Tuple[float, int]] = []
         self._deadline_timer: asyncio.TimerHandle | None = None
-        self._space_waiters: List[asyncio.Future] = []
+        # The waiting room of submissions that found their queue full: parked entries by key,
+        # and per step, per priority, their keys in arrival order.
+        self._parked: Dict[int, list] = {}
+        self._parked_seq = 0
+        self._waiting_room: List[List[Deque[int]]] = []
         self._idle_waiters: List[asyncio.Future] = []
         self._polling = False
         self._last_progress = 0.0
@@ -203,6 +208,7 @@ class Flow:
     def _start_workers(self, timeout: float | None) -> None:
         specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
         self._engine = engine = _core.Engine(specs, priorities=self._queue_priorities)
+        self._waiting_room = [[deque() for _ in range(self._queue_priorities)] for _ in self._steps]
         plans = []
         for i, step in enumerate(self._steps):
             routes = [(j, later.handle_condition) for j, later in enumerate(self._steps) if j > i]
@@ -274,23 +280,30 @@ class Flow:
         body = pickle.dumps(task, 5)
         deadline = task.expiration_time
         deadline_ns = int(deadline * 1e9)
-        while True:
-            try:
-                task_id = engine.submit(step, priority, deadline_ns, body)
-                break
-            except QueueFullError:
-                await self._wait_for_space(deadline)
         future = loop.create_future()
-        self._pending[task_id] = future
-        self._add_deadline(deadline, task_id)
-        if not self._polling:
-            self._start_polling()
         try:
-            result = await future
-        except asyncio.CancelledError:
-            if self._pending.pop(task_id, None) is not None and self._engine is not None:
-                self._engine.cancel(task_id)
-            raise
+            task_id = engine.submit(step, priority, deadline_ns, body)
+        except QueueFullError:
+            # Backpressure: wait in line (no polling) until a completion frees room in the queue.
+            entry = [future, step, priority, deadline_ns, body, None]
+            self._park(entry, deadline)
+            try:
+                result = await future
+            except asyncio.CancelledError:
+                if entry[5] is not None and self._pending.pop(entry[5], None) is not None and self._engine:
+                    self._engine.cancel(entry[5])
+                raise
+        else:
+            self._pending[task_id] = future
+            self._add_deadline(deadline, task_id)
+            if not self._polling:
+                self._start_polling()
+            try:
+                result = await future
+            except asyncio.CancelledError:
+                if self._pending.pop(task_id, None) is not None and self._engine is not None:
+                    self._engine.cancel(task_id)
+                raise
         task.update(pickle.loads(result))
         return True
 
@@ -300,22 +313,37 @@ class Flow:
                 return i
         return None
 
-    async def _wait_for_space(self, deadline: float) -> None:
-        """Backpressure: waits (no polling) until a completion frees queue space."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TaskTimeoutError('Task timeout error: the queue stayed full until the task expired')
-        waiter = self._loop.create_future()
-        self._space_waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, remaining)
-        except TimeoutError:
-            raise TaskTimeoutError('Task timeout error: the queue stayed full until the task expired') from None
-        finally:
-            if waiter in self._space_waiters:
-                self._space_waiters.remove(waiter)
-        if self._state is not FlowState.RUNNING:
-            raise NotRunningError('the flow stopped while the task waited for queue space')
+    def _park(self, entry: list, deadline: float) -> None:
+        """Puts a submission that found its queue full in line for its step and priority."""
+        self._parked_seq += 1
+        key = -self._parked_seq  # negative keys in the deadline heap are parked entries
+        self._parked[key] = entry
+        self._waiting_room[entry[1]][entry[2]].append(key)
+        self._add_deadline(deadline, key)
+
+    def _admit(self) -> None:
+        """Submits parked entries while their queues have room, highest priority first, in
+        arrival order within a priority."""
+        engine = self._engine
+        for step, rooms in enumerate(self._waiting_room):
+            for room in reversed(rooms):
+                while room:
+                    entry = self._parked.get(room[0])
+                    if entry is None or entry[0].done():  # expired or cancelled while waiting
+                        self._parked.pop(room.popleft(), None)
+                        continue
+                    try:
+                        task_id = engine.submit(step, entry[2], entry[3], entry[4])
+                    except QueueFullError:
+                        break
+                    key = room.popleft()
+                    del self._parked[key]
+                    entry[4] = None
+                    entry[5] = task_id
+                    self._pending[task_id] = entry[0]
+                    self._add_deadline(entry[3] / 1e9, task_id)
+        if not self._polling and engine.in_flight:
+            self._start_polling()
 
     # ------------------------------------------------------------------ event loop plumbing
 
@@ -375,11 +403,9 @@ class Flow:
                     future.set_exception(self._failure(outcome[2], outcome[3], outcome[4]))
             else:
                 self._on_worker_event(*outcome[1:])
-        if self._space_waiters:
-            for waiter in self._space_waiters[:8]:
-                if not waiter.done():
-                    waiter.set_result(None)
-        if self._idle_waiters and not pending:
+        if self._parked:
+            self._admit()
+        if self._idle_waiters and not pending and not self._parked:
             for waiter in self._idle_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -421,9 +447,9 @@ class Flow:
 
     def _add_deadline(self, deadline: float, task_id: int) -> None:
         heap = self._deadlines
-        if len(heap) > 64 and len(heap) > 2 * len(self._pending):
-            # Most entries belong to finished tasks: rebuild from the pending ones.
-            heap[:] = [entry for entry in heap if entry[1] in self._pending]
+        if len(heap) > 64 and len(heap) > 2 * (len(self._pending) + len(self._parked)):
+            # Most entries belong to finished tasks: rebuild from the live ones.
+            heap[:] = [e for e in heap if e[1] in self._pending or e[1] in self._parked]
             heapq.heapify(heap)
         heapq.heappush(heap, (deadline, task_id))
         if self._deadline_timer is None or deadline < self._deadline_timer_at:
@@ -444,15 +470,22 @@ class Flow:
         now = time.monotonic()
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            _, task_id = heapq.heappop(heap)
-            future = self._pending.pop(task_id, None)
+            _, key = heapq.heappop(heap)
+            if key < 0:
+                entry = self._parked.pop(key, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_exception(
+                        TaskTimeoutError('Task timeout error: the queue stayed full until the task expired')
+                    )
+                continue
+            future = self._pending.pop(key, None)
             if future is None:
                 continue
             if self._engine is not None:
-                self._engine.cancel(task_id)
+                self._engine.cancel(key)
             if not future.done():
                 future.set_exception(TaskTimeoutError('Task timeout error'))
-        while heap and heap[0][1] not in self._pending:
+        while heap and heap[0][1] not in self._pending and heap[0][1] not in self._parked:
             heapq.heappop(heap)
         if heap:
             self._arm_deadline_timer()
@@ -478,9 +511,10 @@ class Flow:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
-        for waiter in self._space_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        for entry in self._parked.values():
+            if not entry[0].done():
+                entry[0].set_exception(NotRunningError('the flow stopped while the task waited for queue space'))
+        self._parked.clear()
         if graceful:
             if self._pending:
                 waiter = loop.create_future()
@@ -530,10 +564,11 @@ class Flow:
                     pass
         if self._launcher is not None:
             self._launcher.close()
-        for future in self._pending.values():
+        for future in [*self._pending.values(), *(entry[0] for entry in self._parked.values())]:
             if not future.done():
                 future.set_exception(FlowError('the flow was stopped before the task finished'))
         self._pending.clear()
+        self._parked.clear()
         self._deadlines.clear()
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
