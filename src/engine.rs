@@ -73,7 +73,9 @@ fn payload_bytes<'py>(py: Python<'py>, arena: &Arena, body: Payload<'_>) -> PyRe
 /// Converts one outcome to its tuple and appends it.
 fn push_outcome(py: Python<'_>, arena: &Arena, out: &Bound<'_, PyList>, o: Outcome<'_>) -> PyResult<()> {
     let item = match o {
-        Outcome::Done { task_id, body } => (0u8, task_id, payload_bytes(py, arena, body)?).into_pyobject(py)?.into_any(),
+        Outcome::Done { task_id, body } => {
+            (0u8, task_id, payload_bytes(py, arena, body)?).into_pyobject(py)?.into_any()
+        }
         Outcome::Failed { task_id, failure } => {
             let (kind, step, detail): (&str, i64, Bound<'_, PyAny>) = match failure {
                 Failure::Handler { step, body } => ("handler", step as i64, payload_bytes(py, arena, body)?.into_any()),
@@ -116,7 +118,8 @@ impl Engine {
                 queue_capacity,
             })
             .collect();
-        let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, arena_bytes, inline_max, ..HubConfig::default() };
+        let cfg =
+            HubConfig { steps, priorities, fair_every, ring_capacity, arena_bytes, inline_max, ..HubConfig::default() };
         let engine = CoreEngine::new(&cfg).map_err(py_err(py))?;
         Ok(Self { inner: Mutex::new(Some(engine)) })
     }
@@ -172,19 +175,21 @@ impl Engine {
         Ok(self.lock()?.hub.cancel(task_id))
     }
 
-    /// Handles whatever is ready without blocking; returns the outcomes.
-    fn poll<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    /// Handles whatever is ready without blocking; returns the outcomes. With
+    /// `events=False` only what workers published is read (no system call): for the event
+    /// loop's spin, which learns about exits, timers and the doorbell from `fileno()`.
+    #[pyo3(signature = (events=true))]
+    fn poll<'py>(&self, py: Python<'py>, events: bool) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let mut engine = self.lock()?;
         let arena = Arena::attach(engine.hub.region().clone(), engine.hub.layout().arena).map_err(py_err(py))?;
         let mut err = None;
-        engine
-            .poll(&mut |o| {
-                if err.is_none() {
-                    err = push_outcome(py, &arena, &out, o).err();
-                }
-            })
-            .map_err(py_err(py))?;
+        let mut sink = |o: Outcome<'_>| {
+            if err.is_none() {
+                err = push_outcome(py, &arena, &out, o).err();
+            }
+        };
+        if events { engine.poll(&mut sink) } else { engine.poll_rings(&mut sink) }.map_err(py_err(py))?;
         err.map_or(Ok(out), Err)
     }
 
@@ -202,7 +207,12 @@ impl Engine {
             let epoll = {
                 let mut engine = self.lock()?;
                 if engine.prepare_sleep() {
-                    Some(engine.fd().try_clone_to_owned().map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?)
+                    Some(
+                        engine
+                            .fd()
+                            .try_clone_to_owned()
+                            .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?,
+                    )
                 } else {
                     None
                 }
@@ -210,7 +220,7 @@ impl Engine {
             if let Some(fd) = epoll {
                 py.detach(|| aqueduct_core::reactor::block_on(fd.as_fd(), Some(slice))).map_err(py_err(py))?;
             }
-            let out = self.poll(py)?;
+            let out = self.poll(py, true)?;
             if !out.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(out);
             }
@@ -222,6 +232,12 @@ impl Engine {
     /// meanwhile and the caller should poll instead.
     fn prepare_sleep(&self) -> PyResult<bool> {
         Ok(self.lock()?.prepare_sleep())
+    }
+
+    /// How long (µs) this flow's processes spin before they sleep; the event loop uses it too.
+    #[getter]
+    fn spin_us(&self) -> PyResult<u64> {
+        Ok(self.lock()?.hub.spin().spin.as_micros() as u64)
     }
 
     #[getter]

@@ -36,7 +36,8 @@ impl Worker {
     /// inherited. Takes ownership of both descriptors.
     #[new]
     fn new(py: Python<'_>, region_fd: i32, doorbell_fd: i32, slot: usize) -> PyResult<Self> {
-        let region = Arc::new(SharedRegion::attach(adopt_inherited(region_fd).map_err(py_err(py))?).map_err(py_err(py))?);
+        let region =
+            Arc::new(SharedRegion::attach(adopt_inherited(region_fd).map_err(py_err(py))?).map_err(py_err(py))?);
         let doorbell = Doorbell::from_fd(adopt_inherited(doorbell_fd).map_err(py_err(py))?);
         let endpoint = WorkerEndpoint::attach(region, slot, doorbell).map_err(py_err(py))?;
         Ok(Self { inner: Mutex::new(endpoint) })

@@ -23,7 +23,6 @@ import asyncio
 import atexit
 import heapq
 import operator
-import os
 import pickle
 import signal
 import time
@@ -31,6 +30,7 @@ import warnings
 import weakref
 from collections import deque
 from enum import Enum
+from threading import get_ident
 from typing import Deque, Dict, List, Tuple, Union
 
 from . import _core
@@ -51,9 +51,6 @@ from .logger import log
 from .task import BaseTask
 
 _START_METHODS = ('fork', 'spawn', 'forkserver')
-
-#: How long the event loop keeps polling after the last completion while tasks are in flight.
-SPIN_SECONDS = int(os.environ.get('AQUEDUCT_SPIN_US', '50')) / 1e6
 
 
 class FlowStep:
@@ -163,6 +160,7 @@ class Flow:
         self._idle_waiters: List[asyncio.Future] = []
         self._polling = False
         self._last_progress = 0.0
+        self._spin_seconds = 0.0
         self._slot_pids: Dict[int, int] = {}
         self._slot_alive: Dict[int, bool] = {}
         self._exit_waiters: List[asyncio.Future] = []
@@ -208,6 +206,9 @@ class Flow:
     def _start_workers(self, timeout: float | None) -> None:
         specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
         self._engine = engine = _core.Engine(specs, priorities=self._queue_priorities)
+        # How long the loop keeps polling after a completion while tasks are in flight: the
+        # engine's choice (zero when the flow's processes outnumber the CPUs).
+        self._spin_seconds = engine.spin_us / 1e6
         self._waiting_room = [[deque() for _ in range(self._queue_priorities)] for _ in self._steps]
         plans = []
         for i, step in enumerate(self._steps):
@@ -264,9 +265,13 @@ class Flow:
         if self._state is not FlowState.RUNNING:
             raise NotRunningError('the flow is not running')
         engine = self._engine
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
+        loop = self._loop
+        # `get_running_loop()` makes a getpid() system call; the bound loop, running in this
+        # very thread, is necessarily the running one.
+        if loop is None or self._loop_thread != get_ident() or not loop.is_running():
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                self._bind(loop)
         priority = task.priority
         if priority.__class__ is not int or not 0 <= priority < self._queue_priorities:
             raise ValueError(
@@ -355,6 +360,7 @@ class Flow:
             except (RuntimeError, ValueError):
                 pass
         self._loop = loop
+        self._loop_thread = get_ident()
         self._reader_fd = self._engine.fileno()
         loop.add_reader(self._reader_fd, self._on_readable)
         self._polling = False
@@ -363,6 +369,15 @@ class Flow:
             self._arm_deadline_timer()
 
     def _on_readable(self) -> None:
+        """The engine's descriptor is readable: a worker rang, a batch timer fired, or a worker
+        exited. Handle everything, then keep spinning if tasks are in flight."""
+        engine = self._engine
+        if engine is None:
+            return
+        outcomes = engine.poll()
+        if outcomes:
+            self._deliver(outcomes)
+            self._last_progress = time.perf_counter()
         if not self._polling:
             self._start_polling()
 
@@ -376,12 +391,12 @@ class Flow:
         if engine is None:
             self._polling = False
             return
-        outcomes = engine.poll()
+        outcomes = engine.poll(False)
         now = time.perf_counter()
         if outcomes:
             self._deliver(outcomes)
             self._last_progress = now
-        if engine.in_flight and now - self._last_progress < SPIN_SECONDS:
+        if engine.in_flight and now - self._last_progress < self._spin_seconds:
             self._loop.call_soon(self._poll_tick)
             return
         if engine.prepare_sleep():

@@ -53,6 +53,15 @@ impl Engine {
         self.poll_with(Some(Duration::ZERO), out)
     }
 
+    /// Handles what workers published, without asking the kernel about exits, timers or the
+    /// doorbell (no system call). For an owner that polls in a tight loop and learns about those
+    /// from the descriptor becoming readable, when it then calls [`Engine::poll`].
+    pub fn poll_rings(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
+        let n = self.hub.poll(Nanos::now(), out)?;
+        self.reactor.arm_timer(self.hub.next_timer())?;
+        Ok(n)
+    }
+
     /// Waits up to `timeout` for something to happen, then handles it. Lowers the doorbell flag
     /// only if it is safe to sleep; otherwise handles pending records at once.
     pub fn wait(&mut self, timeout: Option<Duration>, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {

@@ -18,13 +18,25 @@
 //! polls the owner sleeps on the doorbell eventfd (see [`crate::reactor`]), which workers only
 //! ring when the hub announced it was going to sleep ([`Hub::prepare_sleep`]).
 //!
+//! # Pipelining
+//! A worker that is busy while a *full* batch waits for it is sent that batch ahead of time (at
+//! most [`PIPELINE_DEPTH`] batches outstanding per worker), so it starts the next batch the
+//! moment it finishes one instead of waiting for the hub's next poll. Partial batches are never
+//! sent ahead: they still wait for an idle worker, so pipelining never makes batches smaller.
+//! Only tasks of the highest priority level are sent ahead, so pipelining never lets a task
+//! overtake a more urgent one. Through the slot's [`crate::gate::BatchGate`] the hub can take
+//! back a batch the worker has not begun: a cancelled task in it is then dropped before any
+//! handler sees it, and when the worker dies the batches it never began go back to the front
+//! of the queue instead of failing.
+//!
 //! # Bounds
 //! A step's queue holds at most `queue_capacity` submitted tasks. Tasks forwarded from a batch
 //! that already ran are never refused (refusing would lose them); instead no step is sent a new
 //! batch while a step after it is at capacity, so the overshoot is bounded by the batches
 //! already running upstream.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,6 +48,7 @@ use crate::error::{EngineError, Result};
 use crate::layout::{slot_label, FlowLayout, HUB_LABEL};
 use crate::message::*;
 use crate::prio::PriorityQueue;
+use crate::shm::event::SpinPolicy;
 use crate::shm::{Arena, Consumer, Extent, Producer, SharedRegion};
 
 /// One step as the hub sees it.
@@ -175,10 +188,20 @@ struct Queued {
     body: Body,
 }
 
+/// Batches a worker may have outstanding: the one it handles and one waiting in its ring.
+pub const PIPELINE_DEPTH: usize = 2;
+
+/// A task in a batch sent to a worker. The body is kept until the batch is done, so that a
+/// batch the worker never began can go back to the queue if the worker dies.
 struct Held {
-    id: u64,
-    extent: Option<Extent>,
+    task: Queued,
     resolved: bool,
+}
+
+struct SentBatch {
+    /// The worker's batch counter value for this batch (compared with `batches_started`).
+    seq: u64,
+    tasks: Vec<Held>,
 }
 
 struct Slot {
@@ -187,7 +210,15 @@ struct Slot {
     pid: u32,
     inbound: Producer,
     outbound: Consumer,
-    held: Vec<Held>,
+    /// Outstanding batches, oldest first.
+    batches: VecDeque<SentBatch>,
+    sent: u64,
+}
+
+impl Slot {
+    fn held(&self) -> impl Iterator<Item = &Held> {
+        self.batches.iter().flat_map(|b| b.tasks.iter())
+    }
 }
 
 /// Counters per step, read by metrics.
@@ -206,6 +237,7 @@ struct Step {
     /// Idle slots, most recently idle last: it is the likeliest still spinning, so it wakes
     /// fastest.
     idle: Vec<usize>,
+    slots: Range<usize>,
     timer: Option<Nanos>,
     inline_max: usize,
     stats: StepStats,
@@ -244,10 +276,13 @@ impl Hub {
     fn with_region(cfg: &HubConfig, region: Arc<SharedRegion>) -> Result<Self> {
         let layout = cfg.layout();
         layout.init(&region)?;
+        let spin = SpinPolicy::for_processes(layout.nslots + 1);
+        layout.spin_us(&region).store(spin.spin.as_micros() as u32, Ordering::Release);
         let arena = Arena::attach(region.clone(), layout.arena)?;
         let mut slots = Vec::with_capacity(layout.nslots);
         let mut steps = Vec::with_capacity(cfg.steps.len());
         for (step_index, spec) in cfg.steps.iter().enumerate() {
+            let first_slot = slots.len();
             for _ in 0..spec.nprocs {
                 let slot = slots.len();
                 slots.push(Slot {
@@ -256,16 +291,18 @@ impl Hub {
                     pid: 0,
                     inbound: Producer::attach(region.clone(), layout.inbound(slot))?,
                     outbound: Consumer::attach(region.clone(), layout.outbound(slot))?,
-                    held: Vec::new(),
+                    batches: VecDeque::new(),
+                    sent: 0,
                 });
             }
-            // A whole batch of inline bodies must fit in an (empty) inbound ring.
-            let per_task = (layout.ring_capacity - 64) / spec.batch_size;
+            // Every outstanding batch of inline bodies must fit in the inbound ring at once.
+            let per_task = (layout.ring_capacity - 64) / (spec.batch_size * PIPELINE_DEPTH);
             let inline_max = per_task.saturating_sub(8 + HEADER_LEN + 8) / 8 * 8;
             steps.push(Step {
                 spec: spec.clone(),
                 queue: PriorityQueue::new(cfg.priorities, spec.queue_capacity, cfg.fair_every),
                 idle: Vec::new(),
+                slots: first_slot..slots.len(),
                 timer: None,
                 inline_max: inline_max.min(cfg.inline_max),
                 stats: StepStats::default(),
@@ -292,6 +329,10 @@ impl Hub {
     pub fn layout(&self) -> &FlowLayout {
         &self.layout
     }
+    /// How long this flow's processes spin before they park (see [`SpinPolicy::for_processes`]).
+    pub fn spin(&self) -> SpinPolicy {
+        SpinPolicy { spin: Duration::from_micros(self.layout.spin_us(&self.region).load(Ordering::Acquire) as u64) }
+    }
     pub fn arena(&self) -> &Arena {
         &self.arena
     }
@@ -315,7 +356,11 @@ impl Hub {
     }
     /// Task ids the worker in `slot` holds right now (its current batch, minus finished ones).
     pub fn held_by(&self, slot: usize) -> Vec<u64> {
-        self.slots[slot].held.iter().filter(|h| !h.resolved).map(|h| h.id).collect()
+        self.slots[slot].held().filter(|h| !h.resolved).map(|h| h.task.id).collect()
+    }
+    /// Batches sent to the worker of `slot` and not finished yet.
+    pub fn batches_outstanding(&self, slot: usize) -> usize {
+        self.slots[slot].batches.len()
     }
     pub fn queue_len(&self, step: usize) -> usize {
         self.steps[step].queue.len()
@@ -347,7 +392,7 @@ impl Hub {
         let s = &mut self.slots[slot];
         s.state = SlotState::Starting;
         s.pid = pid;
-        self.region.atomic_u32(self.layout.slot_field(slot, 0)).store(pid, Ordering::Release);
+        self.layout.slot_pid(&self.region, slot).store(pid, Ordering::Release);
     }
 
     /// Queues a task at `step` and dispatches at once if a worker is idle.
@@ -411,8 +456,35 @@ impl Hub {
                 return true;
             }
         }
-        let held = self.slots.iter().any(|s| s.held.iter().any(|h| h.id == task_id && !h.resolved));
-        if held && self.cancelled.insert(task_id) {
+        let Some(slot) = self.slots.iter().position(|s| s.held().any(|h| h.task.id == task_id && !h.resolved)) else {
+            return false;
+        };
+        // Sent ahead and not begun yet: take the batch back, drop the task, requeue the rest.
+        let back = self.slots[slot].batches.back().map(|b| (b.seq, b.tasks.iter().any(|h| h.task.id == task_id)));
+        if let Some((seq, true)) = back {
+            if self.layout.slot_gate(&self.region, slot).recall(seq) {
+                let s = &mut self.slots[slot];
+                let batch = s.batches.pop_back().expect("checked");
+                let step = s.step;
+                if s.batches.is_empty() && s.state == SlotState::Busy {
+                    s.state = SlotState::Idle;
+                    self.steps[step].idle.push(slot);
+                }
+                for h in batch.tasks.into_iter().rev() {
+                    if h.task.id == task_id {
+                        self.drop_body(&h.task.body);
+                    } else {
+                        let level = h.task.priority as usize;
+                        self.steps[step].queue.push_front(level, h.task);
+                    }
+                }
+                self.in_flight -= 1;
+                // The other tasks of the batch are queued again; send them on.
+                let _ = self.dispatch(step, Nanos::now());
+                return true;
+            }
+        }
+        if self.cancelled.insert(task_id) {
             self.in_flight -= 1;
             return true;
         }
@@ -501,7 +573,16 @@ impl Hub {
                         let header = TaskHeader::decode(&scratch)?;
                         reported += self.on_result(slot, header, &scratch[HEADER_LEN..], now, out)?;
                     }
-                    TAG_BATCH_DONE => self.on_batch_done(slot),
+                    TAG_BATCH_DONE => {
+                        let seq = u64::from_le_bytes(
+                            scratch
+                                .get(..8)
+                                .ok_or(EngineError::Protocol("short batch-done record"))?
+                                .try_into()
+                                .unwrap(),
+                        );
+                        self.on_batch_done(slot, seq)?;
+                    }
                     _ => return Err(EngineError::Protocol("unknown record from a worker")),
                 }
             }
@@ -522,9 +603,10 @@ impl Hub {
     ) -> Result<usize> {
         let step = self.slots[slot].step;
         let held = self.slots[slot]
-            .held
+            .batches
             .iter_mut()
-            .find(|h| h.id == header.task_id && !h.resolved)
+            .flat_map(|b| b.tasks.iter_mut())
+            .find(|h| h.task.id == header.task_id && !h.resolved)
             .ok_or(EngineError::Protocol("result for a task the worker does not hold"))?;
         held.resolved = true;
         if let Some(ext) = header.extent {
@@ -588,25 +670,29 @@ impl Hub {
         Ok(1)
     }
 
-    fn on_batch_done(&mut self, slot: usize) {
+    fn on_batch_done(&mut self, slot: usize, seq: u64) -> Result<()> {
         let s = &mut self.slots[slot];
-        let step = s.step;
-        let held = std::mem::take(&mut s.held);
-        if s.state == SlotState::Busy {
+        let (step, pid) = (s.step, s.pid);
+        if s.batches.front().map(|b| b.seq) != Some(seq) {
+            return Err(EngineError::Protocol("a worker finished a batch it was not given"));
+        }
+        let Some(batch) = s.batches.pop_front() else { return Ok(()) };
+        if s.batches.is_empty() && s.state == SlotState::Busy {
             s.state = SlotState::Idle;
             self.steps[step].idle.push(slot);
         }
-        for h in held {
-            if let Some(ext) = h.extent {
-                let _ = self.arena.release(&ext);
-            }
+        for h in batch.tasks {
+            self.drop_body(&h.task.body);
             if !h.resolved {
                 // A worker always answers for every task; a missing answer is a protocol bug, and
                 // the caller still gets an outcome instead of waiting forever.
-                self.in_flight -= usize::from(!self.cancelled.remove(&h.id));
-                self.deferred.push((h.id, Failure::WorkerDied { step, pid: s.pid }));
+                if !self.cancelled.remove(&h.task.id) {
+                    self.in_flight -= 1;
+                    self.deferred.push((h.task.id, Failure::WorkerDied { step, pid }));
+                }
             }
         }
+        Ok(())
     }
 
     fn dispatch_all(&mut self, now: Nanos) -> Result<()> {
@@ -621,9 +707,30 @@ impl Hub {
         self.steps[step + 1..].iter().any(|s| s.queue.len() >= s.queue.capacity())
     }
 
+    /// A busy worker of `step` that can take a batch ahead of time, if a full batch waits.
+    fn pipeline_target(&self, step: usize) -> Option<usize> {
+        let st = &self.steps[step];
+        let top = st.queue.levels() - 1;
+        // Only a full batch, and only of the most urgent level: nothing can overtake it.
+        if st.queue.level_len(top) < st.spec.batch_size || st.queue.len() != st.queue.level_len(top) {
+            return None;
+        }
+        st.slots.clone().find(|&i| {
+            let s = &self.slots[i];
+            s.state == SlotState::Busy && s.batches.len() < PIPELINE_DEPTH
+        })
+    }
+
     fn dispatch(&mut self, step: usize, now: Nanos) -> Result<()> {
         self.steps[step].timer = None;
-        while !self.steps[step].idle.is_empty() && !self.downstream_full(step) {
+        while !self.downstream_full(step) {
+            let target = match self.steps[step].idle.last() {
+                Some(&slot) => slot,
+                None => match self.pipeline_target(step) {
+                    Some(slot) => slot,
+                    None => break,
+                },
+            };
             let st = &self.steps[step];
             let oldest = st.queue.oldest().map(|q| q.arrived);
             match batch::decide(st.queue.len(), oldest, st.spec.batch_size, st.spec.batch_timeout, now) {
@@ -635,9 +742,7 @@ impl Hub {
                 Decision::Send(n) => {
                     let mut tasks = Vec::with_capacity(n);
                     while tasks.len() < n {
-                        let Some((_, q)) = self.steps[step].queue.pop() else {
-                            break;
-                        };
+                        let Some((_, q)) = self.steps[step].queue.pop() else { break };
                         if q.deadline != Nanos::ZERO && now >= q.deadline {
                             self.steps[step].stats.expired += 1;
                             self.drop_body(&q.body);
@@ -650,8 +755,10 @@ impl Hub {
                     if tasks.is_empty() {
                         continue;
                     }
-                    let slot = self.steps[step].idle.pop().expect("checked non-empty");
-                    self.send_batch(slot, tasks, now)?;
+                    if self.steps[step].idle.last() == Some(&target) {
+                        self.steps[step].idle.pop();
+                    }
+                    self.send_batch(target, tasks, now)?;
                 }
             }
         }
@@ -662,7 +769,7 @@ impl Hub {
         let step = self.slots[slot].step;
         let s = &mut self.slots[slot];
         let count = tasks.len() as u32;
-        let mut ok = s.inbound.try_write(TAG_BATCH, &[&count.to_le_bytes(), &[0u8; 4]])?;
+        let mut ok = s.inbound.try_write(TAG_BATCH, &[&count.to_le_bytes(), &[0u8; 4], &s.sent.to_le_bytes()])?;
         for q in &tasks {
             let mut h = TaskHeader::new(q.id, q.priority, q.deadline);
             h.sent_at = now;
@@ -682,17 +789,11 @@ impl Hub {
         }
         s.inbound.publish();
         s.state = SlotState::Busy;
-        s.held = tasks
-            .into_iter()
-            .map(|q| Held {
-                id: q.id,
-                extent: match q.body {
-                    Body::Extent(e) => Some(e),
-                    Body::Inline(_) => None,
-                },
-                resolved: false,
-            })
-            .collect();
+        s.batches.push_back(SentBatch {
+            seq: s.sent,
+            tasks: tasks.into_iter().map(|task| Held { task, resolved: false }).collect(),
+        });
+        s.sent += 1;
         let stats = &mut self.steps[step].stats;
         stats.batches += 1;
         stats.tasks += count as u64;
@@ -706,17 +807,34 @@ impl Hub {
         let now = Nanos::now();
         // A corrupt tail from a process killed mid-write is not an error of the flow.
         let _ = self.drain_slot(slot, now, out);
+        let started = self.layout.slot_gate(&self.region, slot).begun();
         let s = &mut self.slots[slot];
         let (step, pid) = (s.step, s.pid);
         let was_live = !matches!(s.state, SlotState::Vacant | SlotState::Dead);
         s.state = SlotState::Dead;
-        for h in std::mem::take(&mut s.held) {
-            if let Some(ext) = h.extent {
-                let _ = self.arena.release(&ext);
+        let batches = std::mem::take(&mut s.batches);
+        s.sent = 0;
+        let mut never_started = Vec::new();
+        for batch in batches {
+            if batch.seq >= started {
+                never_started.extend(batch.tasks);
+                continue;
             }
-            if !h.resolved && !self.cancelled.remove(&h.id) {
-                self.in_flight -= 1;
-                out(Outcome::Failed { task_id: h.id, failure: Failure::WorkerDied { step, pid } });
+            for h in batch.tasks {
+                self.drop_body(&h.task.body);
+                if !h.resolved && !self.cancelled.remove(&h.task.id) {
+                    self.in_flight -= 1;
+                    out(Outcome::Failed { task_id: h.task.id, failure: Failure::WorkerDied { step, pid } });
+                }
+            }
+        }
+        // Tasks the dead worker never began go back to the head of the queue, in order.
+        for h in never_started.into_iter().rev() {
+            if self.cancelled.remove(&h.task.id) {
+                self.drop_body(&h.task.body);
+            } else {
+                let level = h.task.priority as usize;
+                self.steps[step].queue.push_front(level, h.task);
             }
         }
         self.steps[step].idle.retain(|&i| i != slot);
@@ -726,6 +844,7 @@ impl Hub {
         self.arena.reclaim_owner(slot_label(slot));
         self.layout.inbound(slot).reset(&self.region);
         self.layout.outbound(slot).reset(&self.region);
+        self.layout.slot_gate(&self.region, slot).reset();
         let s = &mut self.slots[slot];
         s.inbound = Producer::attach(self.region.clone(), self.layout.inbound(slot))?;
         s.outbound = Consumer::attach(self.region.clone(), self.layout.outbound(slot))?;
@@ -764,10 +883,10 @@ impl Hub {
             }
         }
         for s in &mut self.slots {
-            for h in s.held.iter_mut().filter(|h| !h.resolved) {
+            for h in s.batches.iter_mut().flat_map(|b| b.tasks.iter_mut()).filter(|h| !h.resolved) {
                 h.resolved = true;
-                if !self.cancelled.remove(&h.id) {
-                    out(Outcome::Failed { task_id: h.id, failure: Failure::Stopped });
+                if !self.cancelled.remove(&h.task.id) {
+                    out(Outcome::Failed { task_id: h.task.id, failure: Failure::Stopped });
                 }
             }
         }

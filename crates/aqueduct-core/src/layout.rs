@@ -3,8 +3,8 @@
 //!
 //! | offset | content |
 //! |---|---|
-//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32, arena_bytes u64, page_size u32`; at 64 the hub's doorbell flag |
-//! | 4096 + i * stride | slot `i`: a 4096-byte slot header (`pid`, `generation`, `step`, metrics), the inbound ring (hub to worker), the outbound ring (worker to hub) |
+//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32, arena_bytes u64, page_size u32, spin_us u32`; at 64 the hub's doorbell flag |
+//! | 4096 + i * stride | slot `i`: a 4096-byte slot header (`pid: u32` at 0, the batch gate `u64` at 8), the inbound ring (hub to worker), the outbound ring (worker to hub) |
 //! | after the slots | the arena |
 //!
 //! A process that attaches to a region it did not create reads the parameters from the header
@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{EngineError, Result};
+use crate::gate::BatchGate;
 use crate::shm::{ArenaLayout, RingLayout, SharedRegion};
 
 const MAGIC: u32 = 0x4151_464c; // "AQFL"
@@ -20,6 +21,7 @@ const VERSION: u32 = 1;
 const FLOW_HEADER: usize = 4096;
 const SLOT_HEADER: usize = 4096;
 const OFF_DOORBELL_WAITING: usize = 64;
+const OFF_SPIN_US: usize = 28;
 
 /// The arena label of the hub (the main process); slot `i` is labelled `i + 2`.
 pub const HUB_LABEL: u32 = 1;
@@ -69,10 +71,14 @@ impl FlowLayout {
         RingLayout::new(inbound.offset + inbound.total_bytes(), self.ring_capacity)
     }
 
-    /// Offset of a u32 field in a slot header, for per-slot counters (see `metrics`).
-    pub fn slot_field(&self, slot: usize, index: usize) -> usize {
-        assert!(index * 4 < SLOT_HEADER);
-        self.slot_off(slot) + index * 4
+    /// The worker's pid, written by the hub when it registers the process.
+    pub fn slot_pid<'a>(&self, region: &'a SharedRegion, slot: usize) -> &'a AtomicU32 {
+        region.atomic_u32(self.slot_off(slot))
+    }
+
+    /// The slot's [`BatchGate`]: which batches the worker has begun, and which the hub took back.
+    pub fn slot_gate<'a>(&self, region: &'a SharedRegion, slot: usize) -> BatchGate<'a> {
+        BatchGate::new(region.atomic_u64(self.slot_off(slot) + 8))
     }
 
     /// Writes every header of a fresh region.
@@ -116,6 +122,11 @@ impl FlowLayout {
         }
         layout.arena.validate(region)?;
         Ok(layout)
+    }
+
+    /// The spin budget (µs) the hub chose for this flow's processes, written once at creation.
+    pub fn spin_us<'a>(&self, region: &'a SharedRegion) -> &'a AtomicU32 {
+        region.atomic_u32(OFF_SPIN_US)
     }
 
     /// The flag the hub raises before it sleeps; workers ring the doorbell only when it is up.

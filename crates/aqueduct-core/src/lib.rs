@@ -9,6 +9,7 @@
 //! - [`shm`]: the memfd region, rings, arena and futex events (the only `unsafe` code).
 //! - [`message`]: record tags and the task header.
 //! - [`prio`], [`batch`]: the queueing and batching policies, as pure code.
+//! - [`gate`]: the handshake that decides whether a batch sent ahead of time runs.
 //! - [`hub`], [`worker`]: the two ends of the protocol.
 //! - [`reactor`], [`engine`]: what the main process sleeps on (epoll over the doorbell eventfd,
 //!   a timerfd and worker pidfds) and the driver that combines it with the hub.
@@ -20,6 +21,7 @@ pub mod batch;
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod gate;
 pub mod hub;
 pub mod layout;
 pub mod message;

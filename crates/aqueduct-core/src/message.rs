@@ -20,13 +20,14 @@ use crate::clock::Nanos;
 use crate::error::{EngineError, Result};
 use crate::shm::Extent;
 
-/// Hub to worker: a batch of `count: u32` task records follows.
+/// Hub to worker: a batch follows; payload `count: u32`, reserved `u32`, `seq: u64` (see
+/// [`crate::gate`]), then `count` task records.
 pub const TAG_BATCH: u32 = 1;
 /// Hub to worker: one task of the current batch.
 pub const TAG_TASK: u32 = 2;
 /// Worker to hub: the outcome of one task.
 pub const TAG_RESULT: u32 = 3;
-/// Worker to hub: the current batch is finished; the worker is idle.
+/// Worker to hub: the batch `seq: u64` (the payload) is finished.
 pub const TAG_BATCH_DONE: u32 = 4;
 /// Worker to hub: start-up (`on_start`) finished; the worker takes batches.
 pub const TAG_READY: u32 = 5;

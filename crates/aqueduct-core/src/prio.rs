@@ -14,7 +14,8 @@
 use std::collections::VecDeque;
 
 struct Entry<T> {
-    seq: u64,
+    /// Arrival order; `push_front` uses negative numbers so re-queued items come first.
+    seq: i64,
     item: T,
 }
 
@@ -22,7 +23,8 @@ pub struct PriorityQueue<T> {
     levels: Vec<VecDeque<Entry<T>>>,
     len: usize,
     capacity: usize,
-    next_seq: u64,
+    next_seq: i64,
+    front_seq: i64,
     fair_every: u32,
     contended_streak: u32,
 }
@@ -36,6 +38,7 @@ impl<T> PriorityQueue<T> {
             len: 0,
             capacity,
             next_seq: 0,
+            front_seq: -1,
             fair_every,
             contended_streak: 0,
         }
@@ -75,6 +78,15 @@ impl<T> PriorityQueue<T> {
         let level = level.min(self.levels.len() - 1);
         self.levels[level].push_back(Entry { seq: self.next_seq, item });
         self.next_seq += 1;
+        self.len += 1;
+    }
+
+    /// Puts an item back at the head of its level, ahead of everything that arrived (a task
+    /// handed back by a worker that died before starting it).
+    pub fn push_front(&mut self, level: usize, item: T) {
+        let level = level.min(self.levels.len() - 1);
+        self.levels[level].push_front(Entry { seq: self.front_seq, item });
+        self.front_seq -= 1;
         self.len += 1;
     }
 

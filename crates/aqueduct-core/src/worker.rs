@@ -55,6 +55,7 @@ pub struct WorkerEndpoint {
     doorbell: Doorbell,
     spin: SpinPolicy,
     batch: Vec<TaskRef>,
+    batch_seq: u64,
     inline_max: usize,
 }
 
@@ -69,6 +70,7 @@ impl WorkerEndpoint {
         let outbound = Producer::attach(region.clone(), layout.outbound(slot))?;
         let arena = Arena::attach(region.clone(), layout.arena)?;
         let inline_max = (outbound.max_payload() - HEADER_LEN).min(64 << 10);
+        let spin = SpinPolicy { spin: Duration::from_micros(layout.spin_us(&region).load(Ordering::Acquire) as u64) };
         Ok(Self {
             region,
             layout,
@@ -77,8 +79,9 @@ impl WorkerEndpoint {
             outbound,
             arena,
             doorbell,
-            spin: SpinPolicy::default(),
+            spin,
             batch: Vec::new(),
+            batch_seq: 0,
             inline_max,
         })
     }
@@ -143,39 +146,56 @@ impl WorkerEndpoint {
     pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Received> {
         debug_assert!(self.batch.is_empty(), "finish_batch before receiving the next one");
         let deadline = timeout.map(|t| Instant::now() + t);
-        if !self.inbound.wait_for_data(self.spin, deadline) {
-            return Ok(Received::Timeout);
-        }
-        let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("woken without a record"))?;
-        self.inbound.consume(&rec);
-        match rec.tag {
-            TAG_STOP => {
-                self.inbound.release();
-                Ok(Received::Stop)
+        loop {
+            if !self.inbound.wait_for_data(self.spin, deadline) {
+                return Ok(Received::Timeout);
             }
-            TAG_BATCH => {
-                let count = self.region.read_u64(rec.offset)? as u32 as usize;
-                for _ in 0..count {
-                    let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("batch shorter than announced"))?;
-                    if rec.tag != TAG_TASK {
-                        return Err(EngineError::Protocol("expected a task record"));
-                    }
-                    self.inbound.consume(&rec);
-                    let mut h = [0u8; HEADER_LEN];
-                    if rec.len < HEADER_LEN {
-                        return Err(EngineError::Protocol("task record shorter than its header"));
-                    }
-                    self.region.read(rec.offset, &mut h)?;
-                    let header = TaskHeader::decode(&h)?;
-                    let body = match header.extent {
-                        Some(ext) => BodyLoc { offset: self.arena.offset_of(&ext)?, len: ext.len as usize },
-                        None => BodyLoc { offset: rec.offset + HEADER_LEN, len: rec.len - HEADER_LEN },
-                    };
-                    self.batch.push(TaskRef { header, body });
+            let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("woken without a record"))?;
+            self.inbound.consume(&rec);
+            match rec.tag {
+                TAG_STOP => {
+                    self.inbound.release();
+                    return Ok(Received::Stop);
                 }
-                Ok(Received::Batch(count))
+                TAG_BATCH => {
+                    let mut head = [0u8; 16];
+                    if rec.len < head.len() {
+                        return Err(EngineError::Protocol("short batch record"));
+                    }
+                    self.region.read(rec.offset, &mut head)?;
+                    let count = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+                    let seq = u64::from_le_bytes(head[8..].try_into().unwrap());
+                    // Begin the batch, unless the hub took it back (a cancelled task in it).
+                    let begun = self.layout.slot_gate(&self.region, self.slot).begin(seq)?;
+                    for _ in 0..count {
+                        let rec = self.inbound.peek()?.ok_or(EngineError::Protocol("batch shorter than announced"))?;
+                        if rec.tag != TAG_TASK {
+                            return Err(EngineError::Protocol("expected a task record"));
+                        }
+                        self.inbound.consume(&rec);
+                        if !begun {
+                            continue;
+                        }
+                        let mut h = [0u8; HEADER_LEN];
+                        if rec.len < HEADER_LEN {
+                            return Err(EngineError::Protocol("task record shorter than its header"));
+                        }
+                        self.region.read(rec.offset, &mut h)?;
+                        let header = TaskHeader::decode(&h)?;
+                        let body = match header.extent {
+                            Some(ext) => BodyLoc { offset: self.arena.offset_of(&ext)?, len: ext.len as usize },
+                            None => BodyLoc { offset: rec.offset + HEADER_LEN, len: rec.len - HEADER_LEN },
+                        };
+                        self.batch.push(TaskRef { header, body });
+                    }
+                    if begun {
+                        self.batch_seq = seq;
+                        return Ok(Received::Batch(count));
+                    }
+                    self.inbound.release();
+                }
+                _ => return Err(EngineError::Protocol("unexpected record from the hub")),
             }
-            _ => Err(EngineError::Protocol("unexpected record from the hub")),
         }
     }
 
@@ -230,7 +250,7 @@ impl WorkerEndpoint {
     pub fn finish_batch(&mut self) -> Result<()> {
         self.batch.clear();
         self.inbound.release();
-        self.send(TAG_BATCH_DONE, &[])?;
+        self.send(TAG_BATCH_DONE, &[&self.batch_seq.to_le_bytes()])?;
         self.flush();
         Ok(())
     }

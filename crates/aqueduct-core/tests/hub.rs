@@ -199,7 +199,8 @@ fn higher_priority_is_served_first() {
 
 #[test]
 fn expired_tasks_are_dropped_before_a_worker_sees_them_and_counted() {
-    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
+    // batch_size 2: the lone waiting task is a partial batch, so it stays in the hub.
+    let mut rig = Rig::new(config(vec![step(1, 2, 0, 20)]));
     let blocker = rig.hub.submit(0, 0, Nanos::ZERO, b"busy").unwrap();
     let soon = Nanos::now().saturating_add(Duration::from_millis(1));
     let doomed = rig.hub.submit(0, 0, soon, b"late").unwrap();
@@ -246,18 +247,21 @@ fn a_handler_error_fails_only_its_task() {
 }
 
 #[test]
-fn a_dead_worker_fails_only_what_it_held_and_its_published_results_survive() {
+fn a_dead_worker_fails_only_what_it_began_and_its_published_results_survive() {
     let mut rig = Rig::new(config(vec![step(2, 2, 0, 20)]));
-    let ids: Vec<u64> = (0..4).map(|i| rig.hub.submit(0, 0, Nanos::ZERO, &[i]).unwrap()).collect();
-    // Each idle worker took one task at once; the other two wait.
-    assert_eq!(rig.hub.held_by(0).len() + rig.hub.held_by(1).len(), 2);
-    assert_eq!(rig.hub.queue_len(0), 2);
     let (dying, healthy) = (0, 1);
+    // Keep the healthy worker busy so that the dying one gets the next batches.
+    let busy = rig.hub.submit(0, 0, Nanos::ZERO, b"busy").unwrap();
+    let healthy = if rig.hub.held_by(healthy).contains(&busy) { healthy } else { dying };
+    let dying = 1 - healthy;
+    let ids: Vec<u64> = (0..5).map(|i| rig.hub.submit(0, 0, Nanos::ZERO, &[i]).unwrap()).collect();
+    // The dying worker got one task while idle, then a full batch of two ahead of time.
+    let held = rig.hub.held_by(dying);
+    assert_eq!(held.len(), 3);
+    assert_eq!(held[0], ids[0]);
+    assert_eq!(rig.hub.batches_outstanding(dying), 2);
+    // It answers its first batch, begins the second, answers one task, publishes, and dies.
     rig.echo(dying);
-    rig.poll();
-    let dying_held = rig.hub.held_by(dying);
-    assert_eq!(dying_held.len(), 2, "the freed worker took the backlog as one batch");
-    // The dying worker answers its first task, publishes it, then is "killed" mid-batch.
     {
         let w = &mut rig.workers[dying];
         assert_eq!(w.recv(Some(Duration::ZERO)).unwrap(), Received::Batch(2));
@@ -271,14 +275,12 @@ fn a_dead_worker_fails_only_what_it_held_and_its_published_results_survive() {
         _ => {}
     };
     rig.hub.worker_exited(dying, &mut sink).unwrap();
-    assert_eq!(exits, vec![(dying_held[0], 99, 0), (dying_held[1], 0, 1000 + dying as u32)]);
+    assert_eq!(
+        exits,
+        vec![(held[0], 99, 0), (held[1], 99, 0), (held[2], 0, 1000 + dying as u32)],
+        "published results survive; only the unanswered task of the begun batch fails"
+    );
     assert_eq!(rig.hub.slot_state(dying), SlotState::Dead);
-    // The healthy worker goes on.
-    rig.echo(healthy);
-    rig.poll();
-    assert_eq!(rig.hub.in_flight(), 0);
-    let done = ids.iter().filter(|i| matches!(rig.got.get(i), Some(Got::Done(_)))).count();
-    assert_eq!(done, 2, "the first task of each worker");
     // A replacement in the same slot picks up work.
     let mut w = WorkerEndpoint::attach(rig.hub.region().clone(), dying, Doorbell::new().unwrap()).unwrap();
     w.set_spin(SpinPolicy::NONE);
@@ -287,10 +289,39 @@ fn a_dead_worker_fails_only_what_it_held_and_its_published_results_survive() {
     rig.workers[dying].ready().unwrap();
     rig.poll();
     let id = rig.hub.submit(0, 0, Nanos::ZERO, b"after").unwrap();
-    rig.echo(dying);
-    rig.echo(healthy);
-    rig.poll();
+    for _ in 0..3 {
+        rig.echo(dying);
+        rig.echo(healthy);
+        rig.poll();
+    }
     assert_eq!(rig.got.remove(&id), Some(Got::Done(b"after".to_vec())));
+    assert_eq!(rig.hub.in_flight(), 0);
+}
+
+#[test]
+fn batches_a_dead_worker_never_began_go_back_to_the_queue() {
+    let mut rig = Rig::new(config(vec![step(2, 1, 0, 20)]));
+    let first = rig.hub.submit(0, 0, Nanos::ZERO, b"1").unwrap();
+    let dying = if rig.hub.held_by(0) == vec![first] { 0 } else { 1 };
+    let healthy = 1 - dying;
+    rig.hub.submit(0, 0, Nanos::ZERO, b"2").unwrap(); // to the other idle worker
+    let ahead = rig.hub.submit(0, 0, Nanos::ZERO, b"3").unwrap(); // sent ahead to one of them
+    let victim = if rig.hub.held_by(dying).contains(&ahead) { dying } else { healthy };
+    let mut died = Vec::new();
+    rig.hub
+        .worker_exited(victim, &mut |o| {
+            if let Outcome::Failed { task_id, .. } = o {
+                died.push(task_id)
+            }
+        })
+        .unwrap();
+    assert!(died.is_empty(), "the victim had begun nothing, so nothing failed: {died:?}");
+    let survivor = 1 - victim;
+    for _ in 0..3 {
+        rig.echo(survivor);
+        rig.poll();
+    }
+    assert_eq!(rig.got.len(), 3, "every task, including those handed back, completed on the survivor");
 }
 
 #[test]
@@ -326,11 +357,64 @@ fn cancel_removes_queued_tasks_and_drops_held_results() {
 #[test]
 fn a_full_queue_refuses_submissions() {
     let mut rig = Rig::new(config(vec![step(1, 1, 0, 2)]));
-    rig.hub.submit(0, 0, Nanos::ZERO, b"1").unwrap(); // dispatched
-    rig.hub.submit(0, 0, Nanos::ZERO, b"2").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"1").unwrap(); // dispatched to the idle worker
+    rig.hub.submit(0, 0, Nanos::ZERO, b"2").unwrap(); // sent ahead (a full batch of 1)
+    assert_eq!(rig.hub.batches_outstanding(0), 2);
     rig.hub.submit(0, 0, Nanos::ZERO, b"3").unwrap();
-    let err = rig.hub.submit(0, 0, Nanos::ZERO, b"4").unwrap_err();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"4").unwrap();
+    assert_eq!(rig.hub.queue_len(0), 2);
+    let err = rig.hub.submit(0, 0, Nanos::ZERO, b"5").unwrap_err();
     assert!(err.to_string().contains("full"), "{err}");
+}
+
+#[test]
+fn a_busy_worker_is_sent_its_next_full_batch_ahead_of_time() {
+    let mut rig = Rig::new(config(vec![step(1, 2, 0, 20)]));
+    rig.hub.submit(0, 0, Nanos::ZERO, b"a").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"b").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 1, "a partial batch waits for an idle worker");
+    rig.hub.submit(0, 0, Nanos::ZERO, b"c").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 2, "a full batch is sent ahead");
+    rig.hub.submit(0, 0, Nanos::ZERO, b"d").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"e").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 2, "at most PIPELINE_DEPTH batches outstanding");
+    // The worker goes through both batches without the hub polling in between.
+    assert_eq!(rig.echo(0), 1);
+    assert_eq!(rig.echo(0), 2);
+    rig.poll();
+    assert_eq!(rig.got.len(), 3);
+    assert_eq!(rig.echo(0), 2, "the rest, once the hub polled");
+}
+
+#[test]
+fn only_the_most_urgent_level_is_sent_ahead() {
+    let mut cfg = config(vec![step(1, 1, 0, 20)]);
+    cfg.priorities = 2;
+    let mut rig = Rig::new(cfg);
+    rig.hub.submit(0, 1, Nanos::ZERO, b"busy").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"low").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 1, "a low-priority task is not committed early");
+    rig.hub.submit(0, 1, Nanos::ZERO, b"high").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 1, "not while a lower level waits either");
+}
+
+#[test]
+fn cancelling_a_task_sent_ahead_takes_its_batch_back() {
+    let mut rig = Rig::new(config(vec![step(1, 2, 0, 20)]));
+    rig.hub.submit(0, 0, Nanos::ZERO, b"first").unwrap();
+    let keep = rig.hub.submit(0, 0, Nanos::ZERO, b"keep").unwrap();
+    let drop = rig.hub.submit(0, 0, Nanos::ZERO, b"drop").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 2);
+    assert!(rig.hub.cancel(drop));
+    assert_eq!(rig.hub.batches_outstanding(0), 1, "the batch sent ahead was taken back");
+    assert_eq!(rig.echo(0), 1);
+    assert_eq!(rig.echo(0), 0, "the worker skips the recalled batch");
+    rig.poll();
+    let lens = rig.work(0, |_, b| (Status::Ok, ROUTE_DONE, b.to_vec()));
+    assert_eq!(lens, vec![4], "only 'keep' came back, the cancelled task never reached the worker");
+    rig.poll();
+    assert_eq!(rig.got.remove(&keep), Some(Got::Done(b"keep".to_vec())));
+    assert!(!rig.got.contains_key(&drop));
 }
 
 #[test]

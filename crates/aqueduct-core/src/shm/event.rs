@@ -113,14 +113,35 @@ pub struct SpinPolicy {
     pub spin: Duration,
 }
 
+/// The environment variable that overrides the spin budget, in microseconds.
+pub const SPIN_ENV: &str = "AQUEDUCT_SPIN_US";
+
 impl Default for SpinPolicy {
+    /// 50 µs, or `AQUEDUCT_SPIN_US` when it is set.
     fn default() -> Self {
-        Self { spin: Duration::from_micros(50) }
+        let us = std::env::var(SPIN_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+        Self { spin: Duration::from_micros(us) }
     }
 }
 
 impl SpinPolicy {
     pub const NONE: SpinPolicy = SpinPolicy { spin: Duration::ZERO };
+
+    /// The policy for a flow of `processes` busy processes (workers and the main one): spin
+    /// only when each can have a CPU of its own. When they outnumber the CPUs, a spinning
+    /// process takes the CPU that the process it waits for needs, and parking is cheaper.
+    /// `AQUEDUCT_SPIN_US` overrides the choice.
+    pub fn for_processes(processes: usize) -> Self {
+        if std::env::var_os(SPIN_ENV).is_some() {
+            return Self::default();
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if processes <= cpus {
+            Self::default()
+        } else {
+            Self::NONE
+        }
+    }
 
     /// Polls `ready` until it returns `Some`, spinning for the budget and then parking on `ev`.
     /// Returns `None` if `deadline` passes first.
