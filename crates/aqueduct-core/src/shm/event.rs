@@ -144,9 +144,41 @@ impl SpinPolicy {
     }
 
     /// Polls `ready` until it returns `Some`, spinning for the budget and then parking on `ev`.
-    /// Returns `None` if `deadline` passes first.
+    /// Returns `None` if `deadline` passes first. Stateless; see [`Spinner`] for the adaptive
+    /// version the rings use.
     pub fn wait_until<T>(
         &self,
+        ev: FutexEvent<'_>,
+        deadline: Option<std::time::Instant>,
+        ready: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
+        Spinner::default().wait(*self, ev, deadline, ready)
+    }
+}
+
+/// Spinning that backs off when it hurts.
+///
+/// Spinning pays only when the process being waited for runs on another CPU. When the scheduler
+/// has put both on the same CPU (a futex wake-up tends to place the woken process next to its
+/// waker), the waiter's spin keeps the other process from running, and the wait ends just after
+/// the spin budget runs out and the waiter parks. A `Spinner` notices waits that end within a
+/// few budgets of parking, which is that signature, and then parks at once for the next
+/// `COOLDOWN` waits before it tries spinning again. A long wait (an idle flow) is not counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Spinner {
+    failures: u8,
+    cooldown: u16,
+}
+
+impl Spinner {
+    const FAILURES_BEFORE_COOLDOWN: u8 = 2;
+    const COOLDOWN: u16 = 256;
+
+    /// Polls `ready` until it returns `Some`, spinning for the policy's budget (unless cooling
+    /// down) and then parking on `ev`. Returns `None` if `deadline` passes first.
+    pub fn wait<T>(
+        &mut self,
+        policy: SpinPolicy,
         ev: FutexEvent<'_>,
         deadline: Option<std::time::Instant>,
         mut ready: impl FnMut() -> Option<T>,
@@ -154,9 +186,15 @@ impl SpinPolicy {
         if let Some(v) = ready() {
             return Some(v);
         }
+        let budget = if self.cooldown > 0 {
+            self.cooldown -= 1;
+            Duration::ZERO
+        } else {
+            policy.spin
+        };
         let start = std::time::Instant::now();
         let mut probes: u32 = 0;
-        while start.elapsed() < self.spin {
+        while start.elapsed() < budget {
             for _ in 0..32 {
                 std::hint::spin_loop();
             }
@@ -165,21 +203,22 @@ impl SpinPolicy {
                 std::thread::yield_now();
             }
             if let Some(v) = ready() {
+                self.failures = 0;
                 return Some(v);
             }
         }
-        loop {
+        let got = loop {
             let token = ev.prepare();
             if let Some(v) = ready() {
                 ev.cancel();
-                return Some(v);
+                break Some(v);
             }
             let timeout = match deadline {
                 Some(d) => {
                     let now = std::time::Instant::now();
                     if now >= d {
                         ev.cancel();
-                        return None;
+                        break None;
                     }
                     Some(d - now)
                 }
@@ -187,9 +226,17 @@ impl SpinPolicy {
             };
             ev.park(token, timeout);
             if let Some(v) = ready() {
-                return Some(v);
+                break Some(v);
+            }
+        };
+        if got.is_some() && !budget.is_zero() && start.elapsed() < budget * 3 {
+            self.failures += 1;
+            if self.failures >= Self::FAILURES_BEFORE_COOLDOWN {
+                self.failures = 0;
+                self.cooldown = Self::COOLDOWN;
             }
         }
+        got
     }
 }
 

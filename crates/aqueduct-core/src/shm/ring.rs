@@ -33,7 +33,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::event::FutexEvent;
+use super::event::{FutexEvent, Spinner};
 use super::region::SharedRegion;
 use crate::error::{EngineError, Result};
 
@@ -135,6 +135,7 @@ pub struct Producer {
     tail: u64,
     cached_head: u64,
     published: u64,
+    spinner: Spinner,
 }
 
 impl Producer {
@@ -143,7 +144,7 @@ impl Producer {
         layout.validate(&region)?;
         let tail = region.atomic_u64(layout.offset + OFF_TAIL).load(Ordering::Acquire);
         let cached_head = region.atomic_u64(layout.offset + OFF_HEAD).load(Ordering::Acquire);
-        Ok(Self { region, layout, tail, cached_head, published: tail })
+        Ok(Self { region, layout, tail, cached_head, published: tail, spinner: Spinner::default() })
     }
 
     pub fn layout(&self) -> RingLayout {
@@ -236,7 +237,9 @@ impl Producer {
         let want = if need > contiguous { contiguous + need } else { need };
         let region = self.region.clone();
         let ev = self.layout.space_event(&region);
-        spin.wait_until(ev, None, || self.free(want).then_some(()));
+        let mut spinner = self.spinner;
+        spinner.wait(spin, ev, None, || self.free(want).then_some(()));
+        self.spinner = spinner;
     }
 
     /// Bytes written but not yet consumed.
@@ -262,6 +265,7 @@ pub struct Consumer {
     head: u64,
     cached_tail: u64,
     released: u64,
+    spinner: Spinner,
 }
 
 impl Consumer {
@@ -269,7 +273,7 @@ impl Consumer {
         layout.validate(&region)?;
         let head = region.atomic_u64(layout.offset + OFF_HEAD).load(Ordering::Acquire);
         let cached_tail = region.atomic_u64(layout.offset + OFF_TAIL).load(Ordering::Acquire);
-        Ok(Self { region, layout, head, cached_tail, released: head })
+        Ok(Self { region, layout, head, cached_tail, released: head, spinner: Spinner::default() })
     }
 
     pub fn region(&self) -> &Arc<SharedRegion> {
@@ -343,7 +347,10 @@ impl Consumer {
     pub fn wait_for_data(&mut self, spin: super::event::SpinPolicy, deadline: Option<std::time::Instant>) -> bool {
         let region = self.region.clone();
         let ev = self.layout.data_event(&region);
-        spin.wait_until(ev, deadline, || self.has_data().then_some(())).is_some()
+        let mut spinner = self.spinner;
+        let got = spinner.wait(spin, ev, deadline, || self.has_data().then_some(())).is_some();
+        self.spinner = spinner;
+        got
     }
 }
 
