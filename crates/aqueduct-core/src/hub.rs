@@ -33,7 +33,8 @@
 //! A step's queue holds at most `queue_capacity` submitted tasks. Tasks forwarded from a batch
 //! that already ran are never refused (refusing would lose them); instead no step is sent a new
 //! batch while a step after it is at capacity, so the overshoot is bounded by the batches
-//! already running upstream.
+//! already outstanding upstream, plus those a dead worker hands back: at most
+//! [`PIPELINE_DEPTH`] batches per worker.
 
 use std::collections::{HashSet, VecDeque};
 use std::ops::Range;
