@@ -37,10 +37,11 @@ miri: ## The shared-memory code (rings, arena, events) under Miri, over heap mem
 test-python: build ## pytest (each test has a timeout)
 	$(PY) -m pytest -q
 
-lint: setup ## rustfmt, clippy -D warnings, ruff
+lint: build ## rustfmt, clippy -D warnings, ruff, and the _core stubs checked against the extension
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests bench examples
+	$(PY) -m mypy.stubtest aqueduct._core
 
 bench: build ## Benchmarks: the Rust engine (criterion, transport table) and the suite against aqueduct 1.15
 	cargo bench -p aqueduct-core --bench transport_compare

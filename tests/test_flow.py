@@ -325,3 +325,37 @@ def test_seed_example_task_class_shape():
 
     t = MyTask(4)
     assert t.number == 4 and t.result is None
+
+
+async def test_the_event_loop_stays_responsive_while_a_handler_works(make_flow):
+    flow = make_flow(Sleep(0.5))
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    running = asyncio.ensure_future(ticker())
+    await flow.process(Task(1))
+    running.cancel()
+    # 0.5 s of handler time at one tick per 10 ms: up to 50 ticks; a loop blocked by the flow
+    # would show at most one.
+    assert ticks >= 10
+
+
+async def test_completions_are_delivered_in_bulk(make_flow):
+    flow = make_flow(FlowStep(Sleep(0.2), batch_size=8))
+    deliveries = []
+    deliver = flow._deliver
+
+    def recording(outcomes):
+        deliveries.append(sum(1 for o in outcomes if o[0] == 0))
+        deliver(outcomes)
+
+    flow._deliver = recording
+    tasks = [Task(i) for i in range(8)]
+    await asyncio.gather(*(flow.process(t) for t in tasks))
+    assert {t.batch for t in tasks[1:]} == {7}, 'the first went alone, the seven others as one batch'
+    assert max(deliveries) == 7, f'one poll handed back the whole batch: {deliveries}'
