@@ -84,7 +84,11 @@ SPECS: list[Spec] = [
     Spec("ppe_cpu_2ms", "the same spin via `ProcessPoolExecutor(2)` + `run_in_executor`, 16 in flight", (PPE,)),
     Spec("start_stop", "`flow.start()` and graceful `await flow.stop()` of an idle 1-step flow"),
     Spec("idle_cpu", "CPU of main + all child processes of an idle 2-step flow over 3 s"),
-    Spec("soak_memory", "small tasks through 2 steps, RSS of the process tree (main + children)", timeout_full_s=240.0),
+    Spec(
+        "soak_memory",
+        "small tasks through 2 steps (≥20k tasks and ≥8 s); RSS of main + children after warm-up",
+        timeout_full_s=240.0,
+    ),
     # Diagnostics (only with --only): check that broken scenarios are recorded, not fatal.
     Spec("selftest_raise", "diagnostic: always raises", timeout_quick_s=30.0),
     Spec("selftest_hang", "diagnostic: hangs forever with a running flow", timeout_quick_s=20.0, timeout_full_s=20.0),
@@ -305,10 +309,13 @@ info = {"python": sys.version.split()[0]}
 try:
     import aqueduct
     info["aqueduct_module"] = getattr(aqueduct, "__file__", None)
-    try:
-        info["aqueduct_version"] = md.version("aqueduct")
-    except md.PackageNotFoundError:
-        info["aqueduct_version"] = getattr(aqueduct, "__version__", None)
+    info["aqueduct_version"] = getattr(aqueduct, "__version__", None)
+    for dist in ("aqueduct", "aqueduct-rs"):
+        try:
+            info["aqueduct_version"] = f"{dist} {md.version(dist)}"
+            break
+        except md.PackageNotFoundError:
+            pass
 except Exception as exc:
     info["error"] = f"cannot import aqueduct: {exc!r}"
 for extra in ("numpy", "psutil"):
@@ -357,8 +364,8 @@ def tail(text: str, limit: int = 300) -> str:
     # Prefer the last exception line of a traceback.
     for line in reversed(lines):
         if "Error" in line or "Exception" in line:
-            return line[-limit:]
-    return lines[-1][-limit:]
+            return line[:limit]
+    return lines[-1][:limit]
 
 
 def group_alive(pgid: int) -> bool:
@@ -641,7 +648,11 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
             "each run is a fresh process; implementations interleaved run by run."
         ),
         "",
-        f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['mem_gb']} GB RAM, {machine['os']}.",
+        (
+            f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['mem_gb']} GB RAM, "
+            f"{machine['os']}; 1-minute load average before the run: "
+            f"{fmt_value(machine.get('loadavg_1min_before'))}."
+        ),
         "",
         "| implementation | interpreter | Python | aqueduct |",
         "| --- | --- | --- | --- |",
@@ -687,7 +698,7 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
             "",
             f"![speed-up versus aqueduct 1.15]({chart_name})",
             "",
-            "Bars: speed-up of aqueduct-rs versus 1.15 (log scale); markers: the speed-up each aim implies.",
+            "Bars: speed-up of aqueduct-rs versus 1.15 (log scale); black ticks: the speed-up each aim implies.",
         ]
     lines += ["", "## Scenarios", ""]
     for name in dict.fromkeys(entry["scenario"] for entry in data["summary"]):
@@ -744,6 +755,8 @@ def secondary_notes(data: dict[str, Any]) -> list[str]:
     both("soak_memory", "start_mb", "RSS at start", " MB")
     both("soak_memory", "end_mb", "RSS at end", " MB")
     both("soak_memory", "growth_main_mb", "RSS growth of the main process alone", " MB")
+    both("soak_memory", "growth_second_half_mb", "RSS growth over the second half of the soak", " MB")
+    both("soak_memory", "growth_per_10k_tasks_mb", "RSS growth per 10k tasks", " MB")
     both("soak_memory", "completed", "tasks in the soak", "")
     both("cpu_2ms_nprocs2", "flow_stop_ms", "graceful stop with nprocs=2", " ms")
     failed_calls = {}
@@ -754,6 +767,9 @@ def secondary_notes(data: dict[str, Any]) -> list[str]:
     for (scenario, impl), count in sorted(failed_calls.items()):
         notes.append(f"- `{scenario}` {LABELS[impl]}: {count} failed `process()` calls over all runs")
     return notes
+
+
+LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.0}
 
 
 def render_chart(data: dict[str, Any], path: Path) -> str | None:
@@ -772,7 +788,7 @@ def render_chart(data: dict[str, Any], path: Path) -> str | None:
     labels = [f"{e['scenario']} · {e['metric']}" for e in entries]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(entries) + 1.6))
     positions = list(range(len(entries)))[::-1]
-    for y, entry in zip(positions, entries):
+    for y, entry in zip(positions, entries, strict=True):
         ratio = entry["speedup_vs_115"]
         aim = entry.get("aim")
         color = "#9e9e9e"
@@ -786,17 +802,18 @@ def render_chart(data: dict[str, Any], path: Path) -> str | None:
             # Bars grow from 1x: to the right when faster than 1.15, to the left when slower.
             ax.barh(y, ratio - 1.0, left=1.0, color=color, height=0.6)
             if ratio >= 1.0:
-                ax.text(ratio * 1.08, y, fmt_x(ratio), va="center", ha="left", fontsize=8)
+                ax.text(ratio * 1.08, y, fmt_x(ratio), va="center", ha="left", fontsize=8, bbox=LABEL_BOX, zorder=4)
             else:
-                ax.text(ratio / 1.08, y, fmt_x(ratio), va="center", ha="right", fontsize=8)
+                ax.text(ratio / 1.08, y, fmt_x(ratio), va="center", ha="right", fontsize=8, bbox=LABEL_BOX, zorder=4)
         if aim and aim.get("required_speedup"):
-            ax.plot(aim["required_speedup"], y, marker="D", color="black", markersize=6, linestyle="none", zorder=3)
+            # A tick across the bar, so that it stays visible behind a value label.
+            ax.plot(aim["required_speedup"], y, marker="|", color="black", markersize=16, mew=2.5, zorder=3)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(positions)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlabel("speed-up of aqueduct-rs versus aqueduct 1.15 (log scale, >1 is better)")
-    ax.set_title(f"aqueduct-rs vs 1.15 ({data['meta']['date'][:10]}); ◆ = aim", fontsize=10)
+    ax.set_title(f"aqueduct-rs vs 1.15 ({data['meta']['date'][:10]}); black tick = aim", fontsize=10)
     ratios = [e["speedup_vs_115"] for e in entries if e["speedup_vs_115"]]
     marks = [e["aim"]["required_speedup"] for e in entries if e.get("aim") and e["aim"].get("required_speedup")]
     low = min([0.5, *ratios, *marks])
@@ -860,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
+    # Other work on the machine skews the numbers: keep a trace of how busy it was.
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     baseline_error = ensure_baseline(args.baseline)
     interps = {OURS: probe_interpreter(OURS, args.ours), BASELINE: probe_interpreter(BASELINE, args.baseline)}
     if baseline_error:
@@ -901,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "runs": args.runs,
             "scenarios": scenarios,
-            "machine": machine_info(),
+            "machine": {**machine_info(), "loadavg_1min_before": load_before},
             "git": git_revision(),
             "interpreters": info,
             "same_module": len(modules) == 1 and None not in modules,

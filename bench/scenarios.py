@@ -158,10 +158,17 @@ class DriveStats:
     cancelled: int = 0
     elapsed_s: float = 0.0
     errors: Counter = field(default_factory=Counter)
+    first_error: str | None = None
 
     @property
     def rate(self) -> float:
         return self.completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def fail(self, kind: str, message: str) -> None:
+        self.failures += 1
+        self.errors[kind] += 1
+        if self.first_error is None:
+            self.first_error = message[:300]
 
     def as_extra(self) -> dict[str, Any]:
         return {
@@ -170,6 +177,7 @@ class DriveStats:
             "cancelled": self.cancelled,
             "elapsed_s": round(self.elapsed_s, 4),
             "errors": dict(self.errors),
+            "first_error": self.first_error,
         }
 
 
@@ -191,6 +199,10 @@ async def drive(
     closes no new task is issued; tasks still in flight get ``DRAIN_CAP_S`` to finish
     and are cancelled after that. The rate is completed tasks divided by the time from
     the start to the last completion.
+
+    Failed calls are counted, not raised; but a phase in which no task at all
+    completed raises RuntimeError, so that a broken scenario is reported as failed
+    rather than as a throughput of zero.
     """
     stats = DriveStats()
     issued = 0
@@ -203,23 +215,20 @@ async def drive(
         nonlocal issued, last_done
         while issued < max_tasks and time.perf_counter() < deadline:
             issued += 1
-            task = make_task(issued)
             try:
+                task = make_task(issued)  # e.g. share_value() may fail too
                 ok = await run(task)
             except asyncio.CancelledError:
                 stats.cancelled += 1
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is counted, never fatal
-                stats.failures += 1
-                stats.errors[type(exc).__name__] += 1
+                stats.fail(type(exc).__name__, repr(exc))
                 continue
             if ok is False:
-                stats.failures += 1
-                stats.errors["returned_false"] += 1
+                stats.fail("returned_false", "process() returned False")
                 continue
             if check is not None and not check(task):
-                stats.failures += 1
-                stats.errors["wrong_result"] += 1
+                stats.fail("wrong_result", f"wrong result in {task!r}"[:300])
                 continue
             stats.completed += 1
             last_done = time.perf_counter()
@@ -228,12 +237,20 @@ async def drive(
 
     workers = [asyncio.ensure_future(worker()) for _ in range(in_flight)]
     # Wait for the window plus the drain allowance, then cancel whatever is left.
-    _, pending = await asyncio.wait(workers, timeout=max_seconds + DRAIN_CAP_S)
+    done, pending = await asyncio.wait(workers, timeout=max_seconds + DRAIN_CAP_S)
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        if task.exception() is not None:  # a bug in a callback such as on_done
+            raise task.exception()
     stats.elapsed_s = last_done - start
+    if stats.completed == 0 and issued > 0:
+        raise RuntimeError(
+            f"no task completed out of {issued} issued ({stats.failures} failed, {stats.cancelled} cancelled); "
+            f"errors: {dict(stats.errors)}; first: {stats.first_error}"
+        )
     return stats
 
 
@@ -639,45 +656,46 @@ async def idle_cpu(quick: bool) -> dict[str, Any]:
 
 
 async def soak_memory(quick: bool) -> dict[str, Any]:
-    """Many small tasks through a 2-step flow; RSS of the process tree sampled along."""
-    total_tasks, max_seconds = scaled(quick, (5000, 20.0), (20000, 90.0))
-    n_samples = 20
-    every = max(1, total_tasks // n_samples)
+    """Many small tasks through a 2-step flow; RSS of the process tree sampled along.
+
+    Runs for at least ``min_tasks`` tasks *and* ``min_seconds`` (a fast implementation
+    would otherwise be done before any leak shows), within ``max_seconds``.
+    """
+    min_tasks, min_seconds, max_seconds = scaled(quick, (5000, 2.0, 20.0), (20000, 8.0, 90.0))
+    chunk_s = min_seconds / 20  # about 20 samples, more if the task floor needs longer
     in_flight = 16
     samples: list[tuple[int, float]] = []
-    done = 0
-
-    def sample(_task: BaseTask) -> None:
-        nonlocal done
-        done += 1
-        if done % every == 0:
-            samples.append((done, round(total_rss_mb(), 2)))
+    totals = DriveStats()
 
     running = RunningFlow(FlowStep(IncHandler()), FlowStep(AddOneHandler()))
     async with running as flow:
-        # Warm-up so that allocator pools and caches are populated before the baseline.
-        await drive(flow, num_task, in_flight=in_flight, max_tasks=max(200, total_tasks // 10), max_seconds=5.0)
+        # A long warm-up so that allocator pools, caches and lazily touched pages of
+        # preallocated buffers are resident before the baseline is taken.
+        await drive(flow, num_task, in_flight=in_flight, max_tasks=10**9, max_seconds=min_seconds / 4)
         samples.append((0, round(total_rss_mb(), 2)))
         rss_start = rss_by_process()
-        stats = await drive(
-            flow,
-            num_task,
-            in_flight=in_flight,
-            max_tasks=total_tasks,
-            max_seconds=max_seconds,
-            check=check_plus_two,
-            on_done=sample,
-        )
-        if not samples or samples[-1][0] != done:
-            samples.append((done, round(total_rss_mb(), 2)))
+        t0 = time.perf_counter()
+        while True:
+            elapsed = time.perf_counter() - t0
+            if (totals.completed >= min_tasks and elapsed >= min_seconds) or elapsed >= max_seconds:
+                break
+            stats = await drive(
+                flow, num_task, in_flight=in_flight, max_tasks=10**9, max_seconds=chunk_s, check=check_plus_two
+            )
+            totals.completed += stats.completed
+            totals.failures += stats.failures
+            totals.cancelled += stats.cancelled
+            totals.errors.update(stats.errors)
+            samples.append((totals.completed, round(total_rss_mb(), 2)))
+        totals.elapsed_s = time.perf_counter() - t0
         rss_end = rss_by_process()
     start_mb, end_mb = samples[0][1], samples[-1][1]
+    mid_mb = samples[len(samples) // 2][1]
     # Where the growth happened: the main process versus the workers (and helpers).
     by_process = {
         "main" if pid == os.getpid() else f"child:{pid}": round(rss_end[pid] - rss_start[pid], 2)
         for pid in rss_start.keys() & rss_end.keys()
     }
-    mid_mb = samples[len(samples) // 2][1]
     return result(
         "rss_growth_mb",
         round(end_mb - start_mb, 2),
@@ -686,12 +704,12 @@ async def soak_memory(quick: bool) -> dict[str, Any]:
         start_mb=start_mb,
         end_mb=end_mb,
         growth_second_half_mb=round(end_mb - mid_mb, 2),
-        growth_per_1k_tasks_mb=round((end_mb - start_mb) / max(done, 1) * 1000, 3),
+        growth_per_10k_tasks_mb=round((end_mb - start_mb) / max(totals.completed, 1) * 10_000, 3),
         growth_main_mb=by_process.get("main"),
         growth_by_process_mb=by_process,
         samples=samples,
-        rate=round(stats.rate, 1),
-        **stats.as_extra(),
+        rate=round(totals.rate, 1),
+        **totals.as_extra(),
         **running.timings(),
     )
 
@@ -742,10 +760,13 @@ def implementation_info() -> dict[str, Any]:
 
     import aqueduct
 
-    try:
-        version = importlib.metadata.version("aqueduct")
-    except importlib.metadata.PackageNotFoundError:
-        version = getattr(aqueduct, "__version__", None)
+    version = getattr(aqueduct, "__version__", None)
+    for dist in ("aqueduct", "aqueduct-rs"):
+        try:
+            version = f"{dist} {importlib.metadata.version(dist)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return {"module": getattr(aqueduct, "__file__", None), "version": version, "python": sys.version.split()[0]}
 
 
