@@ -20,7 +20,7 @@
 //!
 //! # Pipelining
 //! A worker that is busy while a *full* batch waits for it is sent that batch ahead of time (at
-//! most [`PIPELINE_DEPTH`] batches outstanding per worker), so it starts the next batch the
+//! most [`pipeline_depth`] batches outstanding per worker), so it starts the next batch the
 //! moment it finishes one instead of waiting for the hub's next poll. Partial batches are never
 //! sent ahead: they still wait for an idle worker, so pipelining never makes batches smaller.
 //! Only tasks of the highest priority level are sent ahead, so pipelining never lets a task
@@ -34,7 +34,7 @@
 //! that already ran are never refused (refusing would lose them); instead no step is sent a new
 //! batch while a step after it is at capacity, so the overshoot is bounded by the batches
 //! already outstanding upstream, plus those a dead worker hands back: at most
-//! [`PIPELINE_DEPTH`] batches per worker.
+//! [`pipeline_depth`] batches per worker.
 
 use std::collections::{HashSet, VecDeque};
 use std::ops::Range;
@@ -189,8 +189,15 @@ struct Queued {
     body: Body,
 }
 
-/// Batches a worker may have outstanding: the one it handles and one waiting in its ring.
-pub const PIPELINE_DEPTH: usize = 2;
+/// Batches a worker of a step with `batch_size` may have outstanding: the one it handles and
+/// the ones waiting in its ring. Small batches get a deeper pipeline (up to 8 tasks ahead), so a
+/// worker of a `batch_size=1` step rarely runs dry, and parks, between two polls of the hub.
+pub fn pipeline_depth(batch_size: usize) -> usize {
+    8usize.div_ceil(batch_size).clamp(2, MAX_PIPELINE_DEPTH)
+}
+
+/// The deepest pipeline of any step (see [`pipeline_depth`]).
+pub const MAX_PIPELINE_DEPTH: usize = 8;
 
 /// A task in a batch sent to a worker. The body is kept until the batch is done, so that a
 /// batch the worker never began can go back to the queue if the worker dies.
@@ -214,6 +221,8 @@ struct Slot {
     /// Outstanding batches, oldest first.
     batches: VecDeque<SentBatch>,
     sent: u64,
+    /// Batches written to the inbound ring but not yet published (see `publish_batches`).
+    unpublished: bool,
 }
 
 impl Slot {
@@ -256,6 +265,9 @@ pub struct Hub {
     deferred: Vec<(u64, Failure<'static>)>,
     scratch: Vec<u8>,
     accepting: bool,
+    /// Slots with batches written but not published: publishing once per slot per dispatch
+    /// round costs at most one wake-up system call per worker, however many batches it got.
+    unpublished: Vec<usize>,
 }
 
 impl Hub {
@@ -294,10 +306,11 @@ impl Hub {
                     outbound: Consumer::attach(region.clone(), layout.outbound(slot))?,
                     batches: VecDeque::new(),
                     sent: 0,
+                    unpublished: false,
                 });
             }
             // Every outstanding batch of inline bodies must fit in the inbound ring at once.
-            let per_task = (layout.ring_capacity - 64) / (spec.batch_size * PIPELINE_DEPTH);
+            let per_task = (layout.ring_capacity - 64) / (spec.batch_size * pipeline_depth(spec.batch_size));
             let inline_max = per_task.saturating_sub(8 + HEADER_LEN + 8) / 8 * 8;
             steps.push(Step {
                 spec: spec.clone(),
@@ -321,6 +334,7 @@ impl Hub {
             deferred: Vec::new(),
             scratch: Vec::new(),
             accepting: true,
+            unpublished: Vec::new(),
         })
     }
 
@@ -716,13 +730,29 @@ impl Hub {
         if st.queue.level_len(top) < st.spec.batch_size || st.queue.len() != st.queue.level_len(top) {
             return None;
         }
-        st.slots.clone().find(|&i| {
-            let s = &self.slots[i];
-            s.state == SlotState::Busy && s.batches.len() < PIPELINE_DEPTH
-        })
+        let depth = pipeline_depth(st.spec.batch_size);
+        st.slots
+            .clone()
+            .filter(|&i| self.slots[i].state == SlotState::Busy && self.slots[i].batches.len() < depth)
+            .min_by_key(|&i| self.slots[i].batches.len())
     }
 
     fn dispatch(&mut self, step: usize, now: Nanos) -> Result<()> {
+        let result = self.dispatch_batches(step, now);
+        self.publish_batches();
+        result
+    }
+
+    /// Makes every batch written this round visible, waking each parked worker once.
+    fn publish_batches(&mut self) {
+        for slot in std::mem::take(&mut self.unpublished) {
+            let s = &mut self.slots[slot];
+            s.unpublished = false;
+            s.inbound.publish();
+        }
+    }
+
+    fn dispatch_batches(&mut self, step: usize, now: Nanos) -> Result<()> {
         self.steps[step].timer = None;
         while !self.downstream_full(step) {
             let target = match self.steps[step].idle.last() {
@@ -788,7 +818,10 @@ impl Hub {
             // ring before reporting its batch done.
             return Err(EngineError::Protocol("a batch did not fit in an idle worker's inbound ring"));
         }
-        s.inbound.publish();
+        if !s.unpublished {
+            s.unpublished = true;
+            self.unpublished.push(slot);
+        }
         s.state = SlotState::Busy;
         s.batches.push_back(SentBatch {
             seq: s.sent,

@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aqueduct_core::hub::{Doorbell, Failure, Hub, HubConfig, Outcome, Payload, SlotState, StepSpec, PIPELINE_DEPTH};
+use aqueduct_core::hub::pipeline_depth;
+use aqueduct_core::hub::{
+    Doorbell, Failure, Hub, HubConfig, Outcome, Payload, SlotState, StepSpec, MAX_PIPELINE_DEPTH,
+};
 use aqueduct_core::message::{Status, ROUTE_DONE};
 use aqueduct_core::shm::event::SpinPolicy;
 use aqueduct_core::{Nanos, Received, WorkerEndpoint};
@@ -357,13 +360,16 @@ fn cancel_removes_queued_tasks_and_drops_held_results() {
 #[test]
 fn a_full_queue_refuses_submissions() {
     let mut rig = Rig::new(config(vec![step(1, 1, 0, 2)]));
-    rig.hub.submit(0, 0, Nanos::ZERO, b"1").unwrap(); // dispatched to the idle worker
-    rig.hub.submit(0, 0, Nanos::ZERO, b"2").unwrap(); // sent ahead (a full batch of 1)
-    assert_eq!(rig.hub.batches_outstanding(0), 2);
-    rig.hub.submit(0, 0, Nanos::ZERO, b"3").unwrap();
-    rig.hub.submit(0, 0, Nanos::ZERO, b"4").unwrap();
+    // One batch to the idle worker, then full batches of 1 sent ahead up to the pipeline depth.
+    let depth = pipeline_depth(1);
+    for i in 0..depth {
+        rig.hub.submit(0, 0, Nanos::ZERO, &[i as u8]).unwrap();
+    }
+    assert_eq!(rig.hub.batches_outstanding(0), depth);
+    rig.hub.submit(0, 0, Nanos::ZERO, b"q1").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"q2").unwrap();
     assert_eq!(rig.hub.queue_len(0), 2);
-    let err = rig.hub.submit(0, 0, Nanos::ZERO, b"5").unwrap_err();
+    let err = rig.hub.submit(0, 0, Nanos::ZERO, b"over").unwrap_err();
     assert!(err.to_string().contains("full"), "{err}");
 }
 
@@ -376,13 +382,20 @@ fn a_busy_worker_is_sent_its_next_full_batch_ahead_of_time() {
     rig.hub.submit(0, 0, Nanos::ZERO, b"c").unwrap();
     assert_eq!(rig.hub.batches_outstanding(0), 2, "a full batch is sent ahead");
     rig.hub.submit(0, 0, Nanos::ZERO, b"d").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 2, "d alone is a partial batch: it waits");
     rig.hub.submit(0, 0, Nanos::ZERO, b"e").unwrap();
-    assert_eq!(rig.hub.batches_outstanding(0), 2, "at most PIPELINE_DEPTH batches outstanding");
-    // The worker goes through both batches without the hub polling in between.
+    assert_eq!(rig.hub.batches_outstanding(0), 3);
+    for _ in 0..4 {
+        rig.hub.submit(0, 0, Nanos::ZERO, b"f").unwrap();
+    }
+    assert_eq!(rig.hub.batches_outstanding(0), pipeline_depth(2), "never more than the pipeline depth");
+    // The worker goes through its batches without the hub polling in between.
     assert_eq!(rig.echo(0), 1);
     assert_eq!(rig.echo(0), 2);
+    assert_eq!(rig.echo(0), 2);
+    assert_eq!(rig.echo(0), 2);
     rig.poll();
-    assert_eq!(rig.got.len(), 3);
+    assert_eq!(rig.got.len(), 7);
     assert_eq!(rig.echo(0), 2, "the rest, once the hub polled");
 }
 
@@ -499,8 +512,8 @@ proptest! {
             }
             // The documented bound: submissions stop at `cap`; on top come tasks forwarded from
             // batches already running upstream and tasks handed back by a dead worker, at most
-            // PIPELINE_DEPTH batches per worker.
-            let bound = cap + (nprocs + 1) * batch_size * PIPELINE_DEPTH;
+            // MAX_PIPELINE_DEPTH batches per worker.
+            let bound = cap + (nprocs + 1) * batch_size * MAX_PIPELINE_DEPTH;
             for s in 0..2 {
                 prop_assert!(rig.hub.queue_len(s) <= bound, "queue bound");
             }
