@@ -11,7 +11,6 @@ the handler runs, so an expired task never reaches it.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import time
@@ -19,6 +18,7 @@ import traceback
 from typing import Callable, List, Sequence, Tuple
 
 from . import _core
+from ._codec import decode, encode
 from .exceptions import remote_error_payload
 from .handler import BaseTaskHandler
 from .logger import log
@@ -60,7 +60,7 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
         worker.start_failed(f'{step_name}: on_start raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}')
         return 1
     worker.ready()
-    loads, dumps, now_ns = pickle.loads, pickle.dumps, time.monotonic_ns
+    now_ns = time.monotonic_ns
     send = worker.send_result
     while True:
         batch = worker.recv()
@@ -74,7 +74,7 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
                 send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
                 continue
             try:
-                tasks.append(loads(body))
+                tasks.append(decode(body))
             except Exception as exc:
                 send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
                 continue
@@ -90,7 +90,7 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
                 for i, task in zip(indices, tasks, strict=True):
                     try:
                         route = _route(task, routes)
-                        body = dumps(task, 5)
+                        body = encode(task)
                     except Exception as exc:
                         send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
                     else:

@@ -23,7 +23,6 @@ import asyncio
 import atexit
 import heapq
 import operator
-import pickle
 import signal
 import time
 import warnings
@@ -34,6 +33,7 @@ from threading import get_ident
 from typing import Deque, Dict, List, Tuple, Union
 
 from . import _core
+from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
 from .exceptions import (
     FlowError,
@@ -282,7 +282,7 @@ class Flow:
         step = self._entry_step(task)
         if step is None:
             return True
-        body = pickle.dumps(task, 5)
+        body = encode(task)
         deadline = task.expiration_time
         deadline_ns = int(deadline * 1e9)
         future = loop.create_future()
@@ -309,7 +309,11 @@ class Flow:
                 if self._pending.pop(task_id, None) is not None and self._engine is not None:
                     self._engine.cancel(task_id)
                 raise
-        task.update(pickle.loads(result))
+        done, state = decode_state(result)
+        if state is None:
+            task.update(done)
+        else:
+            task.update_from_state(state)
         return True
 
     def _entry_step(self, task: BaseTask) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from random import getrandbits
 from time import monotonic
-from typing import Any, Set
+from typing import Any, Optional, Set
 
 DEFAULT_PRIORITY = 0
 
@@ -49,8 +49,12 @@ class BaseTask:
         The bookkeeping fields of ``BaseTask`` itself (``task_id``, ``priority``,
         ``expiration_time``) are not copied, nor are ``excluded_fields``.
         """
+        self.update_from_state(source_task.__dict__, excluded_fields)
+
+    def update_from_state(self, state: dict, excluded_fields: Optional[Set[str]] = None) -> None:
+        """:meth:`update` from the fields of a processed copy, given as its ``__dict__``."""
         immutable = _BASE_FIELDS if not excluded_fields else _BASE_FIELDS | set(excluded_fields)
-        for field, value in source_task.__dict__.items():
+        for field, value in state.items():
             if field not in immutable:
                 setattr(self, field, value)
 
