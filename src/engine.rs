@@ -1,26 +1,29 @@
+#![forbid(unsafe_code)]
 //! `aqueduct._core.Engine`: the main process's side of a flow, driven by `aqueduct.flow.Flow`.
 //!
 //! The Python event loop watches `fileno()` and calls `poll()` when it is readable (and, while
 //! tasks are in flight, for a short spin window after each completion). Outcomes come back in
 //! bulk, as one list of plain tuples per call, so the per-task cost on the Python side is one
 //! tuple unpack:
-//! - `(0, task_id, body: bytes)`: done, body is the pickled task;
+//! - `(0, task_id, body: bytes, bufs: list[ShmBuffer])`: done; body is the pickled task and
+//!   bufs its out-of-band buffers, each owning a reference;
 //! - `(1, task_id, kind: str, step: int, detail)`: failed, kind one of `handler` (detail: the
 //!   pickled error), `expired`, `died` (detail: pid), `stopped`, `shm_exhausted`;
 //! - `(2, slot, step, pid, event: str, message)`: a worker became `ready`, `start_failed` or
 //!   `exited`.
 
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aqueduct_core::hub::{Failure, HubConfig, Outcome, Payload, SlotState, StepSpec};
-use aqueduct_core::shm::Arena;
+use aqueduct_core::shm::{Arena, BufRef};
 use aqueduct_core::{Engine as CoreEngine, Nanos};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::errors::py_err;
+use crate::shm::{Pool, ShmBuffer};
 
 #[pyclass(frozen, module = "aqueduct._core")]
 pub struct Engine {
@@ -64,17 +67,37 @@ fn payload_bytes<'py>(py: Python<'py>, arena: &Arena, body: Payload<'_>) -> PyRe
             let bytes = PyBytes::new_with(py, ext.len as usize, |buf| {
                 arena.read(&ext, 0, buf).map_err(|e| crate::errors::to_py(py, e))
             });
-            let _ = arena.release(&ext);
+            let _ = arena.unhold(&ext);
             bytes
         }
     }
 }
 
+/// The outcome's buffers as `ShmBuffer`s that take over the references the outcome carries.
+fn buffers<'py>(py: Python<'py>, arena: &Arc<Arena>, bufs: Vec<BufRef>) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    let mut bufs = bufs.into_iter();
+    while let Some(b) = bufs.next() {
+        match ShmBuffer::owning(arena, b) {
+            Ok(sb) => out.append(Bound::new(py, sb)?)?,
+            Err(e) => {
+                let _ = arena.unhold(&b.extent());
+                for rest in bufs {
+                    let _ = arena.unhold(&rest.extent());
+                }
+                return Err(crate::errors::to_py(py, e));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Converts one outcome to its tuple and appends it.
-fn push_outcome(py: Python<'_>, arena: &Arena, out: &Bound<'_, PyList>, o: Outcome<'_>) -> PyResult<()> {
+fn push_outcome(py: Python<'_>, arena: &Arc<Arena>, out: &Bound<'_, PyList>, o: Outcome<'_>) -> PyResult<()> {
     let item = match o {
-        Outcome::Done { task_id, body } => {
-            (0u8, task_id, payload_bytes(py, arena, body)?).into_pyobject(py)?.into_any()
+        Outcome::Done { task_id, body, bufs } => {
+            let bufs = buffers(py, arena, bufs)?;
+            (0u8, task_id, payload_bytes(py, arena, body)?, bufs).into_pyobject(py)?.into_any()
         }
         Outcome::Failed { task_id, failure } => {
             let (kind, step, detail): (&str, i64, Bound<'_, PyAny>) = match failure {
@@ -99,14 +122,14 @@ fn push_outcome(py: Python<'_>, arena: &Arena, out: &Bound<'_, PyList>, o: Outco
 impl Engine {
     /// `steps` is a list of `(nprocs, batch_size, batch_timeout_seconds, queue_capacity)`.
     #[new]
-    #[pyo3(signature = (steps, priorities=1, fair_every=10, ring_capacity=1<<20, arena_bytes=1<<30, inline_max=64<<10))]
+    #[pyo3(signature = (steps, pool, priorities=1, fair_every=10, ring_capacity=1<<20, inline_max=64<<10))]
     fn new(
         py: Python<'_>,
         steps: Vec<(usize, usize, f64, usize)>,
+        pool: &Pool,
         priorities: usize,
         fair_every: u32,
         ring_capacity: usize,
-        arena_bytes: usize,
         inline_max: usize,
     ) -> PyResult<Self> {
         let steps = steps
@@ -118,9 +141,8 @@ impl Engine {
                 queue_capacity,
             })
             .collect();
-        let cfg =
-            HubConfig { steps, priorities, fair_every, ring_capacity, arena_bytes, inline_max, ..HubConfig::default() };
-        let engine = CoreEngine::new(&cfg).map_err(py_err(py))?;
+        let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, inline_max };
+        let engine = CoreEngine::new(&cfg, pool.arena.clone()).map_err(py_err(py))?;
         Ok(Self { inner: Mutex::new(Some(engine)) })
     }
 
@@ -161,14 +183,32 @@ impl Engine {
         Ok(self.lock()?.hub.held_by(slot))
     }
 
-    fn worker_spawned(&self, py: Python<'_>, slot: usize, pid: u32) -> PyResult<()> {
-        self.lock()?.worker_spawned(slot, pid).map_err(py_err(py))
+    /// Registers the process `pid` started for `slot`, acting as process `pool_index` of the pool.
+    fn worker_spawned(&self, py: Python<'_>, slot: usize, pid: u32, pool_index: u32) -> PyResult<()> {
+        self.lock()?.worker_spawned(slot, pid, pool_index).map_err(py_err(py))
     }
 
     /// Queues a pickled task at `step`; returns its engine id. `deadline_ns` is on the
-    /// monotonic clock (`time.monotonic_ns()`), 0 for none.
-    fn submit(&self, py: Python<'_>, step: usize, priority: u8, deadline_ns: u64, body: &[u8]) -> PyResult<u64> {
-        self.lock()?.hub.submit(step, priority, Nanos(deadline_ns), body).map_err(py_err(py))
+    /// monotonic clock (`time.monotonic_ns()`), 0 for none. `bufs` are the task's out-of-band
+    /// buffers: on success their references pass to the task; on failure they stay with them.
+    #[pyo3(signature = (step, priority, deadline_ns, body, bufs=None))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        step: usize,
+        priority: u8,
+        deadline_ns: u64,
+        body: &[u8],
+        bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
+    ) -> PyResult<u64> {
+        let bufs = bufs.unwrap_or_default();
+        let refs = bufs.iter().map(|b| b.get().buf()).collect();
+        let id =
+            self.lock()?.hub.submit_with_bufs(step, priority, Nanos(deadline_ns), body, refs).map_err(py_err(py))?;
+        for b in &bufs {
+            b.get().detach();
+        }
+        Ok(id)
     }
 
     fn cancel(&self, task_id: u64) -> PyResult<bool> {
@@ -182,7 +222,7 @@ impl Engine {
     fn poll<'py>(&self, py: Python<'py>, events: bool) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let mut engine = self.lock()?;
-        let arena = Arena::attach(engine.hub.region().clone(), engine.hub.layout().arena).map_err(py_err(py))?;
+        let arena = engine.hub.arena().clone();
         let mut err = None;
         let mut sink = |o: Outcome<'_>| {
             if err.is_none() {
@@ -260,13 +300,6 @@ impl Engine {
         Ok(d)
     }
 
-    /// Bytes of the shared-memory pool in use.
-    #[getter]
-    fn shm_used_bytes(&self) -> PyResult<usize> {
-        let e = self.lock()?;
-        Ok(e.hub.arena().used_pages() * e.hub.arena().page_size())
-    }
-
     fn stop_accepting(&self) -> PyResult<()> {
         self.lock()?.hub.stop_accepting();
         Ok(())
@@ -293,7 +326,7 @@ impl Engine {
     fn fail_all<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let mut engine = self.lock()?;
-        let arena = Arena::attach(engine.hub.region().clone(), engine.hub.layout().arena).map_err(py_err(py))?;
+        let arena = engine.hub.arena().clone();
         let mut err = None;
         engine.hub.fail_all(&mut |o| {
             if err.is_none() {

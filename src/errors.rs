@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! The one place where engine errors become Python exceptions.
 //!
 //! The exception classes live in `aqueduct/exceptions.py` (users subclass, pickle and catch

@@ -4,10 +4,11 @@
 //! mapped in `errors.rs` alone. The public API (`Flow`, `FlowStep`, `BaseTask`, ...) is Python,
 //! in `python/aqueduct/`, because users subclass and pickle it.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed in `shm.rs` only, for the buffer-protocol slot
 
 mod engine;
 mod errors;
+mod shm;
 mod worker;
 
 use pyo3::prelude::*;
@@ -27,6 +28,8 @@ fn die_with_parent() -> PyResult<i32> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
     m.add_class::<worker::Worker>()?;
+    m.add_class::<shm::Pool>()?;
+    m.add_class::<shm::ShmBuffer>()?;
     m.add_function(wrap_pyfunction!(die_with_parent, m)?)?;
     m.add("ROUTE_DONE", aqueduct_core::message::ROUTE_DONE)?;
     Ok(())

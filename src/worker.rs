@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! `aqueduct._core.Worker`: a worker process's end of the transport, driven by
 //! `aqueduct._worker`.
 //!
@@ -11,17 +12,19 @@ use std::time::{Duration, Instant};
 use aqueduct_core::hub::Doorbell;
 use aqueduct_core::message::Status;
 use aqueduct_core::shm::fd::adopt_inherited;
-use aqueduct_core::shm::SharedRegion;
+use aqueduct_core::shm::{Arena, SharedRegion};
 use aqueduct_core::{Received, WorkerEndpoint};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use crate::errors::py_err;
+use crate::shm::{Pool, ShmBuffer};
 
 #[pyclass(frozen, module = "aqueduct._core")]
 pub struct Worker {
     inner: Mutex<WorkerEndpoint>,
+    arena: Arc<Arena>,
 }
 
 impl Worker {
@@ -33,14 +36,14 @@ impl Worker {
 #[pymethods]
 impl Worker {
     /// Attaches to `slot` of the flow whose region and doorbell descriptors this process
-    /// inherited. Takes ownership of both descriptors.
+    /// inherited (taking ownership of both), using `pool` for large payloads.
     #[new]
-    fn new(py: Python<'_>, region_fd: i32, doorbell_fd: i32, slot: usize) -> PyResult<Self> {
+    fn new(py: Python<'_>, region_fd: i32, doorbell_fd: i32, slot: usize, pool: &Pool) -> PyResult<Self> {
         let region =
             Arc::new(SharedRegion::attach(adopt_inherited(region_fd).map_err(py_err(py))?).map_err(py_err(py))?);
         let doorbell = Doorbell::from_fd(adopt_inherited(doorbell_fd).map_err(py_err(py))?);
-        let endpoint = WorkerEndpoint::attach(region, slot, doorbell).map_err(py_err(py))?;
-        Ok(Self { inner: Mutex::new(endpoint) })
+        let endpoint = WorkerEndpoint::attach(region, pool.arena.clone(), slot, doorbell).map_err(py_err(py))?;
+        Ok(Self { inner: Mutex::new(endpoint), arena: pool.arena.clone() })
     }
 
     fn ready(&self, py: Python<'_>) -> PyResult<()> {
@@ -51,7 +54,8 @@ impl Worker {
         self.lock().start_failed(message).map_err(py_err(py))
     }
 
-    /// Waits for the next batch. Returns a list of `(deadline_ns, priority, body)`, or `None`
+    /// Waits for the next batch. Returns a list of `(deadline_ns, priority, body, bufs)` (bufs:
+    /// the task's out-of-band buffers, each holding a reference of this process), or `None`
     /// when the flow asked this worker to stop, or `[]` when `timeout` seconds passed.
     #[pyo3(signature = (timeout=None))]
     fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyList>>> {
@@ -67,12 +71,20 @@ impl Worker {
                 Received::Batch(n) => {
                     let w = self.lock();
                     let out = PyList::empty(py);
-                    for (i, t) in w.tasks().iter().enumerate().take(n) {
+                    for i in 0..n {
+                        let t = &w.tasks()[i];
                         let body = PyBytes::new_with(py, t.body.len, |buf| {
-                            w.region().read(t.body.offset, buf).map_err(|e| crate::errors::to_py(py, e))
+                            let mut v = Vec::new();
+                            w.read_body(i, &mut v).map_err(|e| crate::errors::to_py(py, e))?;
+                            buf.copy_from_slice(&v);
+                            Ok(())
                         })?;
-                        debug_assert!(i < n);
-                        out.append((t.header.deadline.0, t.header.priority, body))?;
+                        let bufs = PyList::empty(py);
+                        for b in &t.bufs {
+                            self.arena.hold(&b.extent()).map_err(py_err(py))?;
+                            bufs.append(Bound::new(py, ShmBuffer::owning(&self.arena, *b).map_err(py_err(py))?)?)?;
+                        }
+                        out.append((t.header.deadline.0, t.header.priority, body, bufs))?;
                     }
                     return Ok(Some(out));
                 }
@@ -87,8 +99,18 @@ impl Worker {
     }
 
     /// Answers for task `index` of the current batch. `status` is 0 (ok), 1 (handler error) or
-    /// 2 (expired); `route` is the next step or 65535 for "back to the caller".
-    fn send_result(&self, py: Python<'_>, index: usize, status: u8, route: u16, body: &[u8]) -> PyResult<()> {
+    /// 2 (expired); `route` is the next step or 65535 for "back to the caller". `bufs` are the
+    /// result's out-of-band buffers; their references pass to the result.
+    #[pyo3(signature = (index, status, route, body, bufs=None))]
+    fn send_result(
+        &self,
+        py: Python<'_>,
+        index: usize,
+        status: u8,
+        route: u16,
+        body: &[u8],
+        bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
+    ) -> PyResult<()> {
         let status = match status {
             0 => Status::Ok,
             1 => Status::Error,
@@ -99,7 +121,13 @@ impl Worker {
         if index >= w.tasks().len() {
             return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
         }
-        w.send_result(index, status, route, body).map_err(py_err(py))
+        let bufs = bufs.unwrap_or_default();
+        let refs: Vec<_> = bufs.iter().map(|b| b.get().buf()).collect();
+        w.send_result_with_bufs(index, status, route, body, &refs).map_err(py_err(py))?;
+        for b in &bufs {
+            b.get().detach();
+        }
+        Ok(())
     }
 
     /// Ends the current batch and reports this worker idle.

@@ -58,13 +58,16 @@ async def make_flow(start_method):
 
 @pytest.fixture(scope='session', autouse=True)
 def multiprocessing_helpers():
-    """Start multiprocessing's long-lived helpers once, up front, so that the descriptors they
-    keep open for the life of the process are not mistaken for leaks of the first test that
-    happens to start them."""
+    """Start the long-lived helpers (multiprocessing's, aqueduct's shared-memory pool) once, up
+    front, so that the descriptors they keep open for the life of the process are not mistaken
+    for leaks of the first test that happens to start them."""
     from multiprocessing import forkserver, resource_tracker
+
+    from aqueduct import shm
 
     resource_tracker.ensure_running()
     forkserver.ensure_running()
+    shm.pool()  # the process-wide shared-memory pool lives as long as the process
 
 
 @pytest.fixture(autouse=True)

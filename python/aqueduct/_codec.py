@@ -1,12 +1,22 @@
-"""How a task crosses a process boundary.
+"""How a task crosses a process boundary: pickled state plus out-of-band buffers in the pool.
 
-A task is usually an instance of a plain ``BaseTask`` subclass whose whole state is its
-``__dict__``. Pickling such an object makes ``pickle`` write, and the other side resolve, a
-reference to the class (module import lookup and attribute walk) on every crossing, which
-profiling showed to be a fifth of the main process's work per task. For those classes the wire
-form is ``(module, qualname, state_dict)``: the class is looked up once per process and cached,
-and the caller's task is updated straight from the state dict. Any other task (custom
-``__reduce__``/``__getstate__``/``__setstate__``, ``__slots__``) is pickled whole, unchanged.
+Two things keep this cheap.
+
+**State, not objects.** A task is usually an instance of a plain ``BaseTask`` subclass whose
+whole state is its ``__dict__``. Pickling such an object makes ``pickle`` write, and the other
+side resolve, a reference to the class on every crossing, which profiling showed to be a fifth
+of the main process's work per task. For those classes the wire form is
+``(module, qualname, state)``: the class is looked up once per process and cached, and the
+caller's task is updated straight from the state. Any other task (custom ``__reduce__``,
+``__getstate__``, ``__setstate__``, ``__slots__``) is pickled whole.
+
+**Buffers by reference.** Pickle protocol 5 hands large contiguous buffers (numpy arrays,
+``bytearray``) to a callback instead of copying them into the stream. Each one at or above the
+threshold (:func:`aqueduct.shm.threshold`) goes to the pool: if it already lives there (an array
+received from another step, a shared field) only a new reference is taken, otherwise it is
+copied in once. The receiver gets the buffers back as ``ShmBuffer`` objects and numpy rebuilds
+its arrays as views on them: no copy between steps, none on the way back. Large ``bytes``
+fields travel the same way (and are copied out on arrival, ``bytes`` being immutable).
 """
 
 from __future__ import annotations
@@ -14,10 +24,13 @@ from __future__ import annotations
 import copyreg
 import importlib
 import pickle
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import shm
 
 _dumps = pickle.dumps
 _loads = pickle.loads
+_PickleBuffer = pickle.PickleBuffer
 
 #: class -> its wire key, or None when it needs full pickling
 _plain: Dict[type, Any] = {}
@@ -46,12 +59,86 @@ def _wire_key(cls: type):
     return key
 
 
-def encode(task: Any) -> bytes:
-    """The bytes that carry ``task`` to another process."""
+class _OutOfBandBytes:
+    """Pickles a large ``bytes`` value as an out-of-band buffer."""
+
+    __slots__ = ('value',)
+
+    def __init__(self, value: bytes):
+        self.value = value
+
+    def __reduce_ex__(self, protocol):
+        return (bytes, (_PickleBuffer(self.value),))
+
+
+class FromShared:
+    """Stands in a pickled state for a shared ``bytes``/``bytearray``/``memoryview`` field,
+    whose value the receiver rebuilds from the field's shared memory (see ``task.py``)."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (_from_shared, ())
+
+
+FROM_SHARED = FromShared()
+
+
+def _from_shared() -> FromShared:
+    return FROM_SHARED
+
+
+def _state_for_wire(state: dict, big: int) -> dict:
+    """The state to pickle: shared non-array fields replaced by markers, large ``bytes``
+    wrapped to go out of band. Returns ``state`` itself when nothing needs replacing."""
+    shared = state.get('_shared_fields')
+    for value in state.values():
+        if value.__class__ is bytes and len(value) >= big:
+            break
+    else:
+        if not shared:
+            return state
+    out = None
+    for name, value in state.items():
+        if value.__class__ is bytes and len(value) >= big:
+            if out is None:
+                out = dict(state)
+            out[name] = _OutOfBandBytes(value)
+    if shared:
+        for name, sv in shared.items():
+            if sv.kind != 'ndarray' and name in state:
+                if out is None:
+                    out = dict(state)
+                out[name] = FROM_SHARED
+    return state if out is None else out
+
+
+def encode(task: Any) -> Tuple[bytes, List[Any]]:
+    """The pickled task and its out-of-band buffers (``ShmBuffer``s, each owning a reference
+    that passes to the message when it is sent)."""
+    bufs: List[Any] = []
+    big = shm._threshold
+    pool = None
+
+    def place(pb: pickle.PickleBuffer) -> bool:
+        nonlocal pool
+        raw = pb.raw()
+        if raw.nbytes < big:
+            return True
+        if pool is None:
+            pool = shm.pool()
+        buf = pool.locate(raw)
+        if buf is None:
+            buf = pool.alloc(raw.nbytes)
+            memoryview(buf)[:] = raw
+        bufs.append(buf)
+        return False
+
     key = _wire_key(type(task))
     if key is None:
-        return _dumps(task, 5)
-    return _dumps((key[0], key[1], task.__dict__), 5)
+        return _dumps(task, 5, buffer_callback=place), bufs
+    state = _state_for_wire(task.__dict__, big)
+    return _dumps((key[0], key[1], state), 5, buffer_callback=place), bufs
 
 
 def _resolve(module: str, qualname: str) -> type:
@@ -64,22 +151,27 @@ def _resolve(module: str, qualname: str) -> type:
     return cls
 
 
-def decode(data) -> Any:
-    """The task object carried by ``data`` (a new instance)."""
-    obj = _loads(data)
+def decode(data, bufs: Optional[List[Any]] = None) -> Any:
+    """The task object carried by ``data`` and its buffers (a new instance)."""
+    obj = _loads(data, buffers=bufs)
     if obj.__class__ is tuple:
         module, qualname, state = obj
         cls = _resolve(module, qualname)
         task = cls.__new__(cls)
         task.__dict__.update(state)
+        shared = state.get('_shared_fields')
+        if shared:
+            for name, sv in shared.items():
+                if state.get(name) is FROM_SHARED:
+                    task.__dict__[name] = sv.value(received=True)
         return task
     return obj
 
 
-def decode_state(data) -> Tuple[Any, Dict[str, Any]]:
+def decode_state(data, bufs: Optional[List[Any]] = None) -> Tuple[Any, Optional[Dict[str, Any]]]:
     """``(task, None)`` or ``(None, state)``: the caller updates its own task from the state
-    without building a second object."""
-    obj = _loads(data)
+    (markers included) without building a second object."""
+    obj = _loads(data, buffers=bufs)
     if obj.__class__ is tuple:
         return None, obj[2]
     return obj, None

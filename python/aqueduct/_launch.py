@@ -34,7 +34,7 @@ StepPlan = Tuple[BaseTaskHandler, str, _worker.Routes]
 
 
 class Launcher:
-    def spawn(self, slot: int, step: int) -> int:
+    def spawn(self, slot: int, step: int, pool_index: int) -> int:
         raise NotImplementedError
 
     def reap(self, pid: int) -> None:
@@ -47,11 +47,12 @@ class Launcher:
 class ForkZygote(Launcher):
     """The ``fork`` launcher: a single-threaded process that forks workers on request.
 
-    Protocol over a socketpair, one line per request: ``spawn <slot> <step>`` answers ``<pid>``;
+    Protocol over a socketpair, one line per request: ``spawn <slot> <step> <pool index>``
+    answers ``<pid>``;
     ``reap <pid>`` answers ``ok`` once the dead worker is reaped; ``exit`` ends the zygote.
     """
 
-    def __init__(self, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]):
+    def __init__(self, region_fd: int, doorbell_fd: int, pool_fd: int, plans: Sequence[StepPlan]):
         parent_end, child_end = socket.socketpair()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -63,7 +64,7 @@ class ForkZygote(Launcher):
                 parent_end.close()
                 _worker.die_with_parent(main_pid)
                 _worker.restore_default_signals()
-                code = _zygote_serve(child_end, region_fd, doorbell_fd, plans)
+                code = _zygote_serve(child_end, region_fd, doorbell_fd, pool_fd, plans)
             finally:
                 os._exit(code)
         child_end.close()
@@ -81,8 +82,8 @@ class ForkZygote(Launcher):
             raise FlowError(f'the worker launcher (zygote, pid {self.pid}) exited')
         return reply.decode().strip()
 
-    def spawn(self, slot: int, step: int) -> int:
-        return int(self._request(f'spawn {slot} {step}'))
+    def spawn(self, slot: int, step: int, pool_index: int) -> int:
+        return int(self._request(f'spawn {slot} {step} {pool_index}'))
 
     def reap(self, pid: int) -> None:
         self._request(f'reap {pid}')
@@ -100,14 +101,16 @@ class ForkZygote(Launcher):
             pass
 
 
-def _zygote_serve(sock: socket.socket, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]) -> int:
+def _zygote_serve(
+    sock: socket.socket, region_fd: int, doorbell_fd: int, pool_fd: int, plans: Sequence[StepPlan]
+) -> int:
     io = sock.makefile('rwb', buffering=0)
     zygote_pid = os.getpid()
     children: List[int] = []
     for line in io:
         cmd, *args = line.decode().split()
         if cmd == 'spawn':
-            slot, step = int(args[0]), int(args[1])
+            slot, step, pool_index = int(args[0]), int(args[1]), int(args[2])
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
@@ -120,7 +123,8 @@ def _zygote_serve(sock: socket.socket, region_fd: int, doorbell_fd: int, plans: 
                     handler, step_name, routes = plans[step]
                     # Own copies of the descriptors: the inherited numbers stay with the copy of
                     # the main process's engine object, which this process never touches.
-                    code = _worker.run(os.dup(region_fd), os.dup(doorbell_fd), slot, handler, step_name, routes)
+                    fds = (os.dup(region_fd), os.dup(doorbell_fd), os.dup(pool_fd))
+                    code = _worker.run(*fds, pool_index, slot, handler, step_name, routes)
                 finally:
                     os._exit(code)
             children.append(pid)
@@ -149,20 +153,23 @@ def _zygote_serve(sock: socket.socket, region_fd: int, doorbell_fd: int, plans: 
 class MultiprocessingLauncher(Launcher):
     """The ``spawn`` and ``forkserver`` launcher."""
 
-    def __init__(self, method: str, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]):
+    def __init__(self, method: str, region_fd: int, doorbell_fd: int, pool_fd: int, plans: Sequence[StepPlan]):
         self._ctx = multiprocessing.get_context(method)
         self._method = method
         self._region_fd = region_fd
         self._doorbell_fd = doorbell_fd
+        self._pool_fd = pool_fd
         self._plans = plans
         self._procs: Dict[int, multiprocessing.process.BaseProcess] = {}
 
-    def spawn(self, slot: int, step: int) -> int:
+    def spawn(self, slot: int, step: int, pool_index: int) -> int:
         handler, step_name, routes = self._plans[step]
         parent = os.getpid() if self._method == 'spawn' else None
         args = (
             _worker.InheritedFd(self._region_fd),
             _worker.InheritedFd(self._doorbell_fd),
+            _worker.InheritedFd(self._pool_fd),
+            pool_index,
             slot,
             handler,
             step_name,
@@ -196,7 +203,7 @@ class MultiprocessingLauncher(Launcher):
         self._procs.clear()
 
 
-def make_launcher(method: str, region_fd: int, doorbell_fd: int, plans: Sequence[StepPlan]) -> Launcher:
+def make_launcher(method: str, region_fd: int, doorbell_fd: int, pool_fd: int, plans: Sequence[StepPlan]) -> Launcher:
     if method == 'fork':
-        return ForkZygote(region_fd, doorbell_fd, plans)
-    return MultiprocessingLauncher(method, region_fd, doorbell_fd, plans)
+        return ForkZygote(region_fd, doorbell_fd, pool_fd, plans)
+    return MultiprocessingLauncher(method, region_fd, doorbell_fd, pool_fd, plans)

@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Callable, List, Sequence, Tuple
 
-from . import _core
+from . import _core, shm
 from ._codec import decode, encode
 from .exceptions import remote_error_payload
 from .handler import BaseTaskHandler
@@ -69,12 +69,12 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
         tasks: List = []
         indices: List[int] = []
         now = now_ns()
-        for i, (deadline, _priority, body) in enumerate(batch):
+        for i, (deadline, _priority, body, bufs) in enumerate(batch):
             if deadline and now >= deadline:
                 send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
                 continue
             try:
-                tasks.append(decode(body))
+                tasks.append(decode(body, bufs))
             except Exception as exc:
                 send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
                 continue
@@ -90,18 +90,29 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
                 for i, task in zip(indices, tasks, strict=True):
                     try:
                         route = _route(task, routes)
-                        body = encode(task)
+                        body, bufs = encode(task)
                     except Exception as exc:
                         send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
                     else:
-                        send(i, STATUS_OK, route, body)
+                        send(i, STATUS_OK, route, body, bufs)
         worker.finish_batch()
 
 
-def run(region_fd: int, doorbell_fd: int, slot: int, handler: BaseTaskHandler, step_name: str, routes: Routes) -> int:
-    """Entry point of a worker process whose descriptors are ``region_fd`` and ``doorbell_fd``."""
+def run(
+    region_fd: int,
+    doorbell_fd: int,
+    pool_fd: int,
+    pool_index: int,
+    slot: int,
+    handler: BaseTaskHandler,
+    step_name: str,
+    routes: Routes,
+) -> int:
+    """Entry point of a worker process: the flow's region and doorbell descriptors, the shared
+    memory pool's descriptor and this process's index in it, and what to run."""
     restore_default_signals()
-    worker = _core.Worker(region_fd, doorbell_fd, slot)
+    pool = shm.attach_worker_pool(pool_fd, pool_index)
+    worker = _core.Worker(region_fd, doorbell_fd, slot, pool)
     try:
         return serve(worker, handler, step_name, routes)
     except KeyboardInterrupt:
@@ -132,12 +143,12 @@ def _detach_fd(dup) -> int:
     return dup.detach()
 
 
-def spawn_entry(region_fd: int, doorbell_fd: int, slot: int, handler: BaseTaskHandler, step_name: str,
-                routes: Routes, parent_pid: int | None) -> None:
+def spawn_entry(region_fd: int, doorbell_fd: int, pool_fd: int, pool_index: int, slot: int,
+                handler: BaseTaskHandler, step_name: str, routes: Routes, parent_pid: int | None) -> None:
     """Target of a ``spawn``/``forkserver`` worker process. ``parent_pid`` is the main process
     for ``spawn``; ``None`` for ``forkserver``, whose children belong to the fork server (which
     exits, and so takes its children along, when the main process dies)."""
     ppid = _core.die_with_parent()
     if parent_pid is not None and ppid != parent_pid:
         os._exit(1)
-    sys.exit(run(region_fd, doorbell_fd, slot, handler, step_name, routes))
+    sys.exit(run(region_fd, doorbell_fd, pool_fd, pool_index, slot, handler, step_name, routes))

@@ -32,7 +32,7 @@ from enum import Enum
 from threading import get_ident
 from typing import Deque, Dict, List, Tuple, Union
 
-from . import _core
+from . import _core, shm
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
 from .exceptions import (
@@ -143,6 +143,7 @@ class Flow:
         self._metrics_exporter = metrics_exporter
         self._state = FlowState.STOPPED
         self._engine: _core.Engine | None = None
+        self._pool: _core.Pool | None = None
         self._launcher: Launcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader_fd: int | None = None
@@ -205,7 +206,8 @@ class Flow:
 
     def _start_workers(self, timeout: float | None) -> None:
         specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
-        self._engine = engine = _core.Engine(specs, priorities=self._queue_priorities)
+        self._pool = shm.pool()
+        self._engine = engine = _core.Engine(specs, self._pool, priorities=self._queue_priorities)
         # How long the loop keeps polling after a completion while tasks are in flight: the
         # engine's choice (zero when the flow's processes outnumber the CPUs).
         self._spin_seconds = engine.spin_us / 1e6
@@ -214,7 +216,9 @@ class Flow:
         for i, step in enumerate(self._steps):
             routes = [(j, later.handle_condition) for j, later in enumerate(self._steps) if j > i]
             plans.append((step.handler, self._step_names[i], routes))
-        self._launcher = make_launcher(self._mp_start_method, engine.region_fd(), engine.doorbell_fd(), plans)
+        self._launcher = make_launcher(
+            self._mp_start_method, engine.region_fd(), engine.doorbell_fd(), self._pool.fileno(), plans
+        )
         for slot in range(engine.slot_count):
             self._spawn(slot)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -237,10 +241,19 @@ class Flow:
 
     def _spawn(self, slot: int) -> None:
         step = self._engine.slot_step(slot)
-        pid = self._launcher.spawn(slot, step)
+        index = self._pool.reserve_index()
+        if index is None:
+            raise FlowError(f'too many worker processes for the shared-memory pool (at most {shm.MAX_PROCESSES})')
+        try:
+            pid = self._launcher.spawn(slot, step, index)
+        except BaseException:
+            self._pool.release_index(index)
+            raise
         self._slot_pids[slot] = pid
         self._slot_alive[slot] = True
-        self._engine.worker_spawned(slot, pid)
+        # From here the engine owns the index: it reaps the worker's references and releases
+        # the index when the worker exits.
+        self._engine.worker_spawned(slot, pid, index)
 
     def _on_exited(self, slot: int) -> None:
         """Bookkeeping once the engine has seen a worker exit: reap it."""
@@ -282,15 +295,15 @@ class Flow:
         step = self._entry_step(task)
         if step is None:
             return True
-        body = encode(task)
+        body, bufs = encode(task)
         deadline = task.expiration_time
         deadline_ns = int(deadline * 1e9)
         future = loop.create_future()
         try:
-            task_id = engine.submit(step, priority, deadline_ns, body)
+            task_id = engine.submit(step, priority, deadline_ns, body, bufs)
         except QueueFullError:
             # Backpressure: wait in line (no polling) until a completion frees room in the queue.
-            entry = [future, step, priority, deadline_ns, body, None]
+            entry = [future, step, priority, deadline_ns, body, None, bufs]
             self._park(entry, deadline)
             try:
                 result = await future
@@ -309,7 +322,7 @@ class Flow:
                 if self._pending.pop(task_id, None) is not None and self._engine is not None:
                     self._engine.cancel(task_id)
                 raise
-        done, state = decode_state(result)
+        done, state = decode_state(*result)
         if state is None:
             task.update(done)
         else:
@@ -342,12 +355,12 @@ class Flow:
                         self._parked.pop(room.popleft(), None)
                         continue
                     try:
-                        task_id = engine.submit(step, entry[2], entry[3], entry[4])
+                        task_id = engine.submit(step, entry[2], entry[3], entry[4], entry[6])
                     except QueueFullError:
                         break
                     key = room.popleft()
                     del self._parked[key]
-                    entry[4] = None
+                    entry[4] = entry[6] = None
                     entry[5] = task_id
                     self._pending[task_id] = entry[0]
                     self._add_deadline(entry[3] / 1e9, task_id)
@@ -415,7 +428,7 @@ class Flow:
             if kind == 0:
                 future = pending.pop(outcome[1], None)
                 if future is not None and not future.done():
-                    future.set_result(outcome[2])
+                    future.set_result((outcome[2], outcome[3]))
             elif kind == 1:
                 future = pending.pop(outcome[1], None)
                 if future is not None and not future.done():

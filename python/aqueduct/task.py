@@ -2,11 +2,89 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from random import getrandbits
 from time import monotonic
-from typing import Any, Optional, Set
+from typing import Any, Dict, Optional, Protocol, Set
 
 DEFAULT_PRIORITY = 0
+
+
+class HasReadany(Protocol):
+    """What :meth:`BaseTask.share_value_with_data` reads from (aiohttp's ``StreamReader``)."""
+
+    async def readany(self) -> bytes: ...
+
+
+class SharedValue:
+    """A field's value in the shared-memory pool.
+
+    ``buf`` is the ``ShmBuffer`` holding it (one reference, released with this object); ``kind``
+    says how to present it: a numpy view (``ndarray``; ``meta`` is ``dtype, shape, order``), or
+    ``bytes``, ``bytearray`` or ``memoryview`` (``meta`` is the length). Pickled, it travels as
+    an out-of-band buffer, so every process that receives the task references the same memory.
+    """
+
+    __slots__ = ('buf', 'kind', 'meta')
+
+    def __init__(self, buf, kind: str, meta: tuple = ()):
+        self.buf = buf
+        self.kind = kind
+        self.meta = meta
+
+    @property
+    def desc(self) -> tuple:
+        """Where the value lives: equal descriptors mean the same shared memory."""
+        return self.buf.desc
+
+    def value(self, received: bool = False):
+        """The field's value, built on the shared memory (numpy, memoryview) or copied out
+        of it (``bytes``, ``bytearray``: those types own their memory). In a process that
+        *received* the task, a ``memoryview`` field (from ``share_value_with_data``) reads as
+        ``bytes``, as in aqueduct 1.15."""
+        if self.kind == 'ndarray':
+            import numpy as np
+
+            dtype, shape, order = self.meta
+            return np.frombuffer(self.buf, dtype=dtype).reshape(shape, order=order)
+        view = memoryview(self.buf)[: self.meta[0]]
+        if self.kind == 'bytes' or (received and self.kind == 'memoryview'):
+            return bytes(view)
+        if self.kind == 'bytearray':
+            return bytearray(view)
+        return view.toreadonly()
+
+    def __reduce_ex__(self, protocol):
+        return (SharedValue, (pickle.PickleBuffer(self.buf), self.kind, self.meta))
+
+
+def _share(value: Any) -> tuple:
+    """Copies ``value`` into the pool: returns ``(SharedValue, the field's new value)``."""
+    from . import shm
+
+    if isinstance(value, (bytes, bytearray)):
+        buf = shm.pool().alloc(max(len(value), 1))
+        memoryview(buf)[: len(value)] = value
+        sv = SharedValue(buf, 'bytes' if isinstance(value, bytes) else 'bytearray', (len(value),))
+        # bytes stay bytes in this process (the caller's object); receivers copy theirs out
+        # of the pool instead of out of a pickle.
+        return sv, value
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional
+        np = None
+    if np is not None and isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise ValueError('arrays of Python objects cannot be shared: they hold references, not data')
+        order = 'F' if value.flags.f_contiguous and not value.flags.c_contiguous else 'C'
+        buf = shm.pool().alloc(max(value.nbytes, 1))
+        meta = (value.dtype, value.shape, order)
+        sv = SharedValue(buf, 'ndarray', meta)
+        view = sv.value()
+        view[...] = value
+        return sv, view
+    raise ValueError(f'a value of type {type(value).__name__} cannot be shared: use a numpy array, bytes or bytearray')
 
 
 class BaseTask:
@@ -18,13 +96,16 @@ class BaseTask:
 
     task_id: str = ''
     priority: int = DEFAULT_PRIORITY
-    expiration_time: float | None = None
+    expiration_time: Optional[float] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.task_id = new_task_id()
-        self.priority = DEFAULT_PRIORITY
-        self.expiration_time = None
+        # Straight into the instance dict: these are never shared fields, and `__setattr__`
+        # would cost a Python call each.
+        own = self.__dict__
+        own['task_id'] = new_task_id()
+        own['priority'] = DEFAULT_PRIORITY
+        own['expiration_time'] = None
 
     def __repr__(self) -> str:
         fields = ', '.join(f'{k}={v!r}' for k, v in self.__dict__.items() if not k.startswith('_'))
@@ -32,9 +113,18 @@ class BaseTask:
 
     __str__ = __repr__
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        shared = self.__dict__.get('_shared_fields')
+        if shared and key in shared and value is not self.__dict__.get(key):
+            # A new value replaces the shared one (as in 1.15). `task.arr *= 3` assigns the very
+            # same array back, and stays shared.
+            del shared[key]
+            warnings.warn(f'The {key} field value is not shared anymore', stacklevel=2)
+        object.__setattr__(self, key, value)
+
     def set_timeout(self, timeout_sec: float) -> None:
         """The task expires ``timeout_sec`` seconds from now (``process`` sets it)."""
-        self.expiration_time = monotonic() + timeout_sec
+        self.__dict__['expiration_time'] = monotonic() + timeout_sec
 
     def set_priority(self, priority: int) -> None:
         """Higher is served first; must be below the flow's ``queue_priorities``."""
@@ -43,20 +133,125 @@ class BaseTask:
     def is_expired(self) -> bool:
         return self.expiration_time is not None and monotonic() >= self.expiration_time
 
-    def update(self, source_task: BaseTask, excluded_fields: Set[str] | None = None) -> None:
+    # ---------------------------------------------------------------- shared memory
+
+    def share_value(self, field_name: str) -> None:
+        """Moves the field's value (a numpy array of any dtype, shape and memory order, or
+        ``bytes``/``bytearray``) into shared memory.
+
+        A numpy field then *is* a view on shared memory: a handler's in-place changes to it are
+        seen in this task after ``process()``. Raises ``ValueError`` for an unknown field, an
+        unsupported type, or a field that is already shared. Assigning a new value to the field
+        later unshares it, with a warning.
+        """
+        if field_name not in self.__dict__ or field_name.startswith('_'):
+            raise ValueError(f'Unknown field name {field_name!r}')
+        shared = self.__dict__.setdefault('_shared_fields', {})
+        if field_name in shared:
+            raise ValueError(f'The {field_name} field value is already shared')
+        sv, value = _share(self.__dict__[field_name])
+        shared[field_name] = sv
+        self.__dict__[field_name] = value
+
+    async def share_value_with_data(self, field_name: str, content: HasReadany, size: int) -> None:
+        """Reads ``size`` bytes from ``content.readany()`` (aiohttp's ``request.content``)
+        straight into shared memory, without an intermediate ``bytes`` object, and shares them
+        as ``field_name``.
+
+        The field then reads as a read-only ``memoryview`` of the shared bytes in this process;
+        handlers receive ``bytes``. Raises ``ValueError`` when the content is shorter or longer
+        than ``size``; the memory is freed either way.
+        """
+        from . import shm
+
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f'size must be an integer >= 0, got {size!r}')
+        shared = self.__dict__.setdefault('_shared_fields', {})
+        if field_name in shared:
+            raise ValueError(f'The {field_name} field value is already shared')
+        buf = shm.pool().alloc(max(size, 1))
+        view = memoryview(buf)
+        offset = 0
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            end = offset + len(chunk)
+            if end > size:
+                raise ValueError(f'content is longer than size={size} (got at least {end} bytes)')
+            view[offset:end] = chunk
+            offset = end
+        if offset != size:
+            raise ValueError(f'content is shorter than size={size} (got {offset} bytes)')
+        sv = SharedValue(buf, 'memoryview', (size,))
+        shared[field_name] = sv
+        self.__dict__[field_name] = sv.value()
+
+    # ---------------------------------------------------------------- results
+
+    def update(self, source_task: BaseTask, excluded_fields: Optional[Set[str]] = None) -> None:
         """Copies the fields of ``source_task`` (a processed copy of this task) into this one.
 
         The bookkeeping fields of ``BaseTask`` itself (``task_id``, ``priority``,
-        ``expiration_time``) are not copied, nor are ``excluded_fields``.
+        ``expiration_time``) are not copied, nor are ``excluded_fields``. A shared field that
+        still lives in the same shared memory keeps this task's object (which already shows any
+        in-place change).
         """
         self.update_from_state(source_task.__dict__, excluded_fields)
 
-    def update_from_state(self, state: dict, excluded_fields: Optional[Set[str]] = None) -> None:
+    def update_from_state(self, state: Dict[str, Any], excluded_fields: Optional[Set[str]] = None) -> None:
         """:meth:`update` from the fields of a processed copy, given as its ``__dict__``."""
         immutable = _BASE_FIELDS if not excluded_fields else _BASE_FIELDS | set(excluded_fields)
+        theirs = state.get('_shared_fields')
+        mine = self.__dict__.get('_shared_fields')
+        if not theirs and not mine:
+            # Straight into the instance dict, except for names the class defines as data
+            # descriptors (properties with setters), which must go through `setattr`.
+            own = self.__dict__
+            special = _data_descriptors(type(self))
+            for field, value in state.items():
+                if field not in immutable:
+                    if field in special:
+                        setattr(self, field, value)
+                    else:
+                        own[field] = value
+            return
+        from ._codec import FromShared
+
+        theirs = theirs or {}
+        mine = mine or {}
+        merged = {}
+        for field, sv in theirs.items():
+            same = field in mine and mine[field].desc == sv.desc
+            merged[field] = mine[field] if same else sv
+        own = self.__dict__
         for field, value in state.items():
-            if field not in immutable:
+            if field in immutable or field == '_shared_fields':
+                continue
+            if field in merged:
+                if merged[field] is mine.get(field):
+                    continue  # the same shared memory: keep this task's object
+                own[field] = merged[field].value() if value.__class__ is FromShared else value
+            elif value.__class__ is not FromShared:
                 setattr(self, field, value)
+        own['_shared_fields'] = merged
+
+
+_descriptor_cache: Dict[type, frozenset] = {}
+
+
+def _data_descriptors(cls: type) -> frozenset:
+    """Names of the data descriptors (e.g. properties) a task class defines."""
+    names = _descriptor_cache.get(cls)
+    if names is None:
+        names = frozenset(
+            name
+            for klass in cls.__mro__
+            for name, attr in vars(klass).items()
+            if hasattr(type(attr), '__set__') and not name.startswith('__')
+        )
+        _descriptor_cache[cls] = names
+    return names
 
 
 def new_task_id() -> str:
@@ -75,6 +270,9 @@ _UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
 _UUID4_SET = (0x4 << 76) | (0x2 << 62)
 
 _BASE_FIELDS = frozenset({'task_id', 'priority', 'expiration_time', 'metrics'})
+
+#: aqueduct 1.15 spelled the mixin that provides ``share_value`` this way.
+SharedFieldsMixin = BaseTask
 
 
 class StopTask(BaseTask):

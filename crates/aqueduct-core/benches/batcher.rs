@@ -7,12 +7,14 @@
 //!
 //! Run: `cargo bench -p aqueduct-core --bench batcher`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aqueduct_core::hub::{Doorbell, Hub, HubConfig, Outcome, StepSpec};
 use aqueduct_core::message::{Status, ROUTE_DONE};
 use aqueduct_core::prio::PriorityQueue;
 use aqueduct_core::shm::event::SpinPolicy;
+use aqueduct_core::shm::{Arena, ArenaLayout};
 use aqueduct_core::{Nanos, Received, WorkerEndpoint};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -34,11 +36,15 @@ fn hub_batches(c: &mut Criterion) {
     let mut g = c.benchmark_group("hub/batch");
     for batch_size in [1usize, 16] {
         let spec = StepSpec { nprocs: 1, batch_size, batch_timeout: Duration::from_secs(1), queue_capacity: 1024 };
-        let cfg = HubConfig { steps: vec![spec], arena_bytes: 16 << 20, ..HubConfig::default() };
-        let mut hub = Hub::create_in_heap(&cfg).unwrap();
-        let mut w = WorkerEndpoint::attach(hub.region().clone(), 0, Doorbell::new().unwrap()).unwrap();
+        let cfg = HubConfig { steps: vec![spec], ..HubConfig::default() };
+        let pool = Arc::new(Arena::create_in_heap(ArenaLayout::new(16 << 20, 1 << 16, 4), 0).unwrap());
+        let mut hub = Hub::create_in_heap(&cfg, pool.clone()).unwrap();
+        let index = pool.reserve_index().unwrap();
+        let mut w =
+            WorkerEndpoint::attach(hub.region().clone(), Arc::new(pool.as_process(index)), 0, Doorbell::new().unwrap())
+                .unwrap();
         w.set_spin(SpinPolicy::NONE);
-        hub.worker_spawned(0, 1);
+        hub.worker_spawned(0, 1, index);
         w.ready().unwrap();
         hub.poll(Nanos::now(), &mut |_| {}).unwrap();
         let body = [7u8; 64];

@@ -16,7 +16,7 @@ use aqueduct_core::hub::{Doorbell, HubConfig, Outcome, StepSpec};
 use aqueduct_core::message::{Status, ROUTE_DONE};
 use aqueduct_core::shm::event::SpinPolicy;
 use aqueduct_core::shm::fd::{adopt_inherited, set_inheritable};
-use aqueduct_core::shm::{Consumer, Producer, RingLayout, SharedRegion};
+use aqueduct_core::shm::{Arena, ArenaLayout, Consumer, Producer, RingLayout, SharedRegion};
 use aqueduct_core::{Engine, Nanos, Received, WorkerEndpoint};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 
@@ -48,7 +48,8 @@ fn worker_child() {
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)).unwrap();
     let fd = |k: &str| adopt_inherited(std::env::var(k).unwrap().parse().unwrap()).unwrap();
     let region = Arc::new(SharedRegion::attach(fd("AQ_REGION_FD")).unwrap());
-    let mut w = WorkerEndpoint::attach(region, 0, Doorbell::from_fd(fd("AQ_DOORBELL_FD"))).unwrap();
+    let pool = Arc::new(Arena::attach(Arc::new(SharedRegion::attach(fd("AQ_POOL_FD")).unwrap()), 1).unwrap());
+    let mut w = WorkerEndpoint::attach(region, pool, 0, Doorbell::from_fd(fd("AQ_DOORBELL_FD"))).unwrap();
     w.ready().unwrap();
     let mut body = Vec::new();
     loop {
@@ -66,27 +67,32 @@ fn worker_child() {
     }
 }
 
-fn spawn_worker(engine: &mut Engine) -> Child {
+fn spawn_worker(engine: &mut Engine, pool: &Arena) -> Child {
     use std::os::fd::AsRawFd;
-    set_inheritable(engine.region_fd(), true).unwrap();
-    set_inheritable(engine.doorbell_fd(), true).unwrap();
+    let fds = [engine.region_fd(), engine.doorbell_fd(), pool.region().fd().unwrap()];
+    for fd in fds {
+        set_inheritable(fd, true).unwrap();
+    }
     let child = Command::new(std::env::current_exe().unwrap())
         .env("AQ_BENCH_WORKER", "1")
-        .env("AQ_REGION_FD", engine.region_fd().as_raw_fd().to_string())
-        .env("AQ_DOORBELL_FD", engine.doorbell_fd().as_raw_fd().to_string())
+        .env("AQ_REGION_FD", fds[0].as_raw_fd().to_string())
+        .env("AQ_DOORBELL_FD", fds[1].as_raw_fd().to_string())
+        .env("AQ_POOL_FD", fds[2].as_raw_fd().to_string())
         .spawn()
         .unwrap();
-    set_inheritable(engine.region_fd(), false).unwrap();
-    set_inheritable(engine.doorbell_fd(), false).unwrap();
-    engine.worker_spawned(0, child.id()).unwrap();
+    for fd in [engine.region_fd(), engine.doorbell_fd(), pool.region().fd().unwrap()] {
+        set_inheritable(fd, false).unwrap();
+    }
+    engine.worker_spawned(0, child.id(), pool.reserve_index().unwrap()).unwrap();
     child
 }
 
 fn engine_round_trip(c: &mut Criterion) {
     let spec = StepSpec { nprocs: 1, batch_size: 1, batch_timeout: Duration::ZERO, queue_capacity: 64 };
-    let cfg = HubConfig { steps: vec![spec], arena_bytes: 16 << 20, ..HubConfig::default() };
-    let mut engine = Engine::new(&cfg).unwrap();
-    let mut child = spawn_worker(&mut engine);
+    let cfg = HubConfig { steps: vec![spec], ..HubConfig::default() };
+    let pool = Arc::new(Arena::create(ArenaLayout::new(16 << 20, 1 << 16, 4), 16 << 20).unwrap());
+    let mut engine = Engine::new(&cfg, pool.clone()).unwrap();
+    let mut child = spawn_worker(&mut engine, &pool);
     let mut ready = false;
     while !ready {
         engine

@@ -25,7 +25,7 @@ use aqueduct_core::layout::FlowLayout;
 use aqueduct_core::message::{Status, ROUTE_DONE};
 use aqueduct_core::shm::event::SpinPolicy;
 use aqueduct_core::shm::fd::{adopt_inherited, set_inheritable};
-use aqueduct_core::shm::{Arena, Consumer, Extent, Producer, SharedRegion};
+use aqueduct_core::shm::{Arena, ArenaLayout, Consumer, Extent, Producer, SharedRegion};
 use aqueduct_core::{Engine, Nanos, Received, WorkerEndpoint};
 
 const SIZES: [usize; 3] = [64, 4096, 1 << 20];
@@ -140,11 +140,12 @@ fn child(role: &str) {
 
 const RING_CAP: usize = 4 << 20;
 
-fn ring_region() -> (Arc<SharedRegion>, FlowLayout) {
-    let layout = FlowLayout::new(1, RING_CAP, 256 << 20, 1 << 16);
+fn ring_region() -> (Arc<SharedRegion>, FlowLayout, Arena) {
+    let layout = FlowLayout::new(1, RING_CAP);
     let region = Arc::new(SharedRegion::create("aqueduct-bench", layout.total_bytes()).unwrap());
     layout.init(&region).unwrap();
-    (region, layout)
+    let pool = Arena::create(ArenaLayout::new(256 << 20, 1 << 16, 4), 256 << 20).unwrap();
+    (region, layout, pool)
 }
 
 fn wait_record(c: &mut Consumer) -> aqueduct_core::shm::RecordView {
@@ -174,9 +175,11 @@ fn touch(region: &SharedRegion, offset: usize, len: usize) -> u64 {
 }
 
 fn ring_child() {
-    let region = Arc::new(SharedRegion::attach(inherited_fds().remove(0)).unwrap());
+    let mut fds = inherited_fds();
+    let pool = Arc::new(SharedRegion::attach(fds.remove(1)).unwrap());
+    let region = Arc::new(SharedRegion::attach(fds.remove(0)).unwrap());
     let layout = FlowLayout::read(&region).unwrap();
-    let arena = Arena::attach(region.clone(), layout.arena).unwrap();
+    let arena = Arena::attach(pool, 1).unwrap();
     let mut rx = Consumer::attach(region.clone(), layout.inbound(0)).unwrap();
     let mut tx = Producer::attach(region.clone(), layout.outbound(0)).unwrap();
     let mut lat = Vec::new();
@@ -193,7 +196,7 @@ fn ring_child() {
                 pages: u32::from_le_bytes(head[12..16].try_into().unwrap()),
                 len: u64::from_le_bytes(head[16..24].try_into().unwrap()),
             };
-            (touch(&region, arena.offset_of(&ext).unwrap(), ext.len as usize), ext.len as usize)
+            (touch(arena.region(), arena.offset_of(&ext).unwrap(), ext.len as usize), ext.len as usize)
         };
         if kind == 2 {
             break;
@@ -215,10 +218,10 @@ fn ring_child() {
 }
 
 fn ring_bench(size: usize, n: usize, via_arena: bool) -> (Vec<u64>, f64) {
-    let (region, layout) = ring_region();
+    let (region, layout, mut arena) = ring_region();
     let fd = region.fd().unwrap().try_clone_to_owned().unwrap();
-    let mut child = spawn_child("ring", &[&fd], &[]);
-    let mut arena = Arena::attach(region.clone(), layout.arena).unwrap();
+    let pool_fd = arena.region().fd().unwrap().try_clone_to_owned().unwrap();
+    let mut child = spawn_child("ring", &[&fd, &pool_fd], &[]);
     let mut tx = Producer::attach(region.clone(), layout.inbound(0)).unwrap();
     let mut rx = Consumer::attach(region.clone(), layout.outbound(0)).unwrap();
     let payload = vec![7u8; size];
@@ -228,7 +231,7 @@ fn ring_bench(size: usize, n: usize, via_arena: bool) -> (Vec<u64>, f64) {
     let send = |tx: &mut Producer, arena: &mut Arena, stop: bool| -> bool {
         let stamp = Nanos::now().0.to_le_bytes();
         if via_arena || stop {
-            let ext = arena.alloc(2, size).unwrap();
+            let ext = arena.alloc(size).unwrap();
             arena.write(&ext, 0, &stamp).unwrap();
             arena.write(&ext, 8, &payload[8..]).unwrap();
             let kind: u64 = if stop { 2 } else { 1 };
@@ -238,7 +241,7 @@ fn ring_bench(size: usize, n: usize, via_arena: bool) -> (Vec<u64>, f64) {
             d.extend_from_slice(&ext.pages.to_le_bytes());
             d.extend_from_slice(&ext.len.to_le_bytes());
             if !tx.try_write(1, &[&d]).unwrap() {
-                arena.release(&ext).unwrap();
+                arena.unhold(&ext).unwrap();
                 return false;
             }
         } else if !tx.try_write(1, &[&0u64.to_le_bytes(), &stamp, &payload[8..]]).unwrap() {
@@ -252,12 +255,13 @@ fn ring_bench(size: usize, n: usize, via_arena: bool) -> (Vec<u64>, f64) {
         if via_arena {
             let mut d = [0u8; 24];
             rx.region().read(rec.offset, &mut d).unwrap();
+            // The child echoes the descriptor; its reference went with the message it read.
             let ext = Extent {
                 head: u32::from_le_bytes(d[8..12].try_into().unwrap()),
                 pages: u32::from_le_bytes(d[12..16].try_into().unwrap()),
                 len: u64::from_le_bytes(d[16..24].try_into().unwrap()),
             };
-            arena.release(&ext).unwrap();
+            arena.unhold(&ext).unwrap();
         }
         rx.consume(&rec);
         rx.release();
@@ -379,11 +383,14 @@ fn socket_bench(size: usize, n: usize) -> (Vec<u64>, f64) {
 
 fn engine_child() {
     let mut fds = inherited_fds();
+    let pool = Arc::new(SharedRegion::attach(fds.remove(2)).unwrap());
     let doorbell = Doorbell::from_fd(fds.remove(1));
     let region = Arc::new(SharedRegion::attach(fds.remove(0)).unwrap());
     let slot: usize = std::env::var("AQ_SLOT").unwrap().parse().unwrap();
     let last: bool = std::env::var("AQ_LAST").unwrap() == "1";
-    let mut w = WorkerEndpoint::attach(region, slot, doorbell).unwrap();
+    let index: u32 = std::env::var("AQ_POOL_INDEX").unwrap().parse().unwrap();
+    let arena = Arc::new(Arena::attach(pool, index).unwrap());
+    let mut w = WorkerEndpoint::attach(region, arena, slot, doorbell).unwrap();
     w.ready().unwrap();
     let mut body = Vec::new();
     loop {
@@ -434,19 +441,19 @@ fn drive(engine: &mut Engine, mut until: impl FnMut(&mut Engine, &mut Vec<u64>) 
 
 fn engine_bench(steps: usize, n: usize) -> (Vec<u64>, f64) {
     let spec = StepSpec { nprocs: 1, batch_size: 1, batch_timeout: Duration::ZERO, queue_capacity: 1024 };
-    let cfg = HubConfig { steps: vec![spec; steps], arena_bytes: 16 << 20, ..HubConfig::default() };
-    let mut engine = Engine::new(&cfg).unwrap();
+    let cfg = HubConfig { steps: vec![spec; steps], ..HubConfig::default() };
+    let pool = Arc::new(Arena::create(ArenaLayout::new(16 << 20, 1 << 16, 8), 16 << 20).unwrap());
+    let mut engine = Engine::new(&cfg, pool.clone()).unwrap();
     let region_fd = engine.region_fd().try_clone_to_owned().unwrap();
     let doorbell_fd = engine.doorbell_fd().try_clone_to_owned().unwrap();
+    let pool_fd = pool.region().fd().unwrap().try_clone_to_owned().unwrap();
     let mut children = Vec::new();
     for slot in 0..steps {
         let last = if slot == steps - 1 { "1" } else { "0" };
-        let c = spawn_child(
-            "engine",
-            &[&region_fd, &doorbell_fd],
-            &[("AQ_SLOT", slot.to_string()), ("AQ_LAST", last.into())],
-        );
-        engine.worker_spawned(slot, c.id()).unwrap();
+        let index = pool.reserve_index().unwrap();
+        let env = [("AQ_SLOT", slot.to_string()), ("AQ_LAST", last.into()), ("AQ_POOL_INDEX", index.to_string())];
+        let c = spawn_child("engine", &[&region_fd, &doorbell_fd, &pool_fd], &env);
+        engine.worker_spawned(slot, c.id(), index).unwrap();
         children.push(c);
     }
     let mut ready = 0;

@@ -7,12 +7,14 @@
 //! the fd readable.
 
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Nanos;
 use crate::error::Result;
 use crate::hub::{Doorbell, Hub, HubConfig, Outcome};
 use crate::reactor::Reactor;
+use crate::shm::Arena;
 
 pub struct Engine {
     pub hub: Hub,
@@ -20,8 +22,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(cfg: &HubConfig) -> Result<Self> {
-        let hub = Hub::create(cfg)?;
+    /// A flow's engine; large payloads go to `pool` (the main process's handle).
+    pub fn new(cfg: &HubConfig, pool: Arc<Arena>) -> Result<Self> {
+        let hub = Hub::create(cfg, pool)?;
         let reactor = Reactor::new(Doorbell::new()?)?;
         Ok(Self { hub, reactor })
     }
@@ -41,10 +44,11 @@ impl Engine {
         self.hub.region().fd().expect("the engine's region is a memfd")
     }
 
-    /// Registers a newly started worker process for `slot` and watches it for exit.
-    pub fn worker_spawned(&mut self, slot: usize, pid: u32) -> Result<()> {
+    /// Registers a newly started worker process for `slot` (process `pool_index` in the pool)
+    /// and watches it for exit.
+    pub fn worker_spawned(&mut self, slot: usize, pid: u32, pool_index: u32) -> Result<()> {
         self.reactor.watch(slot, pid)?;
-        self.hub.worker_spawned(slot, pid);
+        self.hub.worker_spawned(slot, pid, pool_index);
         Ok(())
     }
 

@@ -46,11 +46,11 @@ use std::time::Duration;
 use crate::batch::{self, Decision};
 use crate::clock::Nanos;
 use crate::error::{EngineError, Result};
-use crate::layout::{slot_label, FlowLayout, HUB_LABEL};
+use crate::layout::FlowLayout;
 use crate::message::*;
 use crate::prio::PriorityQueue;
 use crate::shm::event::SpinPolicy;
-use crate::shm::{Arena, Consumer, Extent, Producer, SharedRegion};
+use crate::shm::{Arena, BufRef, Consumer, Extent, Producer, SharedRegion};
 
 /// One step as the hub sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,24 +70,13 @@ pub struct HubConfig {
     pub fair_every: u32,
     /// Bytes per ring (two rings per worker).
     pub ring_capacity: usize,
-    /// Bytes of the shared-memory pool for large payloads.
-    pub arena_bytes: usize,
-    pub page_size: usize,
-    /// Bodies above this size travel through the arena instead of the ring.
+    /// Bodies above this size travel through the shared-memory pool instead of the ring.
     pub inline_max: usize,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
-        Self {
-            steps: Vec::new(),
-            priorities: 1,
-            fair_every: 10,
-            ring_capacity: 1 << 20,
-            arena_bytes: 1 << 30,
-            page_size: 1 << 16,
-            inline_max: 64 << 10,
-        }
+        Self { steps: Vec::new(), priorities: 1, fair_every: 10, ring_capacity: 1 << 20, inline_max: 64 << 10 }
     }
 }
 
@@ -126,7 +115,7 @@ impl HubConfig {
 
     pub fn layout(&self) -> FlowLayout {
         let slots = self.steps.iter().map(|s| s.nprocs).sum();
-        FlowLayout::new(slots, self.ring_capacity, self.arena_bytes, self.page_size)
+        FlowLayout::new(slots, self.ring_capacity)
     }
 }
 
@@ -134,7 +123,7 @@ impl HubConfig {
 #[derive(Debug)]
 pub enum Payload<'a> {
     Inline(&'a [u8]),
-    /// In the arena. The receiver owns one reference and must release it.
+    /// In the pool. The receiver owns one reference (the main process's) and must release it.
     Extent(Extent),
 }
 
@@ -154,11 +143,33 @@ pub enum Failure<'a> {
 
 #[derive(Debug)]
 pub enum Outcome<'a> {
-    Done { task_id: u64, body: Payload<'a> },
-    Failed { task_id: u64, failure: Failure<'a> },
-    WorkerReady { slot: usize, step: usize, pid: u32 },
-    WorkerStartFailed { slot: usize, step: usize, pid: u32, message: String },
-    WorkerExited { slot: usize, step: usize, pid: u32 },
+    /// The task is finished. `bufs` are its out-of-band buffers in the pool; the receiver owns
+    /// one reference (the main process's) on each.
+    Done {
+        task_id: u64,
+        body: Payload<'a>,
+        bufs: Vec<BufRef>,
+    },
+    Failed {
+        task_id: u64,
+        failure: Failure<'a>,
+    },
+    WorkerReady {
+        slot: usize,
+        step: usize,
+        pid: u32,
+    },
+    WorkerStartFailed {
+        slot: usize,
+        step: usize,
+        pid: u32,
+        message: String,
+    },
+    WorkerExited {
+        slot: usize,
+        step: usize,
+        pid: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +198,8 @@ struct Queued {
     deadline: Nanos,
     arrived: Nanos,
     body: Body,
+    /// Out-of-band buffers; the hub holds one reference on each for as long as it has the task.
+    bufs: Vec<BufRef>,
 }
 
 /// Batches a worker of a step with `batch_size` may have outstanding: the one it handles and
@@ -216,6 +229,8 @@ struct Slot {
     step: usize,
     state: SlotState,
     pid: u32,
+    /// The worker's process index in the pool (whose references it holds).
+    pool_index: u32,
     inbound: Producer,
     outbound: Consumer,
     /// Outstanding batches, oldest first.
@@ -256,7 +271,7 @@ struct Step {
 pub struct Hub {
     region: Arc<SharedRegion>,
     layout: FlowLayout,
-    arena: Arena,
+    arena: Arc<Arena>,
     steps: Vec<Step>,
     slots: Vec<Slot>,
     next_id: u64,
@@ -271,27 +286,30 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Creates the shared region and the hub that owns its main-process side.
-    pub fn create(cfg: &HubConfig) -> Result<Self> {
+    /// Creates the flow's shared region and the hub that owns its main-process side. Large
+    /// payloads go to `pool`, the main process's handle on the shared-memory pool.
+    pub fn create(cfg: &HubConfig, pool: Arc<Arena>) -> Result<Self> {
         cfg.validate()?;
         let layout = cfg.layout();
         let region = Arc::new(SharedRegion::create("aqueduct-flow", layout.total_bytes())?);
-        Self::with_region(cfg, region)
+        Self::with_region(cfg, region, pool)
     }
 
     /// A hub over heap memory, for tests that play the workers in the same process.
-    pub fn create_in_heap(cfg: &HubConfig) -> Result<Self> {
+    pub fn create_in_heap(cfg: &HubConfig, pool: Arc<Arena>) -> Result<Self> {
         cfg.validate()?;
         let region = Arc::new(SharedRegion::heap(cfg.layout().total_bytes()));
-        Self::with_region(cfg, region)
+        Self::with_region(cfg, region, pool)
     }
 
-    fn with_region(cfg: &HubConfig, region: Arc<SharedRegion>) -> Result<Self> {
+    fn with_region(cfg: &HubConfig, region: Arc<SharedRegion>, arena: Arc<Arena>) -> Result<Self> {
+        if arena.me() != 0 {
+            return Err(EngineError::Config("the hub needs the main process's handle on the pool".into()));
+        }
         let layout = cfg.layout();
         layout.init(&region)?;
         let spin = SpinPolicy::for_processes(layout.nslots + 1);
         layout.spin_us(&region).store(spin.spin.as_micros() as u32, Ordering::Release);
-        let arena = Arena::attach(region.clone(), layout.arena)?;
         let mut slots = Vec::with_capacity(layout.nslots);
         let mut steps = Vec::with_capacity(cfg.steps.len());
         for (step_index, spec) in cfg.steps.iter().enumerate() {
@@ -302,6 +320,7 @@ impl Hub {
                     step: step_index,
                     state: SlotState::Vacant,
                     pid: 0,
+                    pool_index: 0,
                     inbound: Producer::attach(region.clone(), layout.inbound(slot))?,
                     outbound: Consumer::attach(region.clone(), layout.outbound(slot))?,
                     batches: VecDeque::new(),
@@ -348,11 +367,8 @@ impl Hub {
     pub fn spin(&self) -> SpinPolicy {
         SpinPolicy { spin: Duration::from_micros(self.layout.spin_us(&self.region).load(Ordering::Acquire) as u64) }
     }
-    pub fn arena(&self) -> &Arena {
+    pub fn arena(&self) -> &Arc<Arena> {
         &self.arena
-    }
-    pub fn arena_mut(&mut self) -> &mut Arena {
-        &mut self.arena
     }
     pub fn step_count(&self) -> usize {
         self.steps.len()
@@ -402,16 +418,36 @@ impl Hub {
         self.steps[step].inline_max
     }
 
-    /// Records that a process was started for `slot`; it is given work once it reports ready.
-    pub fn worker_spawned(&mut self, slot: usize, pid: u32) {
+    /// Records that a process was started for `slot`, acting as process `pool_index` in the
+    /// pool; it is given work once it reports ready.
+    pub fn worker_spawned(&mut self, slot: usize, pid: u32, pool_index: u32) {
         let s = &mut self.slots[slot];
         s.state = SlotState::Starting;
         s.pid = pid;
+        s.pool_index = pool_index;
         self.layout.slot_pid(&self.region, slot).store(pid, Ordering::Release);
     }
 
     /// Queues a task at `step` and dispatches at once if a worker is idle.
     pub fn submit(&mut self, step: usize, priority: u8, deadline: Nanos, body: &[u8]) -> Result<u64> {
+        self.submit_with_bufs(step, priority, deadline, body, Vec::new())
+    }
+
+    /// [`Hub::submit`] for a task with out-of-band buffers in the pool. On success the task
+    /// takes over one reference (the main process's) on each; on failure the caller keeps them.
+    pub fn submit_with_bufs(
+        &mut self,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: &[u8],
+        bufs: Vec<BufRef>,
+    ) -> Result<u64> {
+        let body = self.admit(step, body, &bufs)?;
+        self.enqueue_new(step, priority, deadline, body, bufs)
+    }
+
+    fn admit(&mut self, step: usize, body: &[u8], bufs: &[BufRef]) -> Result<Body> {
         if !self.accepting {
             return Err(EngineError::Stopped);
         }
@@ -419,37 +455,41 @@ impl Hub {
         if st.queue.is_full() {
             return Err(EngineError::QueueFull { step, capacity: st.queue.capacity() });
         }
-        let body = if body.len() > st.inline_max {
-            let ext = self.arena.alloc(HUB_LABEL, body.len()).ok_or(EngineError::ArenaExhausted {
-                requested: body.len(),
-                capacity: self.arena.layout().capacity_bytes(),
-            })?;
-            self.arena.write(&ext, 0, body)?;
-            Body::Extent(ext)
-        } else {
-            Body::Inline(body.to_vec())
-        };
-        self.enqueue_new(step, priority, deadline, body)
+        for b in bufs {
+            self.arena.check_buf(b)?;
+        }
+        let limit = st.inline_max.checked_sub(bufs.len() * BufRef::WIRE_LEN).ok_or(EngineError::Config(format!(
+            "a task with {} out-of-band buffers does not fit in a ring record",
+            bufs.len()
+        )))?;
+        self.to_body(body, limit)
     }
 
-    /// Queues a task whose body the caller already placed in the arena (zero-copy submit). The
-    /// hub takes over the caller's reference.
-    pub fn submit_extent(&mut self, step: usize, priority: u8, deadline: Nanos, ext: Extent) -> Result<u64> {
-        if !self.accepting {
-            return Err(EngineError::Stopped);
+    /// An owned body: inline when small enough, else copied into the pool.
+    fn to_body(&self, body: &[u8], inline_limit: usize) -> Result<Body> {
+        if body.len() <= inline_limit {
+            return Ok(Body::Inline(body.to_vec()));
         }
-        let st = self.steps.get(step).ok_or(EngineError::Config(format!("no step {step}")))?;
-        if st.queue.is_full() {
-            return Err(EngineError::QueueFull { step, capacity: st.queue.capacity() });
-        }
-        self.enqueue_new(step, priority, deadline, Body::Extent(ext))
+        let ext = self.arena.alloc(body.len()).ok_or(EngineError::ArenaExhausted {
+            requested: body.len(),
+            capacity: self.arena.layout().capacity_bytes(),
+        })?;
+        self.arena.write(&ext, 0, body)?;
+        Ok(Body::Extent(ext))
     }
 
-    fn enqueue_new(&mut self, step: usize, priority: u8, deadline: Nanos, body: Body) -> Result<u64> {
+    fn enqueue_new(
+        &mut self,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: Body,
+        bufs: Vec<BufRef>,
+    ) -> Result<u64> {
         let now = Nanos::now();
         let id = self.next_id;
         self.next_id += 1;
-        let q = Queued { id, priority, deadline, arrived: now, body };
+        let q = Queued { id, priority, deadline, arrived: now, body, bufs };
         if self.steps[step].queue.push(priority as usize, q).is_err() {
             unreachable!("fullness checked by the caller");
         }
@@ -465,7 +505,7 @@ impl Hub {
             let removed = self.steps[step].queue.remove_where(|q| q.id == task_id);
             if !removed.is_empty() {
                 for q in removed {
-                    self.drop_body(&q.body);
+                    self.drop_task(&q);
                 }
                 self.in_flight -= 1;
                 return true;
@@ -487,7 +527,7 @@ impl Hub {
                 }
                 for h in batch.tasks.into_iter().rev() {
                     if h.task.id == task_id {
-                        self.drop_body(&h.task.body);
+                        self.drop_task(&h.task);
                     } else {
                         let level = h.task.priority as usize;
                         self.steps[step].queue.push_front(level, h.task);
@@ -506,9 +546,17 @@ impl Hub {
         false
     }
 
-    fn drop_body(&self, body: &Body) {
-        if let Body::Extent(e) = body {
-            let _ = self.arena.release(e);
+    /// Releases the hub's references on a task's pool memory (its body, its buffers).
+    fn drop_task(&self, task: &Queued) {
+        if let Body::Extent(e) = &task.body {
+            let _ = self.arena.unhold(e);
+        }
+        self.release_bufs(&task.bufs);
+    }
+
+    fn release_bufs(&self, bufs: &[BufRef]) {
+        for b in bufs {
+            let _ = self.arena.unhold(&b.extent());
         }
     }
 
@@ -612,11 +660,11 @@ impl Hub {
         &mut self,
         slot: usize,
         header: TaskHeader,
-        inline: &[u8],
+        rest: &[u8],
         now: Nanos,
         out: &mut dyn FnMut(Outcome<'_>),
     ) -> Result<usize> {
-        let step = self.slots[slot].step;
+        let (step, from) = (self.slots[slot].step, self.slots[slot].pool_index);
         let held = self.slots[slot]
             .batches
             .iter_mut()
@@ -624,14 +672,32 @@ impl Hub {
             .find(|h| h.task.id == header.task_id && !h.resolved)
             .ok_or(EngineError::Protocol("result for a task the worker does not hold"))?;
         held.resolved = true;
-        if let Some(ext) = header.extent {
-            // The hub takes over the worker's message: from now on it is responsible for the pages.
-            self.arena.relabel(&ext, HUB_LABEL)?;
+        let nbufs = header.nbufs as usize;
+        let table =
+            rest.get(..nbufs * BufRef::WIRE_LEN).ok_or(EngineError::Protocol("result shorter than its buffers"))?;
+        let inline = &rest[nbufs * BufRef::WIRE_LEN..];
+        let mut bufs = Vec::with_capacity(nbufs);
+        for wire in table.chunks_exact(BufRef::WIRE_LEN) {
+            let b = BufRef::decode(wire)?;
+            self.arena.check_buf(&b)?;
+            bufs.push(b);
         }
-        if self.cancelled.remove(&header.task_id) {
+        // The hub takes the worker's message over: its references become the main process's,
+        // so they survive the worker.
+        if let Some(ext) = header.extent {
+            self.arena.adopt(&ext, from)?;
+        }
+        for b in &bufs {
+            self.arena.adopt(&b.extent(), from)?;
+        }
+        let release_all = |hub: &Self| {
             if let Some(ext) = header.extent {
-                self.arena.release(&ext)?;
+                let _ = hub.arena.unhold(&ext);
             }
+            hub.release_bufs(&bufs);
+        };
+        if self.cancelled.remove(&header.task_id) {
+            release_all(self);
             return Ok(0);
         }
         let payload = || match header.extent {
@@ -641,43 +707,48 @@ impl Hub {
         let task_id = header.task_id;
         match header.status {
             Status::Expired => {
+                release_all(self);
                 self.steps[step].stats.expired += 1;
                 self.in_flight -= 1;
                 out(Outcome::Failed { task_id, failure: Failure::Expired { step } });
             }
             Status::Error => {
+                self.release_bufs(&bufs);
                 self.steps[step].stats.failed += 1;
                 self.in_flight -= 1;
                 out(Outcome::Failed { task_id, failure: Failure::Handler { step, body: payload() } });
             }
             Status::Ok if header.route == ROUTE_DONE => {
                 self.in_flight -= 1;
-                out(Outcome::Done { task_id, body: payload() });
+                out(Outcome::Done { task_id, body: payload(), bufs });
             }
             Status::Ok => {
                 let next = header.route as usize;
                 if next <= step || next >= self.steps.len() {
+                    release_all(self);
                     return Err(EngineError::Protocol("a result routed to a step that is not downstream"));
                 }
+                let limit = self.steps[next].inline_max.saturating_sub(bufs.len() * BufRef::WIRE_LEN);
                 let body = match header.extent {
                     Some(ext) => Body::Extent(ext),
-                    None if inline.len() > self.steps[next].inline_max => {
-                        match self.arena.alloc(HUB_LABEL, inline.len()) {
-                            Some(ext) => {
-                                self.arena.write(&ext, 0, inline)?;
-                                Body::Extent(ext)
-                            }
-                            None => {
-                                self.in_flight -= 1;
-                                out(Outcome::Failed { task_id, failure: Failure::ArenaExhausted { step: next } });
-                                return Ok(1);
-                            }
+                    None => match self.to_body(inline, limit) {
+                        Ok(body) => body,
+                        Err(_) => {
+                            self.release_bufs(&bufs);
+                            self.in_flight -= 1;
+                            out(Outcome::Failed { task_id, failure: Failure::ArenaExhausted { step: next } });
+                            return Ok(1);
                         }
-                    }
-                    None => Body::Inline(inline.to_vec()),
+                    },
                 };
-                let q =
-                    Queued { id: task_id, priority: header.priority, deadline: header.deadline, arrived: now, body };
+                let q = Queued {
+                    id: task_id,
+                    priority: header.priority,
+                    deadline: header.deadline,
+                    arrived: now,
+                    body,
+                    bufs,
+                };
                 self.steps[next].queue.push_unbounded(header.priority as usize, q);
                 return Ok(0);
             }
@@ -697,7 +768,7 @@ impl Hub {
             self.steps[step].idle.push(slot);
         }
         for h in batch.tasks {
-            self.drop_body(&h.task.body);
+            self.drop_task(&h.task);
             if !h.resolved {
                 // A worker always answers for every task; a missing answer is a protocol bug, and
                 // the caller still gets an outcome instead of waiting forever.
@@ -776,7 +847,7 @@ impl Hub {
                         let Some((_, q)) = self.steps[step].queue.pop() else { break };
                         if q.deadline != Nanos::ZERO && now >= q.deadline {
                             self.steps[step].stats.expired += 1;
-                            self.drop_body(&q.body);
+                            self.drop_task(&q);
                             self.in_flight -= 1;
                             self.deferred.push((q.id, Failure::Expired { step }));
                             continue;
@@ -801,15 +872,21 @@ impl Hub {
         let s = &mut self.slots[slot];
         let count = tasks.len() as u32;
         let mut ok = s.inbound.try_write(TAG_BATCH, &[&count.to_le_bytes(), &[0u8; 4], &s.sent.to_le_bytes()])?;
+        let mut table = Vec::new();
         for q in &tasks {
             let mut h = TaskHeader::new(q.id, q.priority, q.deadline);
             h.sent_at = now;
             h.route = step as u16;
+            h.nbufs = q.bufs.len() as u16;
+            table.clear();
+            for b in &q.bufs {
+                table.extend_from_slice(&b.encode());
+            }
             ok &= match &q.body {
-                Body::Inline(b) => s.inbound.try_write(TAG_TASK, &[&h.encode(), b])?,
+                Body::Inline(b) => s.inbound.try_write(TAG_TASK, &[&h.encode(), &table, b])?,
                 Body::Extent(e) => {
                     h.extent = Some(*e);
-                    s.inbound.try_write(TAG_TASK, &[&h.encode()])?
+                    s.inbound.try_write(TAG_TASK, &[&h.encode(), &table])?
                 }
             };
         }
@@ -855,7 +932,7 @@ impl Hub {
                 continue;
             }
             for h in batch.tasks {
-                self.drop_body(&h.task.body);
+                self.drop_task(&h.task);
                 if !h.resolved && !self.cancelled.remove(&h.task.id) {
                     self.in_flight -= 1;
                     out(Outcome::Failed { task_id: h.task.id, failure: Failure::WorkerDied { step, pid } });
@@ -865,7 +942,7 @@ impl Hub {
         // Tasks the dead worker never began go back to the head of the queue, in order.
         for h in never_started.into_iter().rev() {
             if self.cancelled.remove(&h.task.id) {
-                self.drop_body(&h.task.body);
+                self.drop_task(&h.task);
             } else {
                 let level = h.task.priority as usize;
                 self.steps[step].queue.push_front(level, h.task);
@@ -875,7 +952,12 @@ impl Hub {
         if was_live {
             self.steps[step].stats.worker_deaths += 1;
         }
-        self.arena.reclaim_owner(slot_label(slot));
+        let pool_index = self.slots[slot].pool_index;
+        if pool_index != 0 {
+            self.arena.reap(pool_index);
+            self.arena.release_index(pool_index);
+            self.slots[slot].pool_index = 0;
+        }
         self.layout.inbound(slot).reset(&self.region);
         self.layout.outbound(slot).reset(&self.region);
         self.layout.slot_gate(&self.region, slot).reset();
@@ -912,7 +994,7 @@ impl Hub {
         }
         for step in 0..self.steps.len() {
             for q in self.steps[step].queue.remove_where(|_| true) {
-                self.drop_body(&q.body);
+                self.drop_task(&q);
                 out(Outcome::Failed { task_id: q.id, failure: Failure::Stopped });
             }
         }

@@ -1,11 +1,11 @@
 #![forbid(unsafe_code)]
-//! The layout of a flow's shared region: one header, one slot per worker, then the arena.
+//! The layout of a flow's shared region: one header, then one slot per worker. (Large payloads
+//! live in the process-wide pool, [`crate::shm::arena`], not here.)
 //!
 //! | offset | content |
 //! |---|---|
-//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32, arena_bytes u64, page_size u32, spin_us u32`; at 64 the hub's doorbell flag |
+//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32`, `spin_us u32` at 28; at 64 the hub's doorbell flag |
 //! | 4096 + i * stride | slot `i`: a 4096-byte slot header (`pid: u32` at 0, the batch gate `u64` at 8), the inbound ring (hub to worker), the outbound ring (worker to hub) |
-//! | after the slots | the arena |
 //!
 //! A process that attaches to a region it did not create reads the parameters from the header
 //! and recomputes the same layout, then checks every magic number.
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gate::BatchGate;
-use crate::shm::{ArenaLayout, RingLayout, SharedRegion};
+use crate::shm::{RingLayout, SharedRegion};
 
 const MAGIC: u32 = 0x4151_464c; // "AQFL"
 const VERSION: u32 = 1;
@@ -23,36 +23,22 @@ const SLOT_HEADER: usize = 4096;
 const OFF_DOORBELL_WAITING: usize = 64;
 const OFF_SPIN_US: usize = 28;
 
-/// The arena label of the hub (the main process); slot `i` is labelled `i + 2`.
-pub const HUB_LABEL: u32 = 1;
-
-pub fn slot_label(slot: usize) -> u32 {
-    slot as u32 + 2
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowLayout {
     pub nslots: usize,
     pub ring_capacity: usize,
-    pub arena: ArenaLayout,
     slot_stride: usize,
 }
 
 impl FlowLayout {
-    pub fn new(nslots: usize, ring_capacity: usize, arena_bytes: usize, page_size: usize) -> Self {
+    pub fn new(nslots: usize, ring_capacity: usize) -> Self {
         let ring = RingLayout::new(0, ring_capacity);
         let slot_stride = (SLOT_HEADER + 2 * ring.total_bytes()).div_ceil(4096) * 4096;
-        let arena_off = FLOW_HEADER + nslots * slot_stride;
-        Self {
-            nslots,
-            ring_capacity: ring.capacity,
-            arena: ArenaLayout::new(arena_off, arena_bytes, page_size),
-            slot_stride,
-        }
+        Self { nslots, ring_capacity: ring.capacity, slot_stride }
     }
 
     pub fn total_bytes(&self) -> usize {
-        self.arena.offset + self.arena.total_bytes()
+        FLOW_HEADER + self.nslots * self.slot_stride
     }
 
     fn slot_off(&self, slot: usize) -> usize {
@@ -91,13 +77,10 @@ impl FlowLayout {
         u32_at(4).store(VERSION, Ordering::Relaxed);
         u32_at(8).store(self.nslots as u32, Ordering::Relaxed);
         u32_at(12).store(self.ring_capacity as u32, Ordering::Relaxed);
-        region.atomic_u64(16).store(self.arena.capacity_bytes() as u64, Ordering::Relaxed);
-        u32_at(24).store(self.arena.page_size as u32, Ordering::Relaxed);
         for slot in 0..self.nslots {
             self.inbound(slot).init(region);
             self.outbound(slot).init(region);
         }
-        self.arena.init(region);
         std::sync::atomic::fence(Ordering::Release);
         Ok(())
     }
@@ -111,8 +94,7 @@ impl FlowLayout {
         if u32_at(0) != MAGIC as usize || u32_at(4) != VERSION as usize {
             return Err(EngineError::Corrupt("not an aqueduct flow region, or another version"));
         }
-        let layout =
-            Self::new(u32_at(8), u32_at(12), region.atomic_u64(16).load(Ordering::Acquire) as usize, u32_at(24));
+        let layout = Self::new(u32_at(8), u32_at(12));
         if region.len() < layout.total_bytes() {
             return Err(EngineError::Corrupt("region smaller than its recorded layout"));
         }
@@ -120,7 +102,6 @@ impl FlowLayout {
             layout.inbound(slot).validate(region)?;
             layout.outbound(slot).validate(region)?;
         }
-        layout.arena.validate(region)?;
         Ok(layout)
     }
 
@@ -141,11 +122,11 @@ mod tests {
 
     #[test]
     fn layout_roundtrips_through_the_header() {
-        let l = FlowLayout::new(3, 64 * 1024, 1 << 20, 65536);
+        let l = FlowLayout::new(3, 64 * 1024);
         let region = SharedRegion::heap(l.total_bytes());
         l.init(&region).unwrap();
         assert_eq!(FlowLayout::read(&region).unwrap(), l);
-        assert!(l.outbound(2).offset + l.outbound(2).total_bytes() <= l.arena.offset);
+        assert!(l.outbound(2).offset + l.outbound(2).total_bytes() <= l.total_bytes());
         assert!(l.inbound(1).offset >= l.outbound(0).offset + l.outbound(0).total_bytes());
     }
 

@@ -1,8 +1,9 @@
 #![forbid(unsafe_code)]
 //! The wire format of the records that cross a ring: record tags and the fixed task header.
 //!
-//! A task travels as one record: a 48-byte [`TaskHeader`] followed by its body, either inline
-//! (the body bytes follow the header) or as an arena [`Extent`] named in the header (the body
+//! A task travels as one record: a 48-byte [`TaskHeader`], then `nbufs` 24-byte descriptors of
+//! its out-of-band buffers in the pool ([`crate::shm::BufRef`]: the large arrays of a pickled
+//! task), then its body, either inline or as a pool [`Extent`] named in the header (the body
 //! stays in shared memory and only the descriptor moves). The header is encoded field by field
 //! in little endian, so no transmute of shared bytes is ever needed.
 //!
@@ -12,7 +13,7 @@
 //! | 8 | `deadline: u64`, CLOCK_MONOTONIC ns, 0 = none |
 //! | 16 | `sent_at: u64`, CLOCK_MONOTONIC ns when the record was written (transfer time) |
 //! | 24 | `priority: u8`, `body: u8` (0 inline, 1 extent), `status: u8`, `flags: u8` |
-//! | 28 | `route: u16` (the step the task goes to next, [`ROUTE_DONE`] = back to the caller), reserved `u16` |
+//! | 28 | `route: u16` (the step the task goes to next, [`ROUTE_DONE`] = back to the caller), `nbufs: u16` |
 //! | 32 | `ext_head: u32`, `ext_pages: u32` |
 //! | 40 | `ext_len: u64` |
 
@@ -71,13 +72,15 @@ pub struct TaskHeader {
     pub priority: u8,
     pub status: Status,
     pub route: u16,
-    /// `Some` when the body is in the arena.
+    /// Out-of-band buffer descriptors following the header.
+    pub nbufs: u16,
+    /// `Some` when the body is in the pool.
     pub extent: Option<Extent>,
 }
 
 impl TaskHeader {
     pub fn new(task_id: u64, priority: u8, deadline: Nanos) -> Self {
-        Self { task_id, deadline, sent_at: Nanos::ZERO, priority, status: Status::Ok, route: 0, extent: None }
+        Self { task_id, deadline, sent_at: Nanos::ZERO, priority, status: Status::Ok, route: 0, nbufs: 0, extent: None }
     }
 
     pub fn encode(&self) -> [u8; HEADER_LEN] {
@@ -89,6 +92,7 @@ impl TaskHeader {
         b[25] = u8::from(self.extent.is_some());
         b[26] = self.status as u8;
         b[28..30].copy_from_slice(&self.route.to_le_bytes());
+        b[30..32].copy_from_slice(&self.nbufs.to_le_bytes());
         if let Some(e) = self.extent {
             b[32..36].copy_from_slice(&e.head.to_le_bytes());
             b[36..40].copy_from_slice(&e.pages.to_le_bytes());
@@ -115,6 +119,7 @@ impl TaskHeader {
             priority: b[24],
             status: Status::try_from(b[26])?,
             route: u16::from_le_bytes([b[28], b[29]]),
+            nbufs: u16::from_le_bytes([b[30], b[31]]),
             extent,
         })
     }
@@ -131,11 +136,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn header_roundtrips(id: u64, dl: u64, sent: u64, prio: u8, route: u16, st in 0u8..3,
+        fn header_roundtrips(id: u64, dl: u64, sent: u64, prio: u8, route: u16, nbufs: u16, st in 0u8..3,
                              ext in proptest::option::of((any::<u32>(), any::<u32>(), any::<u64>()))) {
             let h = TaskHeader {
                 task_id: id, deadline: Nanos(dl), sent_at: Nanos(sent), priority: prio,
-                status: Status::try_from(st).unwrap(), route,
+                status: Status::try_from(st).unwrap(), route, nbufs,
                 extent: ext.map(|(head, pages, len)| Extent { head, pages, len }),
             };
             prop_assert_eq!(TaskHeader::decode(&h.encode()).unwrap(), h);

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use crate::clock::Nanos;
 use crate::error::{EngineError, Result};
 use crate::hub::Doorbell;
-use crate::layout::{slot_label, FlowLayout};
+use crate::layout::FlowLayout;
 use crate::message::*;
 use crate::shm::event::SpinPolicy;
-use crate::shm::{Arena, Consumer, Extent, Producer, SharedRegion};
+use crate::shm::{Arena, BufRef, Consumer, Extent, Producer, SharedRegion};
 
 /// Where a task's body is, in the region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,10 +29,13 @@ pub struct BodyLoc {
     pub len: usize,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TaskRef {
     pub header: TaskHeader,
     pub body: BodyLoc,
+    /// Out-of-band buffers in the pool. The hub holds a reference on each until this batch is
+    /// finished; a worker that keeps one longer takes its own ([`Arena::hold`]).
+    pub bufs: Vec<BufRef>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -51,7 +54,7 @@ pub struct WorkerEndpoint {
     slot: usize,
     inbound: Consumer,
     outbound: Producer,
-    arena: Arena,
+    arena: Arc<Arena>,
     doorbell: Doorbell,
     spin: SpinPolicy,
     batch: Vec<TaskRef>,
@@ -60,15 +63,15 @@ pub struct WorkerEndpoint {
 }
 
 impl WorkerEndpoint {
-    /// Attaches to `slot` of a flow region created by the hub.
-    pub fn attach(region: Arc<SharedRegion>, slot: usize, doorbell: Doorbell) -> Result<Self> {
+    /// Attaches to `slot` of a flow region created by the hub; `arena` is this process's handle
+    /// on the pool (its own process index).
+    pub fn attach(region: Arc<SharedRegion>, arena: Arc<Arena>, slot: usize, doorbell: Doorbell) -> Result<Self> {
         let layout = FlowLayout::read(&region)?;
         if slot >= layout.nslots {
             return Err(EngineError::Config(format!("slot {slot} does not exist ({} slots)", layout.nslots)));
         }
         let inbound = Consumer::attach(region.clone(), layout.inbound(slot))?;
         let outbound = Producer::attach(region.clone(), layout.outbound(slot))?;
-        let arena = Arena::attach(region.clone(), layout.arena)?;
         let inline_max = (outbound.max_payload() - HEADER_LEN).min(64 << 10);
         let spin = SpinPolicy { spin: Duration::from_micros(layout.spin_us(&region).load(Ordering::Acquire) as u64) };
         Ok(Self {
@@ -98,7 +101,7 @@ impl WorkerEndpoint {
         &self.region
     }
 
-    pub fn arena(&self) -> &Arena {
+    pub fn arena(&self) -> &Arc<Arena> {
         &self.arena
     }
 
@@ -182,11 +185,26 @@ impl WorkerEndpoint {
                         }
                         self.region.read(rec.offset, &mut h)?;
                         let header = TaskHeader::decode(&h)?;
+                        let table_len = header.nbufs as usize * BufRef::WIRE_LEN;
+                        if rec.len < HEADER_LEN + table_len {
+                            return Err(EngineError::Protocol("task record shorter than its buffer table"));
+                        }
+                        let mut table = vec![0u8; table_len];
+                        self.region.read(rec.offset + HEADER_LEN, &mut table)?;
+                        let mut bufs = Vec::with_capacity(header.nbufs as usize);
+                        for wire in table.chunks_exact(BufRef::WIRE_LEN) {
+                            let b = BufRef::decode(wire)?;
+                            self.arena.check_buf(&b)?;
+                            bufs.push(b);
+                        }
                         let body = match header.extent {
-                            Some(ext) => BodyLoc { offset: self.arena.offset_of(&ext)?, len: ext.len as usize },
-                            None => BodyLoc { offset: rec.offset + HEADER_LEN, len: rec.len - HEADER_LEN },
+                            Some(ext) => BodyLoc { offset: usize::MAX, len: ext.len as usize },
+                            None => BodyLoc {
+                                offset: rec.offset + HEADER_LEN + table_len,
+                                len: rec.len - HEADER_LEN - table_len,
+                            },
                         };
-                        self.batch.push(TaskRef { header, body });
+                        self.batch.push(TaskRef { header, body, bufs });
                     }
                     if begun {
                         self.batch_seq = seq;
@@ -205,44 +223,56 @@ impl WorkerEndpoint {
 
     /// Copies the body of task `i` of the current batch.
     pub fn read_body(&self, i: usize, dst: &mut Vec<u8>) -> Result<()> {
-        let loc = self.batch[i].body;
-        dst.resize(loc.len, 0);
-        self.region.read(loc.offset, dst)
+        let t = &self.batch[i];
+        dst.resize(t.body.len, 0);
+        match t.header.extent {
+            Some(ext) => self.arena.read(&ext, 0, dst),
+            None => self.region.read(t.body.offset, dst),
+        }
     }
 
     /// Answers for task `i` of the current batch. `route` is the next step, or
-    /// [`ROUTE_DONE`]. Large bodies go to the arena.
+    /// [`ROUTE_DONE`]. Large bodies go to the pool.
     pub fn send_result(&mut self, i: usize, status: Status, route: u16, body: &[u8]) -> Result<()> {
+        self.send_result_with_bufs(i, status, route, body, &[])
+    }
+
+    /// [`Self::send_result`] with out-of-band buffers: this process hands over one reference
+    /// on each (taken with [`Arena::hold`] or [`Arena::alloc`]) to the message.
+    pub fn send_result_with_bufs(
+        &mut self,
+        i: usize,
+        status: Status,
+        route: u16,
+        body: &[u8],
+        bufs: &[BufRef],
+    ) -> Result<()> {
         let mut h = self.batch[i].header;
         h.status = status;
         h.route = route;
         h.sent_at = Nanos::now();
         h.extent = None;
-        if body.len() > self.inline_max {
+        h.nbufs =
+            u16::try_from(bufs.len()).map_err(|_| EngineError::Config("more than 65535 out-of-band buffers".into()))?;
+        let mut table = Vec::with_capacity(bufs.len() * BufRef::WIRE_LEN);
+        for b in bufs {
+            table.extend_from_slice(&b.encode());
+        }
+        let inline_max = self.inline_max.saturating_sub(table.len());
+        if body.len() > inline_max {
             let ext = self.alloc(body.len())?;
             self.arena.write(&ext, 0, body)?;
             h.extent = Some(ext);
-            self.send(TAG_RESULT, &[&h.encode()])
+            self.send(TAG_RESULT, &[&h.encode(), &table])
         } else {
-            self.send(TAG_RESULT, &[&h.encode(), body])
+            self.send(TAG_RESULT, &[&h.encode(), &table, body])
         }
     }
 
-    /// Answers for task `i` with a body the caller already wrote into an extent it allocated
-    /// with [`Self::alloc`] (zero-copy results).
-    pub fn send_result_extent(&mut self, i: usize, status: Status, route: u16, ext: Extent) -> Result<()> {
-        let mut h = self.batch[i].header;
-        h.status = status;
-        h.route = route;
-        h.sent_at = Nanos::now();
-        h.extent = Some(ext);
-        self.send(TAG_RESULT, &[&h.encode()])
-    }
-
-    /// Allocates an arena extent labelled with this worker's slot.
+    /// Allocates a pool extent held by this process.
     pub fn alloc(&mut self, len: usize) -> Result<Extent> {
         self.arena
-            .alloc(slot_label(self.slot), len)
+            .alloc(len)
             .ok_or(EngineError::ArenaExhausted { requested: len, capacity: self.arena.layout().capacity_bytes() })
     }
 

@@ -1,6 +1,7 @@
 //! The hub and worker endpoints end to end in one process: the test plays the workers.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aqueduct_core::hub::pipeline_depth;
@@ -9,6 +10,7 @@ use aqueduct_core::hub::{
 };
 use aqueduct_core::message::{Status, ROUTE_DONE};
 use aqueduct_core::shm::event::SpinPolicy;
+use aqueduct_core::shm::{Arena, ArenaLayout, BufRef};
 use aqueduct_core::{Nanos, Received, WorkerEndpoint};
 use proptest::prelude::*;
 
@@ -17,7 +19,21 @@ fn step(nprocs: usize, batch_size: usize, timeout_ms: u64, cap: usize) -> StepSp
 }
 
 fn config(steps: Vec<StepSpec>) -> HubConfig {
-    HubConfig { steps, ring_capacity: 64 << 10, arena_bytes: 4 << 20, page_size: 4096, ..HubConfig::default() }
+    HubConfig { steps, ring_capacity: 64 << 10, ..HubConfig::default() }
+}
+
+fn pool() -> Arc<Arena> {
+    Arc::new(Arena::create_in_heap(ArenaLayout::new(4 << 20, 4096, 32), u64::MAX).unwrap())
+}
+
+/// A worker endpoint for `slot`, acting as a fresh process of the pool.
+fn worker(hub: &mut Hub, slot: usize, pid: u32) -> WorkerEndpoint {
+    let index = hub.arena().reserve_index().expect("a free process index");
+    let arena = Arc::new(hub.arena().as_process(index));
+    let mut w = WorkerEndpoint::attach(hub.region().clone(), arena, slot, Doorbell::new().unwrap()).unwrap();
+    w.set_spin(SpinPolicy::NONE);
+    hub.worker_spawned(slot, pid, index);
+    w
 }
 
 /// Owned outcome, for assertions.
@@ -38,12 +54,10 @@ struct Rig {
 
 impl Rig {
     fn new(cfg: HubConfig) -> Self {
-        let mut hub = Hub::create_in_heap(&cfg).unwrap();
+        let mut hub = Hub::create_in_heap(&cfg, pool()).unwrap();
         let mut workers = Vec::new();
         for slot in 0..hub.slot_count() {
-            let mut w = WorkerEndpoint::attach(hub.region().clone(), slot, Doorbell::new().unwrap()).unwrap();
-            w.set_spin(SpinPolicy::NONE);
-            hub.worker_spawned(slot, 1000 + slot as u32);
+            let mut w = worker(&mut hub, slot, 1000 + slot as u32);
             w.ready().unwrap();
             workers.push(w);
         }
@@ -54,21 +68,20 @@ impl Rig {
 
     fn poll_at(&mut self, now: Nanos) {
         let (hub, got) = (&mut self.hub, &mut self.got);
-        let arena_reader = hub.arena().region().clone();
-        let layout = *hub.layout();
+        let arena = hub.arena().clone();
         let mut sink = |o: Outcome<'_>| {
             let record = |id: u64, g: Got, got: &mut HashMap<u64, Got>| {
                 assert!(got.insert(id, g).is_none(), "task {id} reported twice");
             };
             match o {
-                Outcome::Done { task_id, body } => {
+                Outcome::Done { task_id, body, bufs } => {
+                    assert!(bufs.is_empty());
                     let bytes = match body {
                         Payload::Inline(b) => b.to_vec(),
                         Payload::Extent(e) => {
-                            let a = aqueduct_core::shm::Arena::attach(arena_reader.clone(), layout.arena).unwrap();
                             let mut v = vec![0; e.len as usize];
-                            a.read(&e, 0, &mut v).unwrap();
-                            a.release(&e).unwrap();
+                            arena.read(&e, 0, &mut v).unwrap();
+                            arena.unhold(&e).unwrap();
                             v
                         }
                     };
@@ -285,10 +298,7 @@ fn a_dead_worker_fails_only_what_it_began_and_its_published_results_survive() {
     );
     assert_eq!(rig.hub.slot_state(dying), SlotState::Dead);
     // A replacement in the same slot picks up work.
-    let mut w = WorkerEndpoint::attach(rig.hub.region().clone(), dying, Doorbell::new().unwrap()).unwrap();
-    w.set_spin(SpinPolicy::NONE);
-    rig.workers[dying] = w;
-    rig.hub.worker_spawned(dying, 2000);
+    rig.workers[dying] = worker(&mut rig.hub, dying, 2000);
     rig.workers[dying].ready().unwrap();
     rig.poll();
     let id = rig.hub.submit(0, 0, Nanos::ZERO, b"after").unwrap();
@@ -454,7 +464,7 @@ fn config_errors_name_the_problem() {
         (HubConfig { priorities: 0, ..config(vec![step(1, 1, 0, 1)]) }, "queue_priorities"),
     ];
     for (cfg, needle) in cases {
-        let err = Hub::create_in_heap(&cfg).err().expect("invalid config accepted");
+        let err = Hub::create_in_heap(&cfg, pool()).err().expect("invalid config accepted");
         assert!(err.to_string().contains(needle), "{err} should mention {needle}");
     }
 }
@@ -501,11 +511,9 @@ proptest! {
                             Outcome::Done { task_id, .. } => { assert!(got.insert(task_id, Got::Done(vec![])).is_none()); }
                             _ => {}
                         }).unwrap();
-                        let mut w = WorkerEndpoint::attach(rig.hub.region().clone(), slot, Doorbell::new().unwrap()).unwrap();
-                        w.set_spin(SpinPolicy::NONE);
+                        let mut w = worker(&mut rig.hub, slot, 1);
                         w.ready().unwrap();
                         rig.workers[slot] = w;
-                        rig.hub.worker_spawned(slot, 1);
                         rig.poll();
                     }
                 }
@@ -535,4 +543,57 @@ proptest! {
         prop_assert_eq!(reported, accepted);
         prop_assert_eq!(rig.hub.arena().used_pages(), 0);
     }
+}
+
+#[test]
+fn out_of_band_buffers_travel_by_reference_and_are_freed_once() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20), step(1, 1, 0, 20)]));
+    let arena = rig.hub.arena().clone();
+    // The caller places a buffer in the pool and hands its reference to the task.
+    let ext = arena.alloc(100_000).unwrap();
+    arena.write(&ext, 0, &[7u8; 100_000]).unwrap();
+    let buf = BufRef { head: ext.head, pages: ext.pages, offset: 10, len: 90_000 };
+    let id = rig.hub.submit_with_bufs(0, 0, Nanos::ZERO, b"task", vec![buf]).unwrap();
+    // Each step sees the same buffer, keeps it for its result (zero copy), and sends it on.
+    for (slot, route) in [(0usize, 1u16), (1, ROUTE_DONE)] {
+        let w = &mut rig.workers[slot];
+        assert_eq!(w.recv(Some(Duration::ZERO)).unwrap(), Received::Batch(1));
+        let seen = w.tasks()[0].bufs.clone();
+        assert_eq!(seen, vec![buf]);
+        w.arena().hold(&seen[0].extent()).unwrap(); // the reference the result carries
+        w.send_result_with_bufs(0, Status::Ok, route, b"task", &seen).unwrap();
+        w.finish_batch().unwrap();
+        let mut done = Vec::new();
+        rig.hub
+            .poll(Nanos::now(), &mut |o| {
+                if let Outcome::Done { task_id, bufs, .. } = o {
+                    done.push((task_id, bufs));
+                }
+            })
+            .unwrap();
+        if route == ROUTE_DONE {
+            assert_eq!(done, vec![(id, vec![buf])]);
+        }
+    }
+    assert!(arena.used_pages() > 0, "the caller now owns the result's reference");
+    assert!(arena.unhold(&ext).unwrap(), "and it was the last one");
+    assert_eq!(arena.used_pages(), 0);
+}
+
+#[test]
+fn a_dead_workers_references_are_reaped() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
+    let arena = rig.hub.arena().clone();
+    let ext = arena.alloc(10_000).unwrap();
+    rig.hub.submit_with_bufs(0, 0, Nanos::ZERO, b"t", vec![BufRef::whole(ext)]).unwrap();
+    {
+        let w = &mut rig.workers[0];
+        assert_eq!(w.recv(Some(Duration::ZERO)).unwrap(), Received::Batch(1));
+        w.arena().hold(&ext).unwrap(); // a view the handler keeps
+        w.alloc(50_000).unwrap(); // an output it never sends
+    }
+    let mut died = 0;
+    rig.hub.worker_exited(0, &mut |o| died += usize::from(matches!(o, Outcome::Failed { .. }))).unwrap();
+    assert_eq!(died, 1);
+    assert_eq!(arena.used_pages(), 0, "the task's buffer, the worker's view and its lost output are all freed");
 }

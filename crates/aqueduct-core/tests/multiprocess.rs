@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use aqueduct_core::hub::{Doorbell, Failure, HubConfig, Outcome, Payload, StepSpec};
 use aqueduct_core::message::{Status, ROUTE_DONE};
 use aqueduct_core::shm::fd::{adopt_inherited, set_inheritable};
-use aqueduct_core::shm::{Arena, SharedRegion};
+use aqueduct_core::shm::{Arena, ArenaLayout, SharedRegion};
 use aqueduct_core::{Engine, Nanos, Received, WorkerEndpoint};
 
 const ROLE: &str = "AQ_TEST_ROLE";
@@ -59,7 +59,9 @@ fn worker_main(role: &str) {
     let env = |k: &str| std::env::var(k).unwrap().parse::<i32>().unwrap();
     let region = Arc::new(SharedRegion::attach(adopt_inherited(env("AQ_REGION_FD")).unwrap()).unwrap());
     let doorbell = Doorbell::from_fd(adopt_inherited(env("AQ_DOORBELL_FD")).unwrap());
-    let mut w = WorkerEndpoint::attach(region, env("AQ_SLOT") as usize, doorbell).unwrap();
+    let pool = Arc::new(SharedRegion::attach(adopt_inherited(env("AQ_POOL_FD")).unwrap()).unwrap());
+    let arena = Arc::new(Arena::attach(pool, env("AQ_POOL_INDEX") as u32).unwrap());
+    let mut w = WorkerEndpoint::attach(region, arena, env("AQ_SLOT") as usize, doorbell).unwrap();
     w.ready().unwrap();
     let mut body = Vec::new();
     loop {
@@ -99,30 +101,38 @@ fn worker_main(role: &str) {
 
 struct Flow {
     engine: Engine,
+    pool: Arc<Arena>,
     children: HashMap<usize, Child>,
 }
 
 impl Flow {
     fn new(steps: Vec<StepSpec>) -> Self {
-        let cfg = HubConfig { steps, ring_capacity: 256 << 10, arena_bytes: 64 << 20, ..HubConfig::default() };
-        Self { engine: Engine::new(&cfg).unwrap(), children: HashMap::new() }
+        let cfg = HubConfig { steps, ring_capacity: 256 << 10, ..HubConfig::default() };
+        let pool = Arc::new(Arena::create(ArenaLayout::new(64 << 20, 1 << 16, 16), 16 << 20).unwrap());
+        Self { engine: Engine::new(&cfg, pool.clone()).unwrap(), pool, children: HashMap::new() }
     }
 
     fn spawn(&mut self, slot: usize, role: &str) {
         let region_fd = self.engine.region_fd();
         let doorbell_fd = self.engine.doorbell_fd();
-        set_inheritable(region_fd, true).unwrap();
-        set_inheritable(doorbell_fd, true).unwrap();
+        let pool_fd = self.pool.region().fd().unwrap();
+        let index = self.pool.reserve_index().unwrap();
+        for fd in [region_fd, doorbell_fd, pool_fd] {
+            set_inheritable(fd, true).unwrap();
+        }
         let child = Command::new(std::env::current_exe().unwrap())
             .env(ROLE, role)
             .env("AQ_REGION_FD", region_fd.as_raw_fd().to_string())
             .env("AQ_DOORBELL_FD", doorbell_fd.as_raw_fd().to_string())
+            .env("AQ_POOL_FD", pool_fd.as_raw_fd().to_string())
+            .env("AQ_POOL_INDEX", index.to_string())
             .env("AQ_SLOT", slot.to_string())
             .spawn()
             .unwrap();
-        set_inheritable(self.engine.region_fd(), false).unwrap();
-        set_inheritable(self.engine.doorbell_fd(), false).unwrap();
-        self.engine.worker_spawned(slot, child.id()).unwrap();
+        for fd in [self.engine.region_fd(), self.engine.doorbell_fd(), self.pool.region().fd().unwrap()] {
+            set_inheritable(fd, false).unwrap();
+        }
+        self.engine.worker_spawned(slot, child.id(), index).unwrap();
         self.children.insert(slot, child);
     }
 
@@ -138,7 +148,7 @@ impl Flow {
         let end = Instant::now() + deadline;
         while !done(events) {
             assert!(Instant::now() < end, "deadline passed; events so far: {}", events.len());
-            let arena = Arena::attach(self.engine.hub.region().clone(), self.engine.hub.layout().arena).unwrap();
+            let arena = self.pool.clone();
             self.engine.wait(Some(Duration::from_millis(100)), &mut |o| events.push(Event::from(o, &arena))).unwrap();
         }
     }
@@ -170,11 +180,11 @@ enum Event {
 impl Event {
     fn from(o: Outcome<'_>, arena: &Arena) -> Self {
         match o {
-            Outcome::Done { task_id, body: Payload::Inline(b) } => Event::Done(task_id, b.to_vec()),
-            Outcome::Done { task_id, body: Payload::Extent(e) } => {
+            Outcome::Done { task_id, body: Payload::Inline(b), .. } => Event::Done(task_id, b.to_vec()),
+            Outcome::Done { task_id, body: Payload::Extent(e), .. } => {
                 let mut v = vec![0; e.len as usize];
                 arena.read(&e, 0, &mut v).unwrap();
-                arena.release(&e).unwrap();
+                arena.unhold(&e).unwrap();
                 Event::Done(task_id, v)
             }
             Outcome::Failed { task_id, failure: Failure::Handler { body: Payload::Inline(b), .. } } => {

@@ -5,8 +5,8 @@
 //!   another process writes is ever formed.
 //! - [`ring`] is a single-producer single-consumer ring of variable-size records laid out in a
 //!   region.
-//! - [`arena`] is the page allocator for payloads too large for a ring: extents move between
-//!   processes as descriptors, never as bytes.
+//! - [`arena`] is the process-wide pool for payloads too large for a ring: extents move
+//!   between processes as descriptors, never as bytes, and are reference counted per process.
 //! - [`event`] is the futex-based wake-up word that waiters park on.
 //!
 //! Every structure placed in shared memory is `#[repr(C)]`, starts with a magic number and a
@@ -18,7 +18,7 @@ pub mod fd;
 pub mod region;
 pub mod ring;
 
-pub use arena::{Arena, ArenaLayout, Extent};
+pub use arena::{Arena, ArenaLayout, BufRef, Extent};
 pub use event::FutexEvent;
 pub use region::SharedRegion;
 pub use ring::{Consumer, Producer, RecordView, RingLayout};
