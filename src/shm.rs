@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use aqueduct_core::shm::fd::adopt_inherited;
 use aqueduct_core::shm::{Arena, ArenaLayout, BufRef, SharedRegion};
-use pyo3::buffer::PyBuffer;
+use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -77,10 +77,11 @@ impl Pool {
         ShmBuffer::owning(&self.arena, BufRef::whole(ext)).map_err(py_err(py))
     }
 
-    /// If `obj`'s memory lies in this pool, a new reference to it (zero copy); else `None`.
+    /// If `obj`'s memory (any contiguous buffer: bytes-like, numpy array) lies in this pool, a
+    /// new reference to it (zero copy); else `None`.
     fn locate(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Option<ShmBuffer>> {
-        let view = PyBuffer::<u8>::get(obj)?;
-        if !view.is_c_contiguous() {
+        let view = PyUntypedBuffer::get(obj)?;
+        if !view.is_c_contiguous() && !view.is_fortran_contiguous() {
             return Ok(None);
         }
         let Some(buf) = self.arena.locate(view.buf_ptr() as usize, view.len_bytes()) else { return Ok(None) };

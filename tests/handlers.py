@@ -108,3 +108,61 @@ def is_odd(task: Task) -> bool:
 
 def never(task: Task) -> bool:
     return False
+
+
+class ArrayTask(BaseTask):
+    def __init__(self, arr=None, **fields):
+        super().__init__()
+        self.arr = arr
+        self.__dict__.update(fields)
+
+
+class Triple(BaseTaskHandler):
+    """Multiplies ``task.arr`` by 3 in place (``*=``), and notes whether it arrived as a view on
+    shared memory."""
+
+    def handle(self, *tasks) -> None:
+        from aqueduct import shm
+
+        for t in tasks:
+            t.arr *= 3
+            t.was_shared_view = shm.pool().locate(t.arr) is not None
+
+
+class Describe(BaseTaskHandler):
+    """Records what the handler saw: type, dtype, shape, flags, a checksum."""
+
+    def handle(self, *tasks) -> None:
+        import numpy as np
+        from aqueduct import shm
+
+        for t in tasks:
+            a = t.arr
+            t.seen = (type(a).__name__, len(a) if isinstance(a, (bytes, bytearray)) else None)
+            if isinstance(a, np.ndarray):
+                t.seen = (str(a.dtype), a.shape, a.flags.f_contiguous, float(np.real(a).astype(np.float64).sum()))
+                t.in_pool = shm.pool().locate(a) is not None if a.flags.c_contiguous or a.flags.f_contiguous else False
+            elif isinstance(a, (bytes, bytearray)):
+                t.checksum = sum(a[:: max(1, len(a) // 1000)])
+
+
+class MakeOutput(BaseTaskHandler):
+    """Creates a new array and shares it from the worker."""
+
+    def handle(self, *tasks) -> None:
+        import numpy as np
+
+        for t in tasks:
+            t.out = np.arange(100_000, dtype=np.float32) * t.x
+            t.share_value('out')
+
+
+class HoldAndDie(BaseTaskHandler):
+    """Keeps a reference to the shared array and gets SIGKILLed while handling."""
+
+    def handle(self, *tasks) -> None:
+        import os
+        import signal
+
+        self.kept = [t.arr for t in tasks]
+        os.kill(os.getpid(), signal.SIGKILL)

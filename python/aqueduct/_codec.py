@@ -10,13 +10,13 @@ of the main process's work per task. For those classes the wire form is
 caller's task is updated straight from the state. Any other task (custom ``__reduce__``,
 ``__getstate__``, ``__setstate__``, ``__slots__``) is pickled whole.
 
-**Buffers by reference.** Pickle protocol 5 hands large contiguous buffers (numpy arrays,
-``bytearray``) to a callback instead of copying them into the stream. Each one at or above the
-threshold (:func:`aqueduct.shm.threshold`) goes to the pool: if it already lives there (an array
-received from another step, a shared field) only a new reference is taken, otherwise it is
-copied in once. The receiver gets the buffers back as ``ShmBuffer`` objects and numpy rebuilds
-its arrays as views on them: no copy between steps, none on the way back. Large ``bytes``
-fields travel the same way (and are copied out on arrival, ``bytes`` being immutable).
+**Buffers by reference.** Pickle protocol 5 hands contiguous buffers (numpy arrays,
+``bytearray``) to a callback instead of copying them into the stream. One that already lives in
+the pool (an array received from another step, a shared field) travels as a new reference;
+any other at or above the threshold (:func:`aqueduct.shm.threshold`) is copied in once. The
+receiver gets the buffers back as ``ShmBuffer`` objects and numpy rebuilds its arrays as views
+on them: no copy between steps, none on the way back. Large ``bytes`` fields travel the same
+way (and are copied out on arrival, ``bytes`` being immutable).
 """
 
 from __future__ import annotations
@@ -123,12 +123,14 @@ def encode(task: Any) -> Tuple[bytes, List[Any]]:
     def place(pb: pickle.PickleBuffer) -> bool:
         nonlocal pool
         raw = pb.raw()
-        if raw.nbytes < big:
-            return True
         if pool is None:
             pool = shm.pool()
+        # Memory already in the pool (a shared field, an array received from another step)
+        # always travels by reference; other buffers only from the threshold up.
         buf = pool.locate(raw)
         if buf is None:
+            if raw.nbytes < big:
+                return True
             buf = pool.alloc(raw.nbytes)
             memoryview(buf)[:] = raw
         bufs.append(buf)

@@ -60,42 +60,50 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
         worker.start_failed(f'{step_name}: on_start raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}')
         return 1
     worker.ready()
-    now_ns = time.monotonic_ns
-    send = worker.send_result
     while True:
         batch = worker.recv()
         if batch is None:
             return 0
-        tasks: List = []
-        indices: List[int] = []
-        now = now_ns()
-        for i, (deadline, _priority, body, bufs) in enumerate(batch):
-            if deadline and now >= deadline:
-                send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
-                continue
-            try:
-                tasks.append(decode(body, bufs))
-            except Exception as exc:
-                send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
-                continue
-            indices.append(i)
-        if tasks:
-            try:
-                handler.handle(*tasks)
-            except Exception as exc:
-                payload = remote_error_payload(exc, step_name)
-                for i in indices:
-                    send(i, STATUS_ERROR, ROUTE_DONE, payload)
-            else:
-                for i, task in zip(indices, tasks, strict=True):
-                    try:
-                        route = _route(task, routes)
-                        body, bufs = encode(task)
-                    except Exception as exc:
-                        send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
-                    else:
-                        send(i, STATUS_OK, route, body, bufs)
+        handle_batch(worker, batch, handler, step_name, routes)
+        # The batch's objects died with `handle_batch`'s frame: none of them keeps shared memory
+        # referenced while this worker waits for the next batch.
+        del batch
         worker.finish_batch()
+
+
+def handle_batch(worker: _core.Worker, batch: list, handler: BaseTaskHandler, step_name: str, routes: Routes) -> None:
+    """Answers for every task of ``batch``: expired, undecodable, failed, or its result."""
+    send = worker.send_result
+    tasks: List = []
+    indices: List[int] = []
+    now = time.monotonic_ns()
+    for i, (deadline, _priority, body, bufs) in enumerate(batch):
+        if deadline and now >= deadline:
+            send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
+            continue
+        try:
+            tasks.append(decode(body, bufs))
+        except Exception as exc:
+            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
+            continue
+        indices.append(i)
+    if not tasks:
+        return
+    try:
+        handler.handle(*tasks)
+    except Exception as exc:
+        payload = remote_error_payload(exc, step_name)
+        for i in indices:
+            send(i, STATUS_ERROR, ROUTE_DONE, payload)
+        return
+    for i, task in zip(indices, tasks, strict=True):
+        try:
+            route = _route(task, routes)
+            body, bufs = encode(task)
+        except Exception as exc:
+            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
+        else:
+            send(i, STATUS_OK, route, body, bufs)
 
 
 def run(

@@ -1,0 +1,300 @@
+"""Shared memory: share_value, share_value_with_data, zero copy without sharing, lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+from aqueduct import FlowStep, shm
+from aqueduct.exceptions import SharedMemoryExhaustedError, WorkerDiedError
+
+from .conftest import children
+from .handlers import ArrayTask, Describe, HoldAndDie, MakeOutput, Task, Triple
+
+DTYPES = ['uint8', 'int8', 'int16', 'uint16', 'int32', 'int64', 'float16', 'float32', 'float64', 'complex64', 'bool']
+
+
+def pool_used() -> int:
+    gc.collect()
+    return shm.pool().used_bytes
+
+
+@pytest.fixture
+def baseline():
+    """Pool bytes in use before the test; the test must give every byte back."""
+    before = pool_used()
+    yield before
+    assert pool_used() == before, 'shared memory leaked'
+
+
+def dev_shm_entries() -> set:
+    return set(os.listdir('/dev/shm'))
+
+
+# ------------------------------------------------------------------ share_value
+
+
+def test_share_value_makes_the_field_a_view_on_shared_memory(baseline):
+    t = ArrayTask(np.arange(10, dtype=np.int32))
+    t.share_value('arr')
+    assert shm.pool().locate(t.arr) is not None
+    assert list(t.arr) == list(range(10))
+
+
+def test_share_value_rejects_unknown_unsupported_and_already_shared_fields(baseline):
+    t = ArrayTask(np.zeros(3), name='x', items=[1, 2])
+    with pytest.raises(ValueError, match='Unknown field'):
+        t.share_value('missing')
+    with pytest.raises(ValueError, match='cannot be shared'):
+        t.share_value('items')
+    with pytest.raises(ValueError, match='cannot be shared'):
+        t.share_value('name')
+    t.share_value('arr')
+    with pytest.raises(ValueError, match='already shared'):
+        t.share_value('arr')
+    with pytest.raises(ValueError, match='Python objects'):
+        ArrayTask(np.array([object()])).share_value('arr')
+
+
+def test_assigning_a_new_value_unshares_with_a_warning(baseline):
+    t = ArrayTask(np.ones(4))
+    t.share_value('arr')
+    with pytest.warns(UserWarning, match='not shared anymore'):
+        t.arr = np.zeros(4)
+    assert '_shared_fields' in t.__dict__ and 'arr' not in t._shared_fields
+
+
+def test_in_place_arithmetic_keeps_the_field_shared(baseline):
+    t = ArrayTask(np.ones(4))
+    t.share_value('arr')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        t.arr *= 3
+    assert 'arr' in t._shared_fields and list(t.arr) == [3.0] * 4
+
+
+async def test_a_handlers_in_place_change_is_seen_by_the_caller(make_flow, baseline):
+    flow = make_flow(Triple())
+    t = ArrayTask(np.arange(1000, dtype=np.float64))
+    t.share_value('arr')
+    mine = t.arr
+    await flow.process(t)
+    assert t.arr is mine, 'the caller keeps its own view'
+    assert np.array_equal(mine, np.arange(1000) * 3)
+    assert t.was_shared_view and 'arr' in t._shared_fields
+    del mine, t
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('order', ['C', 'F', 'strided'])
+async def test_every_dtype_and_memory_order_round_trips(make_flow, dtype, order, baseline):
+    flow = make_flow(Describe())
+    base = (np.arange(6 * 50 * 4) % 7).astype(dtype).reshape(6, 50, 4)
+    arr = {'C': base, 'F': np.asfortranarray(base), 'strided': base[::2, ::3]}[order]
+    t = ArrayTask(arr.copy(order='K') if order != 'strided' else arr)
+    t.share_value('arr')
+    assert t.arr.dtype == arr.dtype and t.arr.shape == arr.shape and np.array_equal(t.arr, arr)
+    if order == 'F':
+        assert t.arr.flags.f_contiguous
+    await flow.process(t)
+    assert t.seen[:2] == (str(np.dtype(dtype)), arr.shape)
+    assert t.seen[3] == pytest.approx(float(np.real(arr).astype(np.float64).sum()))
+    assert t.in_pool, 'the handler read shared memory in place'
+    del t
+
+
+@pytest.mark.parametrize('kind', [bytes, bytearray])
+async def test_bytes_and_bytearray_can_be_shared(make_flow, kind, baseline):
+    flow = make_flow(Describe())
+    data = kind(os.urandom(200_000))
+    t = ArrayTask(data)
+    t.share_value('arr')
+    assert type(t.arr) is kind and t.arr == data
+    await flow.process(t)
+    assert t.seen == (kind.__name__, len(data))
+    assert t.checksum == sum(data[:: len(data) // 1000])
+    assert t.arr == data
+    del t
+
+
+async def test_a_handler_can_share_a_new_output_array(make_flow, baseline):
+    flow = make_flow(MakeOutput())
+    t = Task(2)
+    await flow.process(t)
+    assert np.array_equal(t.out, np.arange(100_000, dtype=np.float32) * 2)
+    assert 'out' in t._shared_fields and shm.pool().locate(t.out) is not None
+    del t
+
+
+# ------------------------------------------------------------------ share_value_with_data
+
+
+class Stream:
+    """An object with an async ``readany()``, like aiohttp's ``StreamReader``."""
+
+    def __init__(self, data: bytes, chunk: int = 7000):
+        self.chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+
+    async def readany(self) -> bytes:
+        await asyncio.sleep(0)
+        return self.chunks.pop(0) if self.chunks else b''
+
+
+async def test_share_value_with_data_streams_into_shared_memory(make_flow, baseline):
+    flow = make_flow(Describe())
+    data = os.urandom(150_001)
+    t = ArrayTask()
+    await t.share_value_with_data('arr', Stream(data), len(data))
+    assert bytes(t.arr) == data and shm.pool().locate(t.arr) is not None
+    await flow.process(t)
+    assert t.seen == ('bytes', len(data)), 'handlers receive bytes'
+    assert bytes(t.arr) == data
+    del t
+
+
+@pytest.mark.parametrize('size_delta', [-1, +1])
+async def test_share_value_with_data_rejects_a_wrong_size_and_leaks_nothing(size_delta, baseline):
+    data = os.urandom(100_000)
+    t = ArrayTask()
+    with pytest.raises(ValueError, match='shorter' if size_delta > 0 else 'longer'):
+        await t.share_value_with_data('arr', Stream(data), len(data) + size_delta)
+    assert 'arr' not in t.__dict__.get('_shared_fields', {})
+
+
+# ------------------------------------------------------------------ zero copy without share_value
+
+
+async def test_large_arrays_travel_out_of_band_and_come_back_as_shared_views(make_flow, baseline):
+    flow = make_flow(Describe(), FlowStep(Triple()))
+    arr = np.arange(250_000, dtype=np.float64)
+    t = ArrayTask(arr.copy())
+    await flow.process(t)
+    assert t.in_pool and t.was_shared_view, 'each step read the array in place'
+    assert np.array_equal(t.arr, arr * 3)
+    assert shm.pool().locate(t.arr) is not None, 'the result is a view on shared memory too'
+    del t
+
+
+async def test_small_arrays_stay_inline(make_flow, baseline):
+    flow = make_flow(Describe())
+    t = ArrayTask(np.arange(10, dtype=np.int8))
+    await flow.process(t)
+    assert t.in_pool is False
+    assert shm.pool().locate(t.arr) is None
+
+
+def test_the_threshold_is_configurable():
+    old = shm.threshold()
+    try:
+        shm.configure(threshold=1024)
+        assert shm.threshold() == 1024
+        with pytest.raises(ValueError):
+            shm.configure(threshold=-1)
+        with pytest.raises(RuntimeError, match='already exists'):
+            shm.configure(pool_size=1 << 30)
+    finally:
+        shm.configure(threshold=old)
+
+
+# ------------------------------------------------------------------ lifetime and leaks
+
+
+async def test_memory_goes_back_when_the_last_reference_is_gone(make_flow):
+    flow = make_flow(Describe())
+    before = pool_used()
+    tasks = [ArrayTask(np.ones(300_000)) for _ in range(8)]
+    await asyncio.gather(*(flow.process(t) for t in tasks))
+    assert pool_used() > before, 'the results hold shared memory'
+    kept = tasks[0].arr
+    del tasks
+    assert pool_used() > before, 'one array is still referenced'
+    del kept
+    assert pool_used() == before
+
+
+async def test_a_sigkilled_worker_leaks_no_shared_memory(make_flow, baseline):
+    flow = make_flow(HoldAndDie())
+    names = dev_shm_entries()
+    t = ArrayTask(np.ones(500_000))
+    t.share_value('arr')
+    with pytest.raises(WorkerDiedError):
+        await flow.process(t, timeout_sec=20)
+    del t
+    assert dev_shm_entries() == names, 'nothing named in /dev/shm, ever'
+
+
+def test_the_pool_is_bounded_and_says_so():
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        from aqueduct import shm
+        from aqueduct.exceptions import SharedMemoryExhaustedError
+        shm.configure(pool_size=4 << 20)
+        t = __import__('tests.handlers', fromlist=['ArrayTask']).ArrayTask(np.ones(1 << 20))
+        try:
+            t.share_value('arr')
+        except SharedMemoryExhaustedError as e:
+            print('exhausted:', e)
+        """
+    )
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+    assert 'exhausted:' in out.stdout and 'pool holds' in out.stdout, out.stderr
+
+
+def test_sigkill_of_the_main_process_leaves_no_worker_and_no_shared_memory():
+    code = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        import numpy as np
+        from aqueduct import Flow
+        from tests.handlers import ArrayTask, Describe
+        async def main():
+            flow = Flow(Describe(), Describe())
+            flow.start(timeout=30)
+            t = ArrayTask(np.ones(1 << 20))
+            t.share_value('arr')
+            await flow.process(t)
+            print(os.getpid(), flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        pid = int(proc.stdout.readline())
+        import psutil
+
+        tree = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        assert len(tree) >= 4, 'main, zygote and two workers'
+        os.kill(pid, 9)
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs([psutil.Process(p) for p in tree[1:] if psutil.pid_exists(p)], timeout=5)
+        assert not alive, f'orphaned workers: {alive}'
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+    # Nobody holds the flow's or the pool's memfd any more: the kernel has freed them.
+    holders = []
+    for p in os.listdir('/proc'):
+        if p.isdigit() and int(p) in tree:
+            holders.append(p)
+    assert holders == [] and children() == []
+
+
+async def test_exhausting_the_pool_fails_the_task_not_the_host(make_flow):
+    flow = make_flow(Describe())
+    huge = np.ones(shm.pool().capacity // 8 + 1024, dtype=np.float64)
+    with pytest.raises(SharedMemoryExhaustedError):
+        await flow.process(ArrayTask(huge))
+    t = ArrayTask(np.ones(10))
+    await flow.process(t)
+    assert t.seen[0] == 'float64', 'the flow keeps serving'
