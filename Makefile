@@ -51,6 +51,10 @@ bench: build ## Benchmarks: the Rust engine (criterion, transport table) and the
 bench-quick: build ## A short run of the suite against aqueduct 1.15
 	$(PY) bench/run.py --quick
 
+soak: build ## Soaks: 100k tasks with handler failures and worker kills; 10k tasks of 16 MiB
+	$(PY) bench/soak_faults.py
+	$(PY) bench/soak_payload.py
+
 demo: build ## Build and run the example pipeline end to end
 	$(PY) examples/quickstart.py
 

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import psutil
-
 from aqueduct import BaseTask, BaseTaskHandler, Flow, shm
 
 
@@ -91,7 +90,7 @@ async def main() -> int:
     elapsed = time.perf_counter() - started
     await flow.stop()
 
-    print(f'| tasks | RSS main+workers (MiB) | pool in use (MiB) | pool warm (MiB) |')
+    print('| tasks | RSS main+workers (MiB) | pool in use (MiB) | pool warm (MiB) |')
     print('|---|---|---|---|')
     for s in samples:
         print(f'| {s[0]:,} | {s[1]:,} | {s[2]:,} | {s[3]:,} |')

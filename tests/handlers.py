@@ -166,3 +166,70 @@ class HoldAndDie(BaseTaskHandler):
 
         self.kept = [t.arr for t in tasks]
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NeedsTwoArgs(Exception):
+    """An exception that does not survive pickling (its __init__ needs two arguments)."""
+
+    def __init__(self, code, detail):
+        super().__init__(f'{code}: {detail}')
+        self.code = code
+
+
+class RaiseOdd(BaseTaskHandler):
+    """Raises NeedsTwoArgs for odd x; raises an exception of a class defined on the fly for x=99."""
+
+    def handle(self, *tasks) -> None:
+        for t in tasks:
+            if t.x == 99:
+                ephemeral = type('EphemeralError', (ValueError,), {})
+                raise ephemeral('made up in the worker')
+            if t.x % 2:
+                raise NeedsTwoArgs(t.x, 'odd input')
+            t.result = t.x
+
+
+class Die(BaseTaskHandler):
+    """Records its pid in on_start; kills itself (SIGKILL, os._exit, segfault) when asked."""
+
+    def on_start(self) -> None:
+        import os
+
+        self.started_in = os.getpid()
+
+    def handle(self, *tasks) -> None:
+        import ctypes
+        import os
+        import signal
+
+        for t in tasks:
+            how = getattr(t, 'die', None)
+            if how == 'kill':
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif how == 'exit':
+                os._exit(3)
+            elif how == 'segfault':
+                ctypes.string_at(0)
+            elif how == 'sleep':
+                import time
+
+                time.sleep(t.x)
+            t.result = (os.getpid(), self.started_in)
+
+
+class Unpicklable(BaseTaskHandler):
+    """Puts a lock (unpicklable) in the result."""
+
+    def handle(self, *tasks) -> None:
+        import threading
+
+        for t in tasks:
+            t.lock = threading.Lock()
+
+
+def explode(task) -> bool:
+    raise KeyError('no such field in this condition')
+
+
+def is_seven(task) -> bool:
+    return task.x == 7

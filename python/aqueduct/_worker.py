@@ -99,9 +99,13 @@ def handle_batch(worker: _core.Worker, batch: list, handler: BaseTaskHandler, st
     for i, task in zip(indices, tasks, strict=True):
         try:
             route = _route(task, routes)
+        except Exception as exc:
+            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'a handle_condition after'))
+            continue
+        try:
             body, bufs = encode(task)
         except Exception as exc:
-            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
+            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'pickling the result of'))
         else:
             send(i, STATUS_OK, route, body, bufs)
 

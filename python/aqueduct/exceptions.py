@@ -41,6 +41,10 @@ class QueueFullError(FlowError):
     """The flow's queue is full and the reject policy is on (answer 503)."""
 
 
+class TaskSerializationError(FlowError, TypeError):
+    """The task cannot be pickled, so it cannot be sent to a worker."""
+
+
 class TaskTimeoutError(FlowError):
     """The task's ``timeout_sec`` passed before its result came back."""
 
@@ -158,9 +162,10 @@ def _rebuild_handler_error(payload: bytes | None) -> HandlerError:
     return HandlerError.from_remote(payload)
 
 
-def remote_error_payload(exc: BaseException, step_name: str) -> bytes:
+def remote_error_payload(exc: BaseException, step_name: str, where: str = '') -> bytes:
     """What a worker sends for a failed task: the pickled exception when possible, and always
-    its type name, message and formatted traceback."""
+    its type name, message and formatted traceback. ``where`` says what failed when it was not
+    the handler itself (``'pickling the result of'``, ``'a handle_condition after'``)."""
     import traceback
 
     tb = ''.join(traceback.format_exception(exc))
@@ -174,4 +179,6 @@ def remote_error_payload(exc: BaseException, step_name: str) -> bytes:
         text = str(exc)
     except Exception:
         text = '<unprintable>'
+    if where:
+        text = f'{where} {step_name}: {text}'
     return pickle.dumps((exc_bytes, cls.__module__, cls.__qualname__, text, tb, step_name), protocol=5)

@@ -23,11 +23,13 @@ import asyncio
 import atexit
 import heapq
 import operator
+import pickle
 import signal
 import time
 import warnings
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from enum import Enum
 from threading import get_ident
 from typing import Deque, Dict, List, Tuple, Union
@@ -42,6 +44,7 @@ from .exceptions import (
     NotRunningError,
     QueueFullError,
     SharedMemoryExhaustedError,
+    TaskSerializationError,
     TaskTimeoutError,
     WorkerDiedError,
     WorkerStartError,
@@ -88,6 +91,25 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How many times a step's workers may be replaced after dying.
+
+    Each step may restart at most ``max_restarts`` workers within any ``window`` seconds. One
+    more death inside the window stops the flow (non-gracefully, logging why): a worker that
+    dies on every task would otherwise be restarted forever. ``max_restarts=0`` reproduces
+    aqueduct 1.15, which stopped the flow at the first death.
+    """
+
+    max_restarts: int = 5
+    window: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_int('max_restarts', self.max_restarts, 0)
+        if not isinstance(self.window, (int, float)) or isinstance(self.window, bool) or self.window <= 0:
+            raise ValueError(f'window must be a number of seconds > 0, got {self.window!r}')
+
+
 class FlowState(Enum):
     RUNNING = 'running'
     STARTING = 'starting'
@@ -123,6 +145,8 @@ class Flow:
         queue_size: int | None = None,
         queue_priorities: int = 1,
         mp_start_method: str = 'fork',
+        restart_policy: RestartPolicy = RestartPolicy(),
+        queue_full: str = 'wait',
     ):
         if not steps:
             raise ValueError('a Flow needs at least one step')
@@ -136,6 +160,16 @@ class Flow:
         _check_int('queue_priorities', queue_priorities, 1)
         if queue_priorities > 255:
             raise ValueError(f'queue_priorities must be at most 255, got {queue_priorities}')
+        if not isinstance(restart_policy, RestartPolicy):
+            raise TypeError(f'restart_policy must be a RestartPolicy, got {type(restart_policy).__name__}')
+        if queue_full not in ('wait', 'reject'):
+            raise ValueError(f"queue_full must be 'wait' or 'reject', got {queue_full!r}")
+        self._restart_policy = restart_policy
+        self._reject_when_full = queue_full == 'reject'
+        # Per step: times of recent restarts (for the policy) and the total (for health()).
+        self._restart_times: List[Deque[float]] = [deque() for _ in self._steps]
+        self._restarts: List[int] = [0] * len(self._steps)
+        self._deaths: List[int] = [0] * len(self._steps)
         self._mp_start_method = mp_start_method
         self._queue_size = queue_size
         self._queue_priorities = queue_priorities
@@ -162,6 +196,7 @@ class Flow:
         self._polling = False
         self._last_progress = 0.0
         self._spin_seconds = 0.0
+        self._stopping: asyncio.Task | None = None
         self._slot_pids: Dict[int, int] = {}
         self._slot_alive: Dict[int, bool] = {}
         self._exit_waiters: List[asyncio.Future] = []
@@ -291,17 +326,28 @@ class Flow:
                 f'task priority must be an integer in [0, {self._queue_priorities - 1}] '
                 f'(queue_priorities={self._queue_priorities}), got {priority!r}'
             )
+        if timeout_sec.__class__ is not float and (
+            not isinstance(timeout_sec, (int, float)) or isinstance(timeout_sec, bool)
+        ) or not timeout_sec > 0:
+            raise ValueError(f'timeout_sec must be a number of seconds > 0, got {timeout_sec!r}')
         task.set_timeout(timeout_sec)
         step = self._entry_step(task)
         if step is None:
             return True
-        body, bufs = encode(task)
+        try:
+            body, bufs = encode(task)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise TaskSerializationError(
+                f'{type(task).__name__} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}'
+            ) from exc
         deadline = task.expiration_time
         deadline_ns = int(deadline * 1e9)
         future = loop.create_future()
         try:
             task_id = engine.submit(step, priority, deadline_ns, body, bufs)
         except QueueFullError:
+            if self._reject_when_full:
+                raise
             # Backpressure: wait in line (no polling) until a completion frees room in the queue.
             entry = [future, step, priority, deadline_ns, body, None, bufs]
             self._park(entry, deadline)
@@ -331,8 +377,13 @@ class Flow:
 
     def _entry_step(self, task: BaseTask) -> int | None:
         for i, step in enumerate(self._steps):
-            if step.handle_condition(task):
-                return i
+            try:
+                if step.handle_condition(task):
+                    return i
+            except Exception as exc:
+                raise FlowError(
+                    f'the handle_condition of {self._step_names[i]} raised {type(exc).__name__}: {exc}'
+                ) from exc
         return None
 
     def _park(self, entry: list, deadline: float) -> None:
@@ -460,7 +511,9 @@ class Flow:
             self._on_exited(slot)
             if self._state is FlowState.RUNNING:
                 log.error('The process %s for %s handler is dead', pid, self._handler_names[step])
-                self._respawn(slot)
+                self._deaths[step] += 1
+                if self._may_restart(step):
+                    self._respawn(slot)
             for waiter in self._exit_waiters:
                 if not waiter.done() and not any(self._slot_alive.values()):
                     waiter.set_result(None)
@@ -469,11 +522,75 @@ class Flow:
         elif event == 'ready':
             log.info('Worker %s of %s is ready', pid, self._step_names[step])
 
+    def _may_restart(self, step: int) -> bool:
+        """Applies the restart policy; past it, stops the flow and says why."""
+        policy = self._restart_policy
+        now = time.monotonic()
+        recent = self._restart_times[step]
+        while recent and now - recent[0] > policy.window:
+            recent.popleft()
+        if len(recent) < policy.max_restarts:
+            recent.append(now)
+            return True
+        log.error(
+            'Workers of %s died %d times within %.0f s (restart_policy allows %d restarts): stopping the flow',
+            self._step_names[step],
+            len(recent) + 1,
+            policy.window,
+            policy.max_restarts,
+        )
+        self._give_up()
+        return False
+
+    def _give_up(self) -> None:
+        """Stops the flow from inside the event loop (no caller to await it)."""
+        if self._state is not FlowState.RUNNING:
+            return
+        self._stopping = self._loop.create_task(self.stop(graceful=False))
+
     def _respawn(self, slot: int) -> None:
+        step = self._engine.slot_step(slot)
         try:
             self._spawn(slot)
         except Exception:
-            log.exception('could not restart a worker of %s', self._step_names[self._engine.slot_step(slot)])
+            log.exception('could not restart a worker of %s: stopping the flow', self._step_names[step])
+            self._give_up()
+            return
+        self._restarts[step] += 1
+        log.info('Restarted a worker of %s (pid %s)', self._step_names[step], self._slot_pids[slot])
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> dict:
+        """What a ``/healthz`` or readiness probe needs, per step: processes alive out of
+        ``nprocs``, deaths and restarts so far, tasks queued and tasks held by workers.
+
+        ``ready`` is true when the flow is running with every worker alive and started.
+        """
+        engine = self._engine
+        steps = []
+        ready = self._state is FlowState.RUNNING
+        for i, step in enumerate(self._steps):
+            info = {
+                'name': self._step_names[i],
+                'nprocs': step.nprocs,
+                'alive': 0,
+                'ready': 0,
+                'deaths': self._deaths[i],
+                'restarts': self._restarts[i],
+                'queued': 0,
+                'in_flight': 0,
+            }
+            if engine is not None:
+                slots = [s for s in range(engine.slot_count) if engine.slot_step(s) == i]
+                states = [engine.slot_state(s) for s in slots]
+                info['alive'] = sum(1 for s in slots if self._slot_alive.get(s))
+                info['ready'] = sum(1 for st in states if st in ('idle', 'busy'))
+                info['queued'] = engine.queue_len(i)
+                info['in_flight'] = sum(len(engine.held_by(s)) for s in slots)
+            ready = ready and info['ready'] == step.nprocs
+            steps.append(info)
+        return {'state': self._state.value, 'ready': ready, 'steps': steps}
 
     # ------------------------------------------------------------------ deadlines
 

@@ -1,0 +1,264 @@
+"""Faults stay local: handler errors, dead workers, full queues, bad input, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import psutil
+import pytest
+from aqueduct import Flow, FlowState, FlowStep, shm
+from aqueduct.exceptions import (
+    FlowError,
+    HandlerError,
+    QueueFullError,
+    TaskSerializationError,
+    WorkerDiedError,
+)
+from aqueduct.flow import RestartPolicy
+
+from .conftest import children
+from .handlers import Add, Die, NeedsTwoArgs, RaiseOdd, Sleep, Task, Unpicklable, explode, is_seven
+
+
+async def test_a_handler_error_that_cannot_be_pickled_gets_a_faithful_stand_in(make_flow):
+    flow = make_flow(RaiseOdd())
+    with pytest.raises(NeedsTwoArgs) as info:
+        await flow.process(Task(3))
+    assert isinstance(info.value, FlowError) and 'odd input' in str(info.value)
+    assert info.value.__cause__ is None, 'the original did not survive pickling'
+    with pytest.raises(HandlerError, match='EphemeralError: made up in the worker') as info:
+        await flow.process(Task(99))
+    assert 'EphemeralError' in info.value.remote_type
+    ok = Task(4)
+    await flow.process(ok)
+    assert ok.result == 4
+
+
+@pytest.mark.parametrize('how', ['kill', 'exit', 'segfault'])
+async def test_a_dead_worker_fails_only_its_tasks_and_is_replaced(make_flow, how, caplog):
+    flow = make_flow(FlowStep(Die(), nprocs=2))
+    first = Task(0)
+    await flow.process(first)
+    with caplog.at_level(logging.ERROR, logger='aqueduct'):
+        with pytest.raises(WorkerDiedError) as info:
+            await flow.process(Task(1, die=how), timeout_sec=20)
+    assert 'step1_Die' in str(info.value) and info.value.pid > 0
+    assert f'The process {info.value.pid} for Die handler is dead' in caplog.text
+    # The flow goes on, on the survivor and on the replacement, whose on_start ran again.
+    tasks = [Task(i) for i in range(20)]
+    await asyncio.gather(*(flow.process(t, timeout_sec=20) for t in tasks))
+    pids = {t.result[0] for t in tasks}
+    assert info.value.pid not in pids
+    assert all(t.result[0] == t.result[1] for t in tasks), 'every worker ran its own on_start'
+    health = flow.health()
+    assert health['steps'][0]['deaths'] == 1 and health['steps'][0]['restarts'] == 1
+    await _until(lambda: flow.health()['ready'])
+
+
+async def _until(condition, timeout: float = 10.0) -> None:
+    """Waits for a condition the flow reaches through its event loop (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, 'condition not reached'
+        await asyncio.sleep(0.01)
+
+
+async def test_past_the_restart_policy_the_flow_stops_and_says_why(make_flow, caplog):
+    flow = make_flow(Die(), restart_policy=RestartPolicy(max_restarts=1, window=60))
+    with caplog.at_level(logging.ERROR, logger='aqueduct'):
+        for _ in range(2):
+            with pytest.raises(WorkerDiedError):
+                await flow.process(Task(1, die='kill'), timeout_sec=20)
+        await _until(lambda: flow.state is FlowState.STOPPED)
+    assert 'died 2 times within 60 s' in caplog.text
+    with pytest.raises(FlowError):
+        await flow.process(Task(1))
+    assert children() == []
+
+
+def test_restart_policy_arguments_are_checked():
+    with pytest.raises(ValueError, match='max_restarts'):
+        RestartPolicy(max_restarts=-1)
+    with pytest.raises(ValueError, match='window'):
+        RestartPolicy(window=0)
+    with pytest.raises(TypeError, match='restart_policy'):
+        Flow(Add(), restart_policy=3)
+    with pytest.raises(ValueError, match='queue_full'):
+        Flow(Add(), queue_full='drop')
+
+
+async def test_a_full_queue_waits_or_rejects_by_policy(make_flow):
+    waiting = make_flow(Sleep(0.05), queue_size=1)
+    results = await asyncio.gather(*(waiting.process(Task(i), timeout_sec=30) for i in range(30)))
+    assert results == [True] * 30, 'with the default policy everyone waits their turn'
+    rejecting = make_flow(Sleep(0.2), queue_size=1, queue_full='reject')
+    outcomes = await asyncio.gather(*(rejecting.process(Task(i)) for i in range(20)), return_exceptions=True)
+    rejected = [o for o in outcomes if isinstance(o, QueueFullError)]
+    assert rejected and all(isinstance(o, FlowError) for o in rejected)
+    assert sum(1 for o in outcomes if o is True) >= 2
+
+
+async def test_bad_input_gets_a_clear_error(make_flow):
+    flow = make_flow(Add(), FlowStep(Unpicklable(), handle_condition=is_seven))
+    unpicklable = Task(1)
+    unpicklable.callback = lambda: None
+    with pytest.raises(TaskSerializationError, match='Task cannot be pickled'):
+        await flow.process(unpicklable)
+    with pytest.raises(FlowError, match='pickling the result of step2_Unpicklable'):
+        await flow.process(Task(7))
+    with pytest.raises(ValueError, match='timeout_sec'):
+        await flow.process(Task(1), timeout_sec=-1)
+    with pytest.raises(ValueError, match='timeout_sec'):
+        await flow.process(Task(1), timeout_sec='soon')
+    ok = Task(2)
+    await flow.process(ok)
+    assert ok.result == 3, 'the flow keeps serving'
+
+
+async def test_a_handle_condition_that_raises_names_itself(start_method):
+    flow = Flow(FlowStep(Add(), handle_condition=explode), mp_start_method=start_method)
+    flow.start(timeout=30)
+    try:
+        with pytest.raises(FlowError, match='handle_condition of step1_Add raised KeyError'):
+            await flow.process(Task(1))
+    finally:
+        await flow.stop()
+    later = Flow(Add(), FlowStep(Add(), handle_condition=explode), mp_start_method=start_method)
+    later.start(timeout=30)
+    try:
+        with pytest.raises(FlowError, match='a handle_condition after step1_Add'):
+            await later.process(Task(1))
+    finally:
+        await later.stop()
+
+
+async def test_workers_restore_the_default_sigterm_handler(start_method):
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what a web server might install
+    try:
+        flow = Flow(Die(), mp_start_method=start_method)
+        flow.start(timeout=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        first = Task(0)
+        await flow.process(first)
+        os.kill(first.result[0], signal.SIGTERM)
+        await _until(lambda: flow.health()['steps'][0]['deaths'] == 1)
+        again = Task(1)
+        await flow.process(again, timeout_sec=20)
+        assert again.result[0] != first.result[0]
+    finally:
+        await flow.stop()
+
+
+async def test_fifty_start_stop_cycles_leave_nothing_behind():
+    used = shm.pool().used_bytes
+    for _ in range(50):
+        flow = Flow(Add(), FlowStep(Add(), nprocs=2))
+        flow.start(timeout=30)
+        task = Task(1)
+        await flow.process(task)
+        await flow.stop()
+        await flow.stop()
+        assert task.result == 2
+    assert children() == []
+    assert shm.pool().used_bytes == used
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (a dead process init has not reaped yet)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _run_script(code: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, '-c', textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+
+
+def test_ctrl_c_in_the_main_process_stops_the_flow_cleanly():
+    proc = _run_script(
+        """
+        import asyncio, os
+        from aqueduct import Flow, FlowStep
+        from tests.handlers import Add, Task
+        async def main():
+            flow = Flow(Add(), FlowStep(Add(), nprocs=2))
+            flow.start(timeout=30)
+            await flow.process(Task(1))
+            print(os.getpid(), flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    try:
+        pid = int(proc.stdout.readline())
+        tree = [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        assert len(tree) >= 4
+        os.kill(pid, signal.SIGINT)
+        proc.wait(timeout=20)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in tree if psutil.pid_exists(p)], timeout=5)
+        running = [p for p in alive if _running(p)]
+        assert not running, f'workers left behind after Ctrl-C: {running}'
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def test_workers_exit_within_a_second_of_a_sigkilled_main_process():
+    proc = _run_script(
+        """
+        import asyncio, os
+        from aqueduct import Flow, FlowStep
+        from tests.handlers import Add, Task
+        async def main():
+            flow = Flow(Add(), FlowStep(Add(), nprocs=2), mp_start_method='spawn')
+            flow.start(timeout=30)
+            await flow.process(Task(1))
+            print(os.getpid(), flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    try:
+        pid = int(proc.stdout.readline())
+        tree = psutil.Process(pid).children(recursive=True)
+        workers = [c for c in tree if 'resource_tracker' not in ' '.join(c.cmdline())]
+        assert len(workers) >= 3
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=1.0)
+        running = [p for p in alive if _running(p)]
+        assert not running, f'orphaned: {running}'
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def test_no_thread_is_ever_started_in_the_main_process():
+    # Fork safety rests on this: the engine runs on the caller's thread.
+    before = threading.active_count()
+
+    async def run():
+        flow = Flow(Add())
+        flow.start(timeout=30)
+        await flow.process(Task(1))
+        assert threading.active_count() == before
+        await flow.stop()
+
+    asyncio.run(run())
