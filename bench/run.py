@@ -71,6 +71,11 @@ class Spec:
 SPECS: list[Spec] = [
     Spec("latency_1step", "1 trivial step, sequential `process()` calls; p50/p99 round trip"),
     Spec("throughput_1step_64", "1 trivial step, 64 tasks in flight, default queue size"),
+    Spec(
+        "throughput_1step_64_nometrics",
+        "`throughput_1step_64` with `metrics_enabled=False` (aqueduct-rs only: the cost of metrics)",
+        (OURS,),
+    ),
     Spec("throughput_1step_256", "1 trivial step, 256 tasks in flight, default queue size"),
     Spec("throughput_2step_64", "2 trivial steps, 64 tasks in flight, default queue size"),
     Spec("throughput_2step_256", "2 trivial steps, 256 tasks in flight, default queue size"),
@@ -193,6 +198,20 @@ def aim_vs_reference(factor: float, reference: str) -> Callable[[Medians, Row], 
     return evaluate
 
 
+def aim_metrics_overhead(limit: float) -> Callable[[Medians, Row], AimResult]:
+    """Ours with metrics must reach ``1 - limit`` of ours without (throughput_1step_64)."""
+
+    def evaluate(med: Medians, row: Row) -> AimResult:
+        with_metrics = med.get("throughput_1step_64", OURS, row.key)
+        without = med.get(row.scenario, OURS, row.key)
+        if with_metrics is None or without is None:
+            return AimResult(None, "n/a", None)
+        overhead = 1 - with_metrics / without
+        return AimResult(overhead <= limit, f"metrics cost {overhead:.1%}", None)
+
+    return evaluate
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the results table: a metric of a scenario."""
@@ -211,6 +230,15 @@ ROWS: list[Row] = [
     Row("latency_1step", "value", "p50 latency", "us", "lower", Aim("≥10x lower than 1.15", aim_speedup(10))),
     Row("latency_1step", "p99_us", "p99 latency", "us", "lower"),
     Row("throughput_1step_64", "value", "throughput", "tasks/s", "higher", Aim("≥10x 1.15", aim_speedup(10))),
+    Row(
+        "throughput_1step_64_nometrics",
+        "value",
+        "throughput, metrics off",
+        "tasks/s",
+        "higher",
+        Aim("metrics cost ≤5% (vs throughput_1step_64)", aim_metrics_overhead(0.05)),
+        chart=False,
+    ),
     Row(
         "throughput_1step_256",
         "value",

@@ -300,8 +300,8 @@ class RunningFlow:
     every scenario can report them as a by-product.
     """
 
-    def __init__(self, *steps: FlowStep):
-        self.flow = Flow(*steps)
+    def __init__(self, *steps: FlowStep, **options: Any):
+        self.flow = Flow(*steps, **options)
         self.start_ms: float | None = None
         self.stop_ms: float | None = None
 
@@ -365,7 +365,7 @@ async def latency_1step(quick: bool) -> dict[str, Any]:
     )
 
 
-async def _throughput(quick: bool, n_steps: int, in_flight: int) -> dict[str, Any]:
+async def _throughput(quick: bool, n_steps: int, in_flight: int, **options: Any) -> dict[str, Any]:
     """Trivial handler(s), ``in_flight`` concurrent callers, default queue size."""
     steps = [FlowStep(IncHandler())]
     check = check_plus_one
@@ -374,7 +374,7 @@ async def _throughput(quick: bool, n_steps: int, in_flight: int) -> dict[str, An
         check = check_plus_two
     # Bounded by wall time first; the task cap is only a safety net.
     max_tasks, max_seconds = scaled(quick, (100_000, 1.5), (500_000, 3.0))
-    running = RunningFlow(*steps)
+    running = RunningFlow(*steps, **options)
     async with running as flow:
         warm = await drive(flow, num_task, in_flight=in_flight, max_tasks=in_flight * 4, max_seconds=0.5, check=check)
         stats = await drive(
@@ -395,6 +395,11 @@ async def _throughput(quick: bool, n_steps: int, in_flight: int) -> dict[str, An
 
 async def throughput_1step_64(quick: bool) -> dict[str, Any]:
     return await _throughput(quick, 1, 64)
+
+
+async def throughput_1step_64_nometrics(quick: bool) -> dict[str, Any]:
+    """``throughput_1step_64`` with ``metrics_enabled=False``: the cost of metrics."""
+    return await _throughput(quick, 1, 64, metrics_enabled=False)
 
 
 async def throughput_1step_256(quick: bool) -> dict[str, Any]:
@@ -734,6 +739,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
     for fn in (
         latency_1step,
         throughput_1step_64,
+        throughput_1step_64_nometrics,
         throughput_1step_256,
         throughput_2step_64,
         throughput_2step_256,

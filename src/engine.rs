@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aqueduct_core::hub::{Failure, HubConfig, Outcome, Payload, SlotState, StepSpec};
+use aqueduct_core::metrics::{Histogram, WORKER_SERIES};
 use aqueduct_core::shm::{Arena, BufRef};
 use aqueduct_core::{Engine as CoreEngine, Nanos};
 use pyo3::prelude::*;
@@ -122,7 +123,8 @@ fn push_outcome(py: Python<'_>, arena: &Arc<Arena>, out: &Bound<'_, PyList>, o: 
 impl Engine {
     /// `steps` is a list of `(nprocs, batch_size, batch_timeout_seconds, queue_capacity)`.
     #[new]
-    #[pyo3(signature = (steps, pool, priorities=1, fair_every=10, ring_capacity=1<<20, inline_max=64<<10))]
+    #[pyo3(signature = (steps, pool, priorities=1, fair_every=10, ring_capacity=1<<20, inline_max=64<<10, metrics=true))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         steps: Vec<(usize, usize, f64, usize)>,
@@ -131,6 +133,7 @@ impl Engine {
         fair_every: u32,
         ring_capacity: usize,
         inline_max: usize,
+        metrics: bool,
     ) -> PyResult<Self> {
         let steps = steps
             .into_iter()
@@ -141,7 +144,7 @@ impl Engine {
                 queue_capacity,
             })
             .collect();
-        let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, inline_max };
+        let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, inline_max, metrics };
         let engine = CoreEngine::new(&cfg, pool.arena.clone()).map_err(py_err(py))?;
         Ok(Self { inner: Mutex::new(Some(engine)) })
     }
@@ -334,6 +337,54 @@ impl Engine {
             }
         });
         err.map_or(Ok(out), Err)
+    }
+
+    /// Every metric, as plain Python values (histograms are `(buckets, count, sum)`; see
+    /// `aqueduct_core::metrics`). With `drain=True` the sample rings are consumed: the StatsD
+    /// exporter is their one reader.
+    #[pyo3(signature = (drain=false))]
+    fn metrics<'py>(&self, py: Python<'py>, drain: bool) -> PyResult<Bound<'py, PyDict>> {
+        let snap = self.lock()?.hub.metrics(drain);
+        let hist = |h: &Histogram| -> PyResult<Bound<'py, PyAny>> {
+            Ok((h.buckets.to_vec(), h.count, h.sum).into_pyobject(py)?.into_any())
+        };
+        let steps = PyList::empty(py);
+        for m in &snap.steps {
+            let d = PyDict::new(py);
+            for (i, name) in WORKER_SERIES.iter().enumerate() {
+                d.set_item(*name, hist(&m.worker[i])?)?;
+                d.set_item(format!("{name}_samples"), m.worker_samples[i].clone())?;
+            }
+            d.set_item("batch_size", hist(&m.batch_size)?)?;
+            d.set_item("batch_size_samples", m.batch_size_samples.clone())?;
+            d.set_item("batch_wait_us", hist(&m.batch_wait_us)?)?;
+            d.set_item("batch_wait_us_samples", m.batch_wait_samples.clone())?;
+            d.set_item("queue_len", m.queue_len)?;
+            d.set_item("batches", m.stats.batches)?;
+            d.set_item("tasks", m.stats.tasks)?;
+            d.set_item("expired", m.stats.expired)?;
+            d.set_item("failed", m.stats.failed)?;
+            d.set_item("worker_deaths", m.stats.worker_deaths)?;
+            steps.append(d)?;
+        }
+        let routes = PyList::empty(py);
+        for r in &snap.routes {
+            let to: Option<usize> = (r.to != aqueduct_core::message::ROUTE_DONE).then_some(r.to as usize);
+            let transfer = hist(&r.transfer_us)?;
+            routes.append((
+                r.step,
+                to,
+                r.priority,
+                transfer,
+                r.transfer_samples.clone(),
+                hist(&r.size)?,
+                r.size_samples.clone(),
+            ))?;
+        }
+        let out = PyDict::new(py);
+        out.set_item("steps", steps)?;
+        out.set_item("routes", routes)?;
+        Ok(out)
     }
 
     /// Releases the shared memory and every descriptor now. Idempotent; any later call raises

@@ -130,8 +130,14 @@ impl Worker {
         Ok(())
     }
 
-    /// Ends the current batch and reports this worker idle.
-    fn finish_batch(&self, py: Python<'_>) -> PyResult<()> {
-        self.lock().finish_batch().map_err(py_err(py))
+    /// Ends the current batch and reports this worker idle; `handle_seconds` is how long the
+    /// handler took (recorded in the metrics).
+    #[pyo3(signature = (handle_seconds=None))]
+    fn finish_batch(&self, py: Python<'_>, handle_seconds: Option<f64>) -> PyResult<()> {
+        let mut w = self.lock();
+        if let Some(s) = handle_seconds {
+            w.record_handle_time(Duration::from_secs_f64(s.max(0.0)));
+        }
+        w.finish_batch().map_err(py_err(py))
     }
 }

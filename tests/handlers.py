@@ -209,6 +209,9 @@ class Die(BaseTaskHandler):
             elif how == 'exit':
                 os._exit(3)
             elif how == 'segfault':
+                import faulthandler
+
+                faulthandler.disable()  # a deliberate crash: no traceback dump on stderr
                 ctypes.string_at(0)
             elif how == 'sleep':
                 import time
@@ -233,3 +236,12 @@ def explode(task) -> bool:
 
 def is_seven(task) -> bool:
     return task.x == 7
+
+
+class Nap(BaseTaskHandler):
+    """Sleeps 10 ms per batch."""
+
+    def handle(self, *tasks) -> None:
+        time.sleep(0.01)
+        for t in tasks:
+            t.result = t.x

@@ -64,15 +64,18 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
         batch = worker.recv()
         if batch is None:
             return 0
-        handle_batch(worker, batch, handler, step_name, routes)
+        elapsed = handle_batch(worker, batch, handler, step_name, routes)
         # The batch's objects died with `handle_batch`'s frame: none of them keeps shared memory
         # referenced while this worker waits for the next batch.
         del batch
-        worker.finish_batch()
+        worker.finish_batch(elapsed)
 
 
-def handle_batch(worker: _core.Worker, batch: list, handler: BaseTaskHandler, step_name: str, routes: Routes) -> None:
-    """Answers for every task of ``batch``: expired, undecodable, failed, or its result."""
+def handle_batch(
+    worker: _core.Worker, batch: list, handler: BaseTaskHandler, step_name: str, routes: Routes
+) -> float | None:
+    """Answers for every task of ``batch``: expired, undecodable, failed, or its result.
+    Returns how long the handler took, in seconds (``None`` if it did not run)."""
     send = worker.send_result
     tasks: List = []
     indices: List[int] = []
@@ -88,14 +91,17 @@ def handle_batch(worker: _core.Worker, batch: list, handler: BaseTaskHandler, st
             continue
         indices.append(i)
     if not tasks:
-        return
+        return None
+    started = time.perf_counter()
     try:
         handler.handle(*tasks)
     except Exception as exc:
+        elapsed = time.perf_counter() - started
         payload = remote_error_payload(exc, step_name)
         for i in indices:
             send(i, STATUS_ERROR, ROUTE_DONE, payload)
-        return
+        return elapsed
+    elapsed = time.perf_counter() - started
     for i, task in zip(indices, tasks, strict=True):
         try:
             route = _route(task, routes)
@@ -108,6 +114,7 @@ def handle_batch(worker: _core.Worker, batch: list, handler: BaseTaskHandler, st
             send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'pickling the result of'))
         else:
             send(i, STATUS_OK, route, body, bufs)
+    return elapsed
 
 
 def run(

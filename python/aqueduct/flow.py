@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import heapq
+import json
 import operator
+import os
 import pickle
 import signal
+import socket
 import time
 import warnings
 import weakref
@@ -34,7 +37,7 @@ from enum import Enum
 from threading import get_ident
 from typing import Deque, Dict, List, Tuple, Union
 
-from . import _core, shm
+from . import _core, shm, top
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
 from .exceptions import (
@@ -51,6 +54,8 @@ from .exceptions import (
 )
 from .handler import BaseTaskHandler, HandleConditionType
 from .logger import log
+from .metrics import Exporter
+from .metrics._flow import FlowMetrics
 from .task import BaseTask
 
 _START_METHODS = ('fork', 'spawn', 'forkserver')
@@ -119,6 +124,7 @@ class FlowState(Enum):
 
 
 _running_flows: weakref.WeakSet[Flow] = weakref.WeakSet()
+_flow_count = 0
 
 
 @atexit.register
@@ -147,6 +153,7 @@ class Flow:
         mp_start_method: str = 'fork',
         restart_policy: RestartPolicy = RestartPolicy(),
         queue_full: str = 'wait',
+        stats_socket: str | bool | None = None,
     ):
         if not steps:
             raise ValueError('a Flow needs at least one step')
@@ -165,6 +172,15 @@ class Flow:
         if queue_full not in ('wait', 'reject'):
             raise ValueError(f"queue_full must be 'wait' or 'reject', got {queue_full!r}")
         self._restart_policy = restart_policy
+        global _flow_count
+        _flow_count += 1
+        self._stats_path = (
+            None if stats_socket is False else stats_socket if isinstance(stats_socket, str)
+            else top.default_socket_path(_flow_count)
+        )
+        self._stats_server: asyncio.AbstractServer | None = None
+        self._stats_sock: socket.socket | None = None
+        self._stats_loop: asyncio.AbstractEventLoop | None = None
         self._reject_when_full = queue_full == 'reject'
         # Per step: times of recent restarts (for the policy) and the total (for health()).
         self._restart_times: List[Deque[float]] = [deque() for _ in self._steps]
@@ -173,8 +189,17 @@ class Flow:
         self._mp_start_method = mp_start_method
         self._queue_size = queue_size
         self._queue_priorities = queue_priorities
-        self._metrics_enabled = metrics_enabled
+        if metrics_exporter is not None and not isinstance(metrics_exporter, Exporter):
+            kind = type(metrics_exporter).__name__
+            raise TypeError(f'metrics_exporter must be an aqueduct.metrics.Exporter, got {kind}')
+        if not metrics_enabled:
+            log.warning('Metrics collecting is disabled')
+        self._metrics_enabled = bool(metrics_enabled)
         self._metrics_exporter = metrics_exporter
+        self._metrics = FlowMetrics(self, queue_priorities)
+        #: Per priority: complete, timeout, cancel, error (see `aqueduct.metrics._flow.OUTCOMES`).
+        self._outcomes = self._metrics.outcomes
+        self._export_timer: asyncio.TimerHandle | None = None
         self._state = FlowState.STOPPED
         self._engine: _core.Engine | None = None
         self._pool: _core.Pool | None = None
@@ -237,12 +262,20 @@ class Flow:
         self._state = FlowState.RUNNING
         _running_flows.add(self)
         self._engine.prepare_sleep()
+        try:
+            # Started from inside an event loop (an app's startup hook): watch the workers and
+            # serve stats from now on, not only from the first task.
+            self._bind(asyncio.get_running_loop())
+        except RuntimeError:
+            pass
         log.info('Flow was started')
 
     def _start_workers(self, timeout: float | None) -> None:
         specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
         self._pool = shm.pool()
-        self._engine = engine = _core.Engine(specs, self._pool, priorities=self._queue_priorities)
+        self._engine = engine = _core.Engine(
+            specs, self._pool, priorities=self._queue_priorities, metrics=self._metrics_enabled
+        )
         # How long the loop keeps polling after a completion while tasks are in flight: the
         # engine's choice (zero when the flow's processes outnumber the CPUs).
         self._spin_seconds = engine.spin_us / 1e6
@@ -356,6 +389,13 @@ class Flow:
             except asyncio.CancelledError:
                 if entry[5] is not None and self._pending.pop(entry[5], None) is not None and self._engine:
                     self._engine.cancel(entry[5])
+                self._outcomes[priority][2] += 1
+                raise
+            except TaskTimeoutError:
+                self._outcomes[priority][1] += 1
+                raise
+            except FlowError:
+                self._outcomes[priority][3] += 1
                 raise
         else:
             self._pending[task_id] = future
@@ -367,7 +407,15 @@ class Flow:
             except asyncio.CancelledError:
                 if self._pending.pop(task_id, None) is not None and self._engine is not None:
                     self._engine.cancel(task_id)
+                self._outcomes[priority][2] += 1
                 raise
+            except TaskTimeoutError:
+                self._outcomes[priority][1] += 1
+                raise
+            except FlowError:
+                self._outcomes[priority][3] += 1
+                raise
+        self._outcomes[priority][0] += 1
         done, state = decode_state(*result)
         if state is None:
             task.update(done)
@@ -435,6 +483,15 @@ class Flow:
         self._deadline_timer = None
         if self._deadlines:
             self._arm_deadline_timer()
+        if self._export_timer is not None:
+            self._export_timer.cancel()
+            self._export_timer = None
+        if self._metrics_enabled and self._metrics_exporter is not None:
+            self._export_timer = loop.call_later(self._metrics_exporter.export_period, self._export_tick)
+        if self._stats_sock is not None and self._stats_loop is not loop:
+            self._close_stats_server()
+        if self._stats_path is not None and self._stats_sock is None:
+            self._open_stats_socket(loop)
 
     def _on_readable(self) -> None:
         """The engine's descriptor is readable: a worker rang, a batch timer fired, or a worker
@@ -558,6 +615,75 @@ class Flow:
             return
         self._restarts[step] += 1
         log.info('Restarted a worker of %s (pid %s)', self._step_names[step], self._slot_pids[slot])
+
+    # ------------------------------------------------------------------ metrics
+
+    def _export_tick(self) -> None:
+        self._export_timer = None
+        if self._engine is None:
+            return
+        self._export_metrics()
+        self._export_timer = self._loop.call_later(self._metrics_exporter.export_period, self._export_tick)
+
+    def _export_metrics(self) -> None:
+        try:
+            self._metrics_exporter.export(self._metrics.period(self._engine))
+        except Exception:
+            log.exception('the metrics exporter failed')
+
+    def _open_stats_socket(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Binds the stats socket now and serves it from ``loop``. The socket object is ours,
+        so it can be closed even if the loop goes away first (one loop per test, `asyncio.run`
+        in a thread)."""
+        path = self._stats_path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            sock.bind(path)
+            sock.listen(8)
+        except OSError as exc:
+            sock.close()
+            log.warning('cannot serve flow stats at %s: %s', path, exc)
+            return
+        self._stats_sock = sock
+        self._stats_loop = loop
+        loop.create_task(self._serve_stats(sock))
+        log.info('Flow stats at %s (python -m aqueduct top %s)', path, path)
+
+    async def _serve_stats(self, sock: socket.socket) -> None:
+        server = await asyncio.start_unix_server(self._send_stats, sock=sock)
+        if self._stats_sock is sock:
+            self._stats_server = server
+        else:  # closed while starting
+            server.close()
+
+    def _close_stats_server(self) -> None:
+        server, self._stats_server = self._stats_server, None
+        sock, self._stats_sock = self._stats_sock, None
+        if sock is None:
+            return
+        if server is not None and not server.get_loop().is_closed():
+            server.close()
+        sock.close()
+        try:
+            os.unlink(self._stats_path)
+        except OSError:
+            pass
+
+    async def _send_stats(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(json.dumps(self.metrics()).encode())
+            await writer.drain()
+        except Exception:  # a client that went away, or a flow that stopped meanwhile
+            pass
+        finally:
+            writer.close()
+
+    def metrics(self) -> dict:
+        """A snapshot of every metric (histograms as ``(buckets, count, sum)``), the health
+        report and the task outcome counts: what Prometheus and ``python -m aqueduct top`` read."""
+        return self._metrics.snapshot(self._engine)
 
     # ------------------------------------------------------------------ health
 
@@ -694,6 +820,12 @@ class Flow:
         """Releases everything: kills and reaps the remaining workers, the launcher, the reader,
         and the engine (which unmaps and closes the shared memory). Safe to call twice."""
         engine = self._engine
+        if self._export_timer is not None:
+            self._export_timer.cancel()
+            self._export_timer = None
+        if engine is not None and self._metrics_enabled and self._metrics_exporter is not None:
+            self._export_metrics()  # the last period
+        self._close_stats_server()
         if engine is not None:
             for slot, alive in list(self._slot_alive.items()):
                 if alive and kill:

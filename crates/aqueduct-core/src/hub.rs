@@ -36,7 +36,7 @@
 //! already outstanding upstream, plus those a dead worker hands back: at most
 //! [`pipeline_depth`] batches per worker.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -48,6 +48,7 @@ use crate::clock::Nanos;
 use crate::error::{EngineError, Result};
 use crate::layout::FlowLayout;
 use crate::message::*;
+use crate::metrics::{Histogram, Series};
 use crate::prio::PriorityQueue;
 use crate::shm::event::SpinPolicy;
 use crate::shm::{Arena, BufRef, Consumer, Extent, Producer, SharedRegion};
@@ -72,11 +73,20 @@ pub struct HubConfig {
     pub ring_capacity: usize,
     /// Bodies above this size travel through the shared-memory pool instead of the ring.
     pub inline_max: usize,
+    /// Record metrics (histograms, sample rings); off, recording costs nothing.
+    pub metrics: bool,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
-        Self { steps: Vec::new(), priorities: 1, fair_every: 10, ring_capacity: 1 << 20, inline_max: 64 << 10 }
+        Self {
+            steps: Vec::new(),
+            priorities: 1,
+            fair_every: 10,
+            ring_capacity: 1 << 20,
+            inline_max: 64 << 10,
+            metrics: true,
+        }
     }
 }
 
@@ -256,8 +266,62 @@ pub struct StepStats {
     pub worker_deaths: u64,
 }
 
+/// What the hub records about one step (see [`crate::metrics`]).
+#[derive(Clone, Debug, Default)]
+pub struct StepSeries {
+    /// Tasks per batch sent.
+    pub batch_size: Series,
+    /// Microseconds the oldest task of a batch waited in the queue before the batch left.
+    pub batch_wait_us: Series,
+}
+
+/// What the hub records about the results of one step going to one destination at one priority.
+#[derive(Clone, Debug, Default)]
+pub struct RouteSeries {
+    /// Microseconds from the worker writing the result to the hub reading it.
+    pub transfer_us: Series,
+    /// Bytes of the result (body and buffers).
+    pub size: Series,
+}
+
+/// A snapshot of a flow's metrics (see [`Hub::metrics`]).
+#[derive(Clone, Debug, Default)]
+pub struct FlowMetrics {
+    pub steps: Vec<StepMetrics>,
+    pub routes: Vec<RouteMetrics>,
+}
+
+/// Results of one step going to one destination at one priority.
+#[derive(Clone, Debug, Default)]
+pub struct RouteMetrics {
+    pub step: usize,
+    /// The next step, or [`ROUTE_DONE`] for the caller.
+    pub to: u16,
+    pub priority: u8,
+    pub transfer_us: Histogram,
+    pub transfer_samples: Vec<u32>,
+    pub size: Histogram,
+    pub size_samples: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct StepMetrics {
+    /// Per worker series ([`crate::metrics::WORKER_SERIES`]), summed over the step's workers:
+    /// handle time per batch (µs), transfer time from the hub (µs), task size (bytes).
+    pub worker: [Histogram; 3],
+    /// New samples of the worker series since the last draining snapshot.
+    pub worker_samples: [Vec<u32>; 3],
+    pub batch_size: Histogram,
+    pub batch_size_samples: Vec<u32>,
+    pub batch_wait_us: Histogram,
+    pub batch_wait_samples: Vec<u32>,
+    pub queue_len: usize,
+    pub stats: StepStats,
+}
+
 struct Step {
     spec: StepSpec,
+    series: StepSeries,
     queue: PriorityQueue<Queued>,
     /// Idle slots, most recently idle last: it is the likeliest still spinning, so it wakes
     /// fastest.
@@ -283,6 +347,10 @@ pub struct Hub {
     /// Slots with batches written but not published: publishing once per slot per dispatch
     /// round costs at most one wake-up system call per worker, however many batches it got.
     unpublished: Vec<usize>,
+    metrics: bool,
+    routes: HashMap<(usize, u16, u8), RouteSeries>,
+    /// Per slot and worker series: ring samples already taken.
+    worker_seen: Vec<[u32; 3]>,
 }
 
 impl Hub {
@@ -310,6 +378,7 @@ impl Hub {
         layout.init(&region)?;
         let spin = SpinPolicy::for_processes(layout.nslots + 1);
         layout.spin_us(&region).store(spin.spin.as_micros() as u32, Ordering::Release);
+        layout.metrics_enabled(&region).store(u32::from(cfg.metrics), Ordering::Release);
         let mut slots = Vec::with_capacity(layout.nslots);
         let mut steps = Vec::with_capacity(cfg.steps.len());
         for (step_index, spec) in cfg.steps.iter().enumerate() {
@@ -334,6 +403,7 @@ impl Hub {
             steps.push(Step {
                 spec: spec.clone(),
                 queue: PriorityQueue::new(cfg.priorities, spec.queue_capacity, cfg.fair_every),
+                series: StepSeries::default(),
                 idle: Vec::new(),
                 slots: first_slot..slots.len(),
                 timer: None,
@@ -354,6 +424,9 @@ impl Hub {
             scratch: Vec::new(),
             accepting: true,
             unpublished: Vec::new(),
+            metrics: cfg.metrics,
+            routes: HashMap::new(),
+            worker_seen: vec![[0; 3]; layout.nslots],
         })
     }
 
@@ -402,6 +475,52 @@ impl Hub {
     pub fn step_stats(&self, step: usize) -> StepStats {
         self.steps[step].stats
     }
+    /// A snapshot of every metric. With `drain`, the sample rings are consumed (the StatsD
+    /// exporter is their one reader); histograms and counters only ever grow.
+    pub fn metrics(&mut self, drain: bool) -> FlowMetrics {
+        let mut out = FlowMetrics::default();
+        for st in self.steps.iter_mut() {
+            let mut m = StepMetrics {
+                batch_size: st.series.batch_size.hist.clone(),
+                batch_wait_us: st.series.batch_wait_us.hist.clone(),
+                queue_len: st.queue.len(),
+                stats: st.stats,
+                ..StepMetrics::default()
+            };
+            if drain {
+                m.batch_size_samples = st.series.batch_size.drain();
+                m.batch_wait_samples = st.series.batch_wait_us.drain();
+            }
+            for slot in st.slots.clone() {
+                let wm = self.layout.slot_metrics(&self.region, slot);
+                for series in 0..3 {
+                    m.worker[series].merge(&wm.hist(series).snapshot());
+                    if drain {
+                        wm.ring(series).take_new(&mut self.worker_seen[slot][series], &mut m.worker_samples[series]);
+                    }
+                }
+            }
+            out.steps.push(m);
+        }
+        let mut keys: Vec<_> = self.routes.keys().copied().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let r = self.routes.get_mut(&key).expect("listed");
+            let (transfer_samples, size_samples) =
+                if drain { (r.transfer_us.drain(), r.size.drain()) } else { (Vec::new(), Vec::new()) };
+            out.routes.push(RouteMetrics {
+                step: key.0,
+                to: key.1,
+                priority: key.2,
+                transfer_us: r.transfer_us.hist.clone(),
+                transfer_samples,
+                size: r.size.hist.clone(),
+                size_samples,
+            });
+        }
+        out
+    }
+
     /// Tasks submitted and not yet reported back.
     pub fn in_flight(&self) -> usize {
         self.in_flight
@@ -690,6 +809,14 @@ impl Hub {
         for b in &bufs {
             self.arena.adopt(&b.extent(), from)?;
         }
+        if self.metrics {
+            let size = rest.len() as u64 - table.len() as u64
+                + header.extent.map_or(0, |e| e.len)
+                + bufs.iter().map(|b| b.len).sum::<u64>();
+            let route = self.routes.entry((step, header.route, header.priority)).or_default();
+            route.transfer_us.record(now.0.saturating_sub(header.sent_at.0) / 1000);
+            route.size.record(size);
+        }
         let release_all = |hub: &Self| {
             if let Some(ext) = header.extent {
                 let _ = hub.arena.unhold(&ext);
@@ -869,6 +996,7 @@ impl Hub {
 
     fn send_batch(&mut self, slot: usize, tasks: Vec<Queued>, now: Nanos) -> Result<()> {
         let step = self.slots[slot].step;
+        let oldest = tasks.iter().map(|q| q.arrived).min().unwrap_or(now);
         let s = &mut self.slots[slot];
         let count = tasks.len() as u32;
         let mut ok = s.inbound.try_write(TAG_BATCH, &[&count.to_le_bytes(), &[0u8; 4], &s.sent.to_le_bytes()])?;
@@ -905,9 +1033,13 @@ impl Hub {
             tasks: tasks.into_iter().map(|task| Held { task, resolved: false }).collect(),
         });
         s.sent += 1;
-        let stats = &mut self.steps[step].stats;
-        stats.batches += 1;
-        stats.tasks += count as u64;
+        let st = &mut self.steps[step];
+        st.stats.batches += 1;
+        st.stats.tasks += count as u64;
+        if self.metrics {
+            st.series.batch_size.record(count as u64);
+            st.series.batch_wait_us.record(now.0.saturating_sub(oldest.0) / 1000);
+        }
         Ok(())
     }
 

@@ -4,8 +4,8 @@
 //!
 //! | offset | content |
 //! |---|---|
-//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32`, `spin_us u32` at 28; at 64 the hub's doorbell flag |
-//! | 4096 + i * stride | slot `i`: a 4096-byte slot header (`pid: u32` at 0, the batch gate `u64` at 8), the inbound ring (hub to worker), the outbound ring (worker to hub) |
+//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32`, `spin_us u32` at 28, `metrics_enabled u32` at 32; at 64 the hub's doorbell flag |
+//! | 4096 + i * stride | slot `i`: a 4096-byte slot header (`pid: u32` at 0, the batch gate `u64` at 8, the worker's metrics at 256), the inbound ring (hub to worker), the outbound ring (worker to hub) |
 //!
 //! A process that attaches to a region it did not create reads the parameters from the header
 //! and recomputes the same layout, then checks every magic number.
@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gate::BatchGate;
+use crate::metrics::{WorkerMetrics, WORKER_BLOCK};
 use crate::shm::{RingLayout, SharedRegion};
 
 const MAGIC: u32 = 0x4151_464c; // "AQFL"
@@ -22,6 +23,9 @@ const FLOW_HEADER: usize = 4096;
 const SLOT_HEADER: usize = 4096;
 const OFF_DOORBELL_WAITING: usize = 64;
 const OFF_SPIN_US: usize = 28;
+const OFF_METRICS_ENABLED: usize = 32;
+const SLOT_METRICS: usize = 256;
+const _: () = assert!(SLOT_METRICS + WORKER_BLOCK <= SLOT_HEADER, "worker metrics fit the slot header");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowLayout {
@@ -60,6 +64,16 @@ impl FlowLayout {
     /// The worker's pid, written by the hub when it registers the process.
     pub fn slot_pid<'a>(&self, region: &'a SharedRegion, slot: usize) -> &'a AtomicU32 {
         region.atomic_u32(self.slot_off(slot))
+    }
+
+    /// The worker's metrics block (see [`crate::metrics::WorkerMetrics`]).
+    pub fn slot_metrics<'a>(&self, region: &'a SharedRegion, slot: usize) -> WorkerMetrics<'a> {
+        WorkerMetrics::at(region, self.slot_off(slot) + SLOT_METRICS)
+    }
+
+    /// Whether processes of this flow record metrics (written once at creation).
+    pub fn metrics_enabled<'a>(&self, region: &'a SharedRegion) -> &'a AtomicU32 {
+        region.atomic_u32(OFF_METRICS_ENABLED)
     }
 
     /// The slot's [`BatchGate`]: which batches the worker has begun, and which the hub took back.

@@ -10,6 +10,7 @@
 //! - [`message`]: record tags and the task header.
 //! - [`prio`], [`batch`]: the queueing and batching policies, as pure code.
 //! - [`gate`]: the handshake that decides whether a batch sent ahead of time runs.
+//! - [`metrics`]: histograms, counters and sample rings, recorded without messages.
 //! - [`hub`], [`worker`]: the two ends of the protocol.
 //! - [`reactor`], [`engine`]: what the main process sleeps on (epoll over the doorbell eventfd,
 //!   a timerfd and worker pidfds) and the driver that combines it with the hub.
@@ -25,6 +26,7 @@ pub mod gate;
 pub mod hub;
 pub mod layout;
 pub mod message;
+pub mod metrics;
 pub mod prio;
 pub mod reactor;
 pub mod shm;

@@ -60,6 +60,7 @@ pub struct WorkerEndpoint {
     batch: Vec<TaskRef>,
     batch_seq: u64,
     inline_max: usize,
+    metrics: bool,
 }
 
 impl WorkerEndpoint {
@@ -74,6 +75,7 @@ impl WorkerEndpoint {
         let outbound = Producer::attach(region.clone(), layout.outbound(slot))?;
         let inline_max = (outbound.max_payload() - HEADER_LEN).min(64 << 10);
         let spin = SpinPolicy { spin: Duration::from_micros(layout.spin_us(&region).load(Ordering::Acquire) as u64) };
+        let metrics = layout.metrics_enabled(&region).load(Ordering::Acquire) != 0;
         Ok(Self {
             region,
             layout,
@@ -86,6 +88,7 @@ impl WorkerEndpoint {
             batch: Vec::new(),
             batch_seq: 0,
             inline_max,
+            metrics,
         })
     }
 
@@ -208,12 +211,33 @@ impl WorkerEndpoint {
                     }
                     if begun {
                         self.batch_seq = seq;
+                        if self.metrics {
+                            self.record_arrivals();
+                        }
                         return Ok(Received::Batch(count));
                     }
                     self.inbound.release();
                 }
                 _ => return Err(EngineError::Protocol("unexpected record from the hub")),
             }
+        }
+    }
+
+    /// Transfer time from the hub and size of each task of the batch just received.
+    fn record_arrivals(&self) {
+        let m = self.layout.slot_metrics(&self.region, self.slot);
+        let now = Nanos::now();
+        for t in &self.batch {
+            m.record(1, now.0.saturating_sub(t.header.sent_at.0) / 1000);
+            let size = t.body.len as u64 + t.bufs.iter().map(|b| b.len).sum::<u64>();
+            m.record(2, size);
+        }
+    }
+
+    /// Records how long the handler took for the current batch (call before `finish_batch`).
+    pub fn record_handle_time(&self, elapsed: Duration) {
+        if self.metrics {
+            self.layout.slot_metrics(&self.region, self.slot).record(0, elapsed.as_micros() as u64);
         }
     }
 

@@ -156,6 +156,14 @@ impl SharedRegion {
         unsafe { std::slice::from_raw_parts(self.base.add(offset).cast::<AtomicU32>(), count) }
     }
 
+    /// A run of `count` consecutive `AtomicU64` starting at `offset`.
+    pub fn atomic_u64_slice(&self, offset: usize, count: usize) -> &[AtomicU64] {
+        self.check(offset, count * 8, 8).expect("atomic_u64_slice offset");
+        // SAFETY: in bounds and 8-aligned (checked above); AtomicU64 has the layout of u64, any
+        // bit pattern is valid, and the slice borrows `&self` so the mapping outlives it.
+        unsafe { std::slice::from_raw_parts(self.base.add(offset).cast::<AtomicU64>(), count) }
+    }
+
     /// Copies `src` into the region at `offset`.
     ///
     /// The caller's protocol must guarantee that no other process reads or writes these bytes
