@@ -134,6 +134,11 @@ def _kill_leftover_workers() -> None:
         flow._teardown(kill=True)
 
 
+def _resolve(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Flow:
     """A pipeline of steps run by worker processes.
 
@@ -222,6 +227,7 @@ class Flow:
         self._last_progress = 0.0
         self._spin_seconds = 0.0
         self._stopping: asyncio.Task | None = None
+        self._stopped_waiters: List[asyncio.Future] = []
         self._slot_pids: Dict[int, int] = {}
         self._slot_alive: Dict[int, bool] = {}
         self._exit_waiters: List[asyncio.Future] = []
@@ -269,6 +275,40 @@ class Flow:
         except RuntimeError:
             pass
         log.info('Flow was started')
+
+    def init_processes(self, timeout: float | None = None) -> None:
+        """Starts the workers without declaring the flow running (aqueduct 1.15's first half of
+        ``start()``, used to fork workers before a server forks its own): state
+        ``STEPS_INITIALIZED`` until :meth:`start_inited`."""
+        self.start(timeout)
+        self._state = FlowState.STEPS_INITIALIZED
+
+    def start_inited(self) -> None:
+        """Declares a flow started with :meth:`init_processes` running."""
+        if self._state is not FlowState.STEPS_INITIALIZED:
+            raise FlowError(f'start_inited() needs a flow after init_processes(), not one that is {self._state.value}')
+        self._state = FlowState.RUNNING
+        self.attach()
+
+    @property
+    def are_steps_initialized(self) -> bool:
+        return self._state == FlowState.STEPS_INITIALIZED
+
+    def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Watches the workers from ``loop`` (default: the running loop) from now on, rather than
+        from the first task: worker deaths are handled, metrics exported and stats served even
+        before any request. A web app's startup hook calls it; ``start()`` does when a loop runs."""
+        if self._engine is None:
+            raise NotRunningError('the flow is not started')
+        self._bind(loop or asyncio.get_running_loop())
+
+    async def wait_stopped(self) -> None:
+        """Returns once the flow has stopped (by ``stop()``, or for good after too many worker
+        deaths): what an app watches to stop itself when its flow is gone."""
+        while self._state is not FlowState.STOPPED:
+            waiter = asyncio.get_running_loop().create_future()
+            self._stopped_waiters.append(waiter)
+            await waiter
 
     def _start_workers(self, timeout: float | None) -> None:
         specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
@@ -776,6 +816,8 @@ class Flow:
         stops the workers; it returns as soon as they have exited. ``graceful=False`` fails every
         pending ``process()`` call with :class:`FlowError` and stops the workers at once.
         """
+        if self._state is FlowState.STEPS_INITIALIZED:
+            self._state = FlowState.RUNNING
         if self._state is not FlowState.RUNNING:
             log.info('Flow is not running')
             return
@@ -864,3 +906,7 @@ class Flow:
         self._slot_pids.clear()
         self._state = FlowState.STOPPED
         _running_flows.discard(self)
+        for waiter in self._stopped_waiters:
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+        self._stopped_waiters.clear()

@@ -218,23 +218,21 @@ class BaseTask:
             return
         from ._codec import FromShared
 
+        # As in aqueduct 1.15, a field this task shares is never overwritten by the processed
+        # copy: it is the same shared memory, already showing any in-place change. A field the
+        # handlers shared is taken as they left it, and shared here too.
         theirs = theirs or {}
-        mine = mine or {}
-        merged = {}
-        for field, sv in theirs.items():
-            same = field in mine and mine[field].desc == sv.desc
-            merged[field] = mine[field] if same else sv
+        mine = dict(mine or {})
         own = self.__dict__
         for field, value in state.items():
-            if field in immutable or field == '_shared_fields':
+            if field in immutable or field == '_shared_fields' or field in mine:
                 continue
-            if field in merged:
-                if merged[field] is mine.get(field):
-                    continue  # the same shared memory: keep this task's object
-                own[field] = merged[field].value() if value.__class__ is FromShared else value
+            if field in theirs:
+                mine[field] = theirs[field]
+                own[field] = theirs[field].value() if value.__class__ is FromShared else value
             elif value.__class__ is not FromShared:
                 setattr(self, field, value)
-        own['_shared_fields'] = merged
+        own['_shared_fields'] = mine
 
 
 _descriptor_cache: Dict[type, frozenset] = {}

@@ -1,0 +1,109 @@
+"""aiohttp integration, as in aqueduct 1.15:
+
+    app = web.Application()
+    AppIntegrator(app).add_flow(build_flow())          # starts it (FLOW_START_TIMEOUT)
+
+    async def handler(request):
+        await request.app['flow'].process(task)
+
+Flows stop on application shutdown; with ``exit_on_fail`` the app stops (SIGTERM to itself) if
+a flow stops for good. Optional routes: ``metrics_path`` serves Prometheus for every flow added,
+``health_path`` answers 200 when all flows are ready and 503 otherwise (for probes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Dict, Optional
+
+from aiohttp import web
+
+from ..flow import Flow
+from ..logger import replace_logger
+from .utils import (  # noqa: F401 - re-exported as in 1.15
+    FLOW_START_TIMEOUT_DEFAULT,
+    FLOW_START_TIMEOUT_NAME,
+    exit_when_stopped,
+    get_start_timeout,
+    health_payload,
+)
+
+AQUEDUCT_FLOW_NAMES = 'aqueduct_flow_names'
+FLOW_NAME = 'flow'
+FLOWS_OBSERVER = 'aqueduct_flows_observer'
+
+
+class AppIntegrator:
+    """Adds flows to an aiohttp app and ties their life cycle to it."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        exit_on_fail: bool = True,
+        logger: Optional[logging.Logger] = None,
+        metrics_path: Optional[str] = None,
+        health_path: Optional[str] = None,
+    ) -> None:
+        if AQUEDUCT_FLOW_NAMES in app:
+            raise RuntimeError('AppIntegrator can be created only once. Reuse existing AppIntegrator.')
+        self._app = app
+        app[AQUEDUCT_FLOW_NAMES] = []
+        app.on_startup.append(self._attach_flows)
+        if exit_on_fail:
+            app.on_startup.append(self._start_observer)
+            app.on_shutdown.append(self._stop_observer)
+        app.on_shutdown.append(self._stop_flows)
+        if logger is not None:
+            replace_logger(logger)
+        if metrics_path is not None:
+            from prometheus_client import CollectorRegistry
+
+            from ..metrics.prometheus import FlowCollector, aiohttp_handler
+
+            registry = CollectorRegistry()
+            registry.register(FlowCollector(_LiveFlows(app)))
+            app.router.add_get(metrics_path, aiohttp_handler(registry))
+        if health_path is not None:
+            app.router.add_get(health_path, self._health)
+
+    def add_flow(self, flow: Flow, flow_name: str = FLOW_NAME, with_start: bool = True) -> None:
+        if flow_name in self._app:
+            raise RuntimeError(f'Flow with name "{flow_name}" already exists in app')
+        if with_start:
+            flow.start(timeout=get_start_timeout())
+        self._app[AQUEDUCT_FLOW_NAMES].append(flow_name)
+        self._app[flow_name] = flow
+
+    def _flows(self) -> Dict[str, Flow]:
+        return {name: self._app[name] for name in self._app[AQUEDUCT_FLOW_NAMES]}
+
+    async def _attach_flows(self, app: web.Application) -> None:
+        for flow in self._flows().values():
+            if flow.is_running:
+                flow.attach()
+
+    async def _start_observer(self, app: web.Application) -> None:
+        app[FLOWS_OBSERVER] = asyncio.ensure_future(exit_when_stopped(self._flows()))
+
+    async def _stop_observer(self, app: web.Application) -> None:
+        app[FLOWS_OBSERVER].cancel()
+
+    async def _stop_flows(self, app: web.Application) -> None:
+        for flow in self._flows().values():
+            await flow.stop()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        status, body = health_payload(self._flows())
+        return web.json_response(body, status=status)
+
+
+class _LiveFlows(dict):
+    """The app's flows as the Prometheus collector sees them, looked up at scrape time."""
+
+    def __init__(self, app: web.Application):
+        super().__init__()
+        self._app = app
+
+    def items(self):
+        return [(name, self._app[name]) for name in self._app[AQUEDUCT_FLOW_NAMES]]

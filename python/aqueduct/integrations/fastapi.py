@@ -1,0 +1,148 @@
+"""FastAPI and Starlette integration.
+
+    app = FastAPI()
+    AppIntegrator(app).add_flow(build_flow())     # workers start now, before the server forks
+
+    @app.post('/process')
+    async def process(flow: Flow = Depends(get_flow())):
+        ...
+
+or, for any ASGI app with a lifespan, ``lifespan=flow_lifespan(flow)``. Flows are attached to the
+server's event loop when it starts and stopped when it shuts down; with ``exit_on_fail`` the
+server stops (SIGTERM to itself) if a flow stops for good. :class:`RequestStream` lets
+``task.share_value_with_data`` read a request body straight into shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable, Dict, List, Optional
+
+from ..flow import Flow
+from ..logger import replace_logger
+from .utils import exit_when_stopped, get_start_timeout, health_payload
+
+FLOW_NAME = 'flow'
+
+
+def get_flow(flow_name: str = FLOW_NAME) -> Callable:
+    """A FastAPI dependency resolving the flow added under ``flow_name``."""
+
+    def _get_flow(request) -> Flow:
+        return getattr(request.app.state, flow_name)
+
+    return _get_flow
+
+
+def flow_lifespan(*flows: Flow, exit_on_fail: bool = True, start_timeout: Optional[float] = None):
+    """A lifespan for Starlette/FastAPI: starts ``flows`` that are not running yet, attaches
+    them to the server's loop, and stops them at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app) -> AsyncIterator[None]:
+        async with _running({f'flow{i}': f for i, f in enumerate(flows)}, exit_on_fail, start_timeout):
+            yield
+
+    return lifespan
+
+
+@asynccontextmanager
+async def _running(flows: Dict[str, Flow], exit_on_fail: bool, start_timeout: Optional[float]):
+    for flow in flows.values():
+        if not flow.is_running and not flow.are_steps_initialized:
+            flow.start(timeout=start_timeout if start_timeout is not None else get_start_timeout())
+        if flow.are_steps_initialized:
+            flow.start_inited()
+        flow.attach()
+    observer = asyncio.ensure_future(exit_when_stopped(flows)) if exit_on_fail else None
+    try:
+        yield
+    finally:
+        if observer is not None:
+            observer.cancel()
+        for flow in flows.values():
+            await flow.stop()
+
+
+class AppIntegrator:
+    """Adds flows to a FastAPI (or Starlette) app, as in aqueduct 1.15. Wraps the app's
+    lifespan; add flows before the server starts."""
+
+    def __init__(
+        self,
+        app,
+        exit_on_fail: bool = True,
+        logger: Optional[logging.Logger] = None,
+        metrics_path: Optional[str] = None,
+        health_path: Optional[str] = None,
+    ) -> None:
+        self._app = app
+        self._names: List[str] = []
+        self._started = False
+        self._exit_on_fail = exit_on_fail
+        if logger is not None:
+            replace_logger(logger)
+        user_lifespan = app.router.lifespan_context
+        integrator = self
+
+        @asynccontextmanager
+        async def lifespan(app) -> AsyncIterator:
+            integrator._started = True
+            async with _running(integrator._flows(), integrator._exit_on_fail, None):
+                async with user_lifespan(app) as state:
+                    yield state
+
+        app.router.lifespan_context = lifespan
+        if metrics_path is not None:
+            from prometheus_client import CollectorRegistry
+
+            from ..metrics.prometheus import FlowCollector, asgi_app
+
+            registry = CollectorRegistry()
+            registry.register(FlowCollector(_LiveFlows(self)))
+            app.mount(metrics_path, asgi_app(registry))
+        if health_path is not None:
+            from starlette.responses import JSONResponse
+
+            async def health(request):
+                status, body = health_payload(self._flows())
+                return JSONResponse(body, status_code=status)
+
+            app.add_route(health_path, health, methods=['GET'])
+
+    def add_flow(self, flow: Flow, flow_name: str = FLOW_NAME, with_start: bool = True) -> None:
+        if self._started:
+            raise RuntimeError('Flows must be added before the application startup')
+        if hasattr(self._app.state, flow_name):
+            raise RuntimeError(f'Flow with name "{flow_name}" already exists in app')
+        if with_start:
+            flow.start(timeout=get_start_timeout())
+        self._names.append(flow_name)
+        setattr(self._app.state, flow_name, flow)
+
+    def _flows(self) -> Dict[str, Flow]:
+        return {name: getattr(self._app.state, name) for name in self._names}
+
+
+class _LiveFlows(dict):
+    def __init__(self, integrator: AppIntegrator):
+        super().__init__()
+        self._integrator = integrator
+
+    def items(self):
+        return list(self._integrator._flows().items())
+
+
+class RequestStream:
+    """Adapts a Starlette request body to ``readany()``, for ``task.share_value_with_data``."""
+
+    def __init__(self, request):
+        self._chunks = request.stream().__aiter__()
+
+    async def readany(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b''
