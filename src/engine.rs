@@ -61,7 +61,7 @@ impl Engine {
     }
 }
 
-fn payload_bytes<'py>(py: Python<'py>, arena: &Arena, body: Payload<'_>) -> PyResult<Bound<'py, PyBytes>> {
+pub(crate) fn payload_bytes<'py>(py: Python<'py>, arena: &Arena, body: Payload<'_>) -> PyResult<Bound<'py, PyBytes>> {
     match body {
         Payload::Inline(b) => Ok(PyBytes::new(py, b)),
         Payload::Extent(ext) => {
@@ -75,7 +75,7 @@ fn payload_bytes<'py>(py: Python<'py>, arena: &Arena, body: Payload<'_>) -> PyRe
 }
 
 /// The outcome's buffers as `ShmBuffer`s that take over the references the outcome carries.
-fn buffers<'py>(py: Python<'py>, arena: &Arc<Arena>, bufs: Vec<BufRef>) -> PyResult<Bound<'py, PyList>> {
+pub(crate) fn buffers<'py>(py: Python<'py>, arena: &Arc<Arena>, bufs: Vec<BufRef>) -> PyResult<Bound<'py, PyList>> {
     let out = PyList::empty(py);
     let mut bufs = bufs.into_iter();
     while let Some(b) = bufs.next() {
@@ -189,6 +189,33 @@ impl Engine {
     /// Registers the process `pid` started for `slot`, acting as process `pool_index` of the pool.
     fn worker_spawned(&self, py: Python<'_>, slot: usize, pid: u32, pool_index: u32) -> PyResult<()> {
         self.lock()?.worker_spawned(slot, pid, pool_index).map_err(py_err(py))
+    }
+
+    /// Opens a port for a client process acting as process `pool_index` of the pool (rings of
+    /// `capacity` bytes); returns the port id. The client attaches with the descriptors of
+    /// `port_fds`.
+    #[pyo3(signature = (pool_index, capacity=1<<20))]
+    fn open_port(&self, py: Python<'_>, pool_index: u32, capacity: usize) -> PyResult<usize> {
+        self.lock()?.open_port(capacity, pool_index).map_err(py_err(py))
+    }
+
+    /// `(region_fd, bell_fd)` of a port, to pass to its client.
+    fn port_fds(&self, py: Python<'_>, port: usize) -> PyResult<(i32, i32)> {
+        let engine = self.lock()?;
+        let p = engine.port(port).map_err(py_err(py))?;
+        let region = p.region().fd().map_or(-1, |fd| fd.as_raw_fd());
+        Ok((region, p.bell().fd().as_raw_fd()))
+    }
+
+    /// Closes a port whose client disconnected: cancels its tasks in flight and unmaps it.
+    /// Returns the client's pool index, to reap (`Pool.reap`) once the client process is dead.
+    fn close_port(&self, py: Python<'_>, port: usize) -> PyResult<u32> {
+        self.lock()?.close_port(port).map_err(py_err(py))
+    }
+
+    #[getter]
+    fn port_count(&self) -> PyResult<usize> {
+        Ok(self.lock()?.port_count())
     }
 
     /// Queues a pickled task at `step`; returns its engine id. `deadline_ns` is on the

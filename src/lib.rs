@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)] // allowed in `shm.rs` only, for the buffer-protocol slot
 
+mod client;
 mod engine;
 mod errors;
 mod shm;
@@ -13,13 +14,16 @@ mod worker;
 
 use pyo3::prelude::*;
 
-/// Makes the calling process receive SIGKILL when its parent dies, so that a worker never
-/// outlives the flow that started it, even when the main process is SIGKILLed. Returns the
-/// parent pid observed afterwards: if it differs from the expected one, the parent already
-/// died and the caller must exit.
+/// Makes the calling process receive `signum` (default SIGKILL) when its parent dies, so that
+/// a worker never outlives the flow that started it, even when the main process is SIGKILLed.
+/// Returns the parent pid observed afterwards: if it differs from the expected one, the parent
+/// already died and the caller must exit.
 #[pyfunction]
-fn die_with_parent() -> PyResult<i32> {
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+#[pyo3(signature = (signum=9))]
+fn die_with_parent(signum: i32) -> PyResult<i32> {
+    let signal = rustix::process::Signal::from_named_raw(signum)
+        .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("unknown signal {signum}")))?;
+    rustix::process::set_parent_process_death_signal(Some(signal))
         .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?;
     Ok(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()))
 }
@@ -28,6 +32,7 @@ fn die_with_parent() -> PyResult<i32> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
     m.add_class::<worker::Worker>()?;
+    m.add_class::<client::PortClient>()?;
     m.add_class::<shm::Pool>()?;
     m.add_class::<shm::ShmBuffer>()?;
     m.add_function(wrap_pyfunction!(die_with_parent, m)?)?;

@@ -15,6 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use aqueduct_core::shm::arena::MAX_NPROCS;
 use aqueduct_core::shm::fd::adopt_inherited;
 use aqueduct_core::shm::{Arena, ArenaLayout, BufRef, SharedRegion};
 use pyo3::buffer::PyUntypedBuffer;
@@ -38,7 +39,12 @@ impl Pool {
         if !page_size.is_power_of_two() || page_size < 4096 {
             return Err(PyValueError::new_err(format!("page_size must be a power of two >= 4096, got {page_size}")));
         }
-        let arena = Arena::create(ArenaLayout::new(size, page_size, max_processes.max(2)), warm).map_err(py_err(py))?;
+        if !(2..=MAX_NPROCS).contains(&max_processes) {
+            return Err(PyValueError::new_err(format!(
+                "max_processes must be in 2..={MAX_NPROCS}, got {max_processes}"
+            )));
+        }
+        let arena = Arena::create(ArenaLayout::new(size, page_size, max_processes), warm).map_err(py_err(py))?;
         Ok(Self { arena: Arc::new(arena) })
     }
 
@@ -48,6 +54,15 @@ impl Pool {
         let region = SharedRegion::attach(adopt_inherited(fd).map_err(py_err(py))?).map_err(py_err(py))?;
         let arena = Arena::attach(Arc::new(region), index).map_err(py_err(py))?;
         Ok(Self { arena: Arc::new(arena) })
+    }
+
+    /// Another handle on the same mapping acting as process `index` (a process that became a
+    /// port client of a flow served from the pool it already maps).
+    fn as_process(&self, index: u32) -> PyResult<Self> {
+        if index as usize >= self.arena.layout().nprocs {
+            return Err(PyValueError::new_err(format!("process index {index} out of range")));
+        }
+        Ok(Self { arena: Arc::new(self.arena.as_process(index)) })
     }
 
     fn fileno(&self) -> i32 {
@@ -61,6 +76,15 @@ impl Pool {
 
     fn release_index(&self, index: u32) {
         self.arena.release_index(index);
+    }
+
+    /// Undoes every reference held by the dead process `index` (a port client) and frees what
+    /// no one else holds; then the index can be released. Returns the pages freed.
+    fn reap(&self, index: u32) -> PyResult<usize> {
+        if index == 0 || index as usize >= self.arena.layout().nprocs {
+            return Err(PyValueError::new_err(format!("cannot reap process index {index}")));
+        }
+        Ok(self.arena.reap(index))
     }
 
     /// A fresh, writable buffer of `size` bytes in the pool.

@@ -1,12 +1,20 @@
-"""``python -m aqueduct top``: see :mod:`aqueduct.top`."""
+"""``python -m aqueduct top`` (see :mod:`aqueduct.top`) and ``python -m aqueduct serve`` (see
+:mod:`aqueduct.sockets.flow_server`)."""
 
 import sys
 
-from .top import main
+USAGE = """usage: python -m aqueduct top [socket] [--interval SECONDS] [--once]
+       python -m aqueduct serve module:build_flow [--socket PATH] [--start-timeout SECONDS]"""
 
 if __name__ == '__main__':
     args = sys.argv[1:]
-    if not args or args[0] != 'top':
-        print('usage: python -m aqueduct top [socket] [--interval SECONDS] [--once]', file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(args[1:]))
+    if args and args[0] == 'top':
+        from .top import main
+
+        sys.exit(main(args[1:]))
+    if args and args[0] == 'serve':
+        from .sockets.flow_server import main as serve
+
+        sys.exit(serve(args[1:]))
+    print(USAGE, file=sys.stderr)
+    sys.exit(2)

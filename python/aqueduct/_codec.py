@@ -113,12 +113,11 @@ def _state_for_wire(state: dict, big: int) -> dict:
     return state if out is None else out
 
 
-def encode(task: Any) -> Tuple[bytes, List[Any]]:
-    """The pickled task and its out-of-band buffers (``ShmBuffer``s, each owning a reference
-    that passes to the message when it is sent)."""
+def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
+    """The pickled task and its out-of-band buffers (``ShmBuffer``s in ``pool``, default the
+    process's, each owning a reference that passes to the message when it is sent)."""
     bufs: List[Any] = []
     big = shm._threshold
-    pool = None
 
     def place(pb: pickle.PickleBuffer) -> bool:
         nonlocal pool

@@ -43,6 +43,9 @@ class Launcher:
     def close(self) -> None:
         raise NotImplementedError
 
+    def detach(self) -> None:
+        """Closes this process's handles only (another process took the workers over)."""
+
 
 class ForkZygote(Launcher):
     """The ``fork`` launcher: a single-threaded process that forks workers on request.
@@ -87,6 +90,10 @@ class ForkZygote(Launcher):
 
     def reap(self, pid: int) -> None:
         self._request(f'reap {pid}')
+
+    def detach(self) -> None:
+        self._io.close()
+        self._sock.close()
 
     def close(self) -> None:
         try:
@@ -161,6 +168,7 @@ class MultiprocessingLauncher(Launcher):
         self._pool_fd = pool_fd
         self._plans = plans
         self._procs: Dict[int, multiprocessing.process.BaseProcess] = {}
+        self._creator = os.getpid()
 
     def spawn(self, slot: int, step: int, pool_index: int) -> int:
         handler, step_name, routes = self._plans[step]
@@ -190,11 +198,24 @@ class MultiprocessingLauncher(Launcher):
 
     def reap(self, pid: int) -> None:
         proc = self._procs.pop(pid, None)
-        if proc is not None:
+        # Only the parent can reap; a process that took the flow over leaves it to the parent.
+        if proc is not None and os.getpid() == self._creator:
             proc.join()
             proc.close()
 
+    def detach(self) -> None:
+        self._procs.clear()
+
     def close(self) -> None:
+        if os.getpid() != self._creator:
+            for proc in self._procs.values():
+                if proc.pid is not None:
+                    try:
+                        os.kill(proc.pid, 9)
+                    except ProcessLookupError:
+                        pass
+            self._procs.clear()
+            return
         for proc in self._procs.values():
             if proc.is_alive():
                 log.warning('killing worker %s still alive at shutdown', proc.pid)

@@ -131,7 +131,28 @@ _flow_count = 0
 def _kill_leftover_workers() -> None:
     """A flow that was never stopped must not leave workers behind at interpreter exit."""
     for flow in list(_running_flows):
-        flow._teardown(kill=True)
+        # A process forked from the owner (a web server's worker) inherits the flow object but
+        # not its workers: only the owner tears them down.
+        if flow._owner_pid == os.getpid():
+            flow._teardown(kill=True)
+
+
+def failure_exception(kind: str, step_name: str, detail) -> Exception:
+    """The exception for a failed task, from the engine's failure ``kind`` (see
+    ``aqueduct._core.Engine``) in the step named ``step_name``."""
+    if kind == 'handler':
+        return HandlerError.from_remote(detail)
+    if kind == 'expired':
+        return TaskTimeoutError(f'Task timeout error: the task expired before {step_name} could handle it')
+    if kind == 'died':
+        return WorkerDiedError(
+            f'the worker process {detail} of {step_name} died while holding the task', step_name, detail
+        )
+    if kind == 'shm_exhausted':
+        return SharedMemoryExhaustedError(f'no shared memory left for the task on its way to {step_name}')
+    if kind == 'rejected':
+        return FlowError(f'the flow refused the task: {detail}')
+    return FlowError('the flow was stopped before the task finished')
 
 
 def _resolve(waiter: asyncio.Future) -> None:
@@ -231,6 +252,7 @@ class Flow:
         self._slot_pids: Dict[int, int] = {}
         self._slot_alive: Dict[int, bool] = {}
         self._exit_waiters: List[asyncio.Future] = []
+        self._owner_pid = 0
 
     # ------------------------------------------------------------------ state
 
@@ -266,6 +288,7 @@ class Flow:
             self._teardown(kill=True)
             raise
         self._state = FlowState.RUNNING
+        self._owner_pid = os.getpid()
         _running_flows.add(self)
         self._engine.prepare_sleep()
         try:
@@ -408,7 +431,7 @@ class Flow:
         if step is None:
             return True
         try:
-            body, bufs = encode(task)
+            body, bufs = encode(task, self._pool)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TaskSerializationError(
                 f'{type(task).__name__} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}'
@@ -540,7 +563,7 @@ class Flow:
         if engine is None:
             return
         outcomes = engine.poll()
-        if outcomes:
+        if outcomes or self._idle_waiters:
             self._deliver(outcomes)
             self._last_progress = time.perf_counter()
         if not self._polling:
@@ -558,7 +581,7 @@ class Flow:
             return
         outcomes = engine.poll(False)
         now = time.perf_counter()
-        if outcomes:
+        if outcomes or self._idle_waiters:
             self._deliver(outcomes)
             self._last_progress = now
         if engine.in_flight and now - self._last_progress < self._spin_seconds:
@@ -585,23 +608,14 @@ class Flow:
                 self._on_worker_event(*outcome[1:])
         if self._parked:
             self._admit()
-        if self._idle_waiters and not pending and not self._parked:
+        if self._idle_waiters and not pending and not self._parked and not (self._engine and self._engine.in_flight):
             for waiter in self._idle_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
             self._idle_waiters.clear()
 
     def _failure(self, kind: str, step: int, detail) -> Exception:
-        name = self._step_names[step] if step >= 0 else ''
-        if kind == 'handler':
-            return HandlerError.from_remote(detail)
-        if kind == 'expired':
-            return TaskTimeoutError(f'Task timeout error: the task expired before {name} could handle it')
-        if kind == 'died':
-            return WorkerDiedError(f'the worker process {detail} of {name} died while holding the task', name, detail)
-        if kind == 'shm_exhausted':
-            return SharedMemoryExhaustedError(f'no shared memory left for the task on its way to {name}')
-        return FlowError('the flow was stopped before the task finished')
+        return failure_exception(kind, self._step_names[step] if step >= 0 else '', detail)
 
     def _on_worker_event(self, slot: int, step: int, pid: int, event: str, message: str) -> None:
         if event == 'exited':
@@ -833,7 +847,8 @@ class Flow:
                 entry[0].set_exception(NotRunningError('the flow stopped while the task waited for queue space'))
         self._parked.clear()
         if graceful:
-            if self._pending:
+            # Tasks of this process, and those submitted through ports by other processes.
+            if self._pending or engine.in_flight:
                 waiter = loop.create_future()
                 self._idle_waiters.append(waiter)
                 await waiter
@@ -857,6 +872,20 @@ class Flow:
         self._exit_waiters.remove(exited)
         self._teardown(kill=True)
         log.info('Flow was stopped')
+
+    def _hand_over(self) -> None:
+        """In the process that started the flow, after a process forked from it took the flow
+        over (``aqueduct.sockets``): forgets the flow without touching its workers, which now
+        belong to the other process. Only this process's descriptors and mappings are closed."""
+        if self._launcher is not None:
+            self._launcher.detach()
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = self._launcher = None
+        self._slot_alive.clear()
+        self._slot_pids.clear()
+        self._state = FlowState.STOPPED
+        _running_flows.discard(self)
 
     def _teardown(self, kill: bool) -> None:
         """Releases everything: kills and reaps the remaining workers, the launcher, the reader,

@@ -93,6 +93,45 @@ def attach_worker_pool(fd: int, index: int) -> _core.Pool:
     return _pool
 
 
+def attach_client_pool(fd: int, index: int) -> tuple:
+    """In a process that submits tasks to a flow served by another process
+    (:mod:`aqueduct.sockets`): the handle on that flow's pool (received as ``fd``, which this
+    call takes over) acting as process ``index``, and the process pool it replaced.
+
+    The handle becomes this process's pool (the one ``share_value`` places fields in), so shared
+    fields travel by reference and their shared memory is counted as this process's, unless the
+    process already uses a different pool (it runs flows of its own): then its shared fields are
+    copied into the server's pool when they are sent. A process forked from the flow server's
+    parent maps the pool already: the handle reuses that mapping.
+    """
+    global _pool
+    previous = _pool
+    if previous is not None and _same_file(previous.fileno(), fd):
+        os.close(fd)
+        client = previous.as_process(index)
+    else:
+        client = _core.Pool.attach(fd, index)
+    if previous is None or client.fileno() == previous.fileno():
+        _pool = client
+    else:
+        from .logger import log
+
+        log.warning('this process has a shared-memory pool of its own; shared fields are copied to the flow server')
+    return client, previous
+
+
+def detach_client_pool(client: _core.Pool, previous: Optional[_core.Pool]) -> None:
+    """Undoes :func:`attach_client_pool`'s change of the process pool (the client stopped)."""
+    global _pool
+    if _pool is client and previous is not None:
+        _pool = previous
+
+
+def _same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def stats() -> dict:
     """Bytes in use, capacity, and freed bytes kept warm, for monitoring and leak checks."""
     p = pool()

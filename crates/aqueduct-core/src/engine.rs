@@ -1,24 +1,63 @@
 #![forbid(unsafe_code)]
-//! The main process's engine: a [`Hub`] plus the [`Reactor`] that tells it when to run.
+//! The main process's engine: a [`Hub`] plus the [`Reactor`] that tells it when to run, and the
+//! [`port`](crate::port)s through which other processes submit tasks.
 //!
 //! An owner (the Python event loop, a tokio task, or a plain loop in a benchmark) watches
 //! [`Engine::fd`], calls [`Engine::poll`] when it is readable, and before going idle calls
-//! [`Engine::prepare_sleep`]; a worker then rings the doorbell when it publishes, which makes
-//! the fd readable.
+//! [`Engine::prepare_sleep`]; a worker or a port client then rings the doorbell when it
+//! publishes, which makes the fd readable.
+//!
+//! Outcomes of tasks that came through a port never reach the owner: the engine writes them to
+//! the port's response ring in the same poll.
 
+use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::Nanos;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::hub::{Doorbell, Hub, HubConfig, Outcome};
+use crate::port::EnginePort;
 use crate::reactor::Reactor;
 use crate::shm::Arena;
 
 pub struct Engine {
     pub hub: Hub,
     reactor: Reactor,
+    /// Open ports by id (`None`: closed, the id is free again).
+    ports: Vec<Option<EnginePort>>,
+    /// Hub id of a task that came through a port -> (port, the client's id).
+    remote: HashMap<u64, (usize, u64)>,
+    /// The port that drains first in the next poll.
+    first_port: usize,
+}
+
+/// Requests a port may hand over in one turn before the next port's turn.
+const PORT_TURN: usize = 8;
+
+/// Routes an outcome to the port its task came from, or to the owner.
+fn route(
+    ports: &mut [Option<EnginePort>],
+    remote: &mut HashMap<u64, (usize, u64)>,
+    arena: &Arena,
+    out: &mut dyn FnMut(Outcome<'_>),
+    o: Outcome<'_>,
+    err: &mut Option<EngineError>,
+) {
+    let task_id = match &o {
+        Outcome::Done { task_id, .. } | Outcome::Failed { task_id, .. } => Some(*task_id),
+        _ => None,
+    };
+    if let Some((port, client_id)) = task_id.and_then(|id| remote.remove(&id)) {
+        if let Some(p) = ports.get_mut(port).and_then(Option::as_mut) {
+            if let Err(e) = p.respond(arena, client_id, o) {
+                err.get_or_insert(e);
+            }
+        }
+        return;
+    }
+    out(o)
 }
 
 impl Engine {
@@ -26,7 +65,7 @@ impl Engine {
     pub fn new(cfg: &HubConfig, pool: Arc<Arena>) -> Result<Self> {
         let hub = Hub::create(cfg, pool)?;
         let reactor = Reactor::new(Doorbell::new()?)?;
-        Ok(Self { hub, reactor })
+        Ok(Self { hub, reactor, ports: Vec::new(), remote: HashMap::new(), first_port: 0 })
     }
 
     /// Readable when the engine has work: poll it then.
@@ -34,7 +73,7 @@ impl Engine {
         self.reactor.fd()
     }
 
-    /// The doorbell eventfd, for worker processes.
+    /// The doorbell eventfd, for worker processes and port clients.
     pub fn doorbell_fd(&self) -> BorrowedFd<'_> {
         self.reactor.doorbell().fd()
     }
@@ -52,16 +91,55 @@ impl Engine {
         Ok(())
     }
 
+    /// Opens a port (rings of `capacity` bytes) for a client acting as process `pool_index` of
+    /// the pool; returns its id.
+    pub fn open_port(&mut self, capacity: usize, pool_index: u32) -> Result<usize> {
+        let port = EnginePort::create(capacity, pool_index)?;
+        self.add_port(port)
+    }
+
+    /// Adds a port created by the caller (tests use heap ports); returns its id.
+    pub fn add_port(&mut self, port: EnginePort) -> Result<usize> {
+        if let Some(free) = self.ports.iter().position(Option::is_none) {
+            self.ports[free] = Some(port);
+            return Ok(free);
+        }
+        self.ports.push(Some(port));
+        Ok(self.ports.len() - 1)
+    }
+
+    pub fn port(&self, id: usize) -> Result<&EnginePort> {
+        self.ports.get(id).and_then(Option::as_ref).ok_or(EngineError::Config(format!("no port {id}")))
+    }
+
+    /// Closes a port whose client is gone or disconnected: its tasks are cancelled (their
+    /// references released by the hub) and the region is unmapped. Returns the client's pool
+    /// index, which the caller reaps once the client process is dead.
+    pub fn close_port(&mut self, id: usize) -> Result<u32> {
+        let port = self.ports.get_mut(id).and_then(Option::take).ok_or(EngineError::Config(format!("no port {id}")))?;
+        for hub_id in port.hub_ids() {
+            self.remote.remove(&hub_id);
+            self.hub.cancel(hub_id);
+        }
+        Ok(port.pool_index())
+    }
+
+    /// Open ports.
+    pub fn port_count(&self) -> usize {
+        self.ports.iter().flatten().count()
+    }
+
     /// Handles everything that is ready, never blocking.
     pub fn poll(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
         self.poll_with(Some(Duration::ZERO), out)
     }
 
-    /// Handles what workers published, without asking the kernel about exits, timers or the
-    /// doorbell (no system call). For an owner that polls in a tight loop and learns about those
-    /// from the descriptor becoming readable, when it then calls [`Engine::poll`].
+    /// Handles what workers and port clients published, without asking the kernel about exits,
+    /// timers or the doorbell (no system call unless a client must be woken). For an owner that
+    /// polls in a tight loop and learns about those from the descriptor becoming readable, when
+    /// it then calls [`Engine::poll`].
     pub fn poll_rings(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
-        let n = self.hub.poll(Nanos::now(), out)?;
+        let n = self.poll_hub_and_ports(out)?;
         self.reactor.arm_timer(self.hub.next_timer())?;
         Ok(n)
     }
@@ -69,7 +147,7 @@ impl Engine {
     /// Waits up to `timeout` for something to happen, then handles it. Lowers the doorbell flag
     /// only if it is safe to sleep; otherwise handles pending records at once.
     pub fn wait(&mut self, timeout: Option<Duration>, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
-        if self.hub.prepare_sleep() {
+        if self.prepare_sleep() {
             self.poll_with(timeout, out)
         } else {
             self.poll(out)
@@ -78,15 +156,61 @@ impl Engine {
 
     fn poll_with(&mut self, timeout: Option<Duration>, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
         let ready = self.reactor.wait(timeout)?;
-        self.hub.woke();
+        self.woke();
         let mut n = 0;
+        let arena = self.hub.arena().clone();
+        let mut err = None;
         for slot in ready.exited {
-            self.hub.worker_exited(slot, out)?;
+            let (ports, remote) = (&mut self.ports, &mut self.remote);
+            self.hub.worker_exited(slot, &mut |o| route(ports, remote, &arena, out, o, &mut err))?;
             n += 1;
         }
-        n += self.hub.poll(Nanos::now(), out)?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        n += self.poll_hub_and_ports(out)?;
         self.reactor.arm_timer(self.hub.next_timer())?;
         Ok(n)
+    }
+
+    /// One round: workers' results, then ports' requests, then the ports' responses published.
+    fn poll_hub_and_ports(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
+        let arena = self.hub.arena().clone();
+        let mut err = None;
+        let (ports, remote) = (&mut self.ports, &mut self.remote);
+        let mut n = self.hub.poll(Nanos::now(), &mut |o| route(ports, remote, &arena, out, o, &mut err))?;
+        if self.ports.is_empty() {
+            return err.map_or(Ok(n), Err);
+        }
+        // Clients take turns, a few requests each, so that one busy client cannot fill the
+        // queues while another's requests wait; the first turn rotates between polls.
+        let count = self.ports.len();
+        self.first_port = (self.first_port + 1) % count;
+        let mut took = 0;
+        loop {
+            let mut round = 0;
+            for i in 0..count {
+                let id = (self.first_port + i) % count;
+                if let Some(p) = self.ports[id].as_mut() {
+                    if p.has_requests() {
+                        round += p.drain(id, &mut self.hub, &mut self.remote, PORT_TURN)?;
+                    }
+                }
+            }
+            took += round;
+            if round == 0 {
+                break;
+            }
+        }
+        if took > 0 {
+            // Failures found while dispatching the new tasks (expired on arrival) go out now.
+            let (ports, remote) = (&mut self.ports, &mut self.remote);
+            n += self.hub.poll(Nanos::now(), &mut |o| route(ports, remote, &arena, out, o, &mut err))?;
+        }
+        for p in self.ports.iter_mut().flatten() {
+            p.publish()?;
+        }
+        err.map_or(Ok(n), Err)
     }
 
     /// Blocks until the engine's fd is readable or `timeout` passes, without handling anything
@@ -96,9 +220,27 @@ impl Engine {
         self.reactor.block(timeout)
     }
 
-    /// Raises the doorbell flag; returns false when work is already pending (poll instead).
+    /// Raises the doorbell flags (the workers' and every port's); returns false, with the flags
+    /// lowered again, when work is already pending: poll instead.
     pub fn prepare_sleep(&mut self) -> bool {
-        self.hub.prepare_sleep()
+        for p in self.ports.iter().flatten() {
+            p.set_engine_sleeping(true);
+        }
+        let hub_idle = self.hub.prepare_sleep();
+        let hub = &self.hub;
+        if !hub_idle || self.ports.iter_mut().flatten().any(|p| p.has_takeable_requests(hub)) {
+            self.woke();
+            return false;
+        }
+        true
+    }
+
+    /// Lowers the doorbell flags: nobody rings while the engine is awake.
+    fn woke(&self) {
+        self.hub.woke();
+        for p in self.ports.iter().flatten() {
+            p.set_engine_sleeping(false);
+        }
     }
 
     pub fn reactor(&self) -> &Reactor {

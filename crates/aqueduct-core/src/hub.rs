@@ -566,7 +566,34 @@ impl Hub {
         self.enqueue_new(step, priority, deadline, body, bufs)
     }
 
+    /// [`Hub::submit_with_bufs`] for a body already in the pool (a task that arrived through a
+    /// [`crate::port`]): on success the task takes over the main process's reference on `body`
+    /// too.
+    pub fn submit_extent(
+        &mut self,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: Extent,
+        bufs: Vec<BufRef>,
+    ) -> Result<u64> {
+        self.inline_limit(step, &bufs)?;
+        self.arena.check_buf(&BufRef::whole(body))?;
+        self.enqueue_new(step, priority, deadline, Body::Extent(body), bufs)
+    }
+
+    /// Whether `step` exists and its queue has room for one more submitted task.
+    pub fn has_room(&self, step: usize) -> bool {
+        self.steps.get(step).is_some_and(|s| !s.queue.is_full())
+    }
+
     fn admit(&mut self, step: usize, body: &[u8], bufs: &[BufRef]) -> Result<Body> {
+        let limit = self.inline_limit(step, bufs)?;
+        self.to_body(body, limit)
+    }
+
+    /// Checks that a task may enter `step` now; returns the inline-size limit for its body.
+    fn inline_limit(&self, step: usize, bufs: &[BufRef]) -> Result<usize> {
         if !self.accepting {
             return Err(EngineError::Stopped);
         }
@@ -577,11 +604,10 @@ impl Hub {
         for b in bufs {
             self.arena.check_buf(b)?;
         }
-        let limit = st.inline_max.checked_sub(bufs.len() * BufRef::WIRE_LEN).ok_or(EngineError::Config(format!(
+        st.inline_max.checked_sub(bufs.len() * BufRef::WIRE_LEN).ok_or(EngineError::Config(format!(
             "a task with {} out-of-band buffers does not fit in a ring record",
             bufs.len()
-        )))?;
-        self.to_body(body, limit)
+        )))
     }
 
     /// An owned body: inline when small enough, else copied into the pool.

@@ -14,6 +14,8 @@
 //! - [`hub`], [`worker`]: the two ends of the protocol.
 //! - [`reactor`], [`engine`]: what the main process sleeps on (epoll over the doorbell eventfd,
 //!   a timerfd and worker pidfds) and the driver that combines it with the hub.
+//! - [`port`]: how other processes (web workers sharing one flow) submit tasks straight into
+//!   the engine.
 //!
 //! ARCHITECTURE.md at the repository root records why the engine has this shape and the
 //! measurements that chose it.
@@ -27,6 +29,7 @@ pub mod hub;
 pub mod layout;
 pub mod message;
 pub mod metrics;
+pub mod port;
 pub mod prio;
 pub mod reactor;
 pub mod shm;

@@ -8,7 +8,7 @@
 //!
 //! | field | type | meaning |
 //! |---|---|---|
-//! | header | `magic u32, version u32, page_size u32, npages u32, nprocs u32`; `warm_bytes u64` at 64, `warm_budget u64` at 72 | |
+//! | header | `magic u32, version u32, page_size u32, npages u32, nprocs u32`; `warm_bytes u64` at 64, `warm_budget u64` at 72; at 128 the bitmap of process indices in use (`AtomicU32` words) | |
 //! | `owner[npages]` | `AtomicU32` | [`FREE`], [`PUNCHED`] (free and given back to the kernel), or the label (process index + 1) of the allocating process |
 //! | `len[npages]` | `AtomicU32` | at an extent's first page: its length in pages |
 //! | `head[npages]` | `AtomicU32` | for every page of an extent: the index of its first page |
@@ -34,13 +34,13 @@
 //! so shared memory shrinks when it is idle.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::region::SharedRegion;
 use crate::error::{EngineError, Result};
 
 const MAGIC: u32 = 0x4151_5052; // "AQPR"
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const HEADER: usize = 4096;
 /// A free page whose memory is resident.
 pub const FREE: u32 = 0;
@@ -52,6 +52,12 @@ const OFF_NPAGES: usize = 12;
 const OFF_NPROCS: usize = 16;
 const OFF_WARM: usize = 64;
 const OFF_WARM_BUDGET: usize = 72;
+/// The bitmap of process indices in use. It is in shared memory, not in the creating process,
+/// because any process of the tree may hand out indices: the process that forked the workers
+/// and a flow server forked from it later both do.
+const OFF_INDEX_BITMAP: usize = 128;
+/// The most processes the header's bitmap can track.
+pub const MAX_NPROCS: usize = (HEADER - OFF_INDEX_BITMAP) * 8;
 
 /// Where the pool's tables and data are in its region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +72,7 @@ impl ArenaLayout {
     /// shared by at most `nprocs` processes.
     pub fn new(bytes: usize, page_size: usize, nprocs: usize) -> Self {
         assert!(page_size.is_power_of_two() && page_size >= 4096, "page_size must be a power of two >= 4096");
-        assert!(nprocs >= 1);
+        assert!((1..=MAX_NPROCS).contains(&nprocs), "nprocs must be in 1..={MAX_NPROCS}");
         Self { page_size, npages: bytes.div_ceil(page_size).max(1), nprocs }
     }
 
@@ -156,8 +162,6 @@ pub struct Arena {
     region: Arc<SharedRegion>,
     layout: ArenaLayout,
     me: u32,
-    /// Which process indices are in use (main process only).
-    indices: Arc<Mutex<Vec<bool>>>,
 }
 
 impl Arena {
@@ -185,10 +189,13 @@ impl Arena {
         for page in region.atomic_u32_slice(layout.owner_off(), layout.npages) {
             page.store(PUNCHED, Ordering::Relaxed);
         }
+        for word in region.atomic_u32_slice(OFF_INDEX_BITMAP, layout.nprocs.div_ceil(32)) {
+            word.store(0, Ordering::Relaxed);
+        }
+        // Process 0 is the creator.
+        region.atomic_u32(OFF_INDEX_BITMAP).store(1, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
-        let mut indices = vec![false; layout.nprocs];
-        indices[0] = true;
-        Ok(Self { region, layout, me: 0, indices: Arc::new(Mutex::new(indices)) })
+        Ok(Self { region, layout, me: 0 })
     }
 
     /// Attaches to a pool created by the main process, as process `me`.
@@ -202,13 +209,13 @@ impl Arena {
         if region.len() < layout.total_bytes() || me as usize >= layout.nprocs {
             return Err(EngineError::Corrupt("pool region smaller than its layout, or process index out of range"));
         }
-        Ok(Self { region, layout, me, indices: Arc::new(Mutex::new(Vec::new())) })
+        Ok(Self { region, layout, me })
     }
 
     /// Another handle on the same pool acting as process `me` (tests play several processes).
     pub fn as_process(&self, me: u32) -> Self {
         assert!((me as usize) < self.layout.nprocs);
-        Self { region: self.region.clone(), layout: self.layout, me, indices: self.indices.clone() }
+        Self { region: self.region.clone(), layout: self.layout, me }
     }
 
     pub fn layout(&self) -> ArenaLayout {
@@ -224,20 +231,37 @@ impl Arena {
         self.layout.page_size
     }
 
-    /// Reserves a process index for a new worker (main process only); `None` when all are taken.
-    pub fn reserve_index(&self) -> Option<u32> {
-        let mut used = self.indices.lock().unwrap_or_else(|p| p.into_inner());
-        let free = used.iter().position(|u| !u)?;
-        used[free] = true;
-        Some(free as u32)
+    fn index_bitmap(&self) -> &[AtomicU32] {
+        self.region.atomic_u32_slice(OFF_INDEX_BITMAP, self.layout.nprocs.div_ceil(32))
     }
 
-    /// Returns a process index once its process is reaped.
-    pub fn release_index(&self, index: u32) {
-        let mut used = self.indices.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(u) = used.get_mut(index as usize) {
-            *u = index == 0;
+    /// Reserves a process index for a new process of the tree (a worker, a client of a flow
+    /// server); `None` when all are taken.
+    pub fn reserve_index(&self) -> Option<u32> {
+        let nprocs = self.layout.nprocs;
+        for (w, word) in self.index_bitmap().iter().enumerate() {
+            let mut current = word.load(Ordering::Acquire);
+            loop {
+                let bit = (!current).trailing_zeros() as usize;
+                if bit >= 32 || w * 32 + bit >= nprocs {
+                    break;
+                }
+                match word.compare_exchange_weak(current, current | (1 << bit), Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Some((w * 32 + bit) as u32),
+                    Err(now) => current = now,
+                }
+            }
         }
+        None
+    }
+
+    /// Returns a process index once its process is reaped (index 0, the creator's, stays).
+    pub fn release_index(&self, index: u32) {
+        let index = index as usize;
+        if index == 0 || index >= self.layout.nprocs {
+            return;
+        }
+        self.index_bitmap()[index / 32].fetch_and(!(1 << (index % 32)), Ordering::AcqRel);
     }
 
     fn table(&self, off: usize) -> &[AtomicU32] {
@@ -401,6 +425,20 @@ impl Arena {
         Ok(())
     }
 
+    /// Moves one of this process's references to process `to` (the engine handing a result
+    /// to a port's client: if the client dies before taking it, reaping its row frees it).
+    pub fn transfer(&self, ext: &Extent, to: u32) -> Result<()> {
+        self.check(ext)?;
+        if to as usize >= self.layout.nprocs {
+            return Err(EngineError::Corrupt("process index out of range"));
+        }
+        let head = ext.head as usize;
+        self.holds(to)[head].fetch_add(1, Ordering::AcqRel);
+        let _ =
+            self.holds(self.me)[head].fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| Some(h.saturating_sub(1)));
+        Ok(())
+    }
+
     fn free(&self, head: usize) {
         let pages = (self.len_table()[head].swap(0, Ordering::AcqRel) as usize).max(1);
         let pages = pages.min(self.layout.npages - head);
@@ -520,6 +558,22 @@ mod tests {
         assert!(a.unhold(&e).unwrap());
         assert_eq!(a.used_pages(), 0);
         assert!(a.unhold(&e).is_err(), "double free is detected");
+    }
+
+    #[test]
+    fn process_indices_are_shared_by_every_handle() {
+        let a = Arena::create_in_heap(ArenaLayout::new(4096, 4096, 40), 0).unwrap();
+        // Another process of the tree (here: another handle) sees the same reservations.
+        let b = a.as_process(3);
+        let mut got: Vec<u32> =
+            (0..39).map(|i| if i % 2 == 0 { a.reserve_index() } else { b.reserve_index() }.unwrap()).collect();
+        got.sort_unstable();
+        assert_eq!(got, (1..40).collect::<Vec<_>>(), "each index once, 0 kept by the creator");
+        assert_eq!(a.reserve_index(), None);
+        b.release_index(33);
+        b.release_index(0);
+        assert_eq!(a.reserve_index(), Some(33));
+        assert_eq!(a.reserve_index(), None, "index 0 is never released");
     }
 
     #[test]

@@ -1,0 +1,388 @@
+//! Ports end to end in one process: the test plays the engine's owner, the workers and a port
+//! client (a web worker sharing the flow).
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aqueduct_core::hub::{Doorbell, HubConfig, Outcome, Payload, StepSpec};
+use aqueduct_core::message::{Status, ROUTE_DONE};
+use aqueduct_core::port::{EnginePort, FailureKind, PortClient, Response, NO_STEP};
+use aqueduct_core::shm::event::SpinPolicy;
+use aqueduct_core::shm::{Arena, ArenaLayout, BufRef};
+use aqueduct_core::{Engine, Nanos, Received, WorkerEndpoint};
+
+fn step(batch_size: usize, cap: usize) -> StepSpec {
+    StepSpec { nprocs: 1, batch_size, batch_timeout: Duration::ZERO, queue_capacity: cap }
+}
+
+/// What a client saw, owned.
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    Done(u64, Vec<u8>, Vec<BufRef>),
+    Failed(u64, FailureKind, u16, Vec<u8>),
+}
+
+struct Rig {
+    engine: Engine,
+    workers: Vec<WorkerEndpoint>,
+    client: PortClient,
+    port: usize,
+    /// Outcomes the engine's owner received (tasks of its own, worker events).
+    owner_saw: usize,
+}
+
+fn dup(fd: std::os::fd::BorrowedFd<'_>) -> Doorbell {
+    Doorbell::from_fd(fd.try_clone_to_owned().unwrap())
+}
+
+impl Rig {
+    fn new(steps: Vec<StepSpec>, port_capacity: usize) -> Self {
+        let pool = Arc::new(Arena::create_in_heap(ArenaLayout::new(8 << 20, 4096, 16), u64::MAX).unwrap());
+        let cfg = HubConfig { steps, ring_capacity: 64 << 10, ..HubConfig::default() };
+        let mut engine = Engine::new(&cfg, pool.clone()).unwrap();
+        let mut workers = Vec::new();
+        for slot in 0..engine.hub.slot_count() {
+            let index = pool.reserve_index().unwrap();
+            let arena = Arc::new(pool.as_process(index));
+            let region = engine.hub.region().clone();
+            let mut w = WorkerEndpoint::attach(region, arena, slot, dup(engine.doorbell_fd())).unwrap();
+            w.set_spin(SpinPolicy::NONE);
+            engine.worker_spawned(slot, std::process::id(), index).unwrap();
+            w.ready().unwrap();
+            workers.push(w);
+        }
+        let client_index = pool.reserve_index().unwrap();
+        let port = engine.add_port(EnginePort::create_in_heap(port_capacity, client_index).unwrap()).unwrap();
+        let p = engine.port(port).unwrap();
+        let client = PortClient::attach(
+            p.region().clone(),
+            Arc::new(pool.as_process(client_index)),
+            dup(engine.doorbell_fd()),
+            dup(p.bell().fd()),
+        )
+        .unwrap();
+        let mut rig = Rig { engine, workers, client, port, owner_saw: 0 };
+        rig.poll();
+        rig.owner_saw = 0; // the workers' ready events
+        rig
+    }
+
+    fn pool(&self) -> Arc<Arena> {
+        self.engine.hub.arena().clone()
+    }
+
+    fn poll(&mut self) {
+        let mut saw = 0;
+        self.engine.poll(&mut |_o: Outcome<'_>| saw += 1).unwrap();
+        self.owner_saw += saw;
+    }
+
+    /// Worker `slot` answers every task of its batch with `f(body)`; returns how many.
+    fn work(&mut self, slot: usize, f: impl Fn(&[u8]) -> (Status, Vec<u8>)) -> usize {
+        let w = &mut self.workers[slot];
+        match w.recv(Some(Duration::ZERO)).unwrap() {
+            Received::Batch(n) => {
+                for i in 0..n {
+                    let mut body = Vec::new();
+                    w.read_body(i, &mut body).unwrap();
+                    let (status, out) = f(&body);
+                    w.send_result(i, status, ROUTE_DONE, &out).unwrap();
+                }
+                w.finish_batch().unwrap();
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    fn responses(&mut self) -> Vec<Got> {
+        let arena = self.client.arena().clone();
+        let read = |p: Payload<'_>| match p {
+            Payload::Inline(b) => b.to_vec(),
+            Payload::Extent(e) => {
+                let mut v = vec![0; e.len as usize];
+                arena.read(&e, 0, &mut v).unwrap();
+                arena.unhold(&e).unwrap();
+                v
+            }
+        };
+        let mut got = Vec::new();
+        self.client
+            .poll(&mut |r| {
+                got.push(match r {
+                    Response::Done { task_id, body, bufs } => Got::Done(task_id, read(body), bufs),
+                    Response::Failed { task_id, kind, step, detail, .. } => {
+                        Got::Failed(task_id, kind, step, detail.map(read).unwrap_or_default())
+                    }
+                })
+            })
+            .unwrap();
+        got
+    }
+}
+
+#[test]
+fn tasks_from_a_port_run_and_their_results_go_back_to_it_not_to_the_owner() {
+    let mut rig = Rig::new(vec![step(4, 20)], 64 << 10);
+    for id in [7u64, 8, 9] {
+        assert!(rig.client.submit(id, 0, 0, Nanos::ZERO, format!("t{id}").as_bytes(), &[]).unwrap());
+    }
+    rig.client.flush();
+    rig.poll();
+    assert_eq!(rig.engine.hub.in_flight(), 3);
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        rig.work(0, |b| (Status::Ok, [b, b"!"].concat()));
+        rig.poll();
+        got.extend(rig.responses());
+    }
+    assert_eq!(rig.owner_saw, 0, "the owner never sees a port's tasks");
+    assert_eq!(
+        got,
+        vec![
+            Got::Done(7, b"t7!".to_vec(), vec![]),
+            Got::Done(8, b"t8!".to_vec(), vec![]),
+            Got::Done(9, b"t9!".to_vec(), vec![])
+        ]
+    );
+    assert_eq!(rig.engine.hub.in_flight(), 0);
+}
+
+#[test]
+fn large_bodies_and_buffers_move_by_reference_and_end_in_the_clients_row() {
+    let mut rig = Rig::new(vec![step(1, 20)], 64 << 10);
+    let pool = rig.pool();
+    let client_arena = rig.client.arena().clone();
+    let big = vec![3u8; 300_000];
+    let buf_ext = client_arena.alloc(200_000).unwrap();
+    client_arena.write(&buf_ext, 0, &[5u8; 200_000]).unwrap();
+    let buf = BufRef::whole(buf_ext);
+    assert!(rig.client.submit(1, 0, 0, Nanos::ZERO, &big, &[buf]).unwrap());
+    rig.client.flush();
+    rig.poll();
+    assert_eq!(client_arena.holds_of(client_arena.me(), buf.head), 0, "the engine adopted the request's buffer");
+    {
+        let w = &mut rig.workers[0];
+        assert_eq!(w.recv(Some(Duration::ZERO)).unwrap(), Received::Batch(1));
+        assert_eq!(w.tasks()[0].bufs, vec![buf]);
+        let mut body = Vec::new();
+        w.read_body(0, &mut body).unwrap();
+        assert_eq!(body, big);
+        w.arena().hold(&buf.extent()).unwrap();
+        w.send_result_with_bufs(0, Status::Ok, ROUTE_DONE, &body, &[buf]).unwrap();
+        w.finish_batch().unwrap();
+    }
+    rig.poll();
+    assert_eq!(client_arena.holds_of(client_arena.me(), buf.head), 1, "the result's buffer is the client's");
+    let got = rig.responses();
+    assert_eq!(got, vec![Got::Done(1, big, vec![buf])]);
+    client_arena.unhold(&buf.extent()).unwrap();
+    assert_eq!(pool.used_pages(), 0, "nothing left in the pool");
+}
+
+#[test]
+fn failures_reach_the_client_with_their_kind() {
+    let mut rig = Rig::new(vec![step(1, 20)], 64 << 10);
+    rig.client.submit(1, 0, 0, Nanos::ZERO, b"boom", &[]).unwrap();
+    rig.client.submit(2, 5, 0, Nanos::ZERO, b"no such step", &[]).unwrap();
+    rig.client.submit(3, 0, 0, Nanos(1), b"expired long ago", &[]).unwrap();
+    rig.client.flush();
+    rig.poll();
+    rig.work(0, |_| (Status::Error, b"pickled error".to_vec()));
+    rig.poll();
+    let mut got = rig.responses();
+    got.sort_by_key(|g| match g {
+        Got::Done(id, ..) | Got::Failed(id, ..) => *id,
+    });
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0], Got::Failed(1, FailureKind::Handler, 0, b"pickled error".to_vec()));
+    assert!(
+        matches!(&got[1], Got::Failed(2, FailureKind::Rejected, NO_STEP, why) if String::from_utf8_lossy(why).contains("no step 5"))
+    );
+    assert_eq!(got[2], Got::Failed(3, FailureKind::Expired, 0, vec![]));
+    assert_eq!(rig.engine.hub.in_flight(), 0);
+}
+
+#[test]
+fn requests_wait_in_the_ring_while_their_queue_is_full_without_busy_polling() {
+    let mut rig = Rig::new(vec![step(1, 2)], 64 << 10);
+    for id in 0..30 {
+        assert!(rig.client.submit(id, 0, 0, Nanos::ZERO, b"x", &[]).unwrap());
+    }
+    rig.client.flush();
+    rig.poll();
+    // Batches went to the worker (some ahead of time) and the queue filled; the rest wait in
+    // the port's ring.
+    assert_eq!(rig.engine.hub.queue_len(0), 2);
+    assert!(rig.engine.hub.in_flight() < 30);
+    assert!(rig.engine.prepare_sleep(), "waiting requests do not keep the engine awake");
+    let mut answered = 0;
+    for _ in 0..100 {
+        rig.work(0, |b| (Status::Ok, b.to_vec()));
+        rig.poll();
+        answered += rig.responses().len();
+    }
+    assert_eq!(answered, 30, "every request ran once room was made");
+}
+
+#[test]
+fn cancelled_tasks_are_dropped_and_a_closed_port_leaves_nothing_behind() {
+    let mut rig = Rig::new(vec![step(1, 20)], 64 << 10);
+    let pool = rig.pool();
+    let client_arena = rig.client.arena().clone();
+    for id in 0..4 {
+        let ext = client_arena.alloc(100_000).unwrap();
+        rig.client.submit(id, 0, 0, Nanos::ZERO, b"x", &[BufRef::whole(ext)]).unwrap();
+    }
+    rig.client.cancel(3).unwrap();
+    rig.client.flush();
+    rig.poll();
+    assert_eq!(rig.engine.hub.in_flight(), 3, "the cancelled task left");
+    // The client dies with a result on its way and a reference of its own.
+    let _kept = client_arena.alloc(10_000).unwrap();
+    rig.work(0, |b| (Status::Ok, b.to_vec()));
+    rig.poll();
+    let index = rig.engine.close_port(rig.port).unwrap();
+    assert_eq!(rig.engine.hub.in_flight(), 0, "its tasks in flight were cancelled");
+    // The worker still answers for batches it had begun; the hub drops those answers.
+    for _ in 0..10 {
+        rig.poll();
+        rig.work(0, |b| (Status::Ok, b.to_vec()));
+    }
+    rig.poll();
+    pool.reap(index);
+    pool.release_index(index);
+    assert_eq!(pool.used_pages(), 0, "requests, responses and the client's own pages are all freed");
+    assert_eq!(rig.engine.port_count(), 0);
+}
+
+#[test]
+fn each_side_rings_the_other_only_when_it_sleeps() {
+    let mut rig = Rig::new(vec![step(1, 20)], 64 << 10);
+    let readable = |fd: std::os::fd::BorrowedFd<'_>| {
+        let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        rustix::event::poll(&mut pfd, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap() == 1
+    };
+    rig.poll();
+    // The engine is awake: a request does not ring.
+    rig.client.submit(1, 0, 0, Nanos::ZERO, b"a", &[]).unwrap();
+    rig.client.flush();
+    assert!(!readable(rig.engine.fd()));
+    rig.poll();
+    // The engine sleeps: the next request rings its doorbell.
+    rig.work(0, |b| (Status::Ok, b.to_vec()));
+    rig.poll();
+    assert!(rig.engine.prepare_sleep());
+    rig.client.submit(2, 0, 0, Nanos::ZERO, b"b", &[]).unwrap();
+    rig.client.flush();
+    assert!(readable(rig.engine.fd()), "a sleeping engine is woken by a client");
+    rig.poll();
+    rig.work(0, |b| (Status::Ok, b.to_vec()));
+    // The client sleeps (its normal state): the response rings its bell.
+    let bell = rig.engine.port(rig.port).unwrap().bell().fd().try_clone_to_owned().unwrap();
+    rig.responses();
+    assert!(rig.client.prepare_sleep());
+    rig.poll();
+    assert!(readable(bell.as_fd()), "a sleeping client is woken by a response");
+    assert_eq!(rig.responses().len(), 1);
+}
+
+#[test]
+fn responses_that_do_not_fit_wait_in_the_engine_until_the_client_makes_room() {
+    // The smallest rings: a few responses fill the response ring.
+    let mut rig = Rig::new(vec![step(1, 200)], 256);
+    let body = vec![1u8; 60];
+    let mut sent = 0u64;
+    let mut got = Vec::new();
+    for round in 0..1000 {
+        if got.len() == 60 {
+            break;
+        }
+        while sent < 60 && rig.client.submit(sent, 0, 0, Nanos::ZERO, &body, &[]).unwrap() {
+            sent += 1;
+        }
+        rig.client.flush();
+        rig.poll();
+        rig.work(0, |b| (Status::Ok, b.to_vec()));
+        rig.poll();
+        // The client reads only every third round: the engine keeps what does not fit.
+        if round % 3 == 2 {
+            got.extend(rig.responses());
+        }
+    }
+    got.extend(rig.responses());
+    rig.poll();
+    got.extend(rig.responses());
+    let ids: Vec<u64> = got
+        .iter()
+        .map(|g| match g {
+            Got::Done(id, b, _) => {
+                assert_eq!(b, &body);
+                *id
+            }
+            Got::Failed(id, kind, ..) => panic!("task {id} failed: {kind:?}"),
+        })
+        .collect();
+    assert_eq!(ids, (0..60).collect::<Vec<_>>(), "every response, once, in order");
+}
+
+fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    rustix::event::poll(&mut pfd, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap() == 1
+}
+
+#[test]
+fn every_response_gets_out_when_each_side_only_runs_on_wake_ups() {
+    // The smallest rings, and an engine owner and a client that, like event loops, run only
+    // when their descriptor is readable and go back to sleep properly: a lost wake-up stalls.
+    let mut rig = Rig::new(vec![step(4, 500)], 256);
+    let bell = rig.engine.port(rig.port).unwrap().bell().fd().try_clone_to_owned().unwrap();
+    // Small requests (4 fit in the ring), large responses (2 fit): most responses wait in the
+    // engine until the client has made room, again and again.
+    let body = vec![1u8; 8];
+    let total = 200u64;
+    let (mut sent, mut got) = (0u64, Vec::new());
+    rig.poll();
+    while !rig.engine.prepare_sleep() {
+        rig.poll();
+    }
+    for _ in 0..20_000 {
+        if got.len() as u64 == total {
+            break;
+        }
+        // The client: submit what fits; read responses when its bell rings.
+        let before = sent;
+        while sent < total && rig.client.submit(sent, 0, 0, Nanos::ZERO, &body, &[]).unwrap() {
+            sent += 1;
+        }
+        if sent > before {
+            rig.client.flush();
+        }
+        if readable(bell.as_fd()) {
+            loop {
+                got.extend(rig.responses());
+                if rig.client.prepare_sleep() {
+                    break;
+                }
+            }
+        }
+        // The engine's owner: poll when the engine's descriptor is readable, then sleep.
+        if readable(rig.engine.fd()) {
+            rig.poll();
+            while !rig.engine.prepare_sleep() {
+                rig.poll();
+            }
+        }
+        // The worker: it blocks on its ring in real life; here it answers what it has.
+        rig.work(0, |b| (Status::Ok, b.repeat(9)));
+    }
+    let ids: Vec<u64> = got
+        .iter()
+        .map(|g| match g {
+            Got::Done(id, ..) => *id,
+            Got::Failed(id, kind, ..) => panic!("task {id} failed: {kind:?}"),
+        })
+        .collect();
+    assert_eq!(ids, (0..total).collect::<Vec<_>>(), "every response, once, in order");
+}

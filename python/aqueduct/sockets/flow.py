@@ -1,0 +1,500 @@
+"""``SocketFlow``: one flow shared by several web worker processes, with aqueduct 1.15's API.
+
+With gunicorn ``--preload`` (or any server that imports the app once and forks its workers)::
+
+    flow = SocketFlow()
+    flow.preload(build_flow())        # in the master: forks the flow server, starts the flow
+
+    # in each web worker (an app startup hook)
+    await flow.start()
+    # per request
+    await flow.process([task], timeout_sec=5)
+
+With ``uvicorn --workers`` (workers that do not share a parent which preloaded the flow), run
+the flow server beside the web server with ``python -m aqueduct serve module:build_flow`` and
+``await SocketFlow().start()`` in each worker.
+
+Where aqueduct 1.15 pickles every task through a Unix socket to a server that awaits
+``flow.process()`` for it, here the socket only sets up a *port*: two shared-memory rings
+straight into the flow's engine (``aqueduct_core::port``). Tasks go into the step queues and
+results come back without any Python code running for them in the flow server, and large
+arrays move through the shared pool by reference, as between steps.
+
+Environment (``{name}_`` prefix, as in 1.15; the default ``name`` gives a leading ``_``):
+``SOCKET_PATH`` (default ``/tmp/flow.sock``) and ``SOCKET_CONNECT_TIMEOUT`` (seconds a
+``start()`` keeps retrying while the server is not up yet, default 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import os
+import pickle
+import signal
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+from .. import _core, shm
+from .._codec import decode_state, encode
+from ..exceptions import FlowError, NotRunningError, TaskSerializationError, TaskTimeoutError
+from ..flow import Flow, FlowState, failure_exception
+from ..logger import log
+from ..task import BaseTask
+from .flow_server import PROTOCOL_VERSION, FlowSocketServer
+
+DEFAULT_SOCKET_PATH = '/tmp/flow.sock'
+
+
+class SocketTaskTimeoutError(TaskTimeoutError, asyncio.TimeoutError):
+    """A task's ``timeout_sec`` passed. Also an ``asyncio.TimeoutError``, which is what
+    aqueduct 1.15's ``SocketFlow.process`` raised."""
+
+
+def get_env_with_prefix(prefix: str, env_name: str) -> str:
+    return '_'.join((prefix, env_name))
+
+
+class FlowServerProcess:
+    """The flow server process started by :meth:`SocketFlow.preload`."""
+
+    def __init__(self, pid: int, socket_path: str):
+        self.pid = pid
+        self.socket_path = socket_path
+        #: aqueduct 1.15 returned a ``ProcessContext`` whose ``processes`` callers iterated.
+        self.processes = [self]
+        self._exitcode: Optional[int] = None
+        self._owner = os.getpid()
+
+    def is_alive(self) -> bool:
+        return self.poll() is None
+
+    def poll(self) -> Optional[int]:
+        """The exit code if the server exited (and is reaped now), else ``None``."""
+        if self._exitcode is None and os.getpid() == self._owner:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self._exitcode = -1
+                return self._exitcode
+            if pid:
+                self._exitcode = os.waitstatus_to_exitcode(status)
+        return self._exitcode
+
+    def terminate(self) -> None:
+        """Asks the server to stop gracefully (SIGTERM)."""
+        if self.is_alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def join(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Waits for the server to exit; returns its exit code (``None`` on timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pidfd = None
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (ProcessLookupError, OSError):
+            pass
+        try:
+            while self.poll() is None:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if remaining == 0.0:
+                    return None
+                if pidfd is not None:
+                    import select
+
+                    select.select([pidfd], [], [], remaining)
+                else:
+                    return None
+            return self._exitcode
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops the server gracefully, then kills it after ``timeout`` seconds."""
+        if os.getpid() != self._owner:
+            return
+        self.terminate()
+        if self.join(timeout) is None:
+            log.warning('the flow server (pid %s) did not stop in %s s: killing it', self.pid, timeout)
+            os.kill(self.pid, signal.SIGKILL)
+            self.join()
+
+
+def _fork_server(server: FlowSocketServer, flow: Flow, timeout: Optional[float]) -> FlowServerProcess:
+    """Forks the flow server and waits until it serves (or failed to start: then raises)."""
+    handed_over = flow.are_steps_initialized
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the flow server; it never returns into the caller's stack
+        code = 1
+        try:
+            os.close(read_end)
+            # Stop gracefully (SIGTERM) when the process that preloaded the flow dies.
+            if _core.die_with_parent(signal.SIGTERM) != parent:
+                os._exit(1)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            # Forked from inside a running event loop (a test, an app): Python 3.11 does not
+            # forget that loop in the child by itself.
+            asyncio.events._set_running_loop(None)
+            signal.set_wakeup_fd(-1)
+
+            def ready() -> None:
+                os.write(write_end, b'ok')
+                os.close(write_end)
+
+            try:
+                asyncio.run(server.serve(ready))
+                code = 0
+            except BaseException as exc:
+                try:
+                    os.write(write_end, f'{type(exc).__name__}: {exc}'.encode())
+                    os.close(write_end)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    if handed_over:
+        flow._hand_over()  # the workers belong to the server now
+    process = FlowServerProcess(pid, server.socket_path)
+    # The server starts the flow (each worker's on_start) before it answers, with 'ok' or
+    # with why it failed; if it dies instead, the pipe reports the end of file.
+    try:
+        chunks = [os.read(read_end, 4096)]
+    finally:
+        os.close(read_end)
+    answer = b''.join(chunks).decode(errors='replace')
+    if answer != 'ok':
+        process.join(5.0)
+        raise FlowError(f'the flow server failed to start: {answer or "it exited"}')
+    atexit.register(process.stop)
+    return process
+
+
+class SocketFlow:
+    """A client of a flow served by another process (see the module documentation)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, name: str = '') -> None:
+        self._name = name
+        self._flow: Optional[Flow] = None
+        self._server: Optional[FlowServerProcess] = None
+        self._client: Optional[_core.PortClient] = None
+        self._pool: Optional[_core.Pool] = None
+        self._previous_pool: Optional[_core.Pool] = None
+        self._sock: Optional[socket.socket] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._conditions: Sequence[Any] = ()
+        self._step_names: List[str] = []
+        self._priorities = 1
+        self._server_pid = 0
+        # Client task id -> (future, timer)
+        self._pending: Dict[int, Tuple[asyncio.Future, Optional[asyncio.TimerHandle]]] = {}
+        # Submissions that found the request ring full, in order.
+        self._backlog: Deque[Tuple[int, int, int, int, bytes, list]] = deque()
+
+    def _env(self, env: str, default: str) -> str:
+        return os.getenv(get_env_with_prefix(self._name, env), default)
+
+    @property
+    def socket_path(self) -> str:
+        return self._env('SOCKET_PATH', DEFAULT_SOCKET_PATH)
+
+    @property
+    def is_running(self) -> bool:
+        return self._client is not None
+
+    # ------------------------------------------------------------------ server side
+
+    def preload(self, flow: Flow, timeout: Optional[float] = None) -> FlowServerProcess:
+        """Forks the flow server, which starts ``flow`` (or takes over one started with
+        ``flow.init_processes()``) and serves it on :attr:`socket_path`. Returns once it serves;
+        raises if a worker failed to start. Call it in the process that forks the web workers
+        (a gunicorn app module loaded with ``--preload``), before it forks them. The server stops
+        gracefully when this process exits."""
+        if not isinstance(flow, Flow):
+            raise TypeError(f'flow must be an aqueduct Flow, got {type(flow).__name__}')
+        if flow.state not in (FlowState.STOPPED, FlowState.STEPS_INITIALIZED):
+            raise FlowError(f'preload() needs a flow that is stopped or initialized, not {flow.state.value}')
+        server = FlowSocketServer(flow, socket_path=self.socket_path, start_timeout=timeout)
+        self._flow = flow
+        self._server = _fork_server(server, flow, timeout)
+        return self._server
+
+    # ------------------------------------------------------------------ client side
+
+    async def start(self) -> None:
+        """Connects to the flow server and attaches to its engine. Retries for
+        ``SOCKET_CONNECT_TIMEOUT`` seconds (default 10) while the server is not up yet."""
+        if self._client is not None:
+            return
+        loop = asyncio.get_running_loop()
+        path = self.socket_path
+        deadline = time.monotonic() + float(self._env('SOCKET_CONNECT_TIMEOUT', '10'))
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise FlowError(f'no flow server at {path}: {exc}') from exc
+                await asyncio.sleep(0.05)  # the server is starting: retry
+        try:
+            info, fds = await self._handshake(loop, sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            self._attach(info, fds)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._loop = loop
+        loop.add_reader(self._client.fileno(), self._on_bell)
+        loop.add_reader(sock.fileno(), self._on_server_readable)
+        log.info('Attached to the flow server (pid %s) at %s', self._server_pid, path)
+
+    async def _handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Tuple[dict, List[int]]:
+        readable = loop.create_future()
+        loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, 30.0)
+        finally:
+            loop.remove_reader(sock.fileno())
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
+        try:
+            while len(data) < 4 or len(data) < 4 + struct.unpack('>I', data[:4])[0]:
+                more = await loop.sock_recv(sock, 1 << 16)
+                if not more:
+                    raise FlowError('the flow server closed the connection during the handshake')
+                data += more
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        info = pickle.loads(data[4 : 4 + struct.unpack('>I', data[:4])[0]])
+        if 'error' in info or info.get('version') != PROTOCOL_VERSION or len(fds) != 4:
+            for fd in fds:
+                os.close(fd)
+            reason = info.get('error') or f'unexpected handshake (version {info.get("version")}, {len(fds)} fds)'
+            raise FlowError(f'the flow server refused the connection: {reason}')
+        return info, fds
+
+    def _attach(self, info: dict, fds: List[int]) -> None:
+        pool_fd, region_fd, bell_fd, doorbell_fd = fds
+        if self._flow is not None:
+            # Forked from the process that preloaded the flow: the conditions are right here.
+            conditions = [s.handle_condition for s in self._flow._steps]
+        elif info.get('conditions') is not None:
+            conditions = pickle.loads(info['conditions'])
+        else:
+            for fd in fds:
+                os.close(fd)
+            raise FlowError(
+                'the flow\'s handle_conditions cannot be pickled, so this process (not forked from the one '
+                f'that preloaded the flow) cannot evaluate them: {info.get("conditions_error")}. '
+                'Define the conditions at module level.'
+            )
+        try:
+            pool, self._previous_pool = shm.attach_client_pool(pool_fd, info['pool_index'])
+        except BaseException:
+            for fd in (region_fd, bell_fd, doorbell_fd):
+                os.close(fd)
+            raise
+        self._client = _core.PortClient(region_fd, bell_fd, doorbell_fd, pool)
+        self._pool = pool
+        self._conditions = conditions
+        self._step_names = info['step_names']
+        self._priorities = info['priorities']
+        self._server_pid = info['server_pid']
+
+    async def stop(self) -> None:
+        """Detaches from the flow server. Tasks still in flight fail with ``FlowError``."""
+        self._detach(FlowError('the SocketFlow was stopped before the task finished'))
+
+    def _detach(self, error: Exception) -> None:
+        client, self._client = self._client, None
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            if client is not None:
+                loop.remove_reader(client.fileno())
+            if self._sock is not None:
+                loop.remove_reader(self._sock.fileno())
+        if self._sock is not None:
+            self._sock.close()  # the server closes the port and cancels what is left
+            self._sock = None
+        for future, timer in self._pending.values():
+            if timer is not None:
+                timer.cancel()
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        self._backlog.clear()
+        if client is not None:
+            client.close()
+        if self._pool is not None:
+            shm.detach_client_pool(self._pool, self._previous_pool)
+            self._pool = self._previous_pool = None
+
+    # ------------------------------------------------------------------ process
+
+    async def process(self, tasks: Union[List[BaseTask], BaseTask], timeout_sec: float = 5.0) -> bool:
+        """Sends each task through the flow; the handlers' results are written into them.
+
+        Returns ``True``. Raises the first failure once every task is settled (the others keep
+        their results): ``SocketTaskTimeoutError`` when ``timeout_sec`` passes, the handler's
+        exception (a ``HandlerError``), ``WorkerDiedError``, or ``FlowError`` when the server has
+        gone.
+        """
+        client = self._client
+        if client is None:
+            raise NotRunningError('the SocketFlow is not started: await flow.start() first')
+        if isinstance(tasks, BaseTask):
+            tasks = [tasks]
+        if timeout_sec.__class__ is not float and (
+            not isinstance(timeout_sec, (int, float)) or isinstance(timeout_sec, bool)
+        ) or not timeout_sec > 0:
+            raise ValueError(f'timeout_sec must be a number of seconds > 0, got {timeout_sec!r}')
+        loop = self._loop
+        submitted: List[Tuple[BaseTask, asyncio.Future]] = []
+        try:
+            for task in tasks:
+                future = self._submit(client, loop, task, timeout_sec)
+                if future is not None:
+                    submitted.append((task, future))
+        finally:
+            client.flush()
+        if not submitted:
+            return True
+        results = await asyncio.gather(*(f for _, f in submitted), return_exceptions=True)
+        first_error = None
+        for (task, _), result in zip(submitted, results, strict=True):
+            if isinstance(result, BaseException):
+                first_error = first_error or result
+                continue
+            done, state = decode_state(*result)
+            if state is None:
+                task.update(done)
+            else:
+                task.update_from_state(state)
+        if first_error is not None:
+            raise first_error
+        return True
+
+    def _submit(
+        self, client: _core.PortClient, loop: asyncio.AbstractEventLoop, task: BaseTask, timeout_sec: float
+    ) -> Optional[asyncio.Future]:
+        priority = task.priority
+        if priority.__class__ is not int or not 0 <= priority < self._priorities:
+            raise ValueError(
+                f'task priority must be an integer in [0, {self._priorities - 1}], got {priority!r}'
+            )
+        task.set_timeout(timeout_sec)
+        step = self._entry_step(task)
+        if step is None:
+            return None
+        try:
+            body, bufs = encode(task, self._pool)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise TaskSerializationError(
+                f'{type(task).__name__} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}'
+            ) from exc
+        deadline_ns = int(task.expiration_time * 1e9)
+        task_id = next(self._ids)
+        future = loop.create_future()
+        timer = loop.call_at(loop.time() + (task.expiration_time - time.monotonic()), self._expire, task_id)
+        self._pending[task_id] = (future, timer)
+        entry = (task_id, step, priority, deadline_ns, body, bufs)
+        if self._backlog or not client.submit(*entry):
+            self._backlog.append(entry)
+        return future
+
+    def _entry_step(self, task: BaseTask) -> Optional[int]:
+        for i, condition in enumerate(self._conditions):
+            try:
+                if condition(task):
+                    return i
+            except Exception as exc:
+                raise FlowError(
+                    f'the handle_condition of {self._step_names[i]} raised {type(exc).__name__}: {exc}'
+                ) from exc
+        return None
+
+    def _expire(self, task_id: int) -> None:
+        entry = self._pending.pop(task_id, None)
+        if entry is None:
+            return
+        if not entry[0].done():
+            entry[0].set_exception(SocketTaskTimeoutError('Task timeout error'))
+        for i, waiting in enumerate(self._backlog):
+            if waiting[0] == task_id:
+                del self._backlog[i]
+                return
+        client = self._client
+        if client is not None and client.cancel(task_id):
+            client.flush()
+
+    def _on_bell(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        while True:
+            pending = self._pending
+            for outcome in client.poll():
+                entry = pending.pop(outcome[1], None)
+                if entry is None:
+                    continue  # timed out meanwhile; its buffers are released with the tuple
+                future, timer = entry
+                if timer is not None:
+                    timer.cancel()
+                if future.done():
+                    continue
+                if outcome[0] == 0:
+                    future.set_result((outcome[2], outcome[3]))
+                else:
+                    kind, step, detail = outcome[2], outcome[3], outcome[4]
+                    name = self._step_names[step] if 0 <= step < len(self._step_names) else ''
+                    future.set_exception(failure_exception(kind, name, detail))
+            if self._backlog:
+                self._submit_backlog(client)
+            if client.prepare_sleep():
+                return
+
+    def _submit_backlog(self, client: _core.PortClient) -> None:
+        backlog = self._backlog
+        sent = False
+        while backlog and client.submit(*backlog[0]):
+            backlog.popleft()
+            sent = True
+        if sent:
+            client.flush()
+
+    def _on_server_readable(self) -> None:
+        try:
+            data = self._sock.recv(4096) if self._sock is not None else b''
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            log.error('The flow server (pid %s) closed the connection', self._server_pid)
+            self._detach(FlowError(f'the flow server (pid {self._server_pid}) has gone'))
+
+
+__all__ = ['FlowServerProcess', 'SocketFlow', 'SocketTaskTimeoutError', 'get_env_with_prefix']

@@ -1,0 +1,313 @@
+"""The flow server: one process that runs a flow for several client processes.
+
+A client connects to the server's Unix socket; the server opens a *port* in its engine (two
+shared-memory rings, see ``aqueduct_core::port``) and passes the port's descriptors, the
+engine's doorbell and the shared-memory pool back over the socket (``SCM_RIGHTS``), with what the
+client needs to know about the flow (priorities, step names, the first steps' conditions). From
+then on the client's tasks go straight into the engine's queues and the results straight back:
+the socket only carries the connection's life. When it closes, the server closes the port
+(cancelling the client's tasks in flight); once the client process has exited (its pidfd, taken
+at connection time, says so) the server frees every piece of shared memory it still held.
+
+The server stops gracefully on SIGTERM or SIGINT: it stops accepting connections, lets the tasks
+in flight finish, stops the workers and removes the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import socket
+import struct
+from typing import Callable, Dict, Optional
+
+from ..flow import Flow, FlowState
+from ..logger import log
+
+#: Version of the connection handshake (the message that carries the descriptors).
+PROTOCOL_VERSION = 1
+#: Bytes of each of a port's two rings.
+PORT_CAPACITY = 1 << 20
+
+
+class _Client:
+    __slots__ = ('conn', 'pid', 'pidfd', 'port', 'index')
+
+    def __init__(self, conn: socket.socket, pid: int, pidfd: int, port: int, index: int):
+        self.conn = conn
+        self.pid = pid
+        self.pidfd = pidfd
+        self.port = port
+        self.index = index
+
+
+class FlowSocketServer:
+    """Serves ``flow`` to client processes (:class:`aqueduct.sockets.flow.SocketFlow`) on the
+    Unix socket ``socket_path``.
+
+    ``flow`` may be stopped (the server starts it in its own process) or initialized with
+    ``flow.init_processes()`` by the process that forked the server (the server takes its workers
+    over). ``process_timeout_sec`` and ``connection_idle_timeout_sec`` are accepted for
+    compatibility with aqueduct 1.15 and unused: each task carries its own timeout, and a
+    connection costs nothing while idle.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        socket_path: str = '/tmp/flow.sock',
+        process_timeout_sec: float = 1,
+        connection_idle_timeout_sec: int = 900,
+        backlog_size: int = 4096,
+        start_timeout: Optional[float] = None,
+    ) -> None:
+        if not isinstance(flow, Flow):
+            raise TypeError(f'flow must be an aqueduct Flow, got {type(flow).__name__}')
+        self._flow = flow
+        self._socket_path = socket_path
+        self._backlog_size = backlog_size
+        self._start_timeout = start_timeout
+        self._listener: Optional[socket.socket] = None
+        self._clients: Dict[int, _Client] = {}
+        self._closing: Optional[asyncio.Event] = None
+        self._stopped = False
+
+    @property
+    def socket_path(self) -> str:
+        return self._socket_path
+
+    def start(self, pid: int = 0) -> None:
+        """Serves until SIGTERM or SIGINT (aqueduct 1.15's entry point; ``pid`` is unused)."""
+        asyncio.run(self.serve())
+
+    def bind(self) -> None:
+        """Creates the listening socket (replacing a stale one at the same path)."""
+        if self._listener is not None:
+            return
+        try:
+            os.unlink(self._socket_path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self._socket_path)
+            listener.listen(self._backlog_size)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        self._listener = listener
+
+    async def serve(self, ready: Optional[Callable[[], None]] = None) -> None:
+        """Starts the flow if needed, serves clients, and returns once stopped (SIGTERM, SIGINT,
+        :meth:`close`, or the flow stopping for good)."""
+        loop = asyncio.get_running_loop()
+        self._closing = asyncio.Event()
+        flow = self._flow
+        if flow.are_steps_initialized:
+            flow.start_inited()
+        elif flow.state is FlowState.STOPPED:
+            flow.start(timeout=self._start_timeout)
+        else:
+            flow.attach()
+        self.bind()
+        loop.add_reader(self._listener.fileno(), self._accept)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._closing.set)
+        log.info('Flow server listening on %s', self._socket_path)
+        if ready is not None:
+            ready()
+        flow_gone = asyncio.ensure_future(flow.wait_stopped())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({flow_gone, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            flow_gone.cancel()
+            closing.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._shutdown()
+
+    async def close(self) -> None:
+        """Asks a running :meth:`serve` to stop."""
+        if self._closing is not None:
+            self._closing.set()
+
+    async def _shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        loop = asyncio.get_running_loop()
+        if self._listener is not None:
+            loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self._socket_path)
+            except FileNotFoundError:
+                pass
+        # Clients' tasks in flight finish first (each within its own timeout).
+        await self._flow.stop()
+        for client in list(self._clients.values()):
+            self._drop(client, loop)
+        log.info('Flow server on %s stopped', self._socket_path)
+
+    # ------------------------------------------------------------------ connections
+
+    def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._listener is not None:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning('flow server: accept failed: %s', exc)
+                return
+            try:
+                self._admit(conn, loop)
+            except Exception as exc:
+                log.exception('flow server: could not attach a client')
+                self._refuse(conn, f'{type(exc).__name__}: {exc}')
+
+    def _admit(self, conn: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        flow = self._flow
+        engine, pool = flow._engine, flow._pool
+        if engine is None or pool is None or not flow.is_running:
+            self._refuse(conn, 'the flow is not running')
+            return
+        pid, _, _ = struct.unpack('3i', conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+        # The pidfd is taken now, while the client is alive and waiting for this answer, so it
+        # can never name another process that got the same pid later.
+        pidfd = os.pidfd_open(pid)
+        index = pool.reserve_index()
+        if index is None:
+            os.close(pidfd)
+            self._refuse(conn, 'too many processes use the shared-memory pool')
+            return
+        try:
+            port = engine.open_port(index, PORT_CAPACITY)
+        except BaseException:
+            os.close(pidfd)
+            pool.release_index(index)
+            raise
+        client = _Client(conn, pid, pidfd, port, index)
+        self._clients[conn.fileno()] = client
+        region_fd, bell_fd = engine.port_fds(port)
+        info = {
+            'version': PROTOCOL_VERSION,
+            'server_pid': os.getpid(),
+            'pool_index': index,
+            'priorities': flow._queue_priorities,
+            'step_names': list(flow._step_names),
+        }
+        try:
+            info['conditions'] = pickle.dumps([s.handle_condition for s in flow._steps])
+        except Exception as exc:
+            info['conditions'] = None
+            info['conditions_error'] = f'{type(exc).__name__}: {exc}'
+        payload = pickle.dumps(info)
+        message = struct.pack('>I', len(payload)) + payload
+        conn.setblocking(True)
+        conn.settimeout(5.0)
+        try:
+            socket.send_fds(conn, [message[:1]], [pool.fileno(), region_fd, bell_fd, engine.doorbell_fd()])
+            conn.sendall(message[1:])
+        except OSError:
+            self._drop(client, loop)
+            return
+        conn.setblocking(False)
+        loop.add_reader(conn.fileno(), self._on_client_readable, conn.fileno())
+        log.debug('flow server: client %s attached (port %s, pool index %s)', pid, port, index)
+
+    @staticmethod
+    def _refuse(conn: socket.socket, reason: str) -> None:
+        payload = pickle.dumps({'version': PROTOCOL_VERSION, 'error': reason})
+        try:
+            conn.setblocking(True)
+            conn.settimeout(1.0)
+            socket.send_fds(conn, [struct.pack('>I', len(payload)) + payload], [])
+        except OSError:
+            pass
+        conn.close()
+
+    def _on_client_readable(self, key: int) -> None:
+        client = self._clients.get(key)
+        if client is None:
+            return
+        try:
+            data = client.conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if data:
+            return  # clients send nothing after the handshake; ignore noise
+        self._drop(client, asyncio.get_running_loop())
+
+    def _drop(self, client: _Client, loop: asyncio.AbstractEventLoop) -> None:
+        """The client disconnected (or the server stops): close its port now, free its shared
+        memory once its process has exited."""
+        key = client.conn.fileno()
+        self._clients.pop(key, None)
+        if key >= 0:
+            try:
+                loop.remove_reader(key)
+            except (ValueError, RuntimeError):
+                pass
+        client.conn.close()
+        engine = self._flow._engine
+        if engine is not None:
+            try:
+                engine.close_port(client.port)
+            except Exception:  # the engine closed meanwhile
+                pass
+        pool = self._flow._pool
+        if pool is None:
+            os.close(client.pidfd)
+            return
+        loop.add_reader(client.pidfd, self._reap, client, pool, loop)
+
+    @staticmethod
+    def _reap(client: _Client, pool, loop: asyncio.AbstractEventLoop) -> None:
+        """The client process exited: undo every reference it still held."""
+        loop.remove_reader(client.pidfd)
+        os.close(client.pidfd)
+        freed = pool.reap(client.index)
+        pool.release_index(client.index)
+        log.debug('flow server: client %s exited; %s pages of shared memory freed', client.pid, freed)
+
+
+def load_flow(spec: str) -> Flow:
+    """``module:attribute``: a Flow, or a callable that returns one."""
+    import importlib
+
+    module_name, _, attr = spec.partition(':')
+    if not module_name or not attr:
+        raise ValueError(f'expected module:attribute, got {spec!r}')
+    obj = importlib.import_module(module_name)
+    for part in attr.split('.'):
+        obj = getattr(obj, part)
+    flow = obj() if callable(obj) and not isinstance(obj, Flow) else obj
+    if not isinstance(flow, Flow):
+        raise TypeError(f'{spec} is not a Flow nor returns one (got {type(flow).__name__})')
+    return flow
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m aqueduct serve module:build_flow [--socket PATH]``: runs a flow server in the
+    foreground until SIGTERM or Ctrl-C, for web workers that connect with ``SocketFlow``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog='python -m aqueduct serve', description=main.__doc__)
+    parser.add_argument('flow', help='module:attribute, a Flow or a function returning one')
+    parser.add_argument('--socket', default=os.environ.get('_SOCKET_PATH', '/tmp/flow.sock'))
+    parser.add_argument('--start-timeout', type=float, default=None, help='seconds for every on_start')
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.getcwd())
+    server = FlowSocketServer(load_flow(args.flow), socket_path=args.socket, start_timeout=args.start_timeout)
+    server.start()
+    return 0
