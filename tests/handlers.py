@@ -245,3 +245,10 @@ class Nap(BaseTaskHandler):
         time.sleep(0.01)
         for t in tasks:
             t.result = t.x
+
+
+def build_shared_flow():
+    """The flow ``python -m aqueduct serve tests.handlers:build_shared_flow`` serves."""
+    from aqueduct import Flow, FlowStep
+
+    return Flow(FlowStep(Add(10)), FlowStep(Double(), handle_condition=is_even))

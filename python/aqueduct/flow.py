@@ -877,6 +877,16 @@ class Flow:
         """In the process that started the flow, after a process forked from it took the flow
         over (``aqueduct.sockets``): forgets the flow without touching its workers, which now
         belong to the other process. Only this process's descriptors and mappings are closed."""
+        if self._export_timer is not None:
+            self._export_timer.cancel()
+            self._export_timer = None
+        self._close_stats_server()
+        if self._loop is not None and self._reader_fd is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._reader_fd)
+            except (RuntimeError, ValueError):
+                pass
+        self._reader_fd = None
         if self._launcher is not None:
             self._launcher.detach()
         if self._engine is not None:
