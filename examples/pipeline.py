@@ -72,6 +72,15 @@ def build_flow() -> Flow:
     )
 
 
+async def run(flow, task: ImageTask, timeout_sec: float = 10.0) -> None:
+    """Sends ``task`` through ``flow``: a ``Flow`` (one web process) or a ``SocketFlow`` (a flow
+    shared by several web processes), whose ``process`` takes a list as in aqueduct 1.15."""
+    if isinstance(flow, Flow):
+        await flow.process(task, timeout_sec=timeout_sec)
+    else:
+        await flow.process([task], timeout_sec=timeout_sec)
+
+
 def sample_image(height: int = 256, width: int = 256, seed: int = 0) -> bytes:
     """A ``.npy`` upload, as a client would send it."""
     rng = np.random.default_rng(seed)

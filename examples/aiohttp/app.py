@@ -4,9 +4,10 @@
     GET  /healthz    200 when the flow is ready (503 otherwise)
     GET  /metrics    Prometheus
 
-Run: ``make example-aiohttp`` (serves on 127.0.0.1:8080), or
-``python examples/aiohttp/app.py --port 8080``. The request body streams straight into shared
-memory (``share_value_with_data``), and the handlers read it from there.
+One web process: ``make example-aiohttp`` (serves on 127.0.0.1:8080), or
+``python examples/aiohttp/app.py --port 8080``. Several web processes sharing one flow: see
+``shared.py``. The request body streams straight into shared memory
+(``share_value_with_data``), and the handlers read it from there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aqueduct.exceptions import FlowError  # noqa: E402
 from aqueduct.integrations.aiohttp import AppIntegrator  # noqa: E402
-from pipeline import ImageTask, build_flow  # noqa: E402
+from pipeline import ImageTask, build_flow, run  # noqa: E402
 
 
 async def classify(request: web.Request) -> web.Response:
@@ -30,12 +31,17 @@ async def classify(request: web.Request) -> web.Response:
     task = ImageTask()
     await task.share_value_with_data('image', request.content, request.content_length)
     try:
-        await request.app['flow'].process(task, timeout_sec=10)
+        await run(request.app['flow'], task)
     except ValueError as exc:  # raised by the decoder: the client sent something else
         raise web.HTTPBadRequest(text=str(exc)) from None
     except FlowError as exc:
         raise web.HTTPServiceUnavailable(text=str(exc)) from None
-    return web.json_response({'top5': task.top5})
+    return web.json_response({'top5': task.top5, 'served_by': os.getpid()})
+
+
+def add_routes(app: web.Application) -> web.Application:
+    app.router.add_post('/classify', classify)
+    return app
 
 
 def create_app() -> web.Application:
@@ -45,8 +51,7 @@ def create_app() -> web.Application:
     except TypeError:  # aqueduct 1.15: no optional routes
         integrator = AppIntegrator(app)
     integrator.add_flow(build_flow())
-    app.router.add_post('/classify', classify)
-    return app
+    return add_routes(app)
 
 
 def main() -> None:

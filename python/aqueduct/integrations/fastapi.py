@@ -38,7 +38,9 @@ def get_flow(flow_name: str = FLOW_NAME) -> Callable:
 
 def flow_lifespan(*flows: Flow, exit_on_fail: bool = True, start_timeout: Optional[float] = None):
     """A lifespan for Starlette/FastAPI: starts ``flows`` that are not running yet, attaches
-    them to the server's loop, and stops them at shutdown."""
+    them to the server's loop, and stops them at shutdown. A ``SocketFlow`` (a flow shared by
+    several web processes) is attached to its flow server at startup and detached at shutdown.
+    """
 
     @asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:
@@ -50,7 +52,12 @@ def flow_lifespan(*flows: Flow, exit_on_fail: bool = True, start_timeout: Option
 
 @asynccontextmanager
 async def _running(flows: Dict[str, Flow], exit_on_fail: bool, start_timeout: Optional[float]):
+    from ..sockets import SocketFlow
+
     for flow in flows.values():
+        if isinstance(flow, SocketFlow):  # a flow shared with other web processes
+            await flow.start()
+            continue
         if not flow.is_running and not flow.are_steps_initialized:
             flow.start(timeout=start_timeout if start_timeout is not None else get_start_timeout())
         if flow.are_steps_initialized:

@@ -141,6 +141,10 @@ def _fork_server(server: FlowSocketServer, flow: Flow, timeout: Optional[float])
             # Stop gracefully (SIGTERM) when the process that preloaded the flow dies.
             if _core.die_with_parent(signal.SIGTERM) != parent:
                 os._exit(1)
+            # A process group of its own (its workers join it): a signal to the web server's
+            # group (Ctrl-C, `kill -- -pgid`) stops the web workers, which finish their requests
+            # and detach; the server stops after them, when the preloading process exits.
+            os.setpgid(0, 0)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             # Forked from inside a running event loop (a test, an app): Python 3.11 does not
@@ -194,6 +198,7 @@ class SocketFlow:
         self._client: Optional[_core.PortClient] = None
         self._pool: Optional[_core.Pool] = None
         self._previous_pool: Optional[_core.Pool] = None
+        self._stopped_waiters: List[asyncio.Future] = []
         self._sock: Optional[socket.socket] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._conditions: Sequence[Any] = ()
@@ -351,6 +356,23 @@ class SocketFlow:
         if self._pool is not None:
             shm.detach_client_pool(self._pool, self._previous_pool)
             self._pool = self._previous_pool = None
+        for waiter in self._stopped_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._stopped_waiters.clear()
+
+    def health(self) -> dict:
+        """What a ``/healthz`` route needs: whether this process is attached to a serving flow
+        server. The flow's own health is the server's (``python -m aqueduct top``)."""
+        attached = self._client is not None
+        return {'state': 'running' if attached else 'stopped', 'ready': attached, 'server_pid': self._server_pid}
+
+    async def wait_stopped(self) -> None:
+        """Returns once this process is detached: stopped, or the server has gone."""
+        while self._client is not None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._stopped_waiters.append(waiter)
+            await waiter
 
     # ------------------------------------------------------------------ process
 

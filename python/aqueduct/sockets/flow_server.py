@@ -9,8 +9,9 @@ the socket only carries the connection's life. When it closes, the server closes
 (cancelling the client's tasks in flight); once the client process has exited (its pidfd, taken
 at connection time, says so) the server frees every piece of shared memory it still held.
 
-The server stops gracefully on SIGTERM or SIGINT: it stops accepting connections, lets the tasks
-in flight finish, stops the workers and removes the socket.
+The server stops gracefully on SIGTERM or SIGINT: it stops accepting connections and removes the
+socket, waits for its clients to detach (a web server shutting down finishes its requests
+first), lets the tasks in flight finish, and stops the workers.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class FlowSocketServer:
     ``flow.init_processes()`` by the process that forked the server (the server takes its workers
     over). ``process_timeout_sec`` and ``connection_idle_timeout_sec`` are accepted for
     compatibility with aqueduct 1.15 and unused: each task carries its own timeout, and a
-    connection costs nothing while idle.
+    connection costs nothing while idle. On SIGTERM or SIGINT the server waits up to
+    ``shutdown_grace`` seconds for its clients to detach before it stops the flow.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class FlowSocketServer:
         connection_idle_timeout_sec: int = 900,
         backlog_size: int = 4096,
         start_timeout: Optional[float] = None,
+        shutdown_grace: float = 30.0,
     ) -> None:
         if not isinstance(flow, Flow):
             raise TypeError(f'flow must be an aqueduct Flow, got {type(flow).__name__}')
@@ -72,6 +75,9 @@ class FlowSocketServer:
         self._listener: Optional[socket.socket] = None
         self._clients: Dict[int, _Client] = {}
         self._closing: Optional[asyncio.Event] = None
+        self._hurry: Optional[asyncio.Event] = None
+        self._detached: Optional[asyncio.Event] = None
+        self._shutdown_grace = shutdown_grace
         self._stopped = False
 
     @property
@@ -105,6 +111,8 @@ class FlowSocketServer:
         :meth:`close`, or the flow stopping for good)."""
         loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._detached = asyncio.Event()
         flow = self._flow
         if flow.are_steps_initialized:
             flow.start_inited()
@@ -115,7 +123,7 @@ class FlowSocketServer:
         self.bind()
         loop.add_reader(self._listener.fileno(), self._accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._closing.set)
+            loop.add_signal_handler(sig, self._on_signal)
         log.info('Flow server listening on %s', self._socket_path)
         if ready is not None:
             ready()
@@ -123,12 +131,41 @@ class FlowSocketServer:
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             await asyncio.wait({flow_gone, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not flow_gone.done():
+                await self._drain_clients(flow_gone)
         finally:
             flow_gone.cancel()
             closing.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self._shutdown()
+
+    def _on_signal(self) -> None:
+        # The first signal stops the server gracefully; a second one stops it at once.
+        if self._closing.is_set():
+            self._hurry.set()
+        self._closing.set()
+
+    async def _drain_clients(self, flow_gone: asyncio.Future) -> None:
+        """Stops taking connections and lets connected clients detach first: a web server that
+        shuts down (all its processes got the signal) finishes its requests before its web
+        workers detach, and those requests still need the flow. Waits at most
+        ``shutdown_grace`` seconds, or until a second signal."""
+        self._close_listener()
+        if not self._clients:
+            return
+        log.info('Flow server: waiting for %d clients to detach', len(self._clients))
+        waits = {
+            asyncio.ensure_future(self._detached.wait()),
+            asyncio.ensure_future(self._hurry.wait()),
+            flow_gone,
+        }
+        try:
+            await asyncio.wait(waits, timeout=self._shutdown_grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                if w is not flow_gone:
+                    w.cancel()
 
     async def close(self) -> None:
         """Asks a running :meth:`serve` to stop."""
@@ -140,19 +177,23 @@ class FlowSocketServer:
             return
         self._stopped = True
         loop = asyncio.get_running_loop()
-        if self._listener is not None:
-            loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-            try:
-                os.unlink(self._socket_path)
-            except FileNotFoundError:
-                pass
+        self._close_listener()
         # Clients' tasks in flight finish first (each within its own timeout).
         await self._flow.stop()
         for client in list(self._clients.values()):
             self._drop(client, loop)
         log.info('Flow server on %s stopped', self._socket_path)
+
+    def _close_listener(self) -> None:
+        if self._listener is None:
+            return
+        asyncio.get_running_loop().remove_reader(self._listener.fileno())
+        self._listener.close()
+        self._listener = None
+        try:
+            os.unlink(self._socket_path)
+        except FileNotFoundError:
+            pass
 
     # ------------------------------------------------------------------ connections
 
@@ -252,6 +293,8 @@ class FlowSocketServer:
         memory once its process has exited."""
         key = client.conn.fileno()
         self._clients.pop(key, None)
+        if not self._clients and self._detached is not None:
+            self._detached.set()
         if key >= 0:
             try:
                 loop.remove_reader(key)
