@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup build test test-rust test-python miri lint bench bench-quick demo soak clean
+.PHONY: help setup build test test-rust test-python miri lint bench bench-quick bench-http demo soak clean \
+	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared
 
 help: ## Show this help
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## Create .venv with maturin and the pinned dev/test dependencies
 $(STAMP): requirements-dev.txt
@@ -46,10 +47,16 @@ lint: build ## rustfmt, clippy -D warnings, ruff, and the _core stubs checked ag
 bench: build ## Benchmarks: the Rust engine (criterion, transport table) and the suite against aqueduct 1.15
 	cargo bench -p aqueduct-core --bench transport_compare
 	$(PY) bench/transport_mpqueue.py
+	$(PY) bench/http_compare.py
 	$(PY) bench/run.py
 
 bench-quick: build ## A short run of the suite against aqueduct 1.15
+	$(PY) bench/http_compare.py --quick
 	$(PY) bench/run.py --quick
+
+bench-http: build ## The example aiohttp service under load, against aqueduct 1.15
+	$(PY) bench/http_compare.py
+	$(PY) bench/run.py --report-only
 
 soak: build ## Soaks: 100k tasks with handler failures and worker kills; 10k tasks of 16 MiB
 	$(PY) bench/soak_faults.py
@@ -57,6 +64,20 @@ soak: build ## Soaks: 100k tasks with handler failures and worker kills; 10k tas
 
 demo: build ## Build and run the example pipeline end to end
 	$(PY) examples/quickstart.py
+
+example-aiohttp: build ## The aiohttp image-classification service on 127.0.0.1:8080
+	$(PY) examples/aiohttp/app.py --port 8080
+
+example-fastapi: build ## The FastAPI image-classification service (uvicorn) on 127.0.0.1:8081
+	$(PY) -m uvicorn app:app --app-dir examples/fastapi --port 8081
+
+example-aiohttp-shared: build ## The aiohttp service, 2 gunicorn workers sharing one flow, on 127.0.0.1:8080
+	$(PY) -m gunicorn shared:app --chdir examples/aiohttp --preload --workers 2 \
+		--worker-class aiohttp.GunicornWebWorker --bind 127.0.0.1:8080
+
+example-fastapi-shared: build ## The FastAPI service, 2 gunicorn/uvicorn workers sharing one flow, on 127.0.0.1:8081
+	$(PY) -m gunicorn shared:app --chdir examples/fastapi --preload --workers 2 \
+		--worker-class uvicorn.workers.UvicornWorker --bind 127.0.0.1:8081
 
 clean: ## Remove build outputs and the virtualenv
 	cargo clean

@@ -94,6 +94,8 @@ SPECS: list[Spec] = [
         "small tasks through 2 steps (≥20k tasks and ≥8 s); RSS of main + children after warm-up",
         timeout_full_s=240.0,
     ),
+    Spec("socketflow_latency", "`SocketFlow` (one flow shared by processes): 1 trivial step, sequential calls; p50"),
+    Spec("socketflow_throughput_64", "`SocketFlow`: 1 trivial step, 64 tasks in flight from one client process"),
     # Diagnostics (only with --only): check that broken scenarios are recorded, not fatal.
     Spec("selftest_raise", "diagnostic: always raises", timeout_quick_s=30.0),
     Spec("selftest_hang", "diagnostic: hangs forever with a running flow", timeout_quick_s=20.0, timeout_full_s=20.0),
@@ -255,6 +257,11 @@ ROWS: list[Row] = [
         "tasks/s",
         "higher",
         Aim("≥10x 1.15 at 64 in flight", aim_speedup(10, "throughput_2step_64")),
+    ),
+    Row("socketflow_latency", "value", "p50 latency", "us", "lower", Aim("≥10x lower than 1.15", aim_speedup(10))),
+    Row("socketflow_latency", "p99_us", "p99 latency", "us", "lower"),
+    Row(
+        "socketflow_throughput_64", "value", "throughput", "tasks/s", "higher", Aim("≥10x 1.15", aim_speedup(10))
     ),
     Row("payload_1mb_2step", "value", "throughput", "tasks/s", "higher"),
     Row("payload_16mb_2step", "value", "throughput", "tasks/s", "higher", Aim("≥20x 1.15", aim_speedup(20))),
@@ -747,11 +754,17 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
                 f"| `{record['scenario']}` | {LABELS[record['impl']]} | {record['run']} | "
                 f"{shorten(record['error'] or '', 200)} |"
             )
+    http = ROOT / "bench" / "results" / "http.json"
+    if http.exists():
+        import http_compare  # bench/, next to this file
+
+        lines += ["", *http_compare.render(json.loads(http.read_text()))]
     lines += [
         "",
         "## Reproducing",
         "",
         "`make bench` (full run) or `python bench/run.py --quick` (smoke test); see `bench/README.md`.",
+        "`make bench-http` measures the HTTP section alone (`bench/http_compare.py`).",
         "Raw per-run results are written to `bench/results/latest.json` (not committed).",
         "",
     ]

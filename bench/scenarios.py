@@ -734,6 +734,95 @@ async def selftest_hang(quick: bool) -> dict[str, Any]:
     return result("never", 0, "", "lower")
 
 
+# --------------------------------------------------------------------------------------
+# One flow shared by several processes (``SocketFlow``, aqueduct 1.15's API)
+# --------------------------------------------------------------------------------------
+
+#: The SocketFlow preloaded by ``preload_socket_flow`` before the event loop starts (aqueduct
+#: 1.15's flow server must be forked from a process without a running loop).
+_SOCKET: dict[str, Any] = {}
+
+
+def preload_socket_flow() -> None:
+    import tempfile
+
+    from aqueduct.sockets.flow import SocketFlow
+
+    os.environ["_SOCKET_PATH"] = os.path.join(tempfile.mkdtemp(), "flow.sock")
+    socket_flow = SocketFlow()
+    _SOCKET["flow"] = socket_flow
+    _SOCKET["server"] = socket_flow.preload(Flow(FlowStep(IncHandler())))
+
+
+def stop_socket_flow() -> None:
+    server = _SOCKET.get("server")
+    if hasattr(server, "stop"):  # aqueduct-rs: a graceful stop
+        server.stop()
+    else:  # aqueduct 1.15: a ProcessContext; its flow's workers are daemons of this process
+        for process in getattr(server, "processes", []):
+            try:
+                os.kill(process.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+async def _socket_client():
+    socket_flow = _SOCKET["flow"]
+    deadline = time.monotonic() + 30
+    while True:  # aqueduct 1.15's server binds its socket a moment after preload() returns
+        try:
+            await socket_flow.start()
+            return socket_flow
+        except Exception:  # noqa: BLE001 - retried until the deadline
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def socketflow_latency(quick: bool) -> dict[str, Any]:
+    """Sequential round trips through a trivial 1-step flow served by a flow server."""
+    warmup, calls = scaled(quick, (100, 300), (300, 2000))
+    socket_flow = await _socket_client()
+    samples_us: list[float] = []
+    try:
+        for i in range(warmup + calls):
+            task = NumTask(i)
+            t0 = time.perf_counter()
+            await socket_flow.process([task], timeout_sec=CALL_TIMEOUT_S)
+            if i >= warmup and check_plus_one(task):
+                samples_us.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        await socket_flow.stop()
+    percentiles = statistics.quantiles(samples_us, n=100, method="inclusive")
+    return result("p50", round(statistics.median(samples_us), 2), "us", "lower", p99_us=round(percentiles[98], 2))
+
+
+async def socketflow_throughput_64(quick: bool) -> dict[str, Any]:
+    """A trivial 1-step flow served by a flow server, 64 tasks in flight from one client."""
+    max_tasks, max_seconds = scaled(quick, (100_000, 1.5), (500_000, 3.0))
+    socket_flow = await _socket_client()
+
+    async def submit(task: BaseTask) -> bool:
+        return await socket_flow.process([task], timeout_sec=CALL_TIMEOUT_S)
+
+    try:
+        await drive(None, num_task, in_flight=64, max_tasks=256, max_seconds=0.5, check=check_plus_one, submit=submit)
+        stats = await drive(
+            None, num_task, in_flight=64, max_tasks=max_tasks, max_seconds=max_seconds, check=check_plus_one,
+            submit=submit,
+        )
+    finally:
+        await socket_flow.stop()
+    return result("throughput", round(stats.rate, 1), "tasks/s", "higher", in_flight=64, **stats.as_extra())
+
+
+#: Set up before the event loop starts, torn down after it ends.
+AROUND_LOOP: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+    "socketflow_latency": (preload_socket_flow, stop_socket_flow),
+    "socketflow_throughput_64": (preload_socket_flow, stop_socket_flow),
+}
+
+
 SCENARIOS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
     fn.__name__: fn
     for fn in (
@@ -754,6 +843,8 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
         start_stop,
         idle_cpu,
         soak_memory,
+        socketflow_latency,
+        socketflow_throughput_64,
         selftest_raise,
         selftest_hang,
     )
@@ -789,7 +880,12 @@ def main() -> int:
         parser.error(f"unknown scenario {args.scenario!r}; choose from: {', '.join(SCENARIOS)}")
 
     t0 = time.perf_counter()
-    outcome = asyncio.run(SCENARIOS[args.scenario](args.quick))
+    setup, teardown = AROUND_LOOP.get(args.scenario, (lambda: None, lambda: None))
+    setup()
+    try:
+        outcome = asyncio.run(SCENARIOS[args.scenario](args.quick))
+    finally:
+        teardown()
     outcome = {
         "scenario": args.scenario,
         **outcome,

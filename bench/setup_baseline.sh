@@ -14,12 +14,13 @@ VENV="${BENCH_DIR}/.venv-aqueduct115"
 PYTHON="${PYTHON:-python3}"
 
 # Packages of the baseline environment. numpy is needed by the payload scenarios
-# (and by aqueduct's share_value for arrays), psutil by the CPU / memory scenarios.
+# (and by aqueduct's share_value for arrays), psutil by the CPU / memory scenarios,
+# aiohttp and gunicorn by the HTTP comparison (bench/http_compare.py).
 # Their versions are taken from bench/requirements.txt, so that both implementations
 # are measured with the same helper libraries.
-mapfile -t HELPER_PINS < <(grep -E '^(numpy|psutil)==' "${BENCH_DIR}/requirements.txt" || true)
-if [[ ${#HELPER_PINS[@]} -ne 2 ]]; then
-    HELPER_PINS=("numpy" "psutil")
+mapfile -t HELPER_PINS < <(grep -E '^(numpy|psutil|aiohttp|gunicorn)==' "${BENCH_DIR}/requirements.txt" || true)
+if [[ ${#HELPER_PINS[@]} -ne 4 ]]; then
+    HELPER_PINS=("numpy" "psutil" "aiohttp" "gunicorn")
 fi
 BASELINE_PKGS=("aqueduct==1.15.0" "${HELPER_PINS[@]}")
 
@@ -28,7 +29,7 @@ probe() {
     "${VENV}/bin/python" - "${HELPER_PINS[@]}" <<'EOF' 2>/dev/null
 import importlib.metadata as md
 import sys
-import numpy, psutil  # noqa: F401
+import numpy, psutil, aiohttp, gunicorn  # noqa: F401
 assert md.version("aqueduct") == "1.15.0"
 for pin in sys.argv[1:]:
     name, _, version = pin.partition("==")

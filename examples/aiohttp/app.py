@@ -13,6 +13,7 @@ One web process: ``make example-aiohttp`` (serves on 127.0.0.1:8080), or
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 
@@ -59,7 +60,12 @@ def main() -> None:
     parser.add_argument('--host', default='127.0.0.1')
     parser.add_argument('--port', type=int, default=8080)
     args = parser.parse_args()
-    web.run_app(create_app(), host=args.host, port=args.port, print=lambda *a: print(*a, flush=True))
+    # The app runs on the loop that is current while the flow starts: aqueduct 1.15 ties its
+    # flow to that loop (aqueduct-rs binds to whichever loop runs it).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    app = create_app()
+    web.run_app(app, host=args.host, port=args.port, loop=loop, print=lambda *a: print(*a, flush=True))
 
 
 if __name__ == '__main__':

@@ -30,9 +30,13 @@ FLOW_NAME = 'flow'
 def get_flow(flow_name: str = FLOW_NAME) -> Callable:
     """A FastAPI dependency resolving the flow added under ``flow_name``."""
 
+    from starlette.requests import Request
+
     def _get_flow(request) -> Flow:
         return getattr(request.app.state, flow_name)
 
+    # FastAPI injects by annotation; this module's annotations are strings it cannot resolve.
+    _get_flow.__annotations__ = {'request': Request, 'return': Flow}
     return _get_flow
 
 

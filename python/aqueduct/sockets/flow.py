@@ -404,7 +404,13 @@ class SocketFlow:
             client.flush()
         if not submitted:
             return True
-        results = await asyncio.gather(*(f for _, f in submitted), return_exceptions=True)
+        if len(submitted) == 1:  # the usual call: no gather around a single future
+            try:
+                results = [await submitted[0][1]]
+            except Exception as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(*(f for _, f in submitted), return_exceptions=True)
         first_error = None
         for (task, _), result in zip(submitted, results, strict=True):
             if isinstance(result, BaseException):
