@@ -11,7 +11,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help setup build test test-rust test-python miri lint bench bench-quick bench-http demo soak clean \
-	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared
+	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -44,8 +44,9 @@ lint: build ## rustfmt, clippy -D warnings, ruff, and the _core stubs checked ag
 	$(VENV)/bin/ruff check python tests bench examples
 	$(PY) -m mypy.stubtest aqueduct._core
 
-bench: build ## Benchmarks: the Rust engine (criterion, transport table) and the suite against aqueduct 1.15
+bench: build ## Benchmarks: the Rust engine (criterion, transport table), the Rust API, and the suite against aqueduct 1.15
 	cargo bench -p aqueduct-core --bench transport_compare
+	cargo bench -p aqueduct --bench flow
 	$(PY) bench/transport_mpqueue.py
 	$(PY) bench/http_compare.py
 	$(PY) bench/run.py
@@ -74,6 +75,9 @@ example-fastapi: build ## The FastAPI image-classification service (uvicorn) on 
 example-aiohttp-shared: build ## The aiohttp service, 2 gunicorn workers sharing one flow, on 127.0.0.1:8080
 	$(PY) -m gunicorn shared:app --chdir examples/aiohttp --preload --workers 2 \
 		--worker-class aiohttp.GunicornWebWorker --bind 127.0.0.1:8080
+
+example-axum: ## The Rust API: an axum service through a flow, on 127.0.0.1:8082 (add ARGS=--processes)
+	cargo run --release -p aqueduct-axum-example -- --port 8082 $(ARGS)
 
 example-fastapi-shared: build ## The FastAPI service, 2 gunicorn/uvicorn workers sharing one flow, on 127.0.0.1:8081
 	$(PY) -m gunicorn shared:app --chdir examples/fastapi --preload --workers 2 \

@@ -663,6 +663,16 @@ def shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def repo_relative(path: str | None) -> str | None:
+    """A path inside the repository, relative to its root (the report names no machine paths)."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
     meta = data["meta"]
     machine = meta["machine"]
@@ -693,10 +703,10 @@ def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
         "| --- | --- | --- | --- |",
     ]
     for key, info in interps.items():
-        where = info.get("aqueduct_module") or "—"
+        where = repo_relative(info.get("aqueduct_module")) or "—"
         version = info.get("aqueduct_version") or "?"
         status = f"unavailable: {shorten(info['error'], 80)}" if info.get("error") else f"{version} ({where})"
-        lines.append(f"| {LABELS[key]} | `{info['path']}` | {info.get('python', '?')} | {status} |")
+        lines.append(f"| {LABELS[key]} | `{repo_relative(info['path'])}` | {info.get('python', '?')} | {status} |")
     if meta.get("same_module"):
         note = "both columns imported the same aqueduct module: this was a plumbing test, not a comparison."
         lines += ["", f"> **Note:** {note}"]

@@ -91,6 +91,12 @@ impl Engine {
         Ok(())
     }
 
+    /// Registers a worker *thread* for `slot` (process `pool_index` in the pool): like
+    /// [`Engine::worker_spawned`], without a process to watch.
+    pub fn thread_worker_started(&mut self, slot: usize, pool_index: u32) {
+        self.hub.worker_spawned(slot, 0, pool_index);
+    }
+
     /// Opens a port (rings of `capacity` bytes) for a client acting as process `pool_index` of
     /// the pool; returns its id.
     pub fn open_port(&mut self, capacity: usize, pool_index: u32) -> Result<usize> {
