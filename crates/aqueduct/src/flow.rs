@@ -1,0 +1,952 @@
+#![forbid(unsafe_code)]
+//! [`Flow`]: a running pipeline, and [`FlowBuilder`], which starts one.
+//!
+//! A flow is an [`Engine`] (the same one under the Python API: queues, batching, priorities,
+//! deadlines, supervision) owned by one tokio task, the *driver*. Callers talk to the driver
+//! through a channel: `process` submits a task and awaits a oneshot answer. The driver sleeps on
+//! the engine's epoll descriptor through [`AsyncFd`] and wakes when a worker rang the doorbell,
+//! a batch timer fired or a worker process died; while tasks are in flight it keeps polling for
+//! a short spin window first (the engine's choice: only when the flow's workers fit the CPUs),
+//! as the Python event loop does.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, Outcome, Payload, StepSpec};
+use aqueduct_core::shm::{Arena, ArenaLayout};
+use aqueduct_core::{Engine, Nanos, WorkerEndpoint};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::FlowError;
+use crate::process::{Spawner, WorkerSpec};
+use crate::step::{Condition, FlowStep};
+use crate::store::Store;
+use crate::worker::{process_worker, thread_worker, Routes};
+
+/// How many times a step's worker processes may be replaced after dying: at most
+/// `max_restarts` within any `window`. One more death stops the flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub max_restarts: usize,
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self { max_restarts: 5, window: Duration::from_secs(60) }
+    }
+}
+
+/// Per call: priority (higher is served first, below the flow's `queue_priorities`) and an
+/// optional timeout, after which the call fails with [`FlowError::Timeout`] and the task is
+/// dropped wherever it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessOptions {
+    pub priority: u8,
+    pub timeout: Option<Duration>,
+}
+
+/// Builds and starts a [`Flow`].
+///
+/// ```
+/// use aqueduct::{from_fn, Flow, FlowStep};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), aqueduct::FlowError> {
+/// let flow = Flow::builder("doubler")
+///     .step(FlowStep::new(from_fn(|batch: &mut [u64]| {
+///         batch.iter_mut().for_each(|x| *x *= 2);
+///         Ok(())
+///     })))
+///     .start()
+///     .await?;
+/// assert_eq!(flow.process(21).await?, 42);
+/// flow.stop().await;
+/// # Ok(())
+/// # }
+/// ```
+pub struct FlowBuilder<T> {
+    name: String,
+    steps: Vec<FlowStep<T>>,
+    queue_size: Option<usize>,
+    priorities: usize,
+    restart: RestartPolicy,
+    start_timeout: Option<Duration>,
+    metrics: bool,
+    pool_size: usize,
+}
+
+impl<T: Send + 'static> FlowBuilder<T> {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            steps: Vec::new(),
+            queue_size: None,
+            priorities: 1,
+            restart: RestartPolicy::default(),
+            start_timeout: None,
+            metrics: true,
+            pool_size: 1 << 30,
+        }
+    }
+
+    /// Appends a step.
+    pub fn step(mut self, step: FlowStep<T>) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// Each step's queue capacity (default: three batches, at least 20 tasks). A full queue
+    /// makes `process` wait.
+    pub fn queue_size(mut self, size: usize) -> Self {
+        self.queue_size = Some(size);
+        self
+    }
+
+    /// Priority levels (default 1): tasks of priority `p` in `0..n`, higher served first, with
+    /// a starvation guard for the lower ones.
+    pub fn queue_priorities(mut self, n: usize) -> Self {
+        self.priorities = n;
+        self
+    }
+
+    /// How dead worker processes are replaced (process isolation).
+    pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
+        self.restart = policy;
+        self
+    }
+
+    /// How long every worker's `on_start` may take (default: no limit).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether workers and the engine record metrics (default true; see [`Flow::metrics`]).
+    pub fn metrics(mut self, enabled: bool) -> Self {
+        self.metrics = enabled;
+        self
+    }
+
+    /// Bytes of shared memory for large serialised tasks (process isolation; default 1 GiB,
+    /// touched only as used).
+    pub fn pool_size(mut self, bytes: usize) -> Self {
+        self.pool_size = bytes;
+        self
+    }
+
+    fn config(&self) -> Result<HubConfig, FlowError> {
+        if self.steps.is_empty() {
+            return Err(FlowError::Invalid("a flow needs at least one step".into()));
+        }
+        if self.priorities == 0 || self.priorities > 256 {
+            return Err(FlowError::Invalid(format!("queue_priorities must be in 1..=256, got {}", self.priorities)));
+        }
+        let steps = self
+            .steps
+            .iter()
+            .map(|s| StepSpec {
+                nprocs: s.nprocs,
+                batch_size: s.batch_size,
+                batch_timeout: s.batch_timeout,
+                queue_capacity: self.queue_size.unwrap_or((s.batch_size * 3).max(20)),
+            })
+            .collect();
+        let cfg = HubConfig { steps, priorities: self.priorities, metrics: self.metrics, ..HubConfig::default() };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn routes(&self, step: usize) -> Routes<T> {
+        (step + 1..self.steps.len()).map(|j| (j, self.steps[j].condition.clone())).collect()
+    }
+
+    /// Starts the flow with worker threads and waits until every worker's `on_start` has
+    /// returned. Tasks move by pointer, never serialised; a handler error or panic fails the
+    /// tasks of its batch.
+    pub async fn start(self) -> Result<Flow<T>, FlowError> {
+        if WorkerSpec::current().is_some() {
+            // This process is a worker of a process-mode flow: it runs nothing else.
+            return Ok(Flow::inert(&self));
+        }
+        let cfg = self.config()?;
+        let pool = Arc::new(Arena::create(ArenaLayout::new(64 << 10, 1 << 16, 2 + cfg.steps.len() * 64), 0)?);
+        let mut engine = Engine::new(&cfg, pool.clone())?;
+        let store = Arc::new(Store::new());
+        let mut threads = Vec::new();
+        for slot in 0..engine.hub.slot_count() {
+            let step = engine.hub.slot_step(slot);
+            let index = pool.reserve_index().ok_or_else(|| FlowError::Start("too many workers".into()))?;
+            let doorbell = Doorbell::from_fd(
+                engine.doorbell_fd().try_clone_to_owned().map_err(|e| FlowError::Engine(e.to_string()))?,
+            );
+            let endpoint =
+                WorkerEndpoint::attach(engine.hub.region().clone(), Arc::new(pool.as_process(index)), slot, doorbell)?;
+            let handler = (self.steps[step].factory)();
+            let routes = self.routes(step);
+            let store = store.clone();
+            let name = format!("aqueduct-{}-{}", self.name, self.steps[step].display_name(step));
+            let thread = std::thread::Builder::new()
+                .name(name.chars().take(15).collect())
+                .spawn(move || thread_worker(endpoint, handler, routes, store))
+                .map_err(|e| FlowError::Start(format!("cannot start a worker thread: {e}")))?;
+            engine.thread_worker_started(slot, index);
+            threads.push(thread);
+        }
+        let codec: Arc<dyn Codec<T>> = Arc::new(ThreadCodec { store });
+        launch(self, engine, codec, Workers::Threads(threads)).await
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> FlowBuilder<T> {
+    /// Starts the flow with worker processes, for crash isolation: this program is re-executed
+    /// once per worker (see [`crate::process`]) and tasks cross as serde (postcard) bytes. A
+    /// worker that dies fails only the tasks it held and is replaced under the
+    /// [`RestartPolicy`]. In a worker process this call does not return: the process serves its
+    /// step until the flow stops it.
+    pub async fn start_processes(self) -> Result<Flow<T>, FlowError> {
+        if let Some(spec) = WorkerSpec::current() {
+            if spec.flow != self.name {
+                return Ok(Flow::inert(&self));
+            }
+            let code = match crate::process::attach(&spec) {
+                Ok(endpoint) if spec.step < self.steps.len() => {
+                    let handler = (self.steps[spec.step].factory)();
+                    process_worker(endpoint, handler, self.routes(spec.step))
+                }
+                _ => 1,
+            };
+            std::process::exit(code);
+        }
+        let cfg = self.config()?;
+        let pool = Arc::new(Arena::create(ArenaLayout::new(self.pool_size, 1 << 16, 2 + cfg.steps.len() * 64), 0)?);
+        let mut engine = Engine::new(&cfg, pool.clone())?;
+        let pool_fd = pool.region().fd().ok_or_else(|| FlowError::Engine("the pool is not a memfd".into()))?;
+        let spawner = Spawner::new(&self.name, engine.region_fd(), engine.doorbell_fd(), pool_fd)?;
+        let mut children = HashMap::new();
+        for slot in 0..engine.hub.slot_count() {
+            spawn_process(&mut engine, &pool, &spawner, &mut children, slot)?;
+        }
+        let codec: Arc<dyn Codec<T>> = Arc::new(SerdeCodec { next: AtomicU64::new(1) });
+        let restart = self.restart;
+        let workers =
+            Workers::Processes { spawner, pool, children, restarts: vec![VecDeque::new(); cfg.steps.len()], restart };
+        launch(self, engine, codec, workers).await
+    }
+}
+
+fn spawn_process(
+    engine: &mut Engine,
+    pool: &Arena,
+    spawner: &Spawner,
+    children: &mut HashMap<usize, Child>,
+    slot: usize,
+) -> Result<(), FlowError> {
+    let index = pool.reserve_index().ok_or_else(|| FlowError::Start("too many worker processes".into()))?;
+    let child = match spawner.spawn(slot, engine.hub.slot_step(slot), index) {
+        Ok(child) => child,
+        Err(e) => {
+            pool.release_index(index);
+            return Err(e);
+        }
+    };
+    engine.worker_spawned(slot, child.id(), index)?;
+    children.insert(slot, child);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------ codecs
+
+/// How a task becomes a ring body and back: a key into the [`Store`] (threads) or serde bytes
+/// (processes). Encoding and decoding run in the caller's task, not in the driver.
+trait Codec<T>: Send + Sync + 'static {
+    /// The task's ticket (how the caller names it to the driver) and its body.
+    fn encode(&self, task: T) -> Result<(u64, Vec<u8>), FlowError>;
+    fn decode(&self, ticket: u64, body: &[u8]) -> Result<T, FlowError>;
+    /// The caller will not take the task back.
+    fn discard(&self, ticket: u64);
+}
+
+struct ThreadCodec<T> {
+    store: Arc<Store<T>>,
+}
+
+impl<T: Send + 'static> Codec<T> for ThreadCodec<T> {
+    fn encode(&self, task: T) -> Result<(u64, Vec<u8>), FlowError> {
+        let key = self.store.insert(task);
+        Ok((key, key.to_le_bytes().to_vec()))
+    }
+    fn decode(&self, ticket: u64, _body: &[u8]) -> Result<T, FlowError> {
+        self.store.finish(ticket).ok_or_else(|| FlowError::Engine("a finished task is missing".into()))
+    }
+    fn discard(&self, ticket: u64) {
+        self.store.discard(ticket);
+    }
+}
+
+struct SerdeCodec {
+    next: AtomicU64,
+}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Codec<T> for SerdeCodec {
+    fn encode(&self, task: T) -> Result<(u64, Vec<u8>), FlowError> {
+        let body = postcard::to_allocvec(&task).map_err(|e| FlowError::Serialization(e.to_string()))?;
+        Ok((self.next.fetch_add(1, Ordering::Relaxed), body))
+    }
+    fn decode(&self, _ticket: u64, body: &[u8]) -> Result<T, FlowError> {
+        postcard::from_bytes(body).map_err(|e| FlowError::Serialization(e.to_string()))
+    }
+    fn discard(&self, _ticket: u64) {}
+}
+
+// ------------------------------------------------------------------------------------ handle
+
+type Answer = oneshot::Sender<Result<Vec<u8>, FlowError>>;
+
+enum Command {
+    Submit { ticket: u64, step: usize, priority: u8, deadline: Nanos, body: Vec<u8>, answer: Answer },
+    Cancel { ticket: u64 },
+    Metrics(oneshot::Sender<FlowMetrics>),
+    Stop(oneshot::Sender<()>),
+}
+
+struct Shared<T> {
+    name: String,
+    commands: mpsc::UnboundedSender<Command>,
+    codec: Arc<dyn Codec<T>>,
+    conditions: Vec<Condition<T>>,
+    priorities: usize,
+    running: Arc<AtomicBool>,
+}
+
+/// A running flow. Cheap to clone: every clone submits to the same flow. The flow stops when
+/// [`Flow::stop`] is called or the last clone is dropped.
+pub struct Flow<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for Flow<T> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+impl<T: Send + 'static> Flow<T> {
+    /// Starts building a flow named `name` (it names the flow's threads, metrics and, in process
+    /// mode, which flow a worker process serves).
+    pub fn builder(name: &str) -> FlowBuilder<T> {
+        FlowBuilder::new(name)
+    }
+
+    /// A flow that runs nothing: what a worker process gets for flows other than its own.
+    fn inert(builder: &FlowBuilder<T>) -> Self {
+        let (commands, _) = mpsc::unbounded_channel();
+        Self {
+            shared: Arc::new(Shared {
+                name: builder.name.clone(),
+                commands,
+                codec: Arc::new(SerdeCodecless),
+                conditions: Vec::new(),
+                priorities: builder.priorities,
+                running: Arc::new(AtomicBool::new(false)),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::Acquire)
+    }
+
+    /// Sends `task` through the steps whose conditions it meets and returns it with the
+    /// handlers' results written in. Priority 0, no timeout.
+    pub async fn process(&self, task: T) -> Result<T, FlowError> {
+        self.process_with(task, ProcessOptions::default()).await
+    }
+
+    /// [`Flow::process`] with a priority and a timeout.
+    pub async fn process_with(&self, task: T, options: ProcessOptions) -> Result<T, FlowError> {
+        let shared = &self.shared;
+        if !self.is_running() {
+            return Err(FlowError::NotRunning);
+        }
+        if options.priority as usize >= shared.priorities {
+            return Err(FlowError::Invalid(format!(
+                "priority must be below queue_priorities ({}), got {}",
+                shared.priorities, options.priority
+            )));
+        }
+        let Some(step) = shared.conditions.iter().position(|condition| condition(&task)) else {
+            return Ok(task); // no step takes it
+        };
+        let deadline = options.timeout.map_or(Nanos::ZERO, |t| Nanos(Nanos::now().0 + t.as_nanos() as u64));
+        let (ticket, body) = shared.codec.encode(task)?;
+        let (answer, answered) = oneshot::channel();
+        let submit = Command::Submit { ticket, step, priority: options.priority, deadline, body, answer };
+        if shared.commands.send(submit).is_err() {
+            shared.codec.discard(ticket);
+            return Err(FlowError::NotRunning);
+        }
+        // If this future is dropped (the caller's request was cancelled), the task is dropped too.
+        let mut guard = CancelOnDrop { shared, ticket, armed: true };
+        let outcome = match options.timeout {
+            None => answered.await.map_err(|_| FlowError::NotRunning),
+            Some(timeout) => match tokio::time::timeout(timeout, answered).await {
+                Ok(answer) => answer.map_err(|_| FlowError::NotRunning),
+                Err(_) => Err(FlowError::Timeout), // the guard cancels it
+            },
+        };
+        let body = match outcome {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) | Err(e) => {
+                if e == FlowError::Timeout {
+                    return Err(e);
+                }
+                guard.armed = false;
+                shared.codec.discard(ticket);
+                return Err(e);
+            }
+        };
+        guard.armed = false;
+        shared.codec.decode(ticket, &body)
+    }
+
+    /// A snapshot of the flow's metrics (histograms of handle time, batch size, batch wait,
+    /// transfer time and task size; counters; queue lengths).
+    pub async fn metrics(&self) -> Result<FlowMetrics, FlowError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.commands.send(Command::Metrics(tx)).map_err(|_| FlowError::NotRunning)?;
+        rx.await.map_err(|_| FlowError::NotRunning)
+    }
+
+    /// Stops the flow gracefully: no new task is accepted, the tasks in flight finish, then the
+    /// workers exit. Returns once they have. Idempotent.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.commands.send(Command::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        self.shared.running.store(false, Ordering::Release);
+    }
+}
+
+/// The codec of an inert flow: never used (an inert flow accepts no task).
+struct SerdeCodecless;
+
+impl<T> Codec<T> for SerdeCodecless {
+    fn encode(&self, _task: T) -> Result<(u64, Vec<u8>), FlowError> {
+        Err(FlowError::NotRunning)
+    }
+    fn decode(&self, _ticket: u64, _body: &[u8]) -> Result<T, FlowError> {
+        Err(FlowError::NotRunning)
+    }
+    fn discard(&self, _ticket: u64) {}
+}
+
+struct CancelOnDrop<'a, T> {
+    shared: &'a Shared<T>,
+    ticket: u64,
+    armed: bool,
+}
+
+impl<T> Drop for CancelOnDrop<'_, T> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.shared.commands.send(Command::Cancel { ticket: self.ticket });
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------ driver
+
+enum Workers {
+    Threads(Vec<std::thread::JoinHandle<()>>),
+    Processes {
+        spawner: Spawner,
+        pool: Arc<Arena>,
+        children: HashMap<usize, Child>,
+        /// Per step: times of recent restarts.
+        restarts: Vec<VecDeque<Instant>>,
+        restart: RestartPolicy,
+    },
+}
+
+struct Driver {
+    engine: Engine,
+    commands: mpsc::UnboundedReceiver<Command>,
+    discard: Arc<dyn Fn(u64) + Send + Sync>,
+    step_names: Vec<String>,
+    /// Hub id -> (ticket, answer).
+    pending: HashMap<u64, (u64, Answer)>,
+    /// Ticket -> hub id.
+    tickets: HashMap<u64, u64>,
+    workers: Workers,
+    spin: Duration,
+    alive: Vec<bool>,
+    stopping: Vec<oneshot::Sender<()>>,
+    accepting: bool,
+    running: Arc<AtomicBool>,
+    /// Per priority: submissions that found their queue full, in arrival order.
+    waiting: Vec<VecDeque<Waiting>>,
+}
+
+type Waiting = (u64, usize, u8, Nanos, Vec<u8>, Answer);
+
+async fn launch<T: Send + 'static>(
+    builder: FlowBuilder<T>,
+    engine: Engine,
+    codec: Arc<dyn Codec<T>>,
+    workers: Workers,
+) -> Result<Flow<T>, FlowError> {
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let running = Arc::new(AtomicBool::new(false));
+    let discard_codec = codec.clone();
+    let slots = engine.hub.slot_count();
+    let spin = engine.hub.spin().spin;
+    let mut driver = Driver {
+        engine,
+        commands: receiver,
+        discard: Arc::new(move |ticket| discard_codec.discard(ticket)),
+        step_names: builder.steps.iter().enumerate().map(|(i, s)| s.display_name(i)).collect(),
+        pending: HashMap::new(),
+        tickets: HashMap::new(),
+        workers,
+        spin,
+        alive: vec![true; slots],
+        stopping: Vec::new(),
+        accepting: true,
+        running: running.clone(),
+        waiting: (0..builder.priorities).map(|_| VecDeque::new()).collect(),
+    };
+    let fd = crate::readiness::watch(driver.engine.fd()).map_err(|e| {
+        FlowError::Start(format!("cannot watch the engine (a tokio runtime with IO enabled is needed): {e}"))
+    })?;
+    if let Err(e) = driver.wait_ready(&fd, builder.start_timeout).await {
+        driver.kill_all();
+        driver.shutdown().await;
+        return Err(e);
+    }
+    running.store(true, Ordering::Release);
+    tokio::spawn(async move {
+        driver.run(&fd).await;
+        drop(fd);
+        driver.shutdown().await;
+    });
+    Ok(Flow {
+        shared: Arc::new(Shared {
+            name: builder.name.clone(),
+            commands,
+            codec,
+            conditions: builder.steps.iter().map(|s| s.condition.clone()).collect(),
+            priorities: builder.priorities,
+            running,
+        }),
+    })
+}
+
+impl Driver {
+    fn step_name(&self, step: usize) -> String {
+        self.step_names.get(step).cloned().unwrap_or_default()
+    }
+
+    /// Waits for every worker's `on_start`.
+    async fn wait_ready(&mut self, fd: &AsyncFd<OwnedFd>, timeout: Option<Duration>) -> Result<(), FlowError> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut ready = 0;
+        let total = self.engine.hub.slot_count();
+        while ready < total {
+            let mut failure = None;
+            let names = self.step_names.clone();
+            self.engine.poll(&mut |o| match o {
+                Outcome::WorkerReady { .. } => ready += 1,
+                Outcome::WorkerStartFailed { step, message, .. } => {
+                    failure.get_or_insert(format!("{} failed to start: {message}", names[step]));
+                }
+                Outcome::WorkerExited { step, pid, .. } => {
+                    failure.get_or_insert(format!("{} worker (pid {pid}) exited during start-up", names[step]));
+                }
+                _ => {}
+            })?;
+            if let Some(message) = failure {
+                return Err(FlowError::Start(message));
+            }
+            if ready >= total || !self.engine.prepare_sleep() {
+                continue;
+            }
+            let readable = fd.readable();
+            let mut guard = match deadline {
+                Some(d) => tokio::time::timeout_at(d, readable)
+                    .await
+                    .map_err(|_| FlowError::Start("the workers did not start in time".into()))?,
+                None => readable.await,
+            }
+            .map_err(|e| FlowError::Engine(e.to_string()))?;
+            guard.clear_ready();
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self, fd: &AsyncFd<OwnedFd>) {
+        loop {
+            tokio::select! {
+                command = self.commands.recv(), if self.accepting => match command {
+                    Some(c) => self.command(c),
+                    None => self.begin_stop(), // every handle was dropped
+                },
+                ready = fd.readable() => match ready {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(_) => return,
+                },
+            }
+            while let Ok(c) = self.commands.try_recv() {
+                self.command(c);
+            }
+            self.poll(true);
+            self.spin().await;
+            while !self.engine.prepare_sleep() {
+                self.poll(true);
+            }
+            if !self.accepting && self.finished() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps polling (yielding to other tasks) while tasks are in flight and results keep
+    /// coming within the spin window: waking a sleeping driver costs more than a poll.
+    async fn spin(&mut self) {
+        if self.spin.is_zero() {
+            return;
+        }
+        let mut last = Instant::now();
+        while self.engine.hub.in_flight() > 0 && last.elapsed() < self.spin {
+            tokio::task::yield_now().await;
+            while let Ok(c) = self.commands.try_recv() {
+                self.command(c);
+            }
+            if self.poll(false) > 0 {
+                last = Instant::now();
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Submit { ticket, step, priority, deadline, body, answer } => {
+                match self.engine.hub.submit(step, priority, deadline, &body) {
+                    Ok(id) => {
+                        self.pending.insert(id, (ticket, answer));
+                        self.tickets.insert(ticket, id);
+                    }
+                    Err(aqueduct_core::EngineError::QueueFull { .. }) => {
+                        // Wait for room: resubmitted when a completion frees the queue.
+                        self.waiting[priority as usize].push_back((ticket, step, priority, deadline, body, answer));
+                    }
+                    Err(e) => {
+                        (self.discard)(ticket);
+                        let _ = answer.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::Cancel { ticket } => {
+                if let Some(id) = self.tickets.remove(&ticket) {
+                    self.pending.remove(&id);
+                    self.engine.hub.cancel(id);
+                } else {
+                    for level in &mut self.waiting {
+                        level.retain(|w| w.0 != ticket);
+                    }
+                }
+                (self.discard)(ticket);
+            }
+            Command::Metrics(reply) => {
+                let _ = reply.send(self.engine.hub.metrics(false));
+            }
+            Command::Stop(done) => {
+                self.stopping.push(done);
+                self.begin_stop();
+            }
+        }
+    }
+}
+
+impl Driver {
+    /// Submits waiting tasks while their queues have room, most urgent first.
+    fn admit(&mut self) {
+        for level in (0..self.waiting.len()).rev() {
+            while let Some((ticket, step, priority, deadline, body, answer)) = self.waiting[level].pop_front() {
+                match self.engine.hub.submit(step, priority, deadline, &body) {
+                    Ok(id) => {
+                        self.pending.insert(id, (ticket, answer));
+                        self.tickets.insert(ticket, id);
+                    }
+                    Err(aqueduct_core::EngineError::QueueFull { .. }) => {
+                        self.waiting[level].push_front((ticket, step, priority, deadline, body, answer));
+                        break;
+                    }
+                    Err(e) => {
+                        (self.discard)(ticket);
+                        let _ = answer.send(Err(e.into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles what the engine has ready; returns how many outcomes there were.
+    fn poll(&mut self, events: bool) -> usize {
+        let mut outcomes = Vec::new();
+        let arena = self.engine.hub.arena().clone();
+        let mut collect = |o: Outcome<'_>| outcomes.push(Owned::from(o, &arena));
+        let polled = if events { self.engine.poll(&mut collect) } else { self.engine.poll_rings(&mut collect) };
+        if let Err(e) = polled {
+            eprintln!("aqueduct: flow engine error: {e}");
+        }
+        let n = outcomes.len();
+        for outcome in outcomes {
+            self.outcome(outcome);
+        }
+        if self.waiting.iter().any(|w| !w.is_empty()) {
+            self.admit();
+        }
+        n
+    }
+
+    fn outcome(&mut self, outcome: Owned) {
+        match outcome {
+            Owned::Done { id, body } => {
+                if let Some((ticket, answer)) = self.pending.remove(&id) {
+                    self.tickets.remove(&ticket);
+                    let _ = answer.send(Ok(body));
+                }
+            }
+            Owned::Failed { id, error } => {
+                if let Some((ticket, answer)) = self.pending.remove(&id) {
+                    self.tickets.remove(&ticket);
+                    (self.discard)(ticket);
+                    let error = match error {
+                        FailureKind::Handler(step, message) => {
+                            FlowError::Handler { step: self.step_name(step), message }
+                        }
+                        FailureKind::Expired(step) => FlowError::Expired { step: self.step_name(step) },
+                        FailureKind::Died(step, pid) => FlowError::WorkerDied { step: self.step_name(step), pid },
+                        FailureKind::Stopped => FlowError::NotRunning,
+                        FailureKind::Exhausted(step) => {
+                            FlowError::Engine(format!("no shared memory left for a task of {}", self.step_name(step)))
+                        }
+                    };
+                    let _ = answer.send(Err(error));
+                }
+            }
+            Owned::Exited { slot, step, pid } => self.exited(slot, step, pid),
+            Owned::StartFailed { step, message } => {
+                eprintln!("aqueduct: a replacement worker of {} failed to start: {message}", self.step_name(step));
+            }
+            Owned::Ready => {}
+        }
+    }
+
+    /// A worker process died (or exited when told to stop): reap it, and replace it if the flow
+    /// is running and the restart policy allows.
+    fn exited(&mut self, slot: usize, step: usize, pid: u32) {
+        self.alive[slot] = false;
+        let name = self.step_name(step);
+        let Workers::Processes { spawner, pool, children, restarts, restart } = &mut self.workers else { return };
+        if let Some(mut child) = children.remove(&slot) {
+            let _ = child.wait();
+        }
+        if !self.accepting {
+            return;
+        }
+        eprintln!("aqueduct: the process {pid} for {name} is dead");
+        let now = Instant::now();
+        let recent = &mut restarts[step];
+        while recent.front().is_some_and(|t| now.duration_since(*t) > restart.window) {
+            recent.pop_front();
+        }
+        if recent.len() >= restart.max_restarts {
+            eprintln!(
+                "aqueduct: workers of {name} died {} times within {:?} (restart policy: {}): stopping the flow",
+                recent.len() + 1,
+                restart.window,
+                restart.max_restarts
+            );
+            self.fail_everything();
+            self.begin_stop();
+            return;
+        }
+        recent.push_back(now);
+        match spawn_process(&mut self.engine, pool, spawner, children, slot) {
+            Ok(()) => self.alive[slot] = true,
+            Err(e) => {
+                eprintln!("aqueduct: cannot replace a worker of {name}: {e}; stopping the flow");
+                self.fail_everything();
+                self.begin_stop();
+            }
+        }
+    }
+
+    fn fail_everything(&mut self) {
+        let mut outcomes = Vec::new();
+        let arena = self.engine.hub.arena().clone();
+        self.engine.hub.fail_all(&mut |o| outcomes.push(Owned::from(o, &arena)));
+        for outcome in outcomes {
+            self.outcome(outcome);
+        }
+        for level in &mut self.waiting {
+            for (ticket, .., answer) in level.drain(..) {
+                (self.discard)(ticket);
+                let _ = answer.send(Err(FlowError::NotRunning));
+            }
+        }
+    }
+
+    /// Stops taking tasks; the flow stops once those in flight are done.
+    fn begin_stop(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        self.accepting = false;
+        self.running.store(false, Ordering::Release);
+        self.engine.hub.stop_accepting();
+        for level in &mut self.waiting {
+            for (ticket, .., answer) in level.drain(..) {
+                (self.discard)(ticket);
+                let _ = answer.send(Err(FlowError::NotRunning));
+            }
+        }
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Submit { ticket, answer, .. } => {
+                    (self.discard)(ticket);
+                    let _ = answer.send(Err(FlowError::NotRunning));
+                }
+                Command::Stop(done) => self.stopping.push(done),
+                Command::Metrics(reply) => {
+                    let _ = reply.send(self.engine.hub.metrics(false));
+                }
+                Command::Cancel { ticket } => (self.discard)(ticket),
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.engine.hub.in_flight() == 0
+    }
+
+    fn kill_all(&mut self) {
+        if let Workers::Processes { children, .. } = &mut self.workers {
+            for child in children.values_mut() {
+                let _ = child.kill();
+            }
+        }
+    }
+
+    /// Asks every worker to exit and waits for them (killing processes that take too long).
+    async fn shutdown(&mut self) {
+        for slot in 0..self.alive.len() {
+            if self.alive[slot] {
+                let _ = self.engine.hub.send_stop(slot);
+            }
+        }
+        match std::mem::replace(&mut self.workers, Workers::Threads(Vec::new())) {
+            Workers::Threads(threads) => {
+                let _ = tokio::task::spawn_blocking(move || {
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
+                })
+                .await;
+            }
+            Workers::Processes { mut children, .. } => {
+                let _ = tokio::task::spawn_blocking(move || {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    for child in children.values_mut() {
+                        while Instant::now() < deadline {
+                            if let Ok(Some(_)) = child.try_wait() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        if let Ok(None) = child.try_wait() {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+        for done in self.stopping.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Why a task failed, owned (outcomes borrow the engine's buffers).
+enum FailureKind {
+    Handler(usize, String),
+    Expired(usize),
+    Died(usize, u32),
+    Stopped,
+    Exhausted(usize),
+}
+
+/// An engine outcome with its bytes copied out of shared memory.
+enum Owned {
+    Done { id: u64, body: Vec<u8> },
+    Failed { id: u64, error: FailureKind },
+    Exited { slot: usize, step: usize, pid: u32 },
+    StartFailed { step: usize, message: String },
+    Ready,
+}
+
+fn bytes(arena: &Arena, payload: Payload<'_>) -> Vec<u8> {
+    match payload {
+        Payload::Inline(b) => b.to_vec(),
+        Payload::Extent(ext) => {
+            let mut out = vec![0; ext.len as usize];
+            let _ = arena.read(&ext, 0, &mut out);
+            let _ = arena.unhold(&ext);
+            out
+        }
+    }
+}
+
+impl Owned {
+    fn from(outcome: Outcome<'_>, arena: &Arena) -> Self {
+        match outcome {
+            Outcome::Done { task_id, body, bufs } => {
+                for b in bufs {
+                    let _ = arena.unhold(&b.extent());
+                }
+                Owned::Done { id: task_id, body: bytes(arena, body) }
+            }
+            Outcome::Failed { task_id, failure } => {
+                let error = match failure {
+                    Failure::Handler { step, body } => {
+                        FailureKind::Handler(step, String::from_utf8_lossy(&bytes(arena, body)).into_owned())
+                    }
+                    Failure::Expired { step } => FailureKind::Expired(step),
+                    Failure::WorkerDied { step, pid } => FailureKind::Died(step, pid),
+                    Failure::Stopped => FailureKind::Stopped,
+                    Failure::ArenaExhausted { step } => FailureKind::Exhausted(step),
+                };
+                Owned::Failed { id: task_id, error }
+            }
+            Outcome::WorkerExited { slot, step, pid } => Owned::Exited { slot, step, pid },
+            Outcome::WorkerStartFailed { step, message, .. } => Owned::StartFailed { step, message },
+            Outcome::WorkerReady { .. } => Owned::Ready,
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Process-mode flows: this test binary re-executes itself as the workers.
+//!
+//! It runs without the libtest harness (a worker process re-runs `main`, which must reach the
+//! flow it serves first). A watchdog fails the binary if a case hangs.
+
+use std::time::{Duration, Instant};
+
+use aqueduct::{BoxError, Flow, FlowError, FlowStep, Handler, RestartPolicy};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Task {
+    x: u64,
+    data: Vec<u8>,
+    sum: Option<u64>,
+    pid: Option<u32>,
+    scaled: Option<u64>,
+}
+
+/// Sums `data`, records its pid; panics on 13, aborts the process on 99.
+#[derive(Clone)]
+struct Sum;
+
+impl Handler<Task> for Sum {
+    fn handle(&mut self, batch: &mut [Task]) -> Result<(), BoxError> {
+        for t in batch.iter_mut() {
+            match t.x {
+                13 => panic!("thirteen is unlucky"),
+                99 => std::process::abort(),
+                _ => {
+                    t.sum = Some(t.data.iter().map(|&b| u64::from(b)).sum());
+                    t.pid = Some(std::process::id());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Scale;
+
+impl Handler<Task> for Scale {
+    fn handle(&mut self, batch: &mut [Task]) -> Result<(), BoxError> {
+        for t in batch.iter_mut() {
+            t.scaled = t.sum.map(|s| s * 10);
+        }
+        Ok(())
+    }
+}
+
+fn builder(name: &str) -> aqueduct::FlowBuilder<Task> {
+    Flow::builder(name)
+        .step(FlowStep::new(Sum).nprocs(2).batch_size(4))
+        .step(FlowStep::new(Scale).handle_condition(|t: &Task| t.x % 2 == 0))
+        .start_timeout(Duration::from_secs(30))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+fn round_trips_with_large_payloads() {
+    runtime().block_on(async {
+        let flow = builder("round_trips_with_large_payloads").start_processes().await.unwrap();
+        let calls: Vec<_> = (100..140u64)
+            .map(|x| {
+                let flow = flow.clone();
+                let data = vec![(x % 7) as u8; if x % 5 == 0 { 3 << 20 } else { 100 }];
+                tokio::spawn(async move { flow.process(Task { x, data, ..Task::default() }).await })
+            })
+            .collect();
+        let mut pids = std::collections::HashSet::new();
+        for (x, call) in (100..140u64).zip(calls) {
+            let done = call.await.unwrap().unwrap();
+            let len = if x % 5 == 0 { 3u64 << 20 } else { 100 };
+            assert_eq!(done.sum, Some(len * (x % 7)));
+            assert_eq!(done.scaled, (x % 2 == 0).then(|| len * (x % 7) * 10));
+            assert_ne!(done.pid, Some(std::process::id()), "handled in a worker process");
+            pids.extend(done.pid);
+        }
+        flow.stop().await;
+        for pid in pids {
+            assert!(!alive(pid), "worker {pid} is gone after stop");
+        }
+    });
+}
+
+fn a_panic_fails_only_its_batch() {
+    runtime().block_on(async {
+        let flow = builder("a_panic_fails_only_its_batch").start_processes().await.unwrap();
+        let before = flow.process(Task { x: 1, ..Task::default() }).await.unwrap().pid;
+        match flow.process(Task { x: 13, ..Task::default() }).await {
+            Err(FlowError::Handler { step, message }) => {
+                assert_eq!(step, "step1_Sum");
+                assert!(message.contains("thirteen is unlucky"), "{message}");
+            }
+            other => panic!("expected a handler error, got {other:?}"),
+        }
+        let mut pids = std::collections::HashSet::new();
+        for x in 0..8 {
+            pids.extend(flow.process(Task { x, ..Task::default() }).await.unwrap().pid);
+        }
+        assert!(pids.contains(&before.unwrap()) || pids.len() == 2, "the workers survived the panic");
+        flow.stop().await;
+    });
+}
+
+fn a_killed_worker_fails_only_its_tasks_and_is_replaced() {
+    runtime().block_on(async {
+        let flow = builder("a_killed_worker_fails_only_its_tasks_and_is_replaced").start_processes().await.unwrap();
+        match flow.process(Task { x: 99, ..Task::default() }).await {
+            Err(FlowError::WorkerDied { step, pid }) => {
+                assert_eq!(step, "step1_Sum");
+                assert!(!alive(pid));
+            }
+            other => panic!("expected a dead worker, got {other:?}"),
+        }
+        for x in 0..6 {
+            assert!(flow.process(Task { x, ..Task::default() }).await.unwrap().sum.is_some());
+        }
+        flow.stop().await;
+    });
+}
+
+fn past_the_restart_policy_the_flow_stops() {
+    runtime().block_on(async {
+        let flow = builder("past_the_restart_policy_the_flow_stops")
+            .restart_policy(RestartPolicy { max_restarts: 1, window: Duration::from_secs(60) })
+            .start_processes()
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            assert!(matches!(flow.process(Task { x: 99, ..Task::default() }).await, Err(FlowError::WorkerDied { .. })));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while flow.is_running() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!flow.is_running(), "the second death within the window stopped the flow");
+        assert_eq!(flow.process(Task { x: 1, ..Task::default() }).await.unwrap_err(), FlowError::NotRunning);
+        flow.stop().await;
+    });
+}
+
+const CASES: &[(&str, fn())] = &[
+    ("round_trips_with_large_payloads", round_trips_with_large_payloads),
+    ("a_panic_fails_only_its_batch", a_panic_fails_only_its_batch),
+    ("a_killed_worker_fails_only_its_tasks_and_is_replaced", a_killed_worker_fails_only_its_tasks_and_is_replaced),
+    ("past_the_restart_policy_the_flow_stops", past_the_restart_policy_the_flow_stops),
+];
+
+fn main() {
+    // A worker process re-runs main: go straight to the case whose flow it serves.
+    if let Some(flow) = aqueduct::process::worker_flow() {
+        if let Some((_, case)) = CASES.iter().find(|(name, _)| *name == flow) {
+            case();
+        }
+        std::process::exit(1);
+    }
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(120));
+        eprintln!("process-mode tests: watchdog expired");
+        std::process::exit(2);
+    });
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let mut failed = 0;
+    for (name, case) in CASES {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let t = Instant::now();
+        let ok = std::panic::catch_unwind(case).is_ok();
+        println!("test {name} ... {} ({:.2?})", if ok { "ok" } else { "FAILED" }, t.elapsed());
+        failed += usize::from(!ok);
+    }
+    if failed > 0 {
+        println!("{failed} process-mode case(s) failed");
+        std::process::exit(1);
+    }
+}
