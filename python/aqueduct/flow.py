@@ -155,6 +155,49 @@ def failure_exception(kind: str, step_name: str, detail) -> Exception:
     return FlowError('the flow was stopped before the task finished')
 
 
+def check_call(priority, priorities: int, timeout_sec) -> None:
+    """Raises ``ValueError`` for a priority or a timeout that ``process()`` cannot take."""
+    if priority.__class__ is not int or not 0 <= priority < priorities:
+        raise ValueError(
+            f'task priority must be an integer in [0, {priorities - 1}] (queue_priorities={priorities}), '
+            f'got {priority!r}'
+        )
+    if timeout_sec.__class__ is not float and (
+        not isinstance(timeout_sec, (int, float)) or isinstance(timeout_sec, bool)
+    ) or not timeout_sec > 0:
+        raise ValueError(f'timeout_sec must be a number of seconds > 0, got {timeout_sec!r}')
+
+
+def entry_step(conditions: List, step_names: List[str], task: BaseTask) -> int | None:
+    """The first step whose ``handle_condition`` takes ``task``, or ``None``."""
+    for i, condition in enumerate(conditions):
+        try:
+            if condition(task):
+                return i
+        except Exception as exc:
+            raise FlowError(f'the handle_condition of {step_names[i]} raised {type(exc).__name__}: {exc}') from exc
+    return None
+
+
+def encode_task(task: BaseTask, pool) -> Tuple[bytes, list]:
+    """The task's wire form (see ``_codec``), or :class:`TaskSerializationError`."""
+    try:
+        return encode(task, pool)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise TaskSerializationError(
+            f'{type(task).__name__} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}'
+        ) from exc
+
+
+def apply_result(task: BaseTask, result: tuple) -> None:
+    """Writes a finished task's ``(body, bufs)`` into the caller's task object."""
+    done, state = decode_state(*result)
+    if state is None:
+        task.update(done)
+    else:
+        task.update_from_state(state)
+
+
 def _resolve(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -233,6 +276,7 @@ class Flow:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader_fd: int | None = None
         self._step_names = [s.handler.get_step_name(i) for i, s in enumerate(self._steps, 1)]
+        self._steps_conditions = [s.handle_condition for s in self._steps]
         self._handler_names = [type(s.handler).__name__ for s in self._steps]
         # Engine task id -> future, and the deadline heap that times them out.
         self._pending: Dict[int, asyncio.Future] = {}
@@ -417,25 +461,12 @@ class Flow:
             if loop is not self._loop:
                 self._bind(loop)
         priority = task.priority
-        if priority.__class__ is not int or not 0 <= priority < self._queue_priorities:
-            raise ValueError(
-                f'task priority must be an integer in [0, {self._queue_priorities - 1}] '
-                f'(queue_priorities={self._queue_priorities}), got {priority!r}'
-            )
-        if timeout_sec.__class__ is not float and (
-            not isinstance(timeout_sec, (int, float)) or isinstance(timeout_sec, bool)
-        ) or not timeout_sec > 0:
-            raise ValueError(f'timeout_sec must be a number of seconds > 0, got {timeout_sec!r}')
+        check_call(priority, self._queue_priorities, timeout_sec)
         task.set_timeout(timeout_sec)
-        step = self._entry_step(task)
+        step = entry_step(self._steps_conditions, self._step_names, task)
         if step is None:
             return True
-        try:
-            body, bufs = encode(task, self._pool)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise TaskSerializationError(
-                f'{type(task).__name__} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}'
-            ) from exc
+        body, bufs = encode_task(task, self._pool)
         deadline = task.expiration_time
         deadline_ns = int(deadline * 1e9)
         future = loop.create_future()
@@ -479,23 +510,8 @@ class Flow:
                 self._outcomes[priority][3] += 1
                 raise
         self._outcomes[priority][0] += 1
-        done, state = decode_state(*result)
-        if state is None:
-            task.update(done)
-        else:
-            task.update_from_state(state)
+        apply_result(task, result)
         return True
-
-    def _entry_step(self, task: BaseTask) -> int | None:
-        for i, step in enumerate(self._steps):
-            try:
-                if step.handle_condition(task):
-                    return i
-            except Exception as exc:
-                raise FlowError(
-                    f'the handle_condition of {self._step_names[i]} raised {type(exc).__name__}: {exc}'
-                ) from exc
-        return None
 
     def _park(self, entry: list, deadline: float) -> None:
         """Puts a submission that found its queue full in line for its step and priority."""

@@ -40,9 +40,8 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import _core, shm
-from .._codec import decode_state, encode
-from ..exceptions import FlowError, NotRunningError, TaskSerializationError, TaskTimeoutError
-from ..flow import Flow, FlowState, failure_exception
+from ..exceptions import FlowError, NotRunningError, TaskTimeoutError
+from ..flow import Flow, FlowState, apply_result, check_call, encode_task, entry_step, failure_exception
 from ..logger import log
 from ..task import BaseTask
 from .flow_server import PROTOCOL_VERSION, FlowSocketServer
@@ -389,10 +388,6 @@ class SocketFlow:
             raise NotRunningError('the SocketFlow is not started: await flow.start() first')
         if isinstance(tasks, BaseTask):
             tasks = [tasks]
-        if timeout_sec.__class__ is not float and (
-            not isinstance(timeout_sec, (int, float)) or isinstance(timeout_sec, bool)
-        ) or not timeout_sec > 0:
-            raise ValueError(f'timeout_sec must be a number of seconds > 0, got {timeout_sec!r}')
         loop = self._loop
         submitted: List[Tuple[BaseTask, asyncio.Future]] = []
         try:
@@ -416,11 +411,7 @@ class SocketFlow:
             if isinstance(result, BaseException):
                 first_error = first_error or result
                 continue
-            done, state = decode_state(*result)
-            if state is None:
-                task.update(done)
-            else:
-                task.update_from_state(state)
+            apply_result(task, result)
         if first_error is not None:
             raise first_error
         return True
@@ -429,20 +420,12 @@ class SocketFlow:
         self, client: _core.PortClient, loop: asyncio.AbstractEventLoop, task: BaseTask, timeout_sec: float
     ) -> Optional[asyncio.Future]:
         priority = task.priority
-        if priority.__class__ is not int or not 0 <= priority < self._priorities:
-            raise ValueError(
-                f'task priority must be an integer in [0, {self._priorities - 1}], got {priority!r}'
-            )
+        check_call(priority, self._priorities, timeout_sec)
         task.set_timeout(timeout_sec)
-        step = self._entry_step(task)
+        step = entry_step(self._conditions, self._step_names, task)
         if step is None:
             return None
-        try:
-            body, bufs = encode(task, self._pool)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise TaskSerializationError(
-                f'{type(task).__name__} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}'
-            ) from exc
+        body, bufs = encode_task(task, self._pool)
         deadline_ns = int(task.expiration_time * 1e9)
         task_id = next(self._ids)
         future = loop.create_future()
@@ -452,17 +435,6 @@ class SocketFlow:
         if self._backlog or not client.submit(*entry):
             self._backlog.append(entry)
         return future
-
-    def _entry_step(self, task: BaseTask) -> Optional[int]:
-        for i, condition in enumerate(self._conditions):
-            try:
-                if condition(task):
-                    return i
-            except Exception as exc:
-                raise FlowError(
-                    f'the handle_condition of {self._step_names[i]} raised {type(exc).__name__}: {exc}'
-                ) from exc
-        return None
 
     def _expire(self, task_id: int) -> None:
         entry = self._pending.pop(task_id, None)
