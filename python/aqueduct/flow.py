@@ -470,45 +470,35 @@ class Flow:
         deadline = task.expiration_time
         deadline_ns = int(deadline * 1e9)
         future = loop.create_future()
+        # [future, step, priority, deadline_ns, body, engine task id once submitted, bufs]
+        entry = [future, step, priority, deadline_ns, body, None, bufs]
         try:
-            task_id = engine.submit(step, priority, deadline_ns, body, bufs)
+            entry[5] = task_id = engine.submit(step, priority, deadline_ns, body, bufs)
         except QueueFullError:
             if self._reject_when_full:
                 raise
             # Backpressure: wait in line (no polling) until a completion frees room in the queue.
-            entry = [future, step, priority, deadline_ns, body, None, bufs]
             self._park(entry, deadline)
-            try:
-                result = await future
-            except asyncio.CancelledError:
-                if entry[5] is not None and self._pending.pop(entry[5], None) is not None and self._engine:
-                    self._engine.cancel(entry[5])
-                self._outcomes[priority][2] += 1
-                raise
-            except TaskTimeoutError:
-                self._outcomes[priority][1] += 1
-                raise
-            except FlowError:
-                self._outcomes[priority][3] += 1
-                raise
         else:
+            entry[4] = entry[6] = None  # the engine has them now
             self._pending[task_id] = future
             self._add_deadline(deadline, task_id)
             if not self._polling:
                 self._start_polling()
-            try:
-                result = await future
-            except asyncio.CancelledError:
-                if self._pending.pop(task_id, None) is not None and self._engine is not None:
-                    self._engine.cancel(task_id)
-                self._outcomes[priority][2] += 1
-                raise
-            except TaskTimeoutError:
-                self._outcomes[priority][1] += 1
-                raise
-            except FlowError:
-                self._outcomes[priority][3] += 1
-                raise
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            submitted = entry[5]
+            if submitted is not None and self._pending.pop(submitted, None) is not None and self._engine is not None:
+                self._engine.cancel(submitted)
+            self._outcomes[priority][2] += 1
+            raise
+        except TaskTimeoutError:
+            self._outcomes[priority][1] += 1
+            raise
+        except FlowError:
+            self._outcomes[priority][3] += 1
+            raise
         self._outcomes[priority][0] += 1
         apply_result(task, result)
         return True
