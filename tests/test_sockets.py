@@ -220,7 +220,7 @@ def test_a_killed_client_leaves_no_shared_memory_and_others_carry_on(socket_path
             for t in tasks:
                 t.share_value('arr')
             pending = asyncio.ensure_future(client.process(tasks, timeout_sec=30))
-            await asyncio.sleep(0.2)  # let the tasks reach the workers
+            await asyncio.sleep(0)  # one turn of the loop: the tasks are submitted
             os.write(write_end, b'x')
             await pending
 
@@ -255,7 +255,7 @@ async def test_a_dead_server_fails_pending_tasks_at_once(socket_path, servers):
     assert flow_processes, 'the zygote and the worker'
     await client.start()
     slow = asyncio.ensure_future(client.process([Task(1, sleep=30)], timeout_sec=60))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0)  # one turn of the loop: the task is submitted
     os.kill(server.pid, signal.SIGKILL)
     with pytest.raises(FlowError, match='flow server .* has gone'):
         await asyncio.wait_for(slow, 10)

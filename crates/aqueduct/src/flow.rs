@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use aqueduct_core::{Engine, Nanos, WorkerEndpoint};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::FlowError;
 use crate::process::{Spawner, WorkerSpec};
@@ -323,7 +323,8 @@ struct Shared<T> {
     codec: Arc<dyn Codec<T>>,
     conditions: Vec<Condition<T>>,
     priorities: usize,
-    running: Arc<AtomicBool>,
+    /// `true` while the flow accepts tasks; the driver sets it.
+    running: watch::Receiver<bool>,
 }
 
 /// A running flow. Cheap to clone: every clone submits to the same flow. The flow stops when
@@ -355,7 +356,7 @@ impl<T: Send + 'static> Flow<T> {
                 codec: Arc::new(SerdeCodecless),
                 conditions: Vec::new(),
                 priorities: builder.priorities,
-                running: Arc::new(AtomicBool::new(false)),
+                running: watch::channel(false).1,
             }),
         }
     }
@@ -365,7 +366,14 @@ impl<T: Send + 'static> Flow<T> {
     }
 
     pub fn is_running(&self) -> bool {
-        self.shared.running.load(Ordering::Acquire)
+        *self.shared.running.borrow()
+    }
+
+    /// Returns once the flow has stopped taking tasks: stopped, or given up after too many
+    /// worker deaths. What a service awaits to exit when its flow is gone.
+    pub async fn stopped(&self) {
+        let mut running = self.shared.running.clone();
+        let _ = running.wait_for(|running| !*running).await;
     }
 
     /// Sends `task` through the steps whose conditions it meets and returns it with the
@@ -436,7 +444,6 @@ impl<T: Send + 'static> Flow<T> {
         if self.shared.commands.send(Command::Stop(tx)).is_ok() {
             let _ = rx.await;
         }
-        self.shared.running.store(false, Ordering::Release);
     }
 }
 
@@ -495,7 +502,7 @@ struct Driver {
     alive: Vec<bool>,
     stopping: Vec<oneshot::Sender<()>>,
     accepting: bool,
-    running: Arc<AtomicBool>,
+    running: watch::Sender<bool>,
     /// Per priority: submissions that found their queue full, in arrival order.
     waiting: Vec<VecDeque<Waiting>>,
 }
@@ -509,7 +516,7 @@ async fn launch<T: Send + 'static>(
     workers: Workers,
 ) -> Result<Flow<T>, FlowError> {
     let (commands, receiver) = mpsc::unbounded_channel();
-    let running = Arc::new(AtomicBool::new(false));
+    let (running, running_rx) = watch::channel(false);
     let discard_codec = codec.clone();
     let slots = engine.hub.slot_count();
     let spin = engine.hub.spin().spin;
@@ -525,7 +532,7 @@ async fn launch<T: Send + 'static>(
         alive: vec![true; slots],
         stopping: Vec::new(),
         accepting: true,
-        running: running.clone(),
+        running,
         waiting: (0..builder.priorities).map(|_| VecDeque::new()).collect(),
     };
     let fd = crate::readiness::watch(driver.engine.fd()).map_err(|e| {
@@ -536,7 +543,7 @@ async fn launch<T: Send + 'static>(
         driver.shutdown().await;
         return Err(e);
     }
-    running.store(true, Ordering::Release);
+    driver.running.send_replace(true);
     tokio::spawn(async move {
         driver.run(&fd).await;
         drop(fd);
@@ -549,7 +556,7 @@ async fn launch<T: Send + 'static>(
             codec,
             conditions: builder.steps.iter().map(|s| s.condition.clone()).collect(),
             priorities: builder.priorities,
-            running,
+            running: running_rx,
         }),
     })
 }
@@ -817,7 +824,7 @@ impl Driver {
             return;
         }
         self.accepting = false;
-        self.running.store(false, Ordering::Release);
+        self.running.send_replace(false);
         self.engine.hub.stop_accepting();
         for level in &mut self.waiting {
             for (ticket, .., answer) in level.drain(..) {

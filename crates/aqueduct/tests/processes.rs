@@ -138,10 +138,7 @@ fn past_the_restart_policy_the_flow_stops() {
         for _ in 0..2 {
             assert!(matches!(flow.process(Task { x: 99, ..Task::default() }).await, Err(FlowError::WorkerDied { .. })));
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while flow.is_running() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(10), flow.stopped()).await.expect("the flow stops");
         assert!(!flow.is_running(), "the second death within the window stopped the flow");
         assert_eq!(flow.process(Task { x: 1, ..Task::default() }).await.unwrap_err(), FlowError::NotRunning);
         flow.stop().await;

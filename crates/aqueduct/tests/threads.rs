@@ -255,9 +255,7 @@ async fn stop_lets_tasks_in_flight_finish_then_refuses_new_ones() {
             let flow = flow.clone();
             async move { flow.stop().await }
         });
-        while flow.is_running() {
-            tokio::task::yield_now().await;
-        }
+        flow.stopped().await;
         assert_eq!(flow.process(task(1)).await.unwrap_err(), FlowError::NotRunning, "refused while stopping");
         gate.open();
         assert_eq!(in_flight.await.unwrap().unwrap().doubled, Some(0), "the task in flight finished");
