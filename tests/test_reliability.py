@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -190,9 +191,10 @@ def _run_script(code: str) -> subprocess.Popen:
 def test_ctrl_c_in_the_main_process_stops_the_flow_cleanly():
     proc = _run_script(
         """
-        import asyncio, os
+        import asyncio, faulthandler, os, signal
         from aqueduct import Flow, FlowStep
         from tests.handlers import Add, Task
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
         async def main():
             flow = Flow(Add(), FlowStep(Add(), nprocs=2))
             flow.start(timeout=30)
@@ -207,7 +209,13 @@ def test_ctrl_c_in_the_main_process_stops_the_flow_cleanly():
         tree = [c.pid for c in psutil.Process(pid).children(recursive=True)]
         assert len(tree) >= 4
         os.kill(pid, signal.SIGINT)
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            raise AssertionError('the main process did not exit within 20 s of Ctrl-C') from None
         _, alive = psutil.wait_procs([psutil.Process(p) for p in tree if psutil.pid_exists(p)], timeout=5)
         running = [p for p in alive if _running(p)]
         assert not running, f'workers left behind after Ctrl-C: {running}'
