@@ -195,6 +195,9 @@ def test_ctrl_c_in_the_main_process_stops_the_flow_cleanly():
         from aqueduct import Flow, FlowStep
         from tests.handlers import Add, Task
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+        # An interactive program's Ctrl-C: a test runner started in the background (as CI may
+        # be) hands its children SIGINT ignored, and then Python installs no handler for it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         async def main():
             flow = Flow(Add(), FlowStep(Add(), nprocs=2))
             flow.start(timeout=30)
