@@ -161,18 +161,13 @@ def gunicorn(app: str, chdir: str, worker_class: str, port: int, tmp_path: Path)
     ]  # fmt: skip
 
 
-def test_aiohttp_example_shared_by_two_gunicorn_workers(tmp_path):
+@pytest.mark.parametrize(
+    ('example', 'worker_class'),
+    [('examples/aiohttp', 'aiohttp.GunicornWebWorker'), ('examples/fastapi', 'uvicorn.workers.UvicornWorker')],
+)
+def test_example_shared_by_two_gunicorn_workers(example, worker_class, tmp_path):
     port = free_port()
-    args = gunicorn('shared:app', 'examples/aiohttp', 'aiohttp.GunicornWebWorker', port, tmp_path)
-    env = {'_SOCKET_PATH': str(tmp_path / 'flow.sock')}
-    with serve(args, port, env) as base:
-        served = check_service(base, expect_metrics=False)
-    assert len(served) == 2, f'both web workers answered: {served}'
-
-
-def test_fastapi_example_shared_by_two_gunicorn_uvicorn_workers(tmp_path):
-    port = free_port()
-    args = gunicorn('shared:app', 'examples/fastapi', 'uvicorn.workers.UvicornWorker', port, tmp_path)
+    args = gunicorn('shared:app', example, worker_class, port, tmp_path)
     env = {'_SOCKET_PATH': str(tmp_path / 'flow.sock')}
     with serve(args, port, env) as base:
         served = check_service(base, expect_metrics=False)

@@ -539,11 +539,7 @@ class Flow:
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Watches the engine from ``loop`` (the loop may change, e.g. one per test)."""
-        if self._loop is not None and self._reader_fd is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self._reader_fd)
-            except (RuntimeError, ValueError):
-                pass
+        self._stop_watching()
         self._loop = loop
         self._loop_thread = get_ident()
         self._reader_fd = self._engine.fileno()
@@ -879,6 +875,15 @@ class Flow:
         self._teardown(kill=True)
         log.info('Flow was stopped')
 
+    def _stop_watching(self) -> None:
+        """Takes the engine's descriptor out of the event loop it was watched from."""
+        if self._loop is not None and self._reader_fd is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._reader_fd)
+            except (RuntimeError, ValueError):
+                pass
+        self._reader_fd = None
+
     def _hand_over(self) -> None:
         """In the process that started the flow, after a process forked from it took the flow
         over (``aqueduct.sockets``): forgets the flow without touching its workers, which now
@@ -887,12 +892,7 @@ class Flow:
             self._export_timer.cancel()
             self._export_timer = None
         self._close_stats_server()
-        if self._loop is not None and self._reader_fd is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self._reader_fd)
-            except (RuntimeError, ValueError):
-                pass
-        self._reader_fd = None
+        self._stop_watching()
         if self._launcher is not None:
             self._launcher.detach()
         if self._engine is not None:
@@ -925,11 +925,7 @@ class Flow:
                 for outcome in engine.wait(0.1):
                     if outcome[0] == 2 and outcome[4] == 'exited':
                         self._on_exited(outcome[1])
-            if self._loop is not None and self._reader_fd is not None and not self._loop.is_closed():
-                try:
-                    self._loop.remove_reader(self._reader_fd)
-                except (RuntimeError, ValueError):
-                    pass
+            self._stop_watching()
         if self._launcher is not None:
             self._launcher.close()
         for future in [*self._pending.values(), *(entry[0] for entry in self._parked.values())]:

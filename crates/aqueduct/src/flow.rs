@@ -177,7 +177,8 @@ impl<T: Send + 'static> FlowBuilder<T> {
             return Ok(Flow::inert(&self));
         }
         let cfg = self.config()?;
-        let pool = Arc::new(Arena::create(ArenaLayout::new(64 << 10, 1 << 16, 2 + cfg.steps.len() * 64), 0)?);
+        // Thread mode moves 8-byte keys: the pool only has to exist.
+        let pool = pool_for(&cfg, 64 << 10)?;
         let mut engine = Engine::new(&cfg, pool.clone())?;
         let store = Arc::new(Store::new());
         let mut threads = Vec::new();
@@ -226,7 +227,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> FlowBuilder<T> {
             std::process::exit(code);
         }
         let cfg = self.config()?;
-        let pool = Arc::new(Arena::create(ArenaLayout::new(self.pool_size, 1 << 16, 2 + cfg.steps.len() * 64), 0)?);
+        let pool = pool_for(&cfg, self.pool_size)?;
         let mut engine = Engine::new(&cfg, pool.clone())?;
         let pool_fd = pool.region().fd().ok_or_else(|| FlowError::Engine("the pool is not a memfd".into()))?;
         let spawner = Spawner::new(&self.name, engine.region_fd(), engine.doorbell_fd(), pool_fd)?;
@@ -240,6 +241,13 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> FlowBuilder<T> {
             Workers::Processes { spawner, pool, children, restarts: vec![VecDeque::new(); cfg.steps.len()], restart };
         launch(self, engine, codec, workers).await
     }
+}
+
+/// The flow's shared-memory pool: `bytes` of payload, process indices for this process and
+/// every worker (a dead worker's index is released before its replacement takes one).
+fn pool_for(cfg: &HubConfig, bytes: usize) -> Result<Arc<Arena>, FlowError> {
+    let workers: usize = cfg.steps.iter().map(|s| s.nprocs).sum();
+    Ok(Arc::new(Arena::create(ArenaLayout::new(bytes, 1 << 16, workers + 1), 0)?))
 }
 
 fn spawn_process(
@@ -353,7 +361,7 @@ impl<T: Send + 'static> Flow<T> {
             shared: Arc::new(Shared {
                 name: builder.name.clone(),
                 commands,
-                codec: Arc::new(SerdeCodecless),
+                codec: Arc::new(NoCodec),
                 conditions: Vec::new(),
                 priorities: builder.priorities,
                 running: watch::channel(false).1,
@@ -447,10 +455,10 @@ impl<T: Send + 'static> Flow<T> {
     }
 }
 
-/// The codec of an inert flow: never used (an inert flow accepts no task).
-struct SerdeCodecless;
+/// The codec of an inert flow, which accepts no task.
+struct NoCodec;
 
-impl<T> Codec<T> for SerdeCodecless {
+impl<T> Codec<T> for NoCodec {
     fn encode(&self, _task: T) -> Result<(u64, Vec<u8>), FlowError> {
         Err(FlowError::NotRunning)
     }
@@ -875,23 +883,21 @@ impl Driver {
                 })
                 .await;
             }
-            Workers::Processes { mut children, .. } => {
-                let _ = tokio::task::spawn_blocking(move || {
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    for child in children.values_mut() {
-                        while Instant::now() < deadline {
-                            if let Ok(Some(_)) = child.try_wait() {
-                                break;
-                            }
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        if let Ok(None) = child.try_wait() {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                        }
+            Workers::Processes { children, .. } => {
+                // Each worker exits after its current batch; one that has not within the grace
+                // period is killed. The reaping thread ends either way.
+                let pids: Vec<u32> = children.values().map(Child::id).collect();
+                let mut reaping = tokio::task::spawn_blocking(move || {
+                    for mut child in children.into_values() {
+                        let _ = child.wait();
                     }
-                })
-                .await;
+                });
+                if tokio::time::timeout(Duration::from_secs(5), &mut reaping).await.is_err() {
+                    for pid in pids.iter().filter_map(|&p| rustix::process::Pid::from_raw(p as i32)) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                    let _ = reaping.await;
+                }
             }
         }
         for done in self.stopping.drain(..) {

@@ -32,6 +32,7 @@ import atexit
 import itertools
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -106,8 +107,6 @@ class FlowServerProcess:
                 if remaining == 0.0:
                     return None
                 if pidfd is not None:
-                    import select
-
                     select.select([pidfd], [], [], remaining)
                 else:
                     return None
@@ -174,10 +173,9 @@ def _fork_server(server: FlowSocketServer, flow: Flow, timeout: Optional[float])
     # The server starts the flow (each worker's on_start) before it answers, with 'ok' or
     # with why it failed; if it dies instead, the pipe reports the end of file.
     try:
-        chunks = [os.read(read_end, 4096)]
+        answer = os.read(read_end, 4096).decode(errors='replace')
     finally:
         os.close(read_end)
-    answer = b''.join(chunks).decode(errors='replace')
     if answer != 'ok':
         process.join(5.0)
         raise FlowError(f'the flow server failed to start: {answer or "it exited"}')

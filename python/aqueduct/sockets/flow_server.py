@@ -74,6 +74,8 @@ class FlowSocketServer:
         self._start_timeout = start_timeout
         self._listener: Optional[socket.socket] = None
         self._clients: Dict[int, _Client] = {}
+        #: Clients that disconnected, by pidfd, until their process exits and is reaped.
+        self._detached_alive: Dict[int, _Client] = {}
         self._closing: Optional[asyncio.Event] = None
         self._hurry: Optional[asyncio.Event] = None
         self._detached: Optional[asyncio.Event] = None
@@ -182,6 +184,12 @@ class FlowSocketServer:
         await self._flow.stop()
         for client in list(self._clients.values()):
             self._drop(client, loop)
+        # Clients that detached but still run keep their shared memory (they may hold results);
+        # it goes when the last process mapping the pool exits.
+        for pidfd in list(self._detached_alive):
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        self._detached_alive.clear()
         log.info('Flow server on %s stopped', self._socket_path)
 
     def _close_listener(self) -> None:
@@ -311,11 +319,12 @@ class FlowSocketServer:
         if pool is None:
             os.close(client.pidfd)
             return
+        self._detached_alive[client.pidfd] = client
         loop.add_reader(client.pidfd, self._reap, client, pool, loop)
 
-    @staticmethod
-    def _reap(client: _Client, pool, loop: asyncio.AbstractEventLoop) -> None:
+    def _reap(self, client: _Client, pool, loop: asyncio.AbstractEventLoop) -> None:
         """The client process exited: undo every reference it still held."""
+        self._detached_alive.pop(client.pidfd, None)
         loop.remove_reader(client.pidfd)
         os.close(client.pidfd)
         freed = pool.reap(client.index)
