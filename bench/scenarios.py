@@ -116,6 +116,19 @@ class ArrayTailHandler(BaseTaskHandler):
             task.tail = int(task.arr[-1])
 
 
+class ArrayMeanHandler(BaseTaskHandler):
+    """Real work on the whole array (a mean over 16 MiB costs a few ms), the kind of
+    pass a preprocessing step makes; the result goes into ``field``."""
+
+    def __init__(self, field: str):
+        super().__init__()
+        self.field = field
+
+    def handle(self, *tasks: ArrayTask) -> None:
+        for task in tasks:
+            setattr(task, self.field, float(task.arr.mean()))
+
+
 class SleepBatchHandler(BaseTaskHandler):
     """Simulates a batched model call: fixed cost plus a per-item cost."""
 
@@ -467,6 +480,55 @@ async def payload_16mb_2step_shared(quick: bool) -> dict[str, Any]:
     return await _payload(quick, 16, shared=True)
 
 
+async def payload_16mb_2step_work(quick: bool) -> dict[str, Any]:
+    """A 16 MiB array through 2 steps that each read all of it (``arr.mean()``), no
+    ``share_value``: how close the flow gets to what the handlers' own cost allows.
+
+    The handler's cost is timed in this process on the same array first. With one
+    process per step the ideal is one task per slowest step's handler time, unless the
+    handlers' total work exceeds the CPUs."""
+    in_flight = 4
+    base = (np.arange(16 * 2**20, dtype=np.int64) % 251).astype(np.uint8)
+    expected = float(base.mean())
+    handler_s = min(_time_call(lambda: float(base.mean())) for _ in range(7))
+    cpus = os.cpu_count() or 1
+    ideal = min(1.0 / handler_s, cpus / (2 * handler_s))
+    max_tasks, max_seconds = scaled(quick, (20_000, 1.5), (100_000, 4.0))
+
+    def check(task: ArrayTask) -> bool:
+        return task.head == expected and task.tail == expected
+
+    running = RunningFlow(FlowStep(ArrayMeanHandler("head")), FlowStep(ArrayMeanHandler("tail")))
+    async with running as flow:
+        await drive(flow, lambda _: ArrayTask(base), in_flight=in_flight, max_tasks=8, max_seconds=1.0, check=check)
+        stats = await drive(
+            flow,
+            lambda _: ArrayTask(base),
+            in_flight=in_flight,
+            max_tasks=max_tasks,
+            max_seconds=max_seconds,
+            check=check,
+        )
+    return result(
+        "throughput",
+        round(stats.rate, 2),
+        "tasks/s",
+        "higher",
+        handler_ms=round(handler_s * 1e3, 3),
+        ideal_rate=round(ideal, 1),
+        efficiency_pct=round(100 * stats.rate / ideal, 1),
+        in_flight=in_flight,
+        **stats.as_extra(),
+        **running.timings(),
+    )
+
+
+def _time_call(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 async def _batching(quick: bool, batch_timeout: float) -> dict[str, Any]:
     """One batched step (batch_size=16) saturated by 64 concurrent callers."""
     in_flight = 64
@@ -808,7 +870,12 @@ async def socketflow_throughput_64(quick: bool) -> dict[str, Any]:
     try:
         await drive(None, num_task, in_flight=64, max_tasks=256, max_seconds=0.5, check=check_plus_one, submit=submit)
         stats = await drive(
-            None, num_task, in_flight=64, max_tasks=max_tasks, max_seconds=max_seconds, check=check_plus_one,
+            None,
+            num_task,
+            in_flight=64,
+            max_tasks=max_tasks,
+            max_seconds=max_seconds,
+            check=check_plus_one,
             submit=submit,
         )
     finally:
@@ -836,6 +903,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
         payload_16mb_2step,
         payload_1mb_2step_shared,
         payload_16mb_2step_shared,
+        payload_16mb_2step_work,
         batching_t0,
         batching_t10ms,
         cpu_2ms_nprocs2,
