@@ -4,9 +4,9 @@ pipelines, with a Rust engine underneath.
     from aqueduct import Flow, FlowStep, BaseTask, BaseTaskHandler
 """
 
-from .flow import Flow, FlowState, FlowStep
+from .flow import Flow, FlowState, FlowStep, RestartPolicy
 from .handler import BaseTaskHandler
 from .logger import log
 from .task import BaseTask
 
-__all__ = ['BaseTask', 'BaseTaskHandler', 'Flow', 'FlowState', 'FlowStep', 'log']
+__all__ = ['BaseTask', 'BaseTaskHandler', 'Flow', 'FlowState', 'FlowStep', 'RestartPolicy', 'log']

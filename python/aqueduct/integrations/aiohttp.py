@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Dict, Optional
+import warnings
+from typing import Any, Dict, Optional
 
 from aiohttp import web
 
@@ -48,7 +49,7 @@ class AppIntegrator:
         if AQUEDUCT_FLOW_NAMES in app:
             raise RuntimeError('AppIntegrator can be created only once. Reuse existing AppIntegrator.')
         self._app = app
-        app[AQUEDUCT_FLOW_NAMES] = []
+        _set(app, AQUEDUCT_FLOW_NAMES, [])
         app.on_startup.append(self._attach_flows)
         if exit_on_fail:
             app.on_startup.append(self._start_observer)
@@ -73,7 +74,7 @@ class AppIntegrator:
         if with_start:
             flow.start(timeout=get_start_timeout())
         self._app[AQUEDUCT_FLOW_NAMES].append(flow_name)
-        self._app[flow_name] = flow
+        _set(self._app, flow_name, flow)
 
     def _flows(self) -> Dict[str, Flow]:
         return {name: self._app[name] for name in self._app[AQUEDUCT_FLOW_NAMES]}
@@ -84,7 +85,7 @@ class AppIntegrator:
                 flow.attach()
 
     async def _start_observer(self, app: web.Application) -> None:
-        app[FLOWS_OBSERVER] = asyncio.ensure_future(exit_when_stopped(self._flows()))
+        _set(app, FLOWS_OBSERVER, asyncio.ensure_future(exit_when_stopped(self._flows())))
 
     async def _stop_observer(self, app: web.Application) -> None:
         app[FLOWS_OBSERVER].cancel()
@@ -96,6 +97,17 @@ class AppIntegrator:
     async def _health(self, request: web.Request) -> web.Response:
         status, body = health_payload(self._flows())
         return web.json_response(body, status=status)
+
+
+def _set(app: web.Application, key: str, value: Any) -> None:
+    """Stores ``value`` under a string key: handlers written for 1.15 read ``app['flow']``, so
+    the keys stay strings, and the warning newer aiohttp gives for string keys is not the
+    user's to see."""
+    with warnings.catch_warnings():
+        not_app_key = getattr(web, 'NotAppKeyWarning', None)
+        if not_app_key is not None:
+            warnings.simplefilter('ignore', not_app_key)
+        app[key] = value
 
 
 class _LiveFlows(dict):
