@@ -146,6 +146,17 @@ class Describe(BaseTaskHandler):
                 t.checksum = sum(a[:: max(1, len(a) // 1000)])
 
 
+class Echo(BaseTaskHandler):
+    """Sends back a private copy of ``task.arr`` made in the worker, and its dtype and shape."""
+
+    def handle(self, *tasks) -> None:
+        import numpy as np
+
+        for t in tasks:
+            t.copy = np.array(t.arr, copy=True)
+            t.seen = (t.arr.dtype, t.arr.shape)
+
+
 class MakeOutput(BaseTaskHandler):
     """Creates a new array and shares it from the worker."""
 

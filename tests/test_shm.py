@@ -13,12 +13,27 @@ import warnings
 import numpy as np
 import pytest
 from aqueduct import FlowStep, shm
+from aqueduct._codec import encode
 from aqueduct.exceptions import SharedMemoryExhaustedError, WorkerDiedError
 
 from .conftest import children
-from .handlers import ArrayTask, Describe, HoldAndDie, MakeOutput, Task, Triple
+from .handlers import ArrayTask, Describe, Echo, HoldAndDie, MakeOutput, Task, Triple
 
-DTYPES = ['uint8', 'int8', 'int16', 'uint16', 'int32', 'int64', 'float16', 'float32', 'float64', 'complex64', 'bool']
+DTYPES = [
+    'uint8', 'int8', 'int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64',
+    'float16', 'float32', 'float64', 'longdouble', 'complex64', 'complex128', 'bool',
+]  # fmt: skip
+# Dtypes that are not numbers, and empty arrays.
+OTHER_ARRAYS = {
+    'structured': np.array([(i, i / 2, b'ab') for i in range(300)], dtype=[('id', 'i4'), ('w', 'f8'), ('tag', 'S2')]),
+    'bytes-strings': np.array([b'abc', b'de'] * 200, dtype='S3'),
+    'unicode': np.array(['αβγ', 'x'] * 200, dtype='<U3'),
+    'datetime64': np.arange(500).astype('datetime64[s]'),
+    'timedelta64': np.arange(500).astype('timedelta64[ms]'),
+    'empty': np.zeros(0),
+    'empty-2d': np.zeros((0, 3), dtype=np.uint8),
+    'empty-fortran': np.asfortranarray(np.zeros((4, 0, 2), dtype=np.int16)),
+}
 
 
 def pool_used() -> int:
@@ -110,6 +125,19 @@ async def test_every_dtype_and_memory_order_round_trips(make_flow, dtype, order,
     del t
 
 
+@pytest.mark.parametrize('name', OTHER_ARRAYS)
+async def test_other_dtypes_and_empty_arrays_round_trip(make_flow, name, baseline):
+    flow = make_flow(Echo())
+    arr = OTHER_ARRAYS[name]
+    t = ArrayTask(arr.copy(order='K'))
+    t.share_value('arr')
+    assert t.arr.dtype == arr.dtype and t.arr.shape == arr.shape and np.array_equal(t.arr, arr)
+    await flow.process(t)
+    assert t.seen == (arr.dtype, arr.shape)
+    assert t.copy.dtype == arr.dtype and np.array_equal(t.copy, arr)
+    del t
+
+
 @pytest.mark.parametrize('kind', [bytes, bytearray])
 async def test_bytes_and_bytearray_can_be_shared(make_flow, kind, baseline):
     flow = make_flow(Describe())
@@ -190,11 +218,27 @@ async def test_small_arrays_stay_inline(make_flow, baseline):
     assert shm.pool().locate(t.arr) is None
 
 
-def test_the_threshold_is_configurable():
+def out_of_band(value) -> int:
+    """How many buffers a task holding ``value`` sends out of band, through the pool."""
+    _, buffers = encode(ArrayTask(value))
+    return len(buffers)
+
+
+def test_large_bytes_travel_out_of_band_and_small_ones_inline(baseline):
+    assert out_of_band(os.urandom(shm.threshold())) == 1
+    assert out_of_band(os.urandom(shm.threshold() - 1)) == 0
+    # A bytearray is pickled inline, as pickle does; share_value places it in the pool.
+    assert out_of_band(bytearray(shm.threshold())) == 0
+
+
+def test_the_threshold_is_configurable(baseline):
     old = shm.threshold()
+    arr = np.zeros(4096, dtype=np.uint8)
     try:
+        assert out_of_band(arr) == 0
         shm.configure(threshold=1024)
         assert shm.threshold() == 1024
+        assert out_of_band(arr) == 1
         with pytest.raises(ValueError):
             shm.configure(threshold=-1)
         with pytest.raises(RuntimeError, match='already exists'):

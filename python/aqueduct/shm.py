@@ -1,9 +1,10 @@
 """Shared memory: the process-wide pool that large payloads travel through.
 
 One pool (a memfd, so nothing named in ``/dev/shm`` and nothing a SIGKILL can leak) serves
-every flow of the main process and all their workers. Numpy arrays, ``bytearray`` objects and
-``bytes`` fields at or above the threshold travel out of band through it: one copy in, then only
-descriptors move between steps and back (pickle protocol 5 buffers). ``task.share_value(field)``
+every flow of the main process and all their workers. Numpy arrays and ``bytes`` fields at or
+above the threshold travel out of band through it: one copy in, then only descriptors move
+between steps and back (pickle protocol 5 buffers). A ``bytearray`` is pickled inline unless it
+is shared with ``share_value``. ``task.share_value(field)``
 places a field in the pool ahead of time, so that a handler's in-place changes are seen by the
 caller.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 from random import getrandbits
@@ -47,7 +48,9 @@ class SharedValue:
             import numpy as np
 
             dtype, shape, order = self.meta
-            return np.frombuffer(self.buf, dtype=dtype).reshape(shape, order=order)
+            # The buffer is at least one byte (the pool has no empty extents): count the
+            # elements, so that an empty array is read as empty.
+            return np.frombuffer(self.buf, dtype=dtype, count=math.prod(shape)).reshape(shape, order=order)
         view = memoryview(self.buf)[: self.meta[0]]
         if self.kind == 'bytes' or (received and self.kind == 'memoryview'):
             return bytes(view)
