@@ -245,8 +245,17 @@ async def test_spawn_with_an_unpicklable_handler_fails_start_clearly():
     handler = LocalHandler()
     handler.lock = __import__('threading').Lock()  # locks cannot be pickled
     flow = Flow(handler, mp_start_method='spawn')
-    with pytest.raises(FlowError, match='cannot be pickled'):
+    with pytest.raises(FlowError, match='its handler cannot be pickled'):
         flow.start(timeout=30)
+    assert children() == []
+
+
+async def test_spawn_with_an_unpicklable_condition_fails_start_clearly():
+    # The first step's condition runs in the caller; a later step's travels to the workers.
+    flow = Flow(Add(), FlowStep(Add(), handle_condition=lambda task: True), mp_start_method='spawn')
+    with pytest.raises(FlowError, match='cannot be pickled') as caught:
+        flow.start(timeout=30)
+    assert 'the handle_condition of step2_Add cannot be pickled' in str(caught.value)
     assert children() == []
 
 

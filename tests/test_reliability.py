@@ -20,6 +20,7 @@ from aqueduct.exceptions import (
     HandlerError,
     QueueFullError,
     TaskSerializationError,
+    TaskTimeoutError,
     WorkerDiedError,
 )
 from aqueduct.flow import RestartPolicy
@@ -100,6 +101,15 @@ async def test_a_full_queue_waits_or_rejects_by_policy(make_flow):
     waiting = make_flow(Sleep(0.05), queue_size=1)
     results = await asyncio.gather(*(waiting.process(Task(i), timeout_sec=30) for i in range(30)))
     assert results == [True] * 30, 'with the default policy everyone waits their turn'
+    # A call that finds no room waits only until its own deadline, and says why it failed.
+    # 16 calls of 0.1 s each: the worker holds 9 (one running, 8 sent ahead), the queue 1, and 6
+    # wait for room ahead of the last call, longer than its 0.2 s.
+    slow = make_flow(Sleep(0.1), queue_size=1)
+    held = [asyncio.ensure_future(slow.process(Task(i), timeout_sec=30)) for i in range(16)]
+    await asyncio.sleep(0)  # one pass of the loop: the held calls submit first
+    with pytest.raises(TaskTimeoutError, match='queue stayed full'):
+        await slow.process(Task(99), timeout_sec=0.2)
+    assert await asyncio.gather(*held) == [True] * 16
     rejecting = make_flow(Sleep(0.2), queue_size=1, queue_full='reject')
     outcomes = await asyncio.gather(*(rejecting.process(Task(i)) for i in range(20)), return_exceptions=True)
     rejected = [o for o in outcomes if isinstance(o, QueueFullError)]
@@ -141,17 +151,18 @@ async def test_a_handle_condition_that_raises_names_itself(start_method):
         await later.stop()
 
 
-async def test_workers_restore_the_default_sigterm_handler(start_method):
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what a web server might install
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+async def test_workers_restore_the_default_sigterm_and_sigint_handlers(start_method, signum):
+    previous = signal.signal(signum, signal.SIG_IGN)  # what a web server might install
     try:
         flow = Flow(Die(), mp_start_method=start_method)
         flow.start(timeout=30)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
     try:
         first = Task(0)
         await flow.process(first)
-        os.kill(first.result[0], signal.SIGTERM)
+        os.kill(first.result[0], signum)
         await _until(lambda: flow.health()['steps'][0]['deaths'] == 1)
         again = Task(1)
         await flow.process(again, timeout_sec=20)

@@ -189,12 +189,24 @@ class MultiprocessingLauncher(Launcher):
             proc.start()
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise FlowError(
-                f'cannot start {step_name} with mp_start_method={self._method!r}: its handler or a '
-                f'handle_condition cannot be pickled ({type(exc).__name__}: {exc}). Define handlers '
-                f'and conditions at module level, or use mp_start_method="fork".'
+                f'cannot start {step_name} with mp_start_method={self._method!r}: '
+                f'{self._unpicklable(handler, routes)} cannot be pickled ({type(exc).__name__}: {exc}). '
+                f'Define handlers and conditions at module level, or use mp_start_method="fork".'
             ) from exc
         self._procs[proc.pid] = proc
         return proc.pid
+
+    def _unpicklable(self, handler: BaseTaskHandler, routes: _worker.Routes) -> str:
+        """Names what a worker of this step would receive and cannot: its handler, or the
+        ``handle_condition`` of a later step (a step's worker routes its results onwards)."""
+        candidates = [('its handler', handler)]
+        candidates += [(f'the handle_condition of {self._plans[j][1]}', condition) for j, condition in routes]
+        for what, value in candidates:
+            try:
+                pickle.dumps(value)
+            except Exception:  # noqa: BLE001 - any failure names the culprit
+                return what
+        return 'its handler or a handle_condition'
 
     def reap(self, pid: int) -> None:
         proc = self._procs.pop(pid, None)
