@@ -81,9 +81,9 @@ async def test_timeout_raises_a_flow_error_that_mentions_it(make_flow):
 async def test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped(make_flow):
     flow = make_flow(Sleep(0.3))
     busy = asyncio.ensure_future(flow.process(Task(1)))
-    await asyncio.sleep(0.05)  # let the first task reach the worker
+    await asyncio.sleep(0)  # one pass of the loop: the call submits, and the idle worker gets it
     doomed = asyncio.ensure_future(flow.process(Task(2)))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the second call is submitted while the worker is busy
     doomed.cancel()
     with pytest.raises(asyncio.CancelledError):
         await doomed
@@ -96,7 +96,7 @@ async def test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped(m
 async def test_graceful_stop_finishes_tasks_in_flight(make_flow):
     flow = make_flow(FlowStep(Sleep(0.2), nprocs=2))
     calls = [asyncio.ensure_future(flow.process(Task(i))) for i in range(4)]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one pass of the loop: every call is submitted
     await flow.stop(graceful=True)
     results = await asyncio.gather(*calls)
     assert results == [True] * 4
@@ -106,7 +106,7 @@ async def test_graceful_stop_finishes_tasks_in_flight(make_flow):
 async def test_non_graceful_stop_fails_every_pending_call(make_flow):
     flow = make_flow(Sleep(5.0))
     calls = [asyncio.ensure_future(flow.process(Task(i), timeout_sec=30)) for i in range(3)]
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0)  # one pass of the loop: every call is submitted
     await flow.stop(graceful=False)
     for call in calls:
         with pytest.raises(FlowError):
@@ -159,12 +159,12 @@ async def test_batch_size_is_an_upper_bound_and_timeout_zero_takes_what_is_queue
 
 
 async def test_batch_timeout_fills_a_batch_from_the_first_task(make_flow):
-    flow = make_flow(FlowStep(Sleep(0.0), batch_size=8, batch_timeout=0.3))
-    first = asyncio.ensure_future(flow.process(Task(0)))
-    await asyncio.sleep(0.05)
-    rest = [asyncio.ensure_future(flow.process(Task(i))) for i in range(1, 3)]
-    await asyncio.gather(first, *rest)
-    # Three tasks arrived within the timeout of the first: one batch, not full.
+    flow = make_flow(FlowStep(Sleep(0.0), batch_size=8, batch_timeout=0.5))
+    early = [Task(i) for i in range(3)]
+    first = asyncio.ensure_future(flow.process(early[0]))
+    await asyncio.sleep(0.05)  # the scenario: two more tasks arrive 50 ms after the first
+    await asyncio.gather(first, *(flow.process(t) for t in early[1:]))
+    assert [t.batch for t in early] == [3, 3, 3], 'arrivals within the timeout share one batch, not full'
     full = [Task(i) for i in range(8)]
     await asyncio.gather(*(flow.process(t) for t in full))
     assert {t.batch for t in full} == {8}, 'a full batch leaves without waiting for the timeout'
@@ -182,7 +182,7 @@ async def test_higher_priority_is_served_first(make_flow):
     flow = make_flow(FlowStep(Sleep(0.0)), queue_priorities=3)
     blocker = Task(0, sleep=0.3)
     running = asyncio.ensure_future(flow.process(blocker))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0)  # one pass of the loop: the blocker goes to the idle worker
     low, high = Task(1), Task(2)
     low.set_priority(0)
     high.set_priority(2)

@@ -20,19 +20,34 @@ from .handlers import Add, Die, Nap, RaiseOdd, Task
 
 
 class FakeStatsD:
-    """A StatsD buffer that remembers every call."""
+    """A StatsD buffer that remembers every call, and counts the exporter's rounds (each ends
+    with the ``processes.running`` count)."""
 
     def __init__(self):
         self.calls = defaultdict(list)
+        self.rounds = 0
+        self._round_done = asyncio.Event()
 
     def count(self, name, value):
         self.calls[('count', name)].append(value)
+        if name.endswith('processes.running'):
+            self.rounds += 1
+            self._round_done.set()
 
     def timing(self, name, value):
         self.calls[('timing', name)].append(value)
 
     def gauge(self, name, value):
         self.calls[('gauge', name)].append(value)
+
+    async def exported(self) -> None:
+        """Returns after two more export rounds: everything recorded before the call (a round
+        may have been under way) has been exported."""
+        target = self.rounds + 2
+        async with asyncio.timeout(10):
+            while self.rounds < target:
+                self._round_done.clear()
+                await self._round_done.wait()
 
     def names(self, kind):
         return {name for k, name in self.calls if k == kind}
@@ -48,7 +63,12 @@ async def test_statsd_names_and_values_are_those_of_aqueduct_1_15(make_flow):
         await flow.process(Task(1))
     with pytest.raises(FlowError, match='[Tt]imeout'):
         await flow.process(Task(0), timeout_sec=0.002)  # less than the 10 ms handler
-    await asyncio.sleep(0.2)  # two export periods
+    cancelled = asyncio.ensure_future(flow.process(Task(4)))
+    await asyncio.sleep(0)  # one pass of the loop: the call is submitted
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await statsd.exported()
     timings, counts = statsd.names('timing'), statsd.names('count')
     assert {
         'aqueduct.app.handle_time.step1_Nap',
@@ -70,6 +90,7 @@ async def test_statsd_names_and_values_are_those_of_aqueduct_1_15(make_flow):
     assert sum(statsd.calls[('count', 'aqueduct.app.tasks.complete')]) == 20
     assert sum(statsd.calls[('count', 'aqueduct.app.tasks.error')]) == 1
     assert sum(statsd.calls[('count', 'aqueduct.app.tasks.timeout')]) == 1
+    assert sum(statsd.calls[('count', 'aqueduct.app.tasks.cancel')]) == 1
     assert 'aqueduct.app.processes.running' in counts
 
 
@@ -79,7 +100,7 @@ async def test_deaths_and_restarts_are_counted(make_flow):
     with pytest.raises(WorkerDiedError):
         await flow.process(Task(0, die='kill'), timeout_sec=20)
     await flow.process(Task(1), timeout_sec=20)
-    await asyncio.sleep(0.15)
+    await statsd.exported()
     assert sum(statsd.calls[('count', 'aqueduct.processes.dead')]) == 1
     assert sum(statsd.calls[('count', 'aqueduct.processes.restarted')]) == 1
 

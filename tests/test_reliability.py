@@ -107,6 +107,8 @@ async def test_a_full_queue_waits_or_rejects_by_policy(make_flow):
     slow = make_flow(Sleep(0.1), queue_size=1)
     held = [asyncio.ensure_future(slow.process(Task(i), timeout_sec=30)) for i in range(16)]
     await asyncio.sleep(0)  # one pass of the loop: the held calls submit first
+    step = slow.health()['steps'][0]
+    assert step['queued'] == 1 and step['in_flight'] >= 1, step
     with pytest.raises(TaskTimeoutError, match='queue stayed full'):
         await slow.process(Task(99), timeout_sec=0.2)
     assert await asyncio.gather(*held) == [True] * 16

@@ -94,6 +94,32 @@ def test_flow_start_timeout_bounds_add_flow(framework, monkeypatch):
     assert children() == []
 
 
+async def test_healthz_answers_503_until_the_flow_is_ready():
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from aqueduct.integrations.aiohttp import AppIntegrator
+
+    from .handlers import Add
+
+    app = web.Application()
+    flow = Flow(Add())
+    # Started by hand below; exit_on_fail would stop this process over a flow not yet running.
+    AppIntegrator(app, exit_on_fail=False, health_path='/healthz').add_flow(flow, with_start=False)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get('/healthz')
+        assert response.status == 503
+        assert (await response.json())['flow']['ready'] is False
+        flow.start(timeout=30)
+        try:
+            response = await client.get('/healthz')
+            assert response.status == 200
+            report = (await response.json())['flow']
+            assert report['ready'] is True and report['steps'][0]['alive'] == 1
+        finally:
+            await flow.stop()
+    assert children() == []
+
+
 @pytest.mark.parametrize('framework', ['aiohttp', 'fastapi'])
 def test_a_server_stops_itself_when_its_flow_stops_for_good(framework, tmp_path):
     port = free_port()
