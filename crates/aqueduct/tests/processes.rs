@@ -17,7 +17,8 @@ struct Task {
     scaled: Option<u64>,
 }
 
-/// Sums `data`, records its pid; panics on 13, aborts the process on 99.
+/// Sums `data`, records its pid; panics on 13, aborts the process on 99; on 77 writes its pid
+/// to the file named by `data` and waits to be killed.
 #[derive(Clone)]
 struct Sum;
 
@@ -27,6 +28,13 @@ impl Handler<Task> for Sum {
             match t.x {
                 13 => panic!("thirteen is unlucky"),
                 99 => std::process::abort(),
+                77 => {
+                    let marker = std::path::PathBuf::from(String::from_utf8(t.data.clone())?);
+                    let partial = marker.with_extension("partial");
+                    std::fs::write(&partial, std::process::id().to_string())?;
+                    std::fs::rename(&partial, &marker)?; // the test never reads half a pid
+                    std::thread::sleep(Duration::from_secs(120));
+                }
                 _ => {
                     t.sum = Some(t.data.iter().map(|&b| u64::from(b)).sum());
                     t.pid = Some(std::process::id());
@@ -128,6 +136,41 @@ fn a_killed_worker_fails_only_its_tasks_and_is_replaced() {
     });
 }
 
+fn a_worker_sigkilled_from_outside_fails_the_task_it_held() {
+    runtime().block_on(async {
+        let flow = builder("a_worker_sigkilled_from_outside_fails_the_task_it_held").start_processes().await.unwrap();
+        let marker = std::env::temp_dir().join(format!("aqueduct-held-by-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let data = marker.to_str().unwrap().as_bytes().to_vec();
+        let held = tokio::spawn({
+            let flow = flow.clone();
+            async move { flow.process(Task { x: 77, data, ..Task::default() }).await }
+        });
+        // The worker announces that it holds the task (another process: a file is the signal).
+        let holder = loop {
+            if let Ok(pid) = std::fs::read_to_string(&marker) {
+                break pid.parse::<i32>().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        std::fs::remove_file(&marker).unwrap();
+        let pid = rustix::process::Pid::from_raw(holder).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+        match held.await.unwrap() {
+            Err(FlowError::WorkerDied { step, pid }) => {
+                assert_eq!(step, "step1_Sum");
+                assert_eq!(pid, holder as u32);
+            }
+            other => panic!("expected the killed worker's error, got {other:?}"),
+        }
+        for x in 0..6 {
+            let done = flow.process(Task { x, ..Task::default() }).await.unwrap();
+            assert!(done.sum.is_some() && done.pid != Some(holder as u32));
+        }
+        flow.stop().await;
+    });
+}
+
 fn past_the_restart_policy_the_flow_stops() {
     runtime().block_on(async {
         let flow = builder("past_the_restart_policy_the_flow_stops")
@@ -149,6 +192,7 @@ const CASES: &[(&str, fn())] = &[
     ("round_trips_with_large_payloads", round_trips_with_large_payloads),
     ("a_panic_fails_only_its_batch", a_panic_fails_only_its_batch),
     ("a_killed_worker_fails_only_its_tasks_and_is_replaced", a_killed_worker_fails_only_its_tasks_and_is_replaced),
+    ("a_worker_sigkilled_from_outside_fails_the_task_it_held", a_worker_sigkilled_from_outside_fails_the_task_it_held),
     ("past_the_restart_policy_the_flow_stops", past_the_restart_policy_the_flow_stops),
 ];
 

@@ -83,6 +83,27 @@ async fn tasks_go_through_the_steps_their_conditions_pick() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_timeout_gathers_tasks_that_arrive_within_it() {
+    within(async {
+        let double = Double::default();
+        let largest = double.largest_batch.clone();
+        let step = FlowStep::new(double).batch_size(8).batch_timeout(Duration::from_millis(500));
+        let flow = start(vec![step]).await;
+        let first = tokio::spawn({
+            let flow = flow.clone();
+            async move { flow.process(task(1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await; // the scenario: two more arrive later
+        let (a, b) = tokio::join!(flow.process(task(2)), flow.process(task(3)));
+        assert_eq!(first.await.unwrap().unwrap().doubled, Some(2));
+        assert_eq!((a.unwrap().doubled, b.unwrap().doubled), (Some(4), Some(6)));
+        assert_eq!(largest.load(Ordering::Relaxed), 3, "one batch of three, not full, within the timeout");
+        flow.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_batches_fill_up_to_batch_size() {
     within(async {
         let double = Double::default();
