@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import operator
 import pickle
 
@@ -16,6 +17,7 @@ from aqueduct.exceptions import (
     TaskTimeoutError,
     WorkerStartError,
 )
+from aqueduct.logger import log
 
 from .conftest import children
 from .handlers import Add, Double, FailingStart, Mark, Raise, Sleep, SlowStart, Task, is_even, is_odd, never
@@ -293,14 +295,39 @@ def test_step_names():
     assert BaseTaskHandler.get_step_name(3) == 'step3_BaseTaskHandler'
 
 
+@pytest.mark.parametrize('enabled', [False, True])
+async def test_per_task_debug_lines_only_when_asked_for(enabled, tmp_path, monkeypatch):
+    # The aqueduct logger is at DEBUG by default (as in 1.15), so the switch is its own.
+    if enabled:
+        monkeypatch.setenv('AQUEDUCT_LOG_TASKS', '1')
+    lines = tmp_path / 'worker.log'
+    handler = logging.FileHandler(lines)  # a forked worker inherits it
+    log.addHandler(handler)
+    flow = Flow(Add(), mp_start_method='fork')
+    try:
+        flow.start(timeout=30)
+        task = Task(1)
+        await flow.process(task)
+        await flow.stop()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    text = lines.read_text()
+    assert (f'[step1_Add] Have message: task {task.task_id}' in text) is enabled
+    assert ('[step1_Add] Handled 1 task(s) in' in text) is enabled
+
+
 def test_logger_can_be_replaced():
-    import logging
+    from aqueduct.logger import replace_logger
 
-    from aqueduct.logger import log, replace_logger
-
+    saved = {k: getattr(log, k) for k in ('name', 'level', 'parent', 'propagate', 'handlers', 'disabled')}
     mine = logging.getLogger('my.app')
-    replace_logger(mine)
-    assert log.name == 'my.app' and log.handlers is mine.handlers
+    try:
+        replace_logger(mine)
+        assert log.name == 'my.app' and log.handlers is mine.handlers
+    finally:
+        for k, v in saved.items():
+            setattr(log, k, v)
 
 
 def test_default_handle_condition_is_truth():

@@ -6,6 +6,9 @@ zygote, or through :func:`spawn_entry` in a ``spawn``/``forkserver`` child.
 For each task the worker also decides where it goes next: the first later step whose
 ``handle_condition`` is true, or back to the caller. Deadlines are checked once more just before
 the handler runs, so an expired task never reaches it.
+
+Per-task debug lines (1.15 logged one for every task, always) are written only when
+``AQUEDUCT_LOG_TASKS=1`` is set; otherwise the loop pays one boolean test per task.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ ROUTE_DONE = _core.ROUTE_DONE
 
 #: ``(step_index, handle_condition)`` of every step after this worker's step.
 Routes = Sequence[Tuple[int, Callable]]
+
+#: Set to ``1`` to log every task a worker receives, skips or handles, at DEBUG level.
+LOG_TASKS_ENV = 'AQUEDUCT_LOG_TASKS'
+
+
+def logging_tasks() -> bool:
+    return os.environ.get(LOG_TASKS_ENV, '') not in ('', '0')
 
 
 def restore_default_signals() -> None:
@@ -60,11 +70,12 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
         worker.start_failed(f'{step_name}: on_start raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}')
         return 1
     worker.ready()
+    log_tasks = logging_tasks()
     while True:
         batch = worker.recv()
         if batch is None:
             return 0
-        elapsed = handle_batch(worker, batch, handler, step_name, routes)
+        elapsed = handle_batch(worker, batch, handler, step_name, routes, log_tasks)
         # The batch's objects died with `handle_batch`'s frame: none of them keeps shared memory
         # referenced while this worker waits for the next batch.
         del batch
@@ -72,7 +83,12 @@ def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes
 
 
 def handle_batch(
-    worker: _core.Worker, batch: list, handler: BaseTaskHandler, step_name: str, routes: Routes
+    worker: _core.Worker,
+    batch: list,
+    handler: BaseTaskHandler,
+    step_name: str,
+    routes: Routes,
+    log_tasks: bool = False,
 ) -> float | None:
     """Answers for every task of ``batch``: expired, undecodable, failed, or its result.
     Returns how long the handler took, in seconds (``None`` if it did not run)."""
@@ -83,6 +99,8 @@ def handle_batch(
     for i, (deadline, _priority, body, bufs) in enumerate(batch):
         if deadline and now >= deadline:
             send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
+            if log_tasks:
+                log.debug('[%s] Task expired. Skip: task %d of the batch', step_name, i)
             continue
         try:
             tasks.append(decode(body, bufs))
@@ -90,6 +108,8 @@ def handle_batch(
             send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
             continue
         indices.append(i)
+        if log_tasks:
+            log.debug('[%s] Have message: task %s', step_name, getattr(tasks[-1], 'task_id', '?'))
     if not tasks:
         return None
     started = time.perf_counter()
@@ -102,6 +122,8 @@ def handle_batch(
             send(i, STATUS_ERROR, ROUTE_DONE, payload)
         return elapsed
     elapsed = time.perf_counter() - started
+    if log_tasks:
+        log.debug('[%s] Handled %d task(s) in %.3f ms', step_name, len(tasks), elapsed * 1e3)
     for i, task in zip(indices, tasks, strict=True):
         try:
             route = _route(task, routes)
