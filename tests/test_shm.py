@@ -53,6 +53,31 @@ def dev_shm_entries() -> set:
     return set(os.listdir('/dev/shm'))
 
 
+def memfd_holders(inode: int) -> set:
+    """Pids of the processes (of this user) with a descriptor on, or a mapping of, the memfd
+    with this inode."""
+    holders = set()
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            fds = os.listdir(f'/proc/{pid}/fd')
+            if any(os.stat(f'/proc/{pid}/fd/{fd}').st_ino == inode for fd in fds if _is_memfd(pid, fd)):
+                holders.add(int(pid))
+                continue
+            with open(f'/proc/{pid}/maps') as maps:
+                if any('/memfd:' in line and line.split()[4] == str(inode) for line in maps):
+                    holders.add(int(pid))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return holders
+
+
+def _is_memfd(pid: str, fd: str) -> bool:
+    try:
+        return os.readlink(f'/proc/{pid}/fd/{fd}').startswith('/memfd:')
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------ share_value
 
 
@@ -305,18 +330,20 @@ def test_sigkill_of_the_main_process_leaves_no_worker_and_no_shared_memory():
             t = ArrayTask(np.ones(1 << 20))
             t.share_value('arr')
             await flow.process(t)
-            print(os.getpid(), flush=True)
+            from aqueduct import shm
+            print(os.getpid(), os.fstat(shm.pool().fileno()).st_ino, flush=True)
             await asyncio.sleep(60)
         asyncio.run(main())
         """
     )
     proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     try:
-        pid = int(proc.stdout.readline())
+        pid, pool_inode = map(int, proc.stdout.readline().split())
         import psutil
 
         tree = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
         assert len(tree) >= 4, 'main, zygote and two workers'
+        assert memfd_holders(pool_inode) == set(tree), 'every process of the flow maps the pool'
         os.kill(pid, 9)
         proc.wait(timeout=10)
         gone, alive = psutil.wait_procs([psutil.Process(p) for p in tree[1:] if psutil.pid_exists(p)], timeout=5)
@@ -326,12 +353,9 @@ def test_sigkill_of_the_main_process_leaves_no_worker_and_no_shared_memory():
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()
-    # Nobody holds the flow's or the pool's memfd any more: the kernel has freed them.
-    holders = []
-    for p in os.listdir('/proc'):
-        if p.isdigit() and int(p) in tree:
-            holders.append(p)
-    assert holders == [] and children() == []
+    # No process anywhere holds or maps the pool's memfd: the kernel has freed it.
+    assert memfd_holders(pool_inode) == set()
+    assert children() == []
 
 
 async def test_exhausting_the_pool_fails_the_task_not_the_host(make_flow):
