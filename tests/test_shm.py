@@ -288,6 +288,46 @@ async def test_memory_goes_back_when_the_last_reference_is_gone(make_flow):
     assert pool_used() == before
 
 
+def test_with_no_warm_budget_freed_memory_goes_back_to_the_kernel_at_once():
+    # Pool settings are fixed when the pool is created: a fresh interpreter.
+    code = textwrap.dedent(
+        """
+        import asyncio, gc, os, time
+        import numpy as np
+        from aqueduct import Flow, shm
+        from tests.handlers import ArrayTask, Describe
+
+        def resident():  # bytes of the pool's memfd backed by memory
+            return os.fstat(shm.pool().fileno()).st_blocks * 512
+
+        async def main():
+            flow = Flow(Describe(), Describe())
+            flow.start(timeout=30)
+            start = resident()
+            t = ArrayTask(np.ones(2 << 20))  # 16 MiB, out of band through both steps and back
+            await flow.process(t)
+            during = resident()
+            del t
+            gc.collect()
+            deadline = time.monotonic() + 10
+            while shm.pool().used_bytes:  # the last worker drops its reference after answering
+                assert time.monotonic() < deadline, 'the array is still referenced'
+                await asyncio.sleep(0.01)
+            print(start, during, resident(), flush=True)
+            await flow.stop()
+
+        asyncio.run(main())
+        """
+    )
+    env = {**os.environ, 'AQUEDUCT_SHM_WARM': '0'}
+    run = [sys.executable, '-c', code]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd=os.getcwd(), env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    start, during, after = map(int, out.stdout.split())
+    assert during - start >= 16 << 20, 'the array was in the pool'
+    assert after - start < 1 << 20, f'{after - start} bytes still resident after the last reference went'
+
+
 async def test_a_sigkilled_worker_leaks_no_shared_memory(make_flow, baseline):
     flow = make_flow(HoldAndDie())
     names = dev_shm_entries()
