@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
+import logging
 import os
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
 from aqueduct import FlowStep, top
 from aqueduct.exceptions import FlowError, WorkerDiedError
+from aqueduct.logger import log
 from aqueduct.metrics import ToStatsDMetricsExporter
 from aqueduct.metrics.prometheus import FlowCollector, aiohttp_handler, asgi_app
 from prometheus_client import CollectorRegistry
@@ -171,20 +173,31 @@ async def test_the_asgi_app_serves_the_same_exposition(make_flow):
     assert 'aqueduct_tasks_total{flow="flow",outcome="complete",priority="0"} 1.0' in body
 
 
-async def test_top_shows_the_flow_from_its_stats_socket(make_flow, tmp_path):
+async def test_top_shows_the_flow_from_its_stats_socket(make_flow, tmp_path, caplog):
     path = str(tmp_path / 'stats.sock')
-    flow = make_flow(FlowStep(Nap(), nprocs=2), stats_socket=path)
-    await asyncio.gather(*(flow.process(Task(i)) for i in range(10)))
+    with caplog.at_level(logging.INFO, logger=log.name):
+        flow = make_flow(FlowStep(Nap(), nprocs=2), stats_socket=path)
+    assert f'Flow stats at {path} (python -m aqueduct top {path})' in caplog.text
+    loop = asyncio.get_running_loop()
+    # The socket is served by this loop: read it from another thread.
+    before = await loop.run_in_executor(None, top.read_snapshot, path)
+    for i in range(10):  # one at a time: ten batches of one
+        await flow.process(Task(i))
+    after = await loop.run_in_executor(None, top.read_snapshot, path)
+    row = next(line for line in top.render(after, before, dt=2.0).splitlines() if line.startswith('step1_Nap'))
+    procs, queue, held, rate, p50, p50_unit, p99, p99_unit, batch = row.split()[1:10]
+    assert (procs, queue, held, rate, batch) == ('2/2', '0', '0', '5', '1.0'), row  # 10 tasks in 2 s
+    assert p50_unit == p99_unit == 'ms' and 10 <= float(p50) <= float(p99), row  # the 10 ms nap
 
     def run_top():
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = top.main([path, '--once', '--interval', '0.1'])
-        return code, out.getvalue()
+        return subprocess.run(
+            [sys.executable, '-m', 'aqueduct', 'top', path, '--once', '--interval', '0.1'],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
 
-    code, frame = await asyncio.get_running_loop().run_in_executor(None, run_top)
-    assert code == 0
-    assert 'step1_Nap' in frame and '2/2' in frame and 'complete 10' in frame
+    done = await loop.run_in_executor(None, run_top)
+    assert done.returncode == 0, done.stderr
+    assert 'step1_Nap' in done.stdout and '2/2' in done.stdout and 'complete 10' in done.stdout
     assert os.path.exists(path)
     await flow.stop()
     assert not os.path.exists(path), 'the socket goes with the flow'
