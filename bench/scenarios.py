@@ -301,6 +301,27 @@ def total_rss_mb() -> float:
     return sum(rss_by_process().values())
 
 
+async def warm_then_measure(
+    flow: Flow | None,
+    make_task: Callable[[int], BaseTask],
+    *,
+    in_flight: int,
+    warm_tasks: int,
+    warm_seconds: float,
+    max_tasks: int,
+    max_seconds: float,
+    check: Callable[[BaseTask], bool] | None = None,
+    on_done: Callable[[BaseTask], None] | None = None,
+    submit: Callable[[BaseTask], Awaitable[Any]] | None = None,
+) -> tuple[DriveStats, DriveStats]:
+    """A warm-up phase (pages faulted in, caches and spinners settled), then the measured one,
+    both through :func:`drive`; ``on_done`` sees only the measured tasks."""
+    common = dict(in_flight=in_flight, check=check, submit=submit)
+    warm = await drive(flow, make_task, max_tasks=warm_tasks, max_seconds=warm_seconds, **common)
+    stats = await drive(flow, make_task, max_tasks=max_tasks, max_seconds=max_seconds, on_done=on_done, **common)
+    return warm, stats
+
+
 def scaled(quick: bool, quick_value: Any, full_value: Any) -> Any:
     """Pick the parameter for the current mode."""
     return quick_value if quick else full_value
@@ -389,10 +410,10 @@ async def _throughput(quick: bool, n_steps: int, in_flight: int, **options: Any)
     max_tasks, max_seconds = scaled(quick, (100_000, 1.5), (500_000, 3.0))
     running = RunningFlow(*steps, **options)
     async with running as flow:
-        warm = await drive(flow, num_task, in_flight=in_flight, max_tasks=in_flight * 4, max_seconds=0.5, check=check)
-        stats = await drive(
-            flow, num_task, in_flight=in_flight, max_tasks=max_tasks, max_seconds=max_seconds, check=check
-        )
+        warm, stats = await warm_then_measure(
+            flow, num_task, in_flight=in_flight, warm_tasks=in_flight * 4, warm_seconds=0.5,
+            max_tasks=max_tasks, max_seconds=max_seconds, check=check,
+        )  # fmt: skip
     return result(
         "throughput",
         round(stats.rate, 1),
@@ -448,8 +469,10 @@ async def _payload(quick: bool, megabytes: int, shared: bool) -> dict[str, Any]:
 
     running = RunningFlow(FlowStep(ArrayHeadHandler()), FlowStep(ArrayTailHandler()))
     async with running as flow:
-        await drive(flow, make, in_flight=in_flight, max_tasks=in_flight * 2, max_seconds=1.0, check=check)
-        stats = await drive(flow, make, in_flight=in_flight, max_tasks=max_tasks, max_seconds=max_seconds, check=check)
+        _, stats = await warm_then_measure(
+            flow, make, in_flight=in_flight, warm_tasks=in_flight * 2, warm_seconds=1.0,
+            max_tasks=max_tasks, max_seconds=max_seconds, check=check,
+        )  # fmt: skip
     return result(
         "throughput",
         round(stats.rate, 2),
@@ -500,15 +523,10 @@ async def payload_16mb_2step_work(quick: bool) -> dict[str, Any]:
 
     running = RunningFlow(FlowStep(ArrayMeanHandler("head")), FlowStep(ArrayMeanHandler("tail")))
     async with running as flow:
-        await drive(flow, lambda _: ArrayTask(base), in_flight=in_flight, max_tasks=8, max_seconds=1.0, check=check)
-        stats = await drive(
-            flow,
-            lambda _: ArrayTask(base),
-            in_flight=in_flight,
-            max_tasks=max_tasks,
-            max_seconds=max_seconds,
-            check=check,
-        )
+        _, stats = await warm_then_measure(
+            flow, lambda _: ArrayTask(base), in_flight=in_flight, warm_tasks=8, warm_seconds=1.0,
+            max_tasks=max_tasks, max_seconds=max_seconds, check=check,
+        )  # fmt: skip
     return result(
         "throughput",
         round(stats.rate, 2),
@@ -542,16 +560,10 @@ async def _batching(quick: bool, batch_timeout: float) -> dict[str, Any]:
 
     running = RunningFlow(FlowStep(SleepBatchHandler(), batch_size=BATCH_SIZE, batch_timeout=batch_timeout))
     async with running as flow:
-        await drive(flow, num_task, in_flight=in_flight, max_tasks=in_flight * 4, max_seconds=0.5, check=check_plus_one)
-        stats = await drive(
-            flow,
-            num_task,
-            in_flight=in_flight,
-            max_tasks=max_tasks,
-            max_seconds=max_seconds,
-            check=check_plus_one,
-            on_done=record,
-        )
+        _, stats = await warm_then_measure(
+            flow, num_task, in_flight=in_flight, warm_tasks=in_flight * 4, warm_seconds=0.5,
+            max_tasks=max_tasks, max_seconds=max_seconds, check=check_plus_one, on_done=record,
+        )  # fmt: skip
     return result(
         "throughput",
         round(stats.rate, 1),
@@ -590,15 +602,10 @@ async def cpu_2ms_nprocs2(quick: bool) -> dict[str, Any]:
     max_tasks, max_seconds = _cpu_budget(quick)
     running = RunningFlow(FlowStep(CpuHandler(), nprocs=2))
     async with running as flow:
-        await drive(flow, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=CPU_IN_FLIGHT * 4, max_seconds=0.5)
-        stats = await drive(
-            flow,
-            num_task,
-            in_flight=CPU_IN_FLIGHT,
-            max_tasks=max_tasks,
-            max_seconds=max_seconds,
-            check=check_plus_one,
-        )
+        _, stats = await warm_then_measure(
+            flow, num_task, in_flight=CPU_IN_FLIGHT, warm_tasks=CPU_IN_FLIGHT * 4, warm_seconds=0.5,
+            max_tasks=max_tasks, max_seconds=max_seconds, check=check_plus_one,
+        )  # fmt: skip
     return result(
         "throughput",
         round(stats.rate, 1),
@@ -623,12 +630,10 @@ async def ppe_cpu_2ms(quick: bool) -> dict[str, Any]:
             return True
 
         # No flow here: the custom submit function replaces flow.process.
-        await drive(
-            None, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=CPU_IN_FLIGHT * 4, max_seconds=0.5, submit=submit
-        )
-        stats = await drive(
-            None, num_task, in_flight=CPU_IN_FLIGHT, max_tasks=max_tasks, max_seconds=max_seconds, submit=submit
-        )
+        _, stats = await warm_then_measure(
+            None, num_task, in_flight=CPU_IN_FLIGHT, warm_tasks=CPU_IN_FLIGHT * 4, warm_seconds=0.5,
+            max_tasks=max_tasks, max_seconds=max_seconds, submit=submit,
+        )  # fmt: skip
     return result(
         "throughput",
         round(stats.rate, 1),
@@ -868,16 +873,10 @@ async def socketflow_throughput_64(quick: bool) -> dict[str, Any]:
         return await socket_flow.process([task], timeout_sec=CALL_TIMEOUT_S)
 
     try:
-        await drive(None, num_task, in_flight=64, max_tasks=256, max_seconds=0.5, check=check_plus_one, submit=submit)
-        stats = await drive(
-            None,
-            num_task,
-            in_flight=64,
-            max_tasks=max_tasks,
-            max_seconds=max_seconds,
-            check=check_plus_one,
-            submit=submit,
-        )
+        _, stats = await warm_then_measure(
+            None, num_task, in_flight=64, warm_tasks=256, warm_seconds=0.5,
+            max_tasks=max_tasks, max_seconds=max_seconds, check=check_plus_one, submit=submit,
+        )  # fmt: skip
     finally:
         await socket_flow.stop()
     return result("throughput", round(stats.rate, 1), "tasks/s", "higher", in_flight=64, **stats.as_extra())
