@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import textwrap
+from typing import Iterator
 
 import psutil
 import pytest
@@ -29,6 +34,22 @@ def children() -> list:
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+@contextlib.contextmanager
+def python_script(code: str) -> Iterator[subprocess.Popen]:
+    """Runs ``code`` in a fresh interpreter (from the repository root, stdout piped as text);
+    a child the test leaves running is killed and reaped."""
+    proc = subprocess.Popen(
+        [sys.executable, '-c', textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
 
 
 @pytest.fixture(params=['fork', 'spawn'])

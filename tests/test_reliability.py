@@ -8,8 +8,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 
 import psutil
@@ -25,7 +23,7 @@ from aqueduct.exceptions import (
 )
 from aqueduct.flow import RestartPolicy
 
-from .conftest import children
+from .conftest import children, python_script
 from .handlers import Add, Die, NeedsTwoArgs, RaiseOdd, Sleep, Task, Unpicklable, explode, is_seven
 
 
@@ -195,14 +193,8 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-def _run_script(code: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, '-c', textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
-    )
-
-
 def test_ctrl_c_in_the_main_process_stops_the_flow_cleanly():
-    proc = _run_script(
+    with python_script(
         """
         import asyncio, faulthandler, os, signal
         from aqueduct import Flow, FlowStep
@@ -219,8 +211,7 @@ def test_ctrl_c_in_the_main_process_stops_the_flow_cleanly():
             await asyncio.sleep(60)
         asyncio.run(main())
         """
-    )
-    try:
+    ) as proc:
         pid = int(proc.stdout.readline())
         tree = [c.pid for c in psutil.Process(pid).children(recursive=True)]
         assert len(tree) >= 4
@@ -235,15 +226,10 @@ def test_ctrl_c_in_the_main_process_stops_the_flow_cleanly():
         _, alive = psutil.wait_procs([psutil.Process(p) for p in tree if psutil.pid_exists(p)], timeout=5)
         running = [p for p in alive if _running(p)]
         assert not running, f'workers left behind after Ctrl-C: {running}'
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
 
 
 def test_workers_exit_within_a_second_of_a_sigkilled_main_process():
-    proc = _run_script(
+    with python_script(
         """
         import asyncio, os
         from aqueduct import Flow, FlowStep
@@ -256,8 +242,7 @@ def test_workers_exit_within_a_second_of_a_sigkilled_main_process():
             await asyncio.sleep(60)
         asyncio.run(main())
         """
-    )
-    try:
+    ) as proc:
         pid = int(proc.stdout.readline())
         tree = psutil.Process(pid).children(recursive=True)
         workers = [c for c in tree if 'resource_tracker' not in ' '.join(c.cmdline())]
@@ -267,11 +252,6 @@ def test_workers_exit_within_a_second_of_a_sigkilled_main_process():
         _, alive = psutil.wait_procs(workers, timeout=1.0)
         running = [p for p in alive if _running(p)]
         assert not running, f'orphaned: {running}'
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
 
 
 def test_no_thread_is_ever_started_in_the_main_process():

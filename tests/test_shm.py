@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import warnings
 
 import numpy as np
+import psutil
 import pytest
 from aqueduct import FlowStep, shm
 from aqueduct._codec import encode
 from aqueduct.exceptions import SharedMemoryExhaustedError, WorkerDiedError
 
-from .conftest import children
+from .conftest import children, python_script
 from .handlers import ArrayTask, Describe, Echo, HoldAndDie, MakeOutput, Task, Triple
 
 DTYPES = [
@@ -358,11 +360,11 @@ def test_the_pool_is_bounded_and_says_so():
 
 
 def test_sigkill_of_the_main_process_leaves_no_worker_and_no_shared_memory():
-    code = textwrap.dedent(
+    with python_script(
         """
-        import asyncio, os, sys
+        import asyncio, os
         import numpy as np
-        from aqueduct import Flow
+        from aqueduct import Flow, shm
         from tests.handlers import ArrayTask, Describe
         async def main():
             flow = Flow(Describe(), Describe())
@@ -370,29 +372,19 @@ def test_sigkill_of_the_main_process_leaves_no_worker_and_no_shared_memory():
             t = ArrayTask(np.ones(1 << 20))
             t.share_value('arr')
             await flow.process(t)
-            from aqueduct import shm
             print(os.getpid(), os.fstat(shm.pool().fileno()).st_ino, flush=True)
             await asyncio.sleep(60)
         asyncio.run(main())
         """
-    )
-    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
-    try:
+    ) as proc:
         pid, pool_inode = map(int, proc.stdout.readline().split())
-        import psutil
-
         tree = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
         assert len(tree) >= 4, 'main, zygote and two workers'
         assert memfd_holders(pool_inode) == set(tree), 'every process of the flow maps the pool'
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        gone, alive = psutil.wait_procs([psutil.Process(p) for p in tree[1:] if psutil.pid_exists(p)], timeout=5)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in tree[1:] if psutil.pid_exists(p)], timeout=5)
         assert not alive, f'orphaned workers: {alive}'
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
     # No process anywhere holds or maps the pool's memfd: the kernel has freed it.
     assert memfd_holders(pool_inode) == set()
     assert children() == []
