@@ -59,31 +59,58 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     raise AssertionError(f'{url} not ready within {timeout} s')
 
 
+class Server:
+    """A server process started by :func:`server_process`."""
+
+    def __init__(self, proc: subprocess.Popen, base: str):
+        self.proc = proc
+        self.base = base
+
+    def family(self) -> List[psutil.Process]:
+        """The server and every process under it, now."""
+        return [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+
+    def wait_exit(self, timeout: float = 60) -> tuple:
+        """Waits for the server to exit: ``(exit code, its stderr)``."""
+        _, stderr = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, stderr.decode()
+
+
 @contextlib.contextmanager
-def serve(args: List[str], port: int, env: dict | None = None, stop=signal.SIGTERM) -> Iterator[str]:
-    """Runs a server; yields its base URL; stops it with ``stop`` and checks that it exits with
-    0 and leaves no process behind."""
+def server_process(args: List[str], port: int, env: dict | None = None) -> Iterator[Server]:
+    """Runs a server in its own session and yields it once ``/healthz`` answers; whatever the
+    test leaves running is killed, the whole session."""
     proc = subprocess.Popen(
         args, cwd=str(ROOT), env={**os.environ, **(env or {})}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    base = f'http://127.0.0.1:{port}'
+    )  # fmt: skip
     try:
-        wait_ready(base + '/healthz', proc)
-        yield base
-        family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        processes = [psutil.Process(pid) for pid in family if psutil.pid_exists(pid)]
-        proc.send_signal(stop)
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == 0, f'exit code {proc.returncode}: {stderr.decode()[-3000:]}'
-        _, alive = psutil.wait_procs(processes, timeout=20)
-        assert alive == [], f'processes left behind: {alive}'
+        server = Server(proc, f'http://127.0.0.1:{port}')
+        wait_ready(server.base + '/healthz', proc)
+        yield server
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        proc.stderr.close()
+
+
+def assert_all_gone(processes: List[psutil.Process]) -> None:
+    _, alive = psutil.wait_procs(processes, timeout=20)
+    assert alive == [], f'processes left behind: {alive}'
+
+
+@contextlib.contextmanager
+def serve(args: List[str], port: int, env: dict | None = None, stop=signal.SIGTERM) -> Iterator[str]:
+    """Runs a server; yields its base URL; stops it with ``stop`` and checks that it exits with
+    0 and leaves no process behind."""
+    with server_process(args, port, env) as server:
+        yield server.base
+        processes = server.family()
+        server.proc.send_signal(stop)
+        code, log = server.wait_exit()
+        assert code == 0, f'exit code {code}: {log[-3000:]}'
+        assert_all_gone(processes)
 
 
 async def classify_many(base: str, images: List[bytes], concurrency: int) -> List[dict]:
@@ -193,8 +220,7 @@ def test_fastapi_example_on_uvicorn_workers_with_a_flow_server_beside(tmp_path):
         family = [psutil.Process(server.pid)] + psutil.Process(server.pid).children(recursive=True)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
-        _, alive = psutil.wait_procs(family, timeout=20)
-        assert alive == []
+        assert_all_gone(family)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)

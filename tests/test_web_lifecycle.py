@@ -8,19 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 from aqueduct import Flow, FlowStep
 
 from .conftest import children
 from .handlers import SlowStart
-from .test_integrations import free_port, wait_ready
+from .test_integrations import assert_all_gone, free_port, server_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -125,31 +123,18 @@ def test_a_server_stops_itself_when_its_flow_stops_for_good(framework, tmp_path)
     port = free_port()
     script = tmp_path / 'app.py'
     script.write_text(_script(framework, port))
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    base = f'http://127.0.0.1:{port}'
-    try:
-        wait_ready(base + '/healthz', proc)
-        with urllib.request.urlopen(base + '/pid', timeout=10) as response:
+    with server_process([sys.executable, str(script)], port) as server:
+        with urllib.request.urlopen(server.base + '/pid', timeout=10) as response:
             worker = json.load(response)['pid']
-        family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        processes = [psutil.Process(pid) for pid in family if psutil.pid_exists(pid)]
-        assert worker in family
+        processes = server.family()
+        assert worker in [p.pid for p in processes]
         os.kill(worker, signal.SIGKILL)
         # The flow stops (no restarts allowed), and the server stops on its own, cleanly.
-        _, stderr = proc.communicate(timeout=60)
-        log = stderr.decode()
+        code, log = server.wait_exit()
         # aiohttp exits with 0 after a SIGTERM; uvicorn shuts down gracefully, then re-raises the
         # signal it got, as it does under any SIGTERM.
         expected = 0 if framework == 'aiohttp' else -signal.SIGTERM
-        assert proc.returncode == expected, f'exit code {proc.returncode}: {log[-3000:]}'
+        assert code == expected, f'exit code {code}: {log[-3000:]}'
         assert f'The process {worker} for Add handler is dead' in log
         assert 'Flow flow is not running, application will be stopped' in log
-        _, alive = psutil.wait_procs(processes, timeout=20)
-        assert alive == [], f'processes left behind: {alive}'
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stderr.close()
+        assert_all_gone(processes)
