@@ -263,3 +263,68 @@ def build_shared_flow():
     from aqueduct import Flow, FlowStep
 
     return Flow(FlowStep(Add(10)), FlowStep(Double(), handle_condition=is_even))
+
+
+def builtin_exception(name: str) -> BaseException:
+    """An instance of the built-in exception class ``name``, with the arguments it needs."""
+    import builtins
+
+    cls = getattr(builtins, name)
+    if issubclass(cls, UnicodeDecodeError):
+        return cls('utf-8', b'\xff', 0, 1, 'made in the worker')
+    if issubclass(cls, UnicodeEncodeError):
+        return cls('ascii', '\xe9', 0, 1, 'made in the worker')
+    if issubclass(cls, UnicodeTranslateError):
+        return cls('\xe9', 0, 1, 'made in the worker')
+    if issubclass(cls, BaseExceptionGroup):
+        return cls('made in the worker', [ValueError('inner')])
+    if issubclass(cls, OSError):
+        return cls(2, 'made in the worker', 'some/file')
+    return cls('made in the worker')
+
+
+class PathError(FileNotFoundError):
+    """An OSError subclass whose constructor takes other arguments than OSError's."""
+
+    def __init__(self, path):
+        super().__init__(2, 'no such path', path)
+
+
+class Exhausted(StopIteration):
+    """A StopIteration subclass (what ``next()`` on a user iterator might raise)."""
+
+
+class KeywordOnly(KeyError):
+    def __init__(self, *, key):
+        super().__init__(key)
+
+
+class Picky(ValueError):
+    """A type that refuses to be subclassed again: it cannot be combined with HandlerError."""
+
+    def __init_subclass__(cls, **kwargs):
+        raise TypeError('Picky is final')
+
+
+def user_exception(name: str) -> BaseException:
+    return {
+        'PathError': lambda: PathError('some/file'),
+        'Exhausted': lambda: Exhausted('made in the worker'),
+        'KeywordOnly': lambda: KeywordOnly(key='k'),
+        'Picky': lambda: Picky('made in the worker'),
+        'CancelledError': lambda: __import__('asyncio').CancelledError('made in the worker'),
+        'next': lambda: next(iter(())),
+    }[name]()
+
+
+class RaiseNamed(BaseTaskHandler):
+    """Raises ``builtin_exception(task.name)`` or ``user_exception(task.name)`` by
+    ``task.kind``; copies ``x`` to ``result`` for any other kind."""
+
+    def handle(self, *tasks) -> None:
+        for t in tasks:
+            if t.kind == 'builtin':
+                raise builtin_exception(t.name)
+            if t.kind == 'user':
+                raise user_exception(t.name)
+            t.result = t.x

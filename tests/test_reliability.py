@@ -266,3 +266,79 @@ def test_no_thread_is_ever_started_in_the_main_process():
         await flow.stop()
 
     asyncio.run(run())
+
+
+def _builtin_exception_names() -> list:
+    import builtins
+
+    return sorted(
+        name for name, obj in vars(builtins).items() if isinstance(obj, type) and issubclass(obj, BaseException)
+    )
+
+
+def _check_caller_exception(err: BaseException, original: type) -> None:
+    """What ``except`` clauses see for a handler that raised ``original``."""
+    assert isinstance(err, HandlerError) and isinstance(err, FlowError), type(err).__mro__
+    assert 'made in the worker' in str(err) or original.__name__ in str(err), str(err)
+    assert 'remote traceback' in str(err)
+    if issubclass(original, StopIteration):
+        # What a coroutine raising StopIteration gives (PEP 479); asyncio refuses the original.
+        assert isinstance(err, RuntimeError) and not isinstance(err, StopIteration)
+        assert isinstance(err.__cause__, original)
+    elif not issubclass(original, Exception):
+        # Raised as itself it would stop the caller's server or cancel its task.
+        assert type(err) is HandlerError and isinstance(err.__cause__, original)
+    else:
+        assert isinstance(err, original), f'{original.__name__} arrived as {type(err).__mro__}'
+
+
+async def test_every_builtin_exception_type_reaches_the_caller_as_itself_or_a_safe_stand_in(make_flow):
+    from .handlers import RaiseNamed, builtin_exception
+
+    # SystemExit and KeyboardInterrupt also end the worker: room for those restarts.
+    flow = make_flow(RaiseNamed(), restart_policy=RestartPolicy(max_restarts=10))
+    for name in _builtin_exception_names():
+        original = builtin_exception(name)
+        with pytest.raises(BaseException) as info:
+            await flow.process(Task(kind='builtin', name=name), timeout_sec=20)
+        _check_caller_exception(info.value, type(original))
+        if isinstance(original, Exception) and not isinstance(original, StopIteration):
+            assert repr(info.value.args) == repr(original.args), name
+        if isinstance(original, OSError):
+            assert (info.value.errno, info.value.filename) == (2, 'some/file')
+        if isinstance(original, BaseExceptionGroup) and isinstance(original, Exception):
+            assert [type(e) for e in info.value.exceptions] == [ValueError]
+        # Raising it again from a coroutine of the caller's own is safe too.
+        with pytest.raises(HandlerError):
+            raise info.value
+    ok = Task(5, kind='none')
+    await flow.process(ok)  # the flow still serves
+    assert ok.result == 5
+
+
+@pytest.mark.parametrize(
+    'name, expected',
+    [
+        ('PathError', 'PathError'),
+        ('Exhausted', RuntimeError),
+        ('next', RuntimeError),
+        ('KeywordOnly', 'KeywordOnly'),
+        ('Picky', ValueError),
+        ('CancelledError', HandlerError),
+    ],
+)
+async def test_user_exceptions_with_odd_constructors_reach_the_caller(make_flow, name, expected):
+    from . import handlers
+
+    flow = make_flow(handlers.RaiseNamed())
+    with pytest.raises(HandlerError) as info:
+        await flow.process(Task(kind='user', name=name))
+    err = info.value
+    expected = getattr(handlers, expected) if isinstance(expected, str) else expected
+    assert isinstance(err, expected), type(err).__mro__
+    if name == 'PathError':
+        assert isinstance(err, FileNotFoundError) and err.filename == 'some/file' and err.errno == 2
+    if name == 'CancelledError':
+        # A handler's CancelledError must not cancel the caller's task.
+        assert not isinstance(err, asyncio.CancelledError) and isinstance(err.__cause__, asyncio.CancelledError)
+    assert asyncio.current_task() is not None and not asyncio.current_task().cancelling()

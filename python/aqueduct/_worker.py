@@ -115,11 +115,17 @@ def handle_batch(
     started = time.perf_counter()
     try:
         handler.handle(*tasks)
-    except Exception as exc:
+    except BaseException as exc:
+        # Any exception fails this batch only (the caller gets a stand-in for those that are no
+        # ``Exception``, see ``HandlerError``). ``SystemExit`` and ``KeyboardInterrupt`` then end
+        # the worker too, as they would any program: the flow replaces it.
         elapsed = time.perf_counter() - started
         payload = remote_error_payload(exc, step_name)
         for i in indices:
             send(i, STATUS_ERROR, ROUTE_DONE, payload)
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            worker.finish_batch(elapsed)  # the answers above go out before the worker ends
+            raise
         return elapsed
     elapsed = time.perf_counter() - started
     if log_tasks:
