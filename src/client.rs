@@ -119,7 +119,9 @@ impl PortClient {
                         }
                         Response::Failed { task_id, kind, step, pid, detail } => {
                             let detail: Bound<'py, PyAny> = match (kind, detail) {
-                                (FailureKind::WorkerDied, _) => pid.into_pyobject(py)?.into_any(),
+                                (FailureKind::WorkerDied | FailureKind::HandlerTimeout, _) => {
+                                    pid.into_pyobject(py)?.into_any()
+                                }
                                 (FailureKind::Rejected, Some(d)) => {
                                     let bytes = payload_bytes(py, &arena, d)?;
                                     PyString::new(py, &String::from_utf8_lossy(bytes.as_bytes())).into_any()

@@ -8,7 +8,8 @@
 //! - `(0, task_id, body: bytes, bufs: list[ShmBuffer])`: done; body is the pickled task and
 //!   bufs its out-of-band buffers, each owning a reference;
 //! - `(1, task_id, kind: str, step: int, detail)`: failed, kind one of `handler` (detail: the
-//!   pickled error), `expired`, `died` (detail: pid), `stopped`, `shm_exhausted`;
+//!   pickled error), `expired`, `died` (detail: pid), `handler_timeout` (detail: the pid of the
+//!   worker killed for running past the step's limit), `stopped`, `shm_exhausted`;
 //! - `(2, slot, step, pid, event: str, message)`: a worker became `ready`, `start_failed` or
 //!   `exited`.
 
@@ -23,6 +24,7 @@ use aqueduct_core::{Engine as CoreEngine, Nanos};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+use crate::args;
 use crate::errors::py_err;
 use crate::shm::{Pool, ShmBuffer};
 
@@ -105,6 +107,9 @@ fn push_outcome(py: Python<'_>, arena: &Arc<Arena>, out: &Bound<'_, PyList>, o: 
                 Failure::Handler { step, body } => ("handler", step as i64, payload_bytes(py, arena, body)?.into_any()),
                 Failure::Expired { step } => ("expired", step as i64, py.None().into_bound(py)),
                 Failure::WorkerDied { step, pid } => ("died", step as i64, pid.into_pyobject(py)?.into_any()),
+                Failure::HandlerTimeout { step, pid } => {
+                    ("handler_timeout", step as i64, pid.into_pyobject(py)?.into_any())
+                }
                 Failure::Stopped => ("stopped", -1, py.None().into_bound(py)),
                 Failure::ArenaExhausted { step } => ("shm_exhausted", step as i64, py.None().into_bound(py)),
             };
@@ -121,13 +126,14 @@ fn push_outcome(py: Python<'_>, arena: &Arc<Arena>, out: &Bound<'_, PyList>, o: 
 
 #[pymethods]
 impl Engine {
-    /// `steps` is a list of `(nprocs, batch_size, batch_timeout_seconds, queue_capacity)`.
+    /// `steps` is a list of `(nprocs, batch_size, batch_timeout_seconds, queue_capacity,
+    /// handle_timeout_seconds or None)`.
     #[new]
     #[pyo3(signature = (steps, pool, priorities=1, fair_every=10, ring_capacity=1<<20, inline_max=64<<10, metrics=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        steps: Vec<(usize, usize, f64, usize)>,
+        steps: Vec<(usize, usize, f64, usize, Option<f64>)>,
         pool: &Pool,
         priorities: usize,
         fair_every: u32,
@@ -137,13 +143,16 @@ impl Engine {
     ) -> PyResult<Self> {
         let steps = steps
             .into_iter()
-            .map(|(nprocs, batch_size, timeout, queue_capacity)| StepSpec {
-                nprocs,
-                batch_size,
-                batch_timeout: Duration::from_secs_f64(timeout.max(0.0)),
-                queue_capacity,
+            .map(|(nprocs, batch_size, timeout, queue_capacity, handle_timeout)| {
+                Ok(StepSpec {
+                    nprocs,
+                    batch_size,
+                    batch_timeout: args::duration("batch_timeout", timeout)?,
+                    queue_capacity,
+                    handle_timeout: handle_timeout.map(|t| args::duration("handle_timeout", t)).transpose()?,
+                })
             })
-            .collect();
+            .collect::<PyResult<_>>()?;
         let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, inline_max, metrics };
         let engine = CoreEngine::new(&cfg, pool.arena.clone()).map_err(py_err(py))?;
         Ok(Self { inner: Mutex::new(Some(engine)) })
@@ -182,8 +191,30 @@ impl Engine {
         })
     }
 
+    /// Tasks waiting for `step`: queued, or sent ahead to a worker that has not begun them.
+    /// This is what `queue_capacity` bounds.
+    fn waiting(&self, step: usize) -> PyResult<usize> {
+        let engine = self.lock()?;
+        if step >= engine.hub.step_count() {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no step {step}")));
+        }
+        Ok(engine.hub.waiting(step))
+    }
+
     fn held_by(&self, slot: usize) -> PyResult<Vec<u64>> {
         Ok(self.lock()?.hub.held_by(slot))
+    }
+
+    /// Seconds the batch the worker of `slot` is running has run (at most), or `None` when it
+    /// has none.
+    fn batch_running_for(&self, slot: usize) -> PyResult<Option<f64>> {
+        Ok(self.lock()?.hub.batch_running_for(slot, Nanos::now()).map(|d| d.as_secs_f64()))
+    }
+
+    /// Whether the worker of `slot` ran a batch past its step's `handle_timeout` and is being
+    /// killed for it.
+    fn overran(&self, slot: usize) -> PyResult<bool> {
+        Ok(self.lock()?.hub.overran(slot))
     }
 
     /// Registers the process `pid` started for `slot`, acting as process `pool_index` of the pool.
@@ -267,7 +298,7 @@ impl Engine {
     /// returns the outcomes. Interruptible by signals (Ctrl-C).
     #[pyo3(signature = (timeout=None))]
     fn wait<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyList>> {
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = args::deadline("timeout", timeout)?;
         loop {
             let slice = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),

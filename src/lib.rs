@@ -6,6 +6,7 @@
 
 #![deny(unsafe_code)] // allowed in `shm.rs` only, for the buffer-protocol slot
 
+mod args;
 mod client;
 mod engine;
 mod errors;
@@ -28,6 +29,27 @@ fn die_with_parent(signum: i32) -> PyResult<i32> {
     Ok(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()))
 }
 
+/// Kills the calling process (SIGKILL) as soon as the process `pid` exits, from a thread that
+/// waits on a pidfd. For a worker whose parent is not the flow's owner (a `forkserver` child),
+/// where `die_with_parent` would watch the wrong process. Fails if `pid` is already gone.
+#[pyfunction]
+fn exit_with_process(pid: i32) -> PyResult<()> {
+    let target = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("not a process id: {pid}")))?;
+    let pidfd = rustix::process::pidfd_open(target, rustix::process::PidfdFlags::empty())
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot watch process {pid}: {e}")))?;
+    std::thread::Builder::new()
+        .name("aqueduct-owner-watch".into())
+        .spawn(move || {
+            let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+            // A pidfd becomes readable when its process exits; only EINTR interrupts the wait.
+            while let Ok(0) | Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        })
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the watch thread: {e}")))?;
+    Ok(())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
@@ -36,6 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shm::Pool>()?;
     m.add_class::<shm::ShmBuffer>()?;
     m.add_function(wrap_pyfunction!(die_with_parent, m)?)?;
+    m.add_function(wrap_pyfunction!(exit_with_process, m)?)?;
     m.add("ROUTE_DONE", aqueduct_core::message::ROUTE_DONE)?;
     Ok(())
 }

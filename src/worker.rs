@@ -59,7 +59,7 @@ impl Worker {
     /// when the flow asked this worker to stop, or `[]` when `timeout` seconds passed.
     #[pyo3(signature = (timeout=None))]
     fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyList>>> {
-        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let deadline = crate::args::deadline("timeout", timeout)?;
         loop {
             let slice = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
@@ -136,7 +136,7 @@ impl Worker {
     fn finish_batch(&self, py: Python<'_>, handle_seconds: Option<f64>) -> PyResult<()> {
         let mut w = self.lock();
         if let Some(s) = handle_seconds {
-            w.record_handle_time(Duration::from_secs_f64(s.max(0.0)));
+            w.record_handle_time(Duration::try_from_secs_f64(s).unwrap_or_default());
         }
         w.finish_batch().map_err(py_err(py))
     }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import operator
 import pickle
+import threading
 
 import pytest
 from aqueduct import BaseTask, BaseTaskHandler, Flow, FlowState, FlowStep
@@ -334,21 +336,69 @@ def test_default_handle_condition_is_truth():
     assert FlowStep(Add()).handle_condition is operator.truth
 
 
-async def test_a_flow_survives_a_change_of_event_loop(start_method):
+def test_a_flow_survives_a_change_of_event_loop(start_method):
+    """One ``asyncio.run`` after another, in other threads: each loop in turn serves the flow."""
     flow = Flow(Add(), mp_start_method=start_method)
     flow.start(timeout=30)
     try:
-        task = Task(1)
-
-        def in_new_loop():
-            return asyncio.run(flow.process(task))
-
-        assert await asyncio.get_running_loop().run_in_executor(None, in_new_loop) is True
-        again = Task(2)
-        await flow.process(again)
-        assert (task.result, again.result) == (2, 3)
+        tasks = [Task(1), Task(2)]
+        for task in tasks:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                assert pool.submit(asyncio.run, flow.process(task)).result(timeout=30) is True
+        again = Task(3)
+        asyncio.run(flow.process(again))
+        assert [t.result for t in (*tasks, again)] == [2, 3, 4]
     finally:
-        await flow.stop()
+        asyncio.run(flow.stop())
+    assert children() == []
+
+
+async def test_a_call_from_another_thread_while_the_flows_loop_runs_gets_a_clear_error(make_flow):
+    flow = make_flow(Add())
+    await flow.process(Task(0))  # bound to this test's loop, which keeps running
+
+    def in_new_loop():
+        return asyncio.run(flow.process(Task(1)))
+
+    with pytest.raises(FlowError, match='running in another thread.*run_coroutine_threadsafe'):
+        await asyncio.get_running_loop().run_in_executor(None, in_new_loop)
+    # The supported way from another thread, and the flow's own loop is unaffected.
+    loop = asyncio.get_running_loop()
+    task = Task(5)
+
+    def threadsafe():
+        return asyncio.run_coroutine_threadsafe(flow.process(task), loop).result(timeout=30)
+
+    assert await loop.run_in_executor(None, threadsafe) is True
+    assert task.result == 6
+
+
+def test_many_threads_each_running_their_own_loop_never_hang():
+    """16 threads, each ``asyncio.run(flow.process(...))`` at once: every call either completes or
+    gets the clear error; none hangs past its timeout, and the flow keeps serving."""
+    flow = Flow(FlowStep(Add(), nprocs=2))
+    flow.start(timeout=30)
+    try:
+        barrier = threading.Barrier(16)
+
+        def call(i: int):
+            barrier.wait(timeout=30)
+            task = Task(i)
+            try:
+                asyncio.run(flow.process(task, timeout_sec=10))
+            except FlowError as exc:
+                return exc
+            return task.result
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(call, range(16), timeout=60))
+        for i, result in enumerate(results):
+            assert result == i + 1 or (isinstance(result, FlowError) and 'another thread' in str(result)), result
+        ok = Task(100)
+        asyncio.run(flow.process(ok))
+        assert ok.result == 101
+    finally:
+        asyncio.run(flow.stop())
     assert children() == []
 
 

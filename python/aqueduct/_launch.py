@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import socket
 import sys
 from typing import Dict, List, Sequence, Tuple
@@ -31,6 +32,10 @@ from .logger import log
 
 #: What a launcher needs to know about each step: handler, step name, routes after it.
 StepPlan = Tuple[BaseTaskHandler, str, _worker.Routes]
+
+
+class ZygoteGone(FlowError):
+    """The fork zygote is not answering: it exited or was killed."""
 
 
 class Launcher:
@@ -56,6 +61,11 @@ class ForkZygote(Launcher):
     """
 
     def __init__(self, region_fd: int, doorbell_fd: int, pool_fd: int, plans: Sequence[StepPlan]):
+        self._args = (region_fd, doorbell_fd, pool_fd, plans)
+        self._fork_zygote()
+
+    def _fork_zygote(self) -> None:
+        region_fd, doorbell_fd, pool_fd, plans = self._args
         parent_end, child_end = socket.socketpair()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -80,13 +90,28 @@ class ForkZygote(Launcher):
             self._io.write(line.encode() + b'\n')
             reply = self._io.readline()
         except OSError as exc:
-            raise FlowError(f'the worker launcher (zygote, pid {self.pid}) is gone: {exc}') from exc
+            raise ZygoteGone(f'the worker launcher (zygote, pid {self.pid}) is gone: {exc}') from exc
         if not reply:
-            raise FlowError(f'the worker launcher (zygote, pid {self.pid}) exited')
+            raise ZygoteGone(f'the worker launcher (zygote, pid {self.pid}) exited')
         return reply.decode().strip()
 
     def spawn(self, slot: int, step: int, pool_index: int) -> int:
-        return int(self._request(f'spawn {slot} {step} {pool_index}'))
+        request = f'spawn {slot} {step} {pool_index}'
+        try:
+            return int(self._request(request))
+        except ZygoteGone as exc:
+            # Killed from outside (its workers died with it, and are being replaced one by one):
+            # a new zygote, forked from the main process as it is now. That is less pristine than
+            # the first (the main process may have threads by now), so say so.
+            log.warning('%s; starting a new one to fork replacement workers', exc)
+            self.detach()
+            try:
+                os.kill(self.pid, signal.SIGKILL)  # in case it is wedged rather than dead
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self._fork_zygote()
+            return int(self._request(request))
 
     def reap(self, pid: int) -> None:
         self._request(f'reap {pid}')
@@ -172,7 +197,7 @@ class MultiprocessingLauncher(Launcher):
 
     def spawn(self, slot: int, step: int, pool_index: int) -> int:
         handler, step_name, routes = self._plans[step]
-        parent = os.getpid() if self._method == 'spawn' else None
+        owner = os.getpid()
         args = (
             _worker.InheritedFd(self._region_fd),
             _worker.InheritedFd(self._doorbell_fd),
@@ -182,7 +207,8 @@ class MultiprocessingLauncher(Launcher):
             handler,
             step_name,
             routes,
-            parent,
+            owner,
+            self._method == 'spawn',
         )
         proc = self._ctx.Process(target=_worker.spawn_entry, args=args, daemon=True, name=f'aqueduct-{step_name}')
         try:

@@ -190,12 +190,28 @@ def _detach_fd(dup) -> int:
     return dup.detach()
 
 
-def spawn_entry(region_fd: int, doorbell_fd: int, pool_fd: int, pool_index: int, slot: int,
-                handler: BaseTaskHandler, step_name: str, routes: Routes, parent_pid: int | None) -> None:
-    """Target of a ``spawn``/``forkserver`` worker process. ``parent_pid`` is the main process
-    for ``spawn``; ``None`` for ``forkserver``, whose children belong to the fork server (which
-    exits, and so takes its children along, when the main process dies)."""
-    ppid = _core.die_with_parent()
-    if parent_pid is not None and ppid != parent_pid:
-        os._exit(1)
+def spawn_entry(
+    region_fd: int,
+    doorbell_fd: int,
+    pool_fd: int,
+    pool_index: int,
+    slot: int,
+    handler: BaseTaskHandler,
+    step_name: str,
+    routes: Routes,
+    owner_pid: int,
+    owner_is_parent: bool,
+) -> None:
+    """Target of a ``spawn``/``forkserver`` worker process. ``owner_pid`` is the main process.
+    A ``spawn`` child is the main process's own (it dies with its parent); a ``forkserver``
+    child is the fork server's, which outlives the main process when that is SIGKILLed, so it
+    watches the main process itself and dies with it."""
+    if owner_is_parent:
+        if _core.die_with_parent() != owner_pid:
+            os._exit(1)
+    else:
+        try:
+            _core.exit_with_process(owner_pid)
+        except OSError:  # the main process is already gone
+            os._exit(1)
     sys.exit(run(region_fd, doorbell_fd, pool_fd, pool_index, slot, handler, step_name, routes))

@@ -61,6 +61,11 @@ class WorkerDiedError(FlowError):
         return (type(self), (str(self), self.step_name, self.pid))
 
 
+class HandlerTimeoutError(WorkerDiedError):
+    """The batch holding the task ran longer than its step's ``handle_timeout``: the worker was
+    killed (it may have hung) and is being replaced."""
+
+
 class WorkerStartError(FlowError):
     """A worker's ``on_start`` raised, or the worker exited during start-up."""
 

@@ -25,9 +25,9 @@ import heapq
 import json
 import operator
 import os
-import pickle
 import signal
 import socket
+import threading
 import time
 import warnings
 import weakref
@@ -43,6 +43,7 @@ from ._launch import Launcher, make_launcher
 from .exceptions import (
     FlowError,
     HandlerError,
+    HandlerTimeoutError,
     MPStartMethodValueError,
     NotRunningError,
     QueueFullError,
@@ -60,6 +61,46 @@ from .task import BaseTask
 
 _START_METHODS = ('fork', 'spawn', 'forkserver')
 
+#: What "no limit" becomes where the engine needs a number of seconds (``inf`` and anything
+#: larger): about 31 years, far beyond any deadline and well inside a nanosecond clock.
+NO_LIMIT_SECONDS = 1e9
+
+#: This process's pid, kept current across forks without a system call per ``process()``.
+_process_id = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _process_id
+    _process_id = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: How long a graceful ``stop()`` lets the tasks in flight finish before it stops hard.
+DEFAULT_STOP_GRACE = 10.0
+#: How long a hard stop waits for the killed workers' exits to be seen before tearing down.
+_KILLED_EXIT_WAIT = 2.0
+
+#: Held while a flow checks which event loop serves it and moves to another (rare: not per task).
+_bind_lock = threading.Lock()
+
+
+def seconds_arg(name: str, value, *, positive: bool = False, none_ok: bool = False) -> float | None:
+    """A number of seconds given by a user: a ``ValueError`` naming ``name`` for anything but
+    a real number ``>= 0`` (``> 0`` if ``positive``; ``None`` too if ``none_ok``). ``inf``, and
+    anything past :data:`NO_LIMIT_SECONDS`, means no limit: ``None`` where ``None`` is allowed,
+    else :data:`NO_LIMIT_SECONDS`."""
+    if value is None and none_ok:
+        return None
+    if value.__class__ is not float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise ValueError(f'{name} must be a number of seconds, got {value!r}')
+    value = float(value)
+    if not (value > 0 if positive else value >= 0):  # also refuses nan
+        raise ValueError(f'{name} must be a number of seconds {">" if positive else ">="} 0, got {value!r}')
+    if value >= NO_LIMIT_SECONDS:
+        return None if none_ok else NO_LIMIT_SECONDS
+    return value
+
 
 class FlowStep:
     """One step of a flow: a handler, the processes that run it, and its batching."""
@@ -72,6 +113,8 @@ class FlowStep:
         batch_size: int = 1,
         batch_timeout: float = 0,
         on_start_wait: float = 0,
+        *,
+        handle_timeout: float | None = None,
     ):
         if not isinstance(handler, BaseTaskHandler):
             raise TypeError(f'handler must be a BaseTaskHandler instance, got {type(handler).__name__}')
@@ -79,8 +122,11 @@ class FlowStep:
             raise TypeError(f'handle_condition must be callable, got {type(handle_condition).__name__}')
         _check_int('nprocs', nprocs, 1)
         _check_int('batch_size', batch_size, 1)
-        if not isinstance(batch_timeout, (int, float)) or isinstance(batch_timeout, bool) or batch_timeout < 0:
-            raise ValueError(f'batch_timeout must be a number >= 0 (seconds), got {batch_timeout!r}')
+        # `inf` waits for a full batch however long that takes.
+        engine_batch_timeout = seconds_arg('batch_timeout', batch_timeout)
+        # How long one batch may run before its worker is killed and replaced: a hung handler
+        # (an endless loop, a deadlock, a SIGSTOP) otherwise holds its tasks until they time out.
+        self.handle_timeout = seconds_arg('handle_timeout', handle_timeout, positive=True, none_ok=True)
         if on_start_wait:
             warnings.warn('on_start_wait is ignored: workers report readiness themselves', DeprecationWarning, 2)
         self.handler = handler
@@ -88,6 +134,7 @@ class FlowStep:
         self.nprocs = nprocs
         self.batch_size = batch_size
         self.batch_timeout = float(batch_timeout)
+        self._engine_batch_timeout = engine_batch_timeout
         self.on_start_wait = on_start_wait
 
 
@@ -144,6 +191,13 @@ def failure_exception(kind: str, step_name: str, detail) -> Exception:
         return HandlerError.from_remote(detail)
     if kind == 'expired':
         return TaskTimeoutError(f'Task timeout error: the task expired before {step_name} could handle it')
+    if kind == 'handler_timeout':
+        return HandlerTimeoutError(
+            f'the batch holding the task ran longer than the handle_timeout of {step_name}: its worker '
+            f'process {detail} was killed and is being replaced',
+            step_name,
+            detail,
+        )
     if kind == 'died':
         return WorkerDiedError(
             f'the worker process {detail} of {step_name} died while holding the task', step_name, detail
@@ -155,17 +209,21 @@ def failure_exception(kind: str, step_name: str, detail) -> Exception:
     return FlowError('the flow was stopped before the task finished')
 
 
-def check_call(priority, priorities: int, timeout_sec) -> None:
-    """Raises ``ValueError`` for a priority or a timeout that ``process()`` cannot take."""
+def check_call(task, priorities: int, timeout_sec) -> float:
+    """Raises ``TypeError`` for something that is not a task and ``ValueError`` for a priority or
+    a timeout that ``process()`` cannot take; returns the timeout to use (``inf`` and huge
+    timeouts become :data:`NO_LIMIT_SECONDS`)."""
+    if not isinstance(task, BaseTask):
+        raise TypeError(f'process() takes a BaseTask instance, got {type(task).__name__}')
+    priority = task.priority
     if priority.__class__ is not int or not 0 <= priority < priorities:
         raise ValueError(
             f'task priority must be an integer in [0, {priorities - 1}] (queue_priorities={priorities}), '
             f'got {priority!r}'
         )
-    if timeout_sec.__class__ is not float and (
-        not isinstance(timeout_sec, (int, float)) or isinstance(timeout_sec, bool)
-    ) or not timeout_sec > 0:
-        raise ValueError(f'timeout_sec must be a number of seconds > 0, got {timeout_sec!r}')
+    if timeout_sec.__class__ is float and 0 < timeout_sec < NO_LIMIT_SECONDS:
+        return timeout_sec  # the common case, without a call
+    return seconds_arg('timeout_sec', timeout_sec, positive=True)
 
 
 def entry_step(conditions: List, step_names: List[str], task: BaseTask) -> int | None:
@@ -183,7 +241,9 @@ def encode_task(task: BaseTask, pool) -> Tuple[bytes, list]:
     """The task's wire form (see ``_codec``), or :class:`TaskSerializationError`."""
     try:
         return encode(task, pool)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+    except FlowError:  # the pool is full: already says so
+        raise
+    except Exception as exc:  # PicklingError, TypeError, RecursionError, a __reduce__ raising...
         raise TaskSerializationError(
             f'{type(task).__name__} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}'
         ) from exc
@@ -244,7 +304,10 @@ class Flow:
         global _flow_count
         _flow_count += 1
         self._stats_path = (
-            None if stats_socket is False else stats_socket if isinstance(stats_socket, str)
+            None
+            if stats_socket is False
+            else stats_socket
+            if isinstance(stats_socket, str)
             else top.default_socket_path(_flow_count)
         )
         self._stats_server: asyncio.AbstractServer | None = None
@@ -297,6 +360,9 @@ class Flow:
         self._slot_alive: Dict[int, bool] = {}
         self._exit_waiters: List[asyncio.Future] = []
         self._owner_pid = 0
+        self._loop_thread = 0
+        # While a stop is under way: set to escalate a graceful stop into a hard one.
+        self._escalate: asyncio.Future | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -355,6 +421,8 @@ class Flow:
         if self._state is not FlowState.STEPS_INITIALIZED:
             raise FlowError(f'start_inited() needs a flow after init_processes(), not one that is {self._state.value}')
         self._state = FlowState.RUNNING
+        # The process that forked after init_processes() (a flow server) takes the flow over.
+        self._owner_pid = os.getpid()
         self.attach()
 
     @property
@@ -378,7 +446,10 @@ class Flow:
             await waiter
 
     def _start_workers(self, timeout: float | None) -> None:
-        specs = [(s.nprocs, s.batch_size, s.batch_timeout, self._queue_capacity(s)) for s in self._steps]
+        specs = [
+            (s.nprocs, s.batch_size, s._engine_batch_timeout, self._queue_capacity(s), s.handle_timeout)
+            for s in self._steps
+        ]
         self._pool = shm.pool()
         self._engine = engine = _core.Engine(
             specs, self._pool, priorities=self._queue_priorities, metrics=self._metrics_enabled
@@ -402,6 +473,9 @@ class Flow:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError('Starting timeout expired')
+            failure = None
+            # Every event of the batch is booked before raising: an exit that came with the
+            # failure would otherwise be missed, and the teardown would wait for it in vain.
             for outcome in engine.wait(remaining):
                 if outcome[0] != 2:
                     continue
@@ -409,10 +483,16 @@ class Flow:
                 if event == 'ready':
                     ready += 1
                 elif event == 'start_failed':
-                    raise WorkerStartError(f'{self._step_names[step]} failed to start (pid {pid}): {message}')
+                    failure = failure or WorkerStartError(
+                        f'{self._step_names[step]} failed to start (pid {pid}): {message}'
+                    )
                 elif event == 'exited':
                     self._on_exited(slot)
-                    raise WorkerStartError(f'{self._step_names[step]} worker (pid {pid}) exited during start-up')
+                    failure = failure or WorkerStartError(
+                        f'{self._step_names[step]} worker (pid {pid}) exited during start-up'
+                    )
+            if failure is not None:
+                raise failure
 
     def _spawn(self, slot: int) -> None:
         step = self._engine.slot_step(slot)
@@ -452,6 +532,8 @@ class Flow:
         """
         if self._state is not FlowState.RUNNING:
             raise NotRunningError('the flow is not running')
+        if self._owner_pid != _process_id:
+            raise self._foreign_process_error()
         engine = self._engine
         loop = self._loop
         # `get_running_loop()` makes a getpid() system call; the bound loop, running in this
@@ -459,9 +541,9 @@ class Flow:
         if loop is None or self._loop_thread != get_ident() or not loop.is_running():
             loop = asyncio.get_running_loop()
             if loop is not self._loop:
-                self._bind(loop)
+                self._bind_checked(loop)
+        timeout_sec = check_call(task, self._queue_priorities, timeout_sec)
         priority = task.priority
-        check_call(priority, self._queue_priorities, timeout_sec)
         task.set_timeout(timeout_sec)
         step = entry_step(self._steps_conditions, self._step_names, task)
         if step is None:
@@ -536,6 +618,31 @@ class Flow:
             self._start_polling()
 
     # ------------------------------------------------------------------ event loop plumbing
+
+    def _foreign_process_error(self) -> FlowError:
+        return FlowError(
+            f'this flow belongs to process {self._owner_pid}, and process {os.getpid()} was forked from it '
+            "after start(): a forked process cannot use its parent's flow (start a flow in each process, "
+            'or share one with aqueduct.sockets)'
+        )
+
+    def _bind_checked(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Moves the flow to ``loop`` (e.g. one ``asyncio.run`` after another), unless the loop
+        it serves is still running in another thread: one flow is driven by one event loop."""
+        with _bind_lock:
+            bound = self._loop
+            if (
+                bound is not None
+                and bound is not loop
+                and self._loop_thread != get_ident()
+                and bound.is_running()
+                and not bound.is_closed()
+            ):
+                raise FlowError(
+                    'this flow is served by an event loop that is running in another thread; call it from '
+                    'that loop, e.g. asyncio.run_coroutine_threadsafe(flow.process(task), loop) from other threads'
+                )
+            self._bind(loop)
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Watches the engine from ``loop`` (the loop may change, e.g. one per test)."""
@@ -745,9 +852,13 @@ class Flow:
 
     def health(self) -> dict:
         """What a ``/healthz`` or readiness probe needs, per step: processes alive out of
-        ``nprocs``, deaths and restarts so far, tasks queued and tasks held by workers.
+        ``nprocs``, deaths and restarts so far, tasks queued and tasks held by workers, how long
+        the longest-running batch has run (``longest_batch_s``: a hung or stopped worker shows
+        here) and how many workers ran past the step's ``handle_timeout`` and are being replaced
+        (``overdue``).
 
-        ``ready`` is true when the flow is running with every worker alive and started.
+        ``ready`` is true when the flow is running with every worker alive and started, and none
+        overdue.
         """
         engine = self._engine
         steps = []
@@ -762,15 +873,20 @@ class Flow:
                 'restarts': self._restarts[i],
                 'queued': 0,
                 'in_flight': 0,
+                'longest_batch_s': None,
+                'overdue': 0,
             }
             if engine is not None:
                 slots = [s for s in range(engine.slot_count) if engine.slot_step(s) == i]
                 states = [engine.slot_state(s) for s in slots]
                 info['alive'] = sum(1 for s in slots if self._slot_alive.get(s))
                 info['ready'] = sum(1 for st in states if st in ('idle', 'busy'))
-                info['queued'] = engine.queue_len(i)
+                info['queued'] = engine.waiting(i)
                 info['in_flight'] = sum(len(engine.held_by(s)) for s in slots)
-            ready = ready and info['ready'] == step.nprocs
+                running = [t for t in map(engine.batch_running_for, slots) if t is not None]
+                info['longest_batch_s'] = max(running, default=None)
+                info['overdue'] = sum(1 for s in slots if engine.overran(s))
+            ready = ready and info['ready'] == step.nprocs and not info['overdue']
             steps.append(info)
         return {'state': self._state.value, 'ready': ready, 'steps': steps}
 
@@ -825,15 +941,25 @@ class Flow:
 
     # ------------------------------------------------------------------ stop
 
-    async def stop(self, graceful: bool = True) -> None:
+    async def stop(self, graceful: bool = True, grace_sec: float = DEFAULT_STOP_GRACE) -> None:
         """Stops the flow.
 
-        ``graceful=True`` lets the tasks in flight finish (each within its own timeout) and then
-        stops the workers; it returns as soon as they have exited. ``graceful=False`` fails every
-        pending ``process()`` call with :class:`FlowError` and stops the workers at once.
+        ``graceful=True`` lets the tasks in flight finish, for at most ``grace_sec`` seconds,
+        then stops the workers; it returns as soon as they have exited. Past ``grace_sec`` it
+        goes on as a hard stop. ``graceful=False`` fails every pending ``process()`` call with
+        :class:`FlowError` and kills the workers at once.
+
+        A second ``stop()`` while one is under way waits for the flow to have stopped; a hard one
+        turns a graceful stop under way into a hard stop.
         """
+        grace_sec = seconds_arg('grace_sec', grace_sec)
         if self._state is FlowState.STEPS_INITIALIZED:
             self._state = FlowState.RUNNING
+        if self._state is FlowState.STOPPING:
+            if not graceful and self._escalate is not None and not self._escalate.done():
+                self._escalate.set_result(None)
+            await self.wait_stopped()
+            return
         if self._state is not FlowState.RUNNING:
             log.info('Flow is not running')
             return
@@ -844,17 +970,26 @@ class Flow:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
+        escalate = self._escalate = loop.create_future()
         for entry in self._parked.values():
             if not entry[0].done():
                 entry[0].set_exception(NotRunningError('the flow stopped while the task waited for queue space'))
         self._parked.clear()
-        if graceful:
+        ends = loop.time() + grace_sec
+        if graceful and (self._pending or engine.in_flight):
             # Tasks of this process, and those submitted through ports by other processes.
-            if self._pending or engine.in_flight:
-                waiter = loop.create_future()
-                self._idle_waiters.append(waiter)
-                await waiter
-        else:
+            idle = loop.create_future()
+            self._idle_waiters.append(idle)
+            await asyncio.wait([idle, escalate], timeout=grace_sec, return_when=asyncio.FIRST_COMPLETED)
+            if not idle.done():
+                idle.cancel()
+                self._idle_waiters.remove(idle)
+                if not escalate.done():
+                    log.warning('tasks still in flight after the grace period of %.1f s: stopping hard', grace_sec)
+                graceful = False
+        if escalate.done():
+            graceful = False
+        if not graceful:
             self._deliver(engine.fail_all())
         exited = loop.create_future()
         self._exit_waiters.append(exited)
@@ -867,11 +1002,16 @@ class Flow:
         if any(self._slot_alive.values()):
             if not self._polling:
                 self._start_polling()
-            try:
-                await asyncio.wait_for(exited, 5.0 if graceful else 2.0)
-            except TimeoutError:
+            # A worker finishing its last batch gets the rest of the grace period; a hard stop
+            # waits only for the kernel to reap what it killed.
+            wait = max(ends - loop.time(), 0.0) if graceful else _KILLED_EXIT_WAIT
+            await asyncio.wait(
+                [exited, escalate] if graceful else [exited], timeout=wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not exited.done():
                 log.warning('workers did not exit in time; killing them')
         self._exit_waiters.remove(exited)
+        self._escalate = None
         self._teardown(kill=True)
         log.info('Flow was stopped')
 

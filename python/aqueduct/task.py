@@ -200,7 +200,18 @@ class BaseTask:
         still lives in the same shared memory keeps this task's object (which already shows any
         in-place change).
         """
-        self.update_from_state(source_task.__dict__, excluded_fields)
+        state = source_task.__dict__
+        slots = _slot_names(type(source_task))
+        if slots:
+            # Fields in ``__slots__`` live outside ``__dict__``: without this their results
+            # would be silently lost.
+            state = dict(state)
+            for name in slots:
+                try:
+                    state[name] = getattr(source_task, name)
+                except AttributeError:  # a slot never assigned
+                    pass
+        self.update_from_state(state, excluded_fields)
 
     def update_from_state(self, state: Dict[str, Any], excluded_fields: Optional[Set[str]] = None) -> None:
         """:meth:`update` from the fields of a processed copy, given as its ``__dict__``."""
@@ -239,6 +250,26 @@ class BaseTask:
 
 
 _descriptor_cache: Dict[type, frozenset] = {}
+
+
+_slot_cache: Dict[type, tuple] = {}
+
+
+def _slot_names(cls: type) -> tuple:
+    """Attribute names of the ``__slots__`` a task class and its bases declare."""
+    names = _slot_cache.get(cls)
+    if names is None:
+        found = []
+        for klass in cls.__mro__:
+            declared = klass.__dict__.get('__slots__', ())
+            for name in (declared,) if isinstance(declared, str) else declared:
+                if name in ('__dict__', '__weakref__'):
+                    continue
+                if name.startswith('__') and not name.endswith('__'):
+                    name = f'_{klass.__name__.lstrip("_")}{name}'  # private names are mangled
+                found.append(name)
+        names = _slot_cache[cls] = tuple(found)
+    return names
 
 
 def _data_descriptors(cls: type) -> frozenset:

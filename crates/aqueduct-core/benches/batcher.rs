@@ -35,7 +35,13 @@ fn prio(c: &mut Criterion) {
 fn hub_batches(c: &mut Criterion) {
     let mut g = c.benchmark_group("hub/batch");
     for batch_size in [1usize, 16] {
-        let spec = StepSpec { nprocs: 1, batch_size, batch_timeout: Duration::from_secs(1), queue_capacity: 1024 };
+        let spec = StepSpec {
+            nprocs: 1,
+            batch_size,
+            batch_timeout: Duration::from_secs(1),
+            queue_capacity: 1024,
+            handle_timeout: None,
+        };
         let cfg = HubConfig { steps: vec![spec], ..HubConfig::default() };
         let pool = Arc::new(Arena::create_in_heap(ArenaLayout::new(16 << 20, 1 << 16, 4), 0).unwrap());
         let mut hub = Hub::create_in_heap(&cfg, pool.clone()).unwrap();

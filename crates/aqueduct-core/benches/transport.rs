@@ -88,7 +88,8 @@ fn spawn_worker(engine: &mut Engine, pool: &Arena) -> Child {
 }
 
 fn engine_round_trip(c: &mut Criterion) {
-    let spec = StepSpec { nprocs: 1, batch_size: 1, batch_timeout: Duration::ZERO, queue_capacity: 64 };
+    let spec =
+        StepSpec { nprocs: 1, batch_size: 1, batch_timeout: Duration::ZERO, queue_capacity: 64, handle_timeout: None };
     let cfg = HubConfig { steps: vec![spec], ..HubConfig::default() };
     let pool = Arc::new(Arena::create(ArenaLayout::new(16 << 20, 1 << 16, 4), 16 << 20).unwrap());
     let mut engine = Engine::new(&cfg, pool.clone()).unwrap();

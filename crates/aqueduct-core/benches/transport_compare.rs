@@ -440,7 +440,13 @@ fn drive(engine: &mut Engine, mut until: impl FnMut(&mut Engine, &mut Vec<u64>) 
 }
 
 fn engine_bench(steps: usize, n: usize) -> (Vec<u64>, f64) {
-    let spec = StepSpec { nprocs: 1, batch_size: 1, batch_timeout: Duration::ZERO, queue_capacity: 1024 };
+    let spec = StepSpec {
+        nprocs: 1,
+        batch_size: 1,
+        batch_timeout: Duration::ZERO,
+        queue_capacity: 1024,
+        handle_timeout: None,
+    };
     let cfg = HubConfig { steps: vec![spec; steps], ..HubConfig::default() };
     let pool = Arc::new(Arena::create(ArenaLayout::new(16 << 20, 1 << 16, 8), 16 << 20).unwrap());
     let mut engine = Engine::new(&cfg, pool.clone()).unwrap();

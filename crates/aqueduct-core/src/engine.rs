@@ -146,6 +146,7 @@ impl Engine {
     /// it then calls [`Engine::poll`].
     pub fn poll_rings(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
         let n = self.poll_hub_and_ports(out)?;
+        self.kill_overdue();
         self.reactor.arm_timer(self.hub.next_timer())?;
         Ok(n)
     }
@@ -175,8 +176,18 @@ impl Engine {
             return Err(e);
         }
         n += self.poll_hub_and_ports(out)?;
+        self.kill_overdue();
         self.reactor.arm_timer(self.hub.next_timer())?;
         Ok(n)
+    }
+
+    /// Kills the workers whose batch ran past their step's `handle_timeout` (see the hub's
+    /// "Hung workers"); their exit, seen through the pidfd, fails the batch.
+    fn kill_overdue(&mut self) {
+        for slot in self.hub.take_overdue() {
+            // A worker that exited meanwhile is already gone: nothing to kill.
+            let _ = self.reactor.signal(slot, rustix::process::Signal::KILL);
+        }
     }
 
     /// One round: workers' results, then ports' requests, then the ports' responses published.

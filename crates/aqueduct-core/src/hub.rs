@@ -27,10 +27,22 @@
 //! overtake a more urgent one. Through the slot's [`crate::gate::BatchGate`] the hub can take
 //! back a batch the worker has not begun: a cancelled task in it is then dropped before any
 //! handler sees it, and when the worker dies the batches it never began go back to the front
-//! of the queue instead of failing.
+//! of the queue instead of failing. When a worker of a step falls idle while another worker of
+//! it holds a batch it has not begun (it is still busy with an earlier, slow one), the hub takes
+//! that batch back and gives it to the idle worker: a batch never waits behind a busy worker
+//! while another worker of its step has nothing to do.
+//!
+//! # Hung workers
+//! A step may set `handle_timeout`. The hub records when each worker's oldest batch could have
+//! begun (when it was sent, or when the batch before it finished, whichever is later), wakes
+//! itself through [`Hub::next_timer`] at that time plus the limit, and then reports the slot in
+//! [`Hub::take_overdue`]; the engine kills the process, and on its exit the tasks of the batch
+//! it was running fail with [`Failure::HandlerTimeout`] rather than [`Failure::WorkerDied`].
 //!
 //! # Bounds
-//! A step's queue holds at most `queue_capacity` submitted tasks. Tasks forwarded from a batch
+//! A step holds at most `queue_capacity` submitted tasks waiting for it, counting both its queue
+//! and the tasks sent ahead to busy workers (they are waiting just the same: the bound a user
+//! sets is the bound they get, whatever the pipelining). Tasks forwarded from a batch
 //! that already ran are never refused (refusing would lose them); instead no step is sent a new
 //! batch while a step after it is at capacity, so the overshoot is bounded by the batches
 //! already outstanding upstream, plus those a dead worker hands back: at most
@@ -59,7 +71,12 @@ pub struct StepSpec {
     pub nprocs: usize,
     pub batch_size: usize,
     pub batch_timeout: Duration,
+    /// Tasks waiting for the step: queued in the hub, or sent ahead to a worker that has not
+    /// begun their batch (see "Bounds").
     pub queue_capacity: usize,
+    /// How long one batch may run in a worker; past it the worker is killed and replaced, and
+    /// the batch's tasks fail with [`Failure::HandlerTimeout`]. `None`: no limit.
+    pub handle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -145,6 +162,8 @@ pub enum Failure<'a> {
     Expired { step: usize },
     /// The worker that held the task died.
     WorkerDied { step: usize, pid: u32 },
+    /// The batch holding the task ran past the step's `handle_timeout`; its worker was killed.
+    HandlerTimeout { step: usize, pid: u32 },
     /// The flow was stopped without finishing the task.
     Stopped,
     /// A forwarded body did not fit in the shared-memory pool.
@@ -233,6 +252,9 @@ struct SentBatch {
     /// The worker's batch counter value for this batch (compared with `batches_started`).
     seq: u64,
     tasks: Vec<Held>,
+    /// When the batch could have begun at the earliest: when it was sent, or when the batch
+    /// before it was reported done. Set once it is the slot's oldest batch.
+    front_since: Option<Nanos>,
 }
 
 struct Slot {
@@ -248,11 +270,18 @@ struct Slot {
     sent: u64,
     /// Batches written to the inbound ring but not yet published (see `publish_batches`).
     unpublished: bool,
+    /// The worker was reported overdue (its batch ran past `handle_timeout`) and is to be killed.
+    overran: bool,
 }
 
 impl Slot {
     fn held(&self) -> impl Iterator<Item = &Held> {
         self.batches.iter().flat_map(|b| b.tasks.iter())
+    }
+
+    /// Tasks sent ahead: in batches after the oldest, which the worker has not begun.
+    fn tasks_ahead(&self) -> usize {
+        self.batches.iter().skip(1).map(|b| b.tasks.len()).sum()
     }
 }
 
@@ -315,6 +344,7 @@ pub struct StepMetrics {
     pub batch_size_samples: Vec<u32>,
     pub batch_wait_us: Histogram,
     pub batch_wait_samples: Vec<u32>,
+    /// Tasks waiting for the step (queued or sent ahead: see [`Hub::waiting`]).
     pub queue_len: usize,
     pub stats: StepStats,
 }
@@ -351,6 +381,8 @@ pub struct Hub {
     routes: HashMap<(usize, u16, u8), RouteSeries>,
     /// Per slot and worker series: ring samples already taken.
     worker_seen: Vec<[u32; 3]>,
+    /// Slots whose batch ran past the step's `handle_timeout`, for the owner to kill.
+    overdue: Vec<usize>,
 }
 
 impl Hub {
@@ -395,6 +427,7 @@ impl Hub {
                     batches: VecDeque::new(),
                     sent: 0,
                     unpublished: false,
+                    overran: false,
                 });
             }
             // Every outstanding batch of inline bodies must fit in the inbound ring at once.
@@ -427,6 +460,7 @@ impl Hub {
             metrics: cfg.metrics,
             routes: HashMap::new(),
             worker_seen: vec![[0; 3]; layout.nslots],
+            overdue: Vec::new(),
         })
     }
 
@@ -470,7 +504,7 @@ impl Hub {
         self.steps[step].queue.len()
     }
     pub fn queue_capacity(&self, step: usize) -> usize {
-        self.steps[step].queue.capacity()
+        self.steps[step].spec.queue_capacity
     }
     pub fn step_stats(&self, step: usize) -> StepStats {
         self.steps[step].stats
@@ -479,11 +513,12 @@ impl Hub {
     /// exporter is their one reader); histograms and counters only ever grow.
     pub fn metrics(&mut self, drain: bool) -> FlowMetrics {
         let mut out = FlowMetrics::default();
-        for st in self.steps.iter_mut() {
+        let waiting: Vec<usize> = (0..self.steps.len()).map(|step| self.waiting(step)).collect();
+        for (st, waiting) in self.steps.iter_mut().zip(waiting) {
             let mut m = StepMetrics {
                 batch_size: st.series.batch_size.hist.clone(),
                 batch_wait_us: st.series.batch_wait_us.hist.clone(),
-                queue_len: st.queue.len(),
+                queue_len: waiting,
                 stats: st.stats,
                 ..StepMetrics::default()
             };
@@ -584,7 +619,18 @@ impl Hub {
 
     /// Whether `step` exists and its queue has room for one more submitted task.
     pub fn has_room(&self, step: usize) -> bool {
-        self.steps.get(step).is_some_and(|s| !s.queue.is_full())
+        step < self.steps.len() && !self.step_full(step)
+    }
+
+    /// Tasks waiting for `step`: queued, or sent ahead to a worker that has not begun them.
+    pub fn waiting(&self, step: usize) -> usize {
+        let st = &self.steps[step];
+        st.queue.len() + st.slots.clone().map(|i| self.slots[i].tasks_ahead()).sum::<usize>()
+    }
+
+    /// Whether `step` holds `queue_capacity` waiting tasks (see "Bounds").
+    fn step_full(&self, step: usize) -> bool {
+        self.waiting(step) >= self.steps[step].spec.queue_capacity
     }
 
     fn admit(&mut self, step: usize, body: &[u8], bufs: &[BufRef]) -> Result<Body> {
@@ -598,8 +644,8 @@ impl Hub {
             return Err(EngineError::Stopped);
         }
         let st = self.steps.get(step).ok_or(EngineError::Config(format!("no step {step}")))?;
-        if st.queue.is_full() {
-            return Err(EngineError::QueueFull { step, capacity: st.queue.capacity() });
+        if self.step_full(step) {
+            return Err(EngineError::QueueFull { step, capacity: st.spec.queue_capacity });
         }
         for b in bufs {
             self.arena.check_buf(b)?;
@@ -660,16 +706,10 @@ impl Hub {
             return false;
         };
         // Sent ahead and not begun yet: take the batch back, drop the task, requeue the rest.
-        let back = self.slots[slot].batches.back().map(|b| (b.seq, b.tasks.iter().any(|h| h.task.id == task_id)));
-        if let Some((seq, true)) = back {
-            if self.layout.slot_gate(&self.region, slot).recall(seq) {
-                let s = &mut self.slots[slot];
-                let batch = s.batches.pop_back().expect("checked");
-                let step = s.step;
-                if s.batches.is_empty() && s.state == SlotState::Busy {
-                    s.state = SlotState::Idle;
-                    self.steps[step].idle.push(slot);
-                }
+        let in_last = self.slots[slot].batches.back().is_some_and(|b| b.tasks.iter().any(|h| h.task.id == task_id));
+        if in_last {
+            if let Some(batch) = self.recall_last(slot) {
+                let step = self.slots[slot].step;
                 for h in batch.tasks.into_iter().rev() {
                     if h.task.id == task_id {
                         self.drop_task(&h.task);
@@ -691,6 +731,42 @@ impl Hub {
         false
     }
 
+    /// Takes back the newest batch sent to `slot` if the worker has not begun it (see
+    /// [`crate::gate`]); the slot is idle again if that was its only batch.
+    fn recall_last(&mut self, slot: usize) -> Option<SentBatch> {
+        let seq = self.slots[slot].batches.back()?.seq;
+        if !self.layout.slot_gate(&self.region, slot).recall(seq) {
+            return None;
+        }
+        let s = &mut self.slots[slot];
+        let batch = s.batches.pop_back().expect("checked");
+        if s.batches.is_empty() && s.state == SlotState::Busy {
+            s.state = SlotState::Idle;
+            self.steps[s.step].idle.push(slot);
+        }
+        Some(batch)
+    }
+
+    /// With a worker of `step` idle and nothing to send it, takes back a batch sent ahead to a
+    /// busy worker (one it has not begun, behind the one it is still running) and queues it
+    /// again at the front, for the idle worker. Returns whether it did.
+    fn take_back_for_idle(&mut self, step: usize) -> bool {
+        if self.steps[step].idle.is_empty() {
+            return false;
+        }
+        let busiest = self.steps[step]
+            .slots
+            .clone()
+            .filter(|&i| self.slots[i].state == SlotState::Busy && self.slots[i].batches.len() >= 2)
+            .max_by_key(|&i| self.slots[i].batches.len());
+        let Some(batch) = busiest.and_then(|slot| self.recall_last(slot)) else { return false };
+        for h in batch.tasks.into_iter().rev() {
+            let level = h.task.priority as usize;
+            self.steps[step].queue.push_front(level, h.task);
+        }
+        true
+    }
+
     /// Releases the hub's references on a task's pool memory (its body, its buffers).
     fn drop_task(&self, task: &Queued) {
         if let Body::Extent(e) = &task.body {
@@ -706,8 +782,55 @@ impl Hub {
     }
 
     /// The earliest time a partial batch becomes due, if one is waiting.
+    /// The earliest time the hub must run again by itself: a partial batch becomes due, or a
+    /// running batch reaches its step's `handle_timeout`.
     pub fn next_timer(&self) -> Option<Nanos> {
-        self.steps.iter().filter_map(|s| s.timer).min()
+        let batch_due = self.steps.iter().filter_map(|s| s.timer).min();
+        let overdue_at = self.slots.iter().filter(|s| !s.overran).filter_map(|s| Some(self.overdue_at(s)?)).min();
+        match (batch_due, overdue_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the oldest batch of slot `s` passes its step's `handle_timeout`, if it is limited.
+    fn overdue_at(&self, s: &Slot) -> Option<Nanos> {
+        let limit = self.steps[s.step].spec.handle_timeout?;
+        let since = s.batches.front()?.front_since?;
+        Some(Nanos(since.0.saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX))))
+    }
+
+    /// How long the oldest batch of `slot` has been running (at most), if it has one.
+    pub fn batch_running_for(&self, slot: usize, now: Nanos) -> Option<Duration> {
+        let since = self.slots[slot].batches.front()?.front_since?;
+        Some(Duration::from_nanos(now.0.saturating_sub(since.0)))
+    }
+
+    /// Whether the worker in `slot` ran past its step's `handle_timeout` and is being killed.
+    pub fn overran(&self, slot: usize) -> bool {
+        self.slots[slot].overran
+    }
+
+    /// Slots found running a batch past their step's `handle_timeout` since the last call: the
+    /// owner kills their processes (their exit then fails the batch, see [`Hub::worker_exited`]).
+    pub fn take_overdue(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.overdue)
+    }
+
+    fn find_overdue(&mut self, now: Nanos) {
+        for slot in 0..self.slots.len() {
+            let s = &self.slots[slot];
+            if s.overran || !matches!(s.state, SlotState::Busy | SlotState::Stopping) {
+                continue;
+            }
+            // Only a batch the worker has begun is running; one not begun goes back to the
+            // queue if the worker dies, so it is no reason to kill it.
+            let begun = s.batches.front().is_some_and(|b| b.seq < self.layout.slot_gate(&self.region, slot).begun());
+            if begun && self.overdue_at(s).is_some_and(|at| now >= at) {
+                self.slots[slot].overran = true;
+                self.overdue.push(slot);
+            }
+        }
     }
 
     /// Whether any worker has published records the hub has not read.
@@ -750,6 +873,7 @@ impl Hub {
             out(Outcome::Failed { task_id, failure });
             reported += 1;
         }
+        self.find_overdue(now);
         Ok(reported)
     }
 
@@ -814,8 +938,15 @@ impl Hub {
             .batches
             .iter_mut()
             .flat_map(|b| b.tasks.iter_mut())
-            .find(|h| h.task.id == header.task_id && !h.resolved)
+            .find(|h| h.task.id == header.task_id)
             .ok_or(EngineError::Protocol("result for a task the worker does not hold"))?;
+        // A task already answered for: failed by a non-graceful stop while the worker still
+        // ran it. Its result is dropped (its memory released below); a second result for a task
+        // the worker itself answered is a protocol error.
+        let already_failed = held.resolved;
+        if already_failed && self.accepting {
+            return Err(EngineError::Protocol("a second result for one task"));
+        }
         held.resolved = true;
         let nbufs = header.nbufs as usize;
         let table =
@@ -849,7 +980,7 @@ impl Hub {
             }
             hub.release_bufs(&bufs);
         };
-        if self.cancelled.remove(&header.task_id) {
+        if already_failed || self.cancelled.remove(&header.task_id) {
             release_all(self);
             return Ok(0);
         }
@@ -916,6 +1047,9 @@ impl Hub {
             return Err(EngineError::Protocol("a worker finished a batch it was not given"));
         }
         let Some(batch) = s.batches.pop_front() else { return Ok(()) };
+        if let Some(next) = s.batches.front_mut() {
+            next.front_since = Some(Nanos::now());
+        }
         if s.batches.is_empty() && s.state == SlotState::Busy {
             s.state = SlotState::Idle;
             self.steps[step].idle.push(slot);
@@ -943,7 +1077,7 @@ impl Hub {
 
     /// Whether a step after `step` is at capacity (then `step` gets no new batch).
     fn downstream_full(&self, step: usize) -> bool {
-        self.steps[step + 1..].iter().any(|s| s.queue.len() >= s.queue.capacity())
+        (step + 1..self.steps.len()).any(|later| self.step_full(later))
     }
 
     /// A busy worker of `step` that can take a batch ahead of time, if a full batch waits.
@@ -989,6 +1123,7 @@ impl Hub {
             let st = &self.steps[step];
             let oldest = st.queue.oldest().map(|q| q.arrived);
             match batch::decide(st.queue.len(), oldest, st.spec.batch_size, st.spec.batch_timeout, now) {
+                Decision::Idle | Decision::WaitUntil(_) if self.take_back_for_idle(step) => continue,
                 Decision::Idle => break,
                 Decision::WaitUntil(t) => {
                     self.steps[step].timer = Some(t);
@@ -1054,9 +1189,11 @@ impl Hub {
             self.unpublished.push(slot);
         }
         s.state = SlotState::Busy;
+        let front_since = s.batches.is_empty().then_some(now);
         s.batches.push_back(SentBatch {
             seq: s.sent,
             tasks: tasks.into_iter().map(|task| Held { task, resolved: false }).collect(),
+            front_since,
         });
         s.sent += 1;
         let st = &mut self.steps[step];
@@ -1081,6 +1218,9 @@ impl Hub {
         let (step, pid) = (s.step, s.pid);
         let was_live = !matches!(s.state, SlotState::Vacant | SlotState::Dead);
         s.state = SlotState::Dead;
+        let overran = std::mem::take(&mut s.overran);
+        self.overdue.retain(|&o| o != slot);
+        let s = &mut self.slots[slot];
         let batches = std::mem::take(&mut s.batches);
         s.sent = 0;
         let mut never_started = Vec::new();
@@ -1093,7 +1233,9 @@ impl Hub {
                 self.drop_task(&h.task);
                 if !h.resolved && !self.cancelled.remove(&h.task.id) {
                     self.in_flight -= 1;
-                    out(Outcome::Failed { task_id: h.task.id, failure: Failure::WorkerDied { step, pid } });
+                    let failure =
+                        if overran { Failure::HandlerTimeout { step, pid } } else { Failure::WorkerDied { step, pid } };
+                    out(Outcome::Failed { task_id: h.task.id, failure });
                 }
             }
         }

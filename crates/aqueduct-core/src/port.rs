@@ -131,6 +131,8 @@ pub enum FailureKind {
     /// The engine refused the request (a step that does not exist, a corrupt descriptor); the
     /// detail says why.
     Rejected = 5,
+    /// The task's batch ran past its step's `handle_timeout`; `pid` is the worker killed for it.
+    HandlerTimeout = 6,
 }
 
 impl FailureKind {
@@ -143,6 +145,7 @@ impl FailureKind {
             Self::Stopped => "stopped",
             Self::ArenaExhausted => "shm_exhausted",
             Self::Rejected => "rejected",
+            Self::HandlerTimeout => "handler_timeout",
         }
     }
 }
@@ -157,6 +160,7 @@ impl TryFrom<u8> for FailureKind {
             3 => Self::Stopped,
             4 => Self::ArenaExhausted,
             5 => Self::Rejected,
+            6 => Self::HandlerTimeout,
             _ => return Err(EngineError::Protocol("unknown failure kind")),
         })
     }
@@ -407,6 +411,9 @@ impl EnginePort {
                     Failure::Expired { step: s } => self.fail(arena, client_id, FailureKind::Expired, step(s), 0, None),
                     Failure::WorkerDied { step: s, pid } => {
                         self.fail(arena, client_id, FailureKind::WorkerDied, step(s), pid, None)
+                    }
+                    Failure::HandlerTimeout { step: s, pid } => {
+                        self.fail(arena, client_id, FailureKind::HandlerTimeout, step(s), pid, None)
                     }
                     Failure::Stopped => self.fail(arena, client_id, FailureKind::Stopped, NO_STEP, 0, None),
                     Failure::ArenaExhausted { step: s } => {

@@ -15,7 +15,13 @@ use aqueduct_core::{Nanos, Received, WorkerEndpoint};
 use proptest::prelude::*;
 
 fn step(nprocs: usize, batch_size: usize, timeout_ms: u64, cap: usize) -> StepSpec {
-    StepSpec { nprocs, batch_size, batch_timeout: Duration::from_millis(timeout_ms), queue_capacity: cap }
+    StepSpec {
+        nprocs,
+        batch_size,
+        batch_timeout: Duration::from_millis(timeout_ms),
+        queue_capacity: cap,
+        handle_timeout: None,
+    }
 }
 
 fn config(steps: Vec<StepSpec>) -> HubConfig {
@@ -43,6 +49,7 @@ enum Got {
     Handler(usize),
     Expired(usize),
     Died(usize),
+    TimedOut(usize),
     Stopped,
 }
 
@@ -92,6 +99,7 @@ impl Rig {
                         Failure::Handler { step, .. } => Got::Handler(step),
                         Failure::Expired { step } => Got::Expired(step),
                         Failure::WorkerDied { step, .. } => Got::Died(step),
+                        Failure::HandlerTimeout { step, .. } => Got::TimedOut(step),
                         Failure::Stopped => Got::Stopped,
                         Failure::ArenaExhausted { .. } => panic!("arena exhausted"),
                     };
@@ -369,18 +377,103 @@ fn cancel_removes_queued_tasks_and_drops_held_results() {
 
 #[test]
 fn a_full_queue_refuses_submissions() {
-    let mut rig = Rig::new(config(vec![step(1, 1, 0, 2)]));
-    // One batch to the idle worker, then full batches of 1 sent ahead up to the pipeline depth.
-    let depth = pipeline_depth(1);
-    for i in 0..depth {
-        rig.hub.submit(0, 0, Nanos::ZERO, &[i as u8]).unwrap();
-    }
-    assert_eq!(rig.hub.batches_outstanding(0), depth);
-    rig.hub.submit(0, 0, Nanos::ZERO, b"q1").unwrap();
-    rig.hub.submit(0, 0, Nanos::ZERO, b"q2").unwrap();
-    assert_eq!(rig.hub.queue_len(0), 2);
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 3)]));
+    // One batch to the idle worker (it is being handled: not waiting), then batches of 1 sent
+    // ahead: they are waiting, and count against the bound like queued tasks.
+    rig.hub.submit(0, 0, Nanos::ZERO, b"running").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"ahead1").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"ahead2").unwrap();
+    assert_eq!(rig.hub.batches_outstanding(0), 3);
+    rig.hub.submit(0, 0, Nanos::ZERO, b"ahead3").unwrap();
+    assert_eq!(rig.hub.waiting(0), 3);
     let err = rig.hub.submit(0, 0, Nanos::ZERO, b"over").unwrap_err();
     assert!(err.to_string().contains("full"), "{err}");
+    assert!(!rig.hub.has_room(0));
+    // The worker finishes its batch: one waiting task is now running, so one more fits.
+    rig.echo(0);
+    rig.poll();
+    assert!(rig.hub.has_room(0));
+    rig.hub.submit(0, 0, Nanos::ZERO, b"fits").unwrap();
+    assert!(rig.hub.submit(0, 0, Nanos::ZERO, b"over").is_err());
+}
+
+#[test]
+fn the_bound_holds_whatever_the_pipeline_depth() {
+    // A queue of 1 with a worker of batch size 1 (pipeline depth 8): at most one task waits.
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 1)]));
+    assert!(pipeline_depth(1) > 2);
+    rig.hub.submit(0, 0, Nanos::ZERO, b"running").unwrap();
+    rig.hub.submit(0, 0, Nanos::ZERO, b"waiting").unwrap();
+    assert!(rig.hub.submit(0, 0, Nanos::ZERO, b"over").is_err());
+    assert_eq!(rig.hub.in_flight(), 2);
+}
+
+#[test]
+fn a_batch_sent_ahead_goes_to_a_worker_that_falls_idle() {
+    let mut rig = Rig::new(config(vec![step(2, 1, 0, 20)]));
+    let a = rig.hub.submit(0, 0, Nanos::ZERO, b"a").unwrap();
+    let slow = if rig.hub.held_by(0) == vec![a] { 0 } else { 1 };
+    let quick = 1 - slow;
+    rig.hub.submit(0, 0, Nanos::ZERO, b"b").unwrap(); // the other idle worker
+    let c = rig.hub.submit(0, 0, Nanos::ZERO, b"c").unwrap(); // ahead, to one of the two busy ones
+    let behind = if rig.hub.held_by(slow).contains(&c) { slow } else { quick };
+    let other = 1 - behind;
+    // The worker `c` is not behind finishes while the other is still busy: `c` moves to it.
+    assert_eq!(rig.echo(other), 1);
+    rig.poll();
+    assert_eq!(rig.hub.batches_outstanding(behind), 1, "the batch sent ahead was taken back");
+    assert!(rig.hub.held_by(other).contains(&c), "and given to the idle worker");
+    assert_eq!(rig.echo(other), 1);
+    assert_eq!(rig.echo(behind), 1);
+    assert_eq!(rig.echo(behind), 0, "the worker it was taken from skips it");
+    rig.poll();
+    assert_eq!(rig.got.len(), 3);
+    assert_eq!(rig.got.remove(&c), Some(Got::Done(b"c".to_vec())));
+    assert_eq!(rig.hub.in_flight(), 0);
+}
+
+#[test]
+fn a_result_that_arrives_after_fail_all_is_dropped_without_a_protocol_error() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 20)]));
+    let ids: Vec<u64> = (0..3).map(|_| rig.hub.submit(0, 0, Nanos::ZERO, b"x").unwrap()).collect();
+    rig.hub.fail_all(&mut |_| {});
+    // The worker was still running: its answers come in after the tasks were failed.
+    for _ in 0..3 {
+        rig.echo(0);
+    }
+    rig.poll();
+    assert!(ids.iter().all(|id| !rig.got.contains_key(id)), "nothing reported twice");
+    assert_eq!(rig.hub.in_flight(), 0);
+}
+
+#[test]
+fn a_batch_running_past_handle_timeout_is_reported_and_fails_as_such() {
+    let mut spec = step(1, 1, 0, 20);
+    spec.handle_timeout = Some(Duration::from_millis(50));
+    let mut rig = Rig::new(config(vec![spec]));
+    let sent = Nanos::now();
+    let id = rig.hub.submit(0, 0, Nanos::ZERO, b"hangs").unwrap();
+    assert_eq!(rig.workers[0].recv(Some(Duration::ZERO)).unwrap(), Received::Batch(1), "the worker begins it");
+    let timer = rig.hub.next_timer().expect("the hub wakes itself for the limit");
+    assert!(timer.0 >= sent.0 + 50_000_000 && timer.0 < sent.0 + 5_000_000_000, "{timer:?}");
+    rig.poll_at(Nanos(sent.0 + 10_000_000));
+    assert!(rig.hub.take_overdue().is_empty(), "within the limit");
+    assert!(rig.hub.batch_running_for(0, Nanos(sent.0 + 10_000_000)).is_some());
+    rig.poll_at(Nanos(timer.0 + 1));
+    assert_eq!(rig.hub.take_overdue(), vec![0]);
+    assert!(rig.hub.overran(0));
+    rig.poll_at(Nanos(timer.0 + 2));
+    assert!(rig.hub.take_overdue().is_empty(), "reported once");
+    let mut failed = Vec::new();
+    rig.hub
+        .worker_exited(0, &mut |o| {
+            if let Outcome::Failed { task_id, failure: Failure::HandlerTimeout { step, pid } } = o {
+                failed.push((task_id, step, pid));
+            }
+        })
+        .unwrap();
+    assert_eq!(failed, vec![(id, 0, 1000)]);
+    assert!(!rig.hub.overran(0));
 }
 
 #[test]

@@ -203,8 +203,13 @@ fn count_done(events: &[Event]) -> usize {
 }
 
 fn round_trips_through_worker_processes() {
-    let mut flow =
-        Flow::new(vec![StepSpec { nprocs: 2, batch_size: 8, batch_timeout: Duration::ZERO, queue_capacity: 256 }]);
+    let mut flow = Flow::new(vec![StepSpec {
+        nprocs: 2,
+        batch_size: 8,
+        batch_timeout: Duration::ZERO,
+        queue_capacity: 256,
+        handle_timeout: None,
+    }]);
     flow.spawn(0, "echo");
     flow.spawn(1, "echo");
     flow.run_until(Duration::from_secs(20), |ev| ev.iter().filter(|e| matches!(e, Event::Ready(_))).count() == 2);
@@ -215,7 +220,7 @@ fn round_trips_through_worker_processes() {
     let end = Instant::now() + Duration::from_secs(60);
     while received < total as usize {
         assert!(Instant::now() < end, "timed out with {received} of {total}");
-        while sent < total && flow.engine.hub.queue_len(0) < 256 {
+        while sent < total && flow.engine.hub.has_room(0) {
             let body = sent.to_le_bytes();
             expected.insert(flow.submit(&body), body.to_vec());
             sent += 1;
@@ -233,8 +238,13 @@ fn round_trips_through_worker_processes() {
 }
 
 fn large_payloads_cross_processes_through_the_arena() {
-    let mut flow =
-        Flow::new(vec![StepSpec { nprocs: 1, batch_size: 1, batch_timeout: Duration::ZERO, queue_capacity: 8 }]);
+    let mut flow = Flow::new(vec![StepSpec {
+        nprocs: 1,
+        batch_size: 1,
+        batch_timeout: Duration::ZERO,
+        queue_capacity: 8,
+        handle_timeout: None,
+    }]);
     flow.spawn(0, "echo");
     let mut ids = HashMap::new();
     for i in 0..8u8 {
@@ -251,7 +261,13 @@ fn large_payloads_cross_processes_through_the_arena() {
 }
 
 fn sigkill_mid_batch_fails_only_held_tasks() {
-    let spec = StepSpec { nprocs: 2, batch_size: 3, batch_timeout: Duration::from_millis(50), queue_capacity: 64 };
+    let spec = StepSpec {
+        nprocs: 2,
+        batch_size: 3,
+        batch_timeout: Duration::from_millis(50),
+        queue_capacity: 64,
+        handle_timeout: None,
+    };
     let mut flow = Flow::new(vec![spec]);
     flow.spawn(0, "stall");
     flow.spawn(1, "stall");
@@ -299,7 +315,13 @@ fn sigkill_mid_batch_fails_only_held_tasks() {
 }
 
 fn two_steps_with_a_handler_error() {
-    let spec = StepSpec { nprocs: 1, batch_size: 4, batch_timeout: Duration::from_millis(2), queue_capacity: 64 };
+    let spec = StepSpec {
+        nprocs: 1,
+        batch_size: 4,
+        batch_timeout: Duration::from_millis(2),
+        queue_capacity: 64,
+        handle_timeout: None,
+    };
     let mut flow = Flow::new(vec![spec.clone(), spec]);
     flow.spawn(0, "two_step");
     flow.spawn(1, "two_step");

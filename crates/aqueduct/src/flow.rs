@@ -157,6 +157,7 @@ impl<T: Send + 'static> FlowBuilder<T> {
                 batch_size: s.batch_size,
                 batch_timeout: s.batch_timeout,
                 queue_capacity: self.queue_size.unwrap_or((s.batch_size * 3).max(20)),
+                handle_timeout: None,
             })
             .collect();
         let cfg = HubConfig { steps, priorities: self.priorities, metrics: self.metrics, ..HubConfig::default() };
@@ -951,7 +952,10 @@ impl Owned {
                         FailureKind::Handler(step, String::from_utf8_lossy(&bytes(arena, body)).into_owned())
                     }
                     Failure::Expired { step } => FailureKind::Expired(step),
-                    Failure::WorkerDied { step, pid } => FailureKind::Died(step, pid),
+                    // The Rust API sets no `handle_timeout` yet; a kill for one is still a death.
+                    Failure::WorkerDied { step, pid } | Failure::HandlerTimeout { step, pid } => {
+                        FailureKind::Died(step, pid)
+                    }
                     Failure::Stopped => FailureKind::Stopped,
                     Failure::ArenaExhausted { step } => FailureKind::Exhausted(step),
                 };

@@ -417,8 +417,8 @@ class SocketFlow:
     def _submit(
         self, client: _core.PortClient, loop: asyncio.AbstractEventLoop, task: BaseTask, timeout_sec: float
     ) -> Optional[asyncio.Future]:
+        timeout_sec = check_call(task, self._priorities, timeout_sec)
         priority = task.priority
-        check_call(priority, self._priorities, timeout_sec)
         task.set_timeout(timeout_sec)
         step = entry_step(self._conditions, self._step_names, task)
         if step is None:
