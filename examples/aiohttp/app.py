@@ -30,7 +30,9 @@ async def classify(request: web.Request) -> web.Response:
     if not request.content_length:
         raise web.HTTPLengthRequired(text='send the image with a Content-Length')
     task = ImageTask()
-    await task.share_value_with_data('image', request.content, request.content_length)
+    # The app's own limit: share_value_with_data does not go through aiohttp's read(), which applies it.
+    limit = request._client_max_size
+    await task.share_value_with_data('image', request.content, request.content_length, max_size=limit)
     try:
         await run(request.app['flow'], task)
     except ValueError as exc:  # raised by the decoder: the client sent something else

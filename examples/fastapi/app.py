@@ -31,7 +31,7 @@ async def classify(request: Request, flow=Depends(get_flow())) -> dict:
     if not size:
         raise HTTPException(411, 'send the image with a Content-Length')
     task = ImageTask()
-    await task.share_value_with_data('image', RequestStream(request), size)
+    await task.share_value_with_data('image', RequestStream(request), size, max_size=64 << 20)
     try:
         await run(flow, task)
     except ValueError as exc:
