@@ -17,11 +17,13 @@ import pytest
 from aqueduct import BaseTask, shm
 from aqueduct.exceptions import (
     FlowError,
+    LengthRequiredError,
     PayloadLengthError,
     PayloadTimeoutError,
     PayloadTooLargeError,
     SharedMemoryExhaustedError,
 )
+from aqueduct.integrations import utils
 from aqueduct.task import DEFAULT_MAX_PAYLOAD
 
 MiB = 1 << 20
@@ -219,3 +221,42 @@ async def test_a_full_pool_fails_the_read_and_keeps_nothing(used):
         await Task().share_value_with_data('body', Stream(b'x' * 1000), 1000)
     assert used() == held
     hog.clear()
+
+
+# ------------------------------------------------------------------ the policy both integrations share
+
+
+async def test_the_integrations_policy_on_a_request_body(used):
+    t = Task()
+    with pytest.raises(LengthRequiredError):
+        await utils.share_request_body(t, 'body', Stream(b'x'), None, 10)
+    with pytest.raises(PayloadLengthError, match='not a number of bytes'):
+        await utils.share_request_body(t, 'body', Stream(b'x'), '12abc', 10)
+    with pytest.raises(PayloadTooLargeError):
+        await utils.share_request_body(t, 'body', Stream(b'x' * 11), '11', 10)
+    # No limit of the app's own: 1 MiB, what aiohttp refuses by default.
+    assert utils.body_size_limit(None) == utils.MAX_BODY_SIZE_DEFAULT == 1 << 20
+    assert utils.body_size_limit(0) is None, "aiohttp's 0: no limit but the pool's"
+    with pytest.raises(PayloadTimeoutError):
+        await utils.share_request_body(t, 'body', Stream(b'x', end='stall'), 2, 10, timeout=0.1)
+    await utils.share_request_body(t, 'body', Stream(b'x' * 10), '10', 10)
+    assert bytes(t.body) == b'x' * 10
+    del t
+    assert used() == 0
+
+
+def test_each_refusal_has_its_own_answer():
+    answers = {
+        LengthRequiredError('no length'): 411,
+        PayloadTooLargeError('large', 2, 1): 413,
+        PayloadTimeoutError('slow'): 408,
+        PayloadLengthError('short'): 400,
+        SharedMemoryExhaustedError('full'): 503,
+    }
+    for exc, status in answers.items():
+        assert isinstance(exc, utils.PAYLOAD_ERRORS)
+        code, _, headers = utils.http_error(exc)
+        assert code == status
+        assert ('Retry-After' in headers) == (status == 503)
+    assert utils.http_error(FlowError('other')) is None
+    assert utils.http_error(ValueError('other')) is None
