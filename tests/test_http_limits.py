@@ -2,8 +2,10 @@
 nor keep any once its upload fails, and the services say so (413, 503 with ``Retry-After``,
 ``/healthz``) instead of failing every later request with 500.
 
-The tests drive ``share_value_with_data`` with the cyclic GC off: memory a failed read held must
-come back at once, not whenever the collector runs.
+The unit tests drive ``share_value_with_data`` with the cyclic GC off: memory a failed read held
+must come back at once, not whenever the collector runs. The service tests run the example apps
+as real servers on an ephemeral port of 127.0.0.1, also with the GC off, and attack them with raw
+sockets.
 """
 
 from __future__ import annotations
@@ -12,6 +14,16 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import json
+import signal
+import socket
+import struct
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Iterator
 
 import pytest
 from aqueduct import BaseTask, shm
@@ -25,6 +37,8 @@ from aqueduct.exceptions import (
 )
 from aqueduct.integrations import utils
 from aqueduct.task import DEFAULT_MAX_PAYLOAD
+
+from .test_integrations import assert_all_gone, sample_image, server_process
 
 MiB = 1 << 20
 
@@ -260,3 +274,227 @@ def test_each_refusal_has_its_own_answer():
         assert ('Retry-After' in headers) == (status == 503)
     assert utils.http_error(FlowError('other')) is None
     assert utils.http_error(ValueError('other')) is None
+
+
+# ------------------------------------------------------------------ the example services
+
+# The example app served on a socket bound here to port 0 (its port printed for the test), with
+# the cyclic GC off, and a pool small enough for a test to fill: 128 MiB, two bodies of the
+# example's 64 MiB limit.
+LAUNCHERS = {
+    'aiohttp': """
+        import asyncio, gc, socket, sys
+        gc.disable()
+        sys.path.insert(0, 'examples/aiohttp')
+        from aiohttp import web
+        import app as example
+        sock = socket.socket()
+        sock.bind(('127.0.0.1', 0))
+        sock.listen(128)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        application = example.create_app()
+        print(sock.getsockname()[1], flush=True)
+        web.run_app(application, sock=sock, loop=loop, print=None)
+    """,
+    'fastapi': """
+        import gc, socket, sys
+        gc.disable()
+        sys.path.insert(0, 'examples/fastapi')
+        import uvicorn
+        import app as example
+        sock = socket.socket()
+        sock.bind(('127.0.0.1', 0))
+        sock.listen(128)
+        print(sock.getsockname()[1], flush=True)
+        uvicorn.Server(uvicorn.Config(example.app, log_level='warning')).run(sockets=[sock])
+    """,
+}
+POOL_SIZE = 128 * MiB
+LIMIT = 64 * MiB  # the examples' MAX_IMAGE_BYTES
+
+
+class Service:
+    def __init__(self, port: int):
+        self.port = port
+        self.base = f'http://127.0.0.1:{port}'
+
+    def get(self, path: str) -> tuple:
+        """``(status, headers, body)`` of a GET."""
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as response:
+                return response.status, _lower(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, _lower(exc.headers), exc.read()
+
+    def health(self) -> tuple:
+        status, _, body = self.get('/healthz')
+        return status, json.loads(body)
+
+    def used(self) -> int:
+        return self.health()[1]['shared_memory']['used']
+
+    def classify(self, image: bytes) -> tuple:
+        """``(status, headers, body)`` of a POST of ``image``, on a connection of its own."""
+        request = urllib.request.Request(self.base + '/classify', data=image, method='POST')
+        request.add_header('Content-Type', 'application/octet-stream')
+        try:
+            with urllib.request.urlopen(request, timeout=20) as response:
+                return response.status, _lower(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, _lower(exc.headers), exc.read()
+
+    @contextlib.contextmanager
+    def upload(self, declared: int, body: bytes = b'', headers: str = '') -> Iterator[socket.socket]:
+        """A raw connection that sends a POST's headers declaring ``declared`` bytes, then
+        ``body``; closed on exit (the client hangs up)."""
+        sock = socket.create_connection(('127.0.0.1', self.port), timeout=20)
+        try:
+            length = f'Content-Length: {declared}\r\n' if declared is not None else ''
+            head = f'POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\n{length}{headers}\r\n'
+            sock.sendall(head.encode() + body)
+            yield sock
+        finally:
+            sock.close()
+
+
+def _lower(headers) -> dict:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def status_line(sock: socket.socket) -> tuple:
+    """``(status, headers)`` of the response the server sends on ``sock``."""
+    data = b''
+    while b'\r\n\r\n' not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f'the server closed the connection without an answer: {data!r}'
+        data += chunk
+    head = data.split(b'\r\n\r\n', 1)[0].decode('latin-1').split('\r\n')
+    return int(head[0].split()[1]), _lower(dict(line.split(': ', 1) for line in head[1:]))
+
+
+def reset(sock: socket.socket) -> None:
+    """Makes the coming close() a TCP reset, as a client that crashes mid-upload."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Polls ``condition`` (the server's state, which only its HTTP answers show) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f'{what}: not within {timeout} s'
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope='module', params=['aiohttp', 'fastapi'])
+def service(request, tmp_path_factory) -> Iterator[Service]:
+    """An example service; at the end it must stop on SIGTERM and leave no process behind."""
+    script = tmp_path_factory.mktemp(request.param) / 'serve.py'
+    script.write_text(textwrap.dedent(LAUNCHERS[request.param]))
+    env = {'AQUEDUCT_SHM_POOL_SIZE': str(POOL_SIZE)}
+    with server_process([sys.executable, str(script)], env=env) as server:
+        yield Service(server.port)
+        processes = server.family()
+        server.proc.send_signal(signal.SIGTERM)
+        code, log = server.wait_exit()
+        # aiohttp exits with 0; uvicorn shuts down gracefully, then re-raises the signal it got.
+        assert code in (0, -signal.SIGTERM), f'exit code {code}: {log[-3000:]}'
+        assert 'Traceback' not in log, f'an error answered 500: {log[-3000:]}'
+        assert_all_gone(processes)
+
+
+@pytest.fixture
+def image() -> bytes:
+    return sample_image(256, 256, seed=3)
+
+
+def baseline(service: Service) -> int:
+    status, report = service.health()
+    assert status == 200, report
+    return report['shared_memory']['used']
+
+
+@pytest.mark.timeout(120)
+def test_two_clients_that_declare_512_mib_and_hang_up_do_not_take_the_service_down(service, image):
+    before = baseline(service)
+    for _ in range(2):
+        with service.upload(512 * MiB) as sock:
+            status, _ = status_line(sock)
+            assert status == 413
+            assert service.used() == before, 'nothing reserved for a body over the limit'
+    status, _, body = service.classify(image)
+    assert status == 200, body
+    assert len(json.loads(body)['top5']) == 5
+    assert service.health()[0] == 200 and service.used() == before
+
+
+@pytest.mark.timeout(120)
+def test_two_clients_that_hang_up_mid_body_give_their_memory_back_at_once(service, image):
+    before = baseline(service)
+    declared = 60 * MiB  # within the limit: the server accepts the upload and starts reading it
+    with service.upload(declared, b'\0' * (256 << 10)), service.upload(declared, b'\0' * 1000) as second:
+        wait_for(lambda: service.used() >= before + 2 * declared, 'both uploads reserved their memory')
+        reset(second)  # one hangs up cleanly (FIN), the other crashes (RST)
+    # The server runs with the cyclic GC off: only a read that frees its memory when it fails
+    # gives it back.
+    wait_for(lambda: service.used() == before, 'the memory of the aborted uploads freed')
+    status, _, body = service.classify(image)
+    assert status == 200, body
+    assert service.used() == before
+
+
+@pytest.mark.timeout(120)
+def test_a_body_over_the_limit_gets_413_and_reserves_nothing(service):
+    before = baseline(service)
+    with service.upload(LIMIT + 1) as sock:
+        status, _ = status_line(sock)
+        assert status == 413
+    assert service.used() == before
+    with service.upload(None, b'5\r\nhello\r\n0\r\n\r\n', 'Transfer-Encoding: chunked\r\n') as sock:
+        status, _ = status_line(sock)
+        assert status == 411, 'a body of no declared size'
+    assert service.used() == before
+
+
+@pytest.mark.timeout(120)
+def test_a_full_pool_gets_503_with_retry_after_and_healthz_says_not_ready(service, image):
+    before = baseline(service)
+    capacity = service.health()[1]['shared_memory']['capacity']
+    assert capacity == POOL_SIZE
+    # Two uploads in progress hold all but about 100 KiB of the pool: less than the image needs.
+    first = LIMIT - 1000
+    second = capacity - before - first - (100 << 10)
+    with service.upload(first, b'\0' * 1000), service.upload(second, b'\0' * 1000):
+        wait_for(lambda: service.used() >= before + first + second, 'both uploads reserved their memory')
+        status, report = service.health()
+        assert status == 503, 'not ready: the pool is nearly full'
+        pool = report['shared_memory']
+        assert pool['ready'] is False and pool['ratio'] > utils.SHM_NOT_READY_RATIO == pool['not_ready_ratio']
+        assert all(r['ready'] for name, r in report.items() if name != 'shared_memory'), 'the flow itself is fine'
+        status, headers, body = service.classify(image)
+        assert status == 503, body
+        assert headers['retry-after'] == str(utils.RETRY_AFTER_SECONDS)
+    wait_for(lambda: service.used() == before, 'the memory of the aborted uploads freed')
+    assert service.health()[0] == 200
+    assert service.classify(image)[0] == 200
+
+
+@pytest.mark.timeout(120)
+def test_healthz_shows_the_pool_figures(service):
+    status, report = service.health()
+    assert status == 200
+    pool = report['shared_memory']
+    assert pool['capacity'] == POOL_SIZE and 0 <= pool['used'] < POOL_SIZE
+    assert pool['ratio'] == pytest.approx(pool['used'] / pool['capacity'])
+    assert pool['ready'] is True and pool['not_ready_ratio'] == utils.SHM_NOT_READY_RATIO
+    assert report['flow']['ready'] is True
+
+
+@pytest.mark.timeout(120)
+def test_a_body_the_handlers_refuse_gets_400_and_gives_its_memory_back(service):
+    before = baseline(service)
+    status, _, body = service.classify(b'not an image' * 20_000)  # 240 kB, read into the pool
+    assert status == 400, body
+    assert service.used() == before
