@@ -259,6 +259,37 @@ async def test_the_integrations_policy_on_a_request_body(used):
     assert used() == 0
 
 
+async def test_the_fastapi_limit_is_the_integrators_or_the_calls(used):
+    from aqueduct.integrations.fastapi import AppIntegrator, share_request_body
+    from fastapi import FastAPI
+    from starlette.requests import ClientDisconnect, Request
+
+    app = FastAPI()
+    AppIntegrator(app, client_max_size=1000)
+
+    def request(size: int, messages: list) -> Request:
+        async def receive():
+            return messages.pop(0)
+
+        scope = {'type': 'http', 'app': app, 'method': 'POST', 'headers': [(b'content-length', str(size).encode())]}
+        return Request(scope, receive)
+
+    body = {'type': 'http.request', 'body': b'x' * 1001, 'more_body': False}
+    with pytest.raises(PayloadTooLargeError, match='over the limit of 1000 bytes'):
+        await share_request_body(Task(), 'body', request(1001, [body]))
+    t = Task()
+    await share_request_body(t, 'body', request(1001, [body]), client_max_size=2000)
+    assert len(t.body) == 1001
+    del t
+    # A client that hangs up mid-body: Starlette's ClientDisconnect, answered as an incomplete body.
+    partial = {'type': 'http.request', 'body': b'x' * 500, 'more_body': True}
+    with pytest.raises(PayloadLengthError, match='closed the connection') as info:
+        await share_request_body(Task(), 'body', request(1000, [partial, {'type': 'http.disconnect'}]))
+    assert info.value.__cause__ is None and isinstance(info.value.__context__, ClientDisconnect)
+    del info
+    assert used() == 0
+
+
 def test_each_refusal_has_its_own_answer():
     answers = {
         LengthRequiredError('no length'): 411,
