@@ -62,9 +62,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 class Server:
     """A server process started by :func:`server_process`."""
 
-    def __init__(self, proc: subprocess.Popen, base: str):
+    def __init__(self, proc: subprocess.Popen, base: str, port: int = 0):
         self.proc = proc
         self.base = base
+        self.port = port
 
     def family(self) -> List[psutil.Process]:
         """The server and every process under it, now."""
@@ -77,15 +78,22 @@ class Server:
 
 
 @contextlib.contextmanager
-def server_process(args: List[str], port: int, env: dict | None = None) -> Iterator[Server]:
+def server_process(args: List[str], port: int = 0, env: dict | None = None) -> Iterator[Server]:
     """Runs a server in its own session and yields it once ``/healthz`` answers; whatever the
-    test leaves running is killed, the whole session."""
+    test leaves running is killed, the whole session. With ``port`` 0 the server binds an
+    ephemeral port itself and prints it as its first line of output, so that no other process
+    can take the port between the choice and the bind."""
     proc = subprocess.Popen(
         args, cwd=str(ROOT), env={**os.environ, **(env or {})}, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE if port == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        server = Server(proc, f'http://127.0.0.1:{port}')
+        if port == 0:
+            line = proc.stdout.readline()
+            if not line.strip().isdigit():
+                raise AssertionError(f'the server printed {line!r} instead of its port (exit code {proc.poll()})')
+            port = int(line)
+        server = Server(proc, f'http://127.0.0.1:{port}', port)
         wait_ready(server.base + '/healthz', proc)
         yield server
     finally:
@@ -93,6 +101,8 @@ def server_process(args: List[str], port: int, env: dict | None = None) -> Itera
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stderr.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def assert_all_gone(processes: List[psutil.Process]) -> None:

@@ -1,13 +1,17 @@
 """An aiohttp image-classification service on aqueduct.
 
     POST /classify   body: a .npy image (H x W x 3 uint8)  ->  {"top5": [[class, probability], ...]}
-    GET  /healthz    200 when the flow is ready (503 otherwise)
+    GET  /healthz    200 when the flow is ready and shared memory has room (503 otherwise)
     GET  /metrics    Prometheus
 
 One web process: ``make example-aiohttp`` (serves on 127.0.0.1:8080), or
 ``python examples/aiohttp/app.py --port 8080``. Several web processes sharing one flow: see
 ``shared.py``. The request body streams straight into shared memory
-(``share_value_with_data``), and the handlers read it from there.
+(``share_request_body``), and the handlers read it from there.
+
+Bodies are untrusted: one over ``MAX_IMAGE_BYTES`` gets 413 before any memory is reserved, one
+without a ``Content-Length`` 411, one that takes over a minute to arrive 408, and a request that
+finds the shared memory full 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -22,21 +26,29 @@ from aiohttp import web
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aqueduct.exceptions import FlowError  # noqa: E402
-from aqueduct.integrations.aiohttp import AppIntegrator  # noqa: E402
+from aqueduct.integrations.aiohttp import (  # noqa: E402
+    PAYLOAD_ERRORS,
+    AppIntegrator,
+    error_response,
+    share_request_body,
+)
 from pipeline import ImageTask, build_flow, run  # noqa: E402
+
+#: The largest upload accepted (the app's ``client_max_size``): a 4096 x 4096 image fits.
+MAX_IMAGE_BYTES = 64 << 20
 
 
 async def classify(request: web.Request) -> web.Response:
-    if not request.content_length:
-        raise web.HTTPLengthRequired(text='send the image with a Content-Length')
     task = ImageTask()
-    await task.share_value_with_data('image', request.content, request.content_length)
     try:
+        await share_request_body(task, 'image', request)
         await run(request.app['flow'], task)
+    except PAYLOAD_ERRORS as exc:  # too large, incomplete, too slow, shared memory full
+        return error_response(exc)
     except ValueError as exc:  # raised by the decoder: the client sent something else
-        raise web.HTTPBadRequest(text=str(exc)) from None
+        return error_response(exc, 400)
     except FlowError as exc:
-        raise web.HTTPServiceUnavailable(text=str(exc)) from None
+        return error_response(exc, 503)
     return web.json_response({'top5': task.top5, 'served_by': os.getpid()})
 
 
@@ -46,7 +58,7 @@ def add_routes(app: web.Application) -> web.Application:
 
 
 def create_app() -> web.Application:
-    app = web.Application(client_max_size=64 << 20)
+    app = web.Application(client_max_size=MAX_IMAGE_BYTES)
     try:
         integrator = AppIntegrator(app, metrics_path='/metrics', health_path='/healthz')
     except TypeError:  # aqueduct 1.15: no optional routes

@@ -20,7 +20,7 @@ from aiohttp import web
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from app import add_routes  # noqa: E402
+from app import MAX_IMAGE_BYTES, add_routes  # noqa: E402
 from aqueduct.sockets.flow import SocketFlow  # noqa: E402
 from pipeline import build_flow  # noqa: E402
 
@@ -41,7 +41,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({'attached': attached}, status=200 if attached else 503)
 
 
-app = web.Application(client_max_size=64 << 20)
+app = web.Application(client_max_size=MAX_IMAGE_BYTES)
 app['flow'] = socket_flow
 app.on_startup.append(attach)
 app.on_shutdown.append(detach)

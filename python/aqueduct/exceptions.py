@@ -74,6 +74,34 @@ class SharedMemoryExhaustedError(FlowError, MemoryError):
     """The shared-memory pool has no room for a payload."""
 
 
+class PayloadTooLargeError(FlowError, ValueError):
+    """A payload declares more bytes than it may have (an HTTP body over the app's limit): refused
+    before any shared memory is reserved (answer 413)."""
+
+    def __init__(self, message: str, size: int = 0, max_size: int = 0):
+        super().__init__(message)
+        self.size = size
+        self.max_size = max_size
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.size, self.max_size))
+
+
+class PayloadLengthError(FlowError, ValueError):
+    """A streamed payload ended shorter or ran longer than the size it declared (an HTTP body
+    that does not match its ``Content-Length``); its shared memory is already freed."""
+
+
+class LengthRequiredError(PayloadLengthError):
+    """A streamed payload must declare its size up front (an HTTP body without a
+    ``Content-Length``, e.g. chunked): its shared memory is sized from it (answer 411)."""
+
+
+class PayloadTimeoutError(FlowError, TimeoutError):
+    """A streamed payload did not arrive whole within its time limit (a slow or stalled upload);
+    its shared memory is already freed (answer 408)."""
+
+
 class HandlerError(FlowError):
     """A handler raised while handling the task.
 

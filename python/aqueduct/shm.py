@@ -137,3 +137,13 @@ def stats() -> dict:
     """Bytes in use, capacity, and freed bytes kept warm, for monitoring and leak checks."""
     p = pool()
     return {'used': p.used_bytes, 'capacity': p.capacity, 'warm': p.warm_bytes}
+
+
+def pressure() -> dict:
+    """How full the pool is: bytes ``used``, ``capacity`` and their ``ratio`` (0 to 1), for health
+    checks. Unlike :func:`stats` it does not create the pool: before it exists, nothing is used
+    of the configured size."""
+    if _pool is None:
+        return {'used': 0, 'capacity': _pool_size, 'ratio': 0.0}
+    used, capacity = _pool.used_bytes, _pool.capacity
+    return {'used': used, 'capacity': capacity, 'ratio': used / capacity if capacity else 1.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import pickle
 import warnings
@@ -10,6 +11,10 @@ from time import monotonic
 from typing import Any, Dict, Optional, Protocol, Set
 
 DEFAULT_PRIORITY = 0
+#: ``share_value_with_data`` refuses a larger declared size unless told otherwise: what aiohttp
+#: refuses by default (its ``client_max_size``), so that a caller that forgets the limit does not
+#: let a client reserve the pool.
+DEFAULT_MAX_PAYLOAD = 1 << 20
 
 
 class HasReadany(Protocol):
@@ -90,6 +95,26 @@ def _share(value: Any) -> tuple:
     raise ValueError(f'a value of type {type(value).__name__} cannot be shared: use a numpy array, bytes or bytearray')
 
 
+def _check_payload_size(size: Any, max_size: Optional[int], capacity: int) -> None:
+    """Refuses a declared payload size before anything is reserved for it."""
+    from .exceptions import PayloadTooLargeError
+
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f'size must be an integer >= 0 (bytes), got {size!r}')
+    if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 0):
+        raise ValueError(f'max_size must be an integer >= 0 (bytes) or None, got {max_size!r}')
+    if max_size is not None and size > max_size:
+        raise PayloadTooLargeError(
+            f'the payload declares {size} bytes, over the limit of {max_size} bytes', size, max_size
+        )
+    if size > capacity:
+        raise PayloadTooLargeError(
+            f'the payload declares {size} bytes, more than the whole shared-memory pool ({capacity} bytes)',
+            size,
+            capacity,
+        )
+
+
 class BaseTask:
     """Subclass it with the fields your handlers read and write.
 
@@ -156,37 +181,77 @@ class BaseTask:
         shared[field_name] = sv
         self.__dict__[field_name] = value
 
-    async def share_value_with_data(self, field_name: str, content: HasReadany, size: int) -> None:
+    async def share_value_with_data(
+        self,
+        field_name: str,
+        content: HasReadany,
+        size: int,
+        *,
+        max_size: Optional[int] = DEFAULT_MAX_PAYLOAD,
+        timeout: Optional[float] = None,
+    ) -> None:
         """Reads ``size`` bytes from ``content.readany()`` (aiohttp's ``request.content``)
         straight into shared memory, without an intermediate ``bytes`` object, and shares them
         as ``field_name``.
 
         The field then reads as a read-only ``memoryview`` of the shared bytes in this process;
-        handlers receive ``bytes``. Raises ``ValueError`` when the content is shorter or longer
-        than ``size``; the memory is freed either way.
+        handlers receive ``bytes``. ``size`` usually comes from the client (``Content-Length``),
+        so it is checked before anything is reserved:
+
+        - over ``max_size`` (default 1 MiB, aiohttp's default ``client_max_size``; ``None``: no
+          limit but the pool's capacity) or over the pool's whole capacity:
+          :class:`~aqueduct.exceptions.PayloadTooLargeError`;
+        - not an ``int`` (or a ``bool``), or negative: ``ValueError``.
+
+        The memory is reserved when the first bytes of the body arrive, not before, and freed at
+        once if the read fails for any reason: content shorter or longer than ``size``
+        (:class:`~aqueduct.exceptions.PayloadLengthError`), ``timeout`` seconds passing before the
+        whole body is in (:class:`~aqueduct.exceptions.PayloadTimeoutError`), a client that hangs
+        up, a cancelled request. A full pool raises
+        :class:`~aqueduct.exceptions.SharedMemoryExhaustedError`.
         """
         from . import shm
+        from .exceptions import PayloadLengthError, PayloadTimeoutError
 
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError(f'size must be an integer >= 0, got {size!r}')
+        _check_payload_size(size, max_size, shm.pool().capacity)
         shared = self.__dict__.setdefault('_shared_fields', {})
         if field_name in shared:
             raise ValueError(f'The {field_name} field value is already shared')
-        buf = shm.pool().alloc(max(size, 1))
-        view = memoryview(buf)
+        buf = view = None
         offset = 0
-        while True:
-            chunk = await content.readany()
-            if not chunk:
-                break
-            end = offset + len(chunk)
-            if end > size:
-                raise ValueError(f'content is longer than size={size} (got at least {end} bytes)')
-            view[offset:end] = chunk
-            offset = end
-        if offset != size:
-            raise ValueError(f'content is shorter than size={size} (got {offset} bytes)')
-        sv = SharedValue(buf, 'memoryview', (size,))
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    end = offset + len(chunk)
+                    if end > size:
+                        raise PayloadLengthError(f'content is longer than size={size} (got at least {end} bytes)')
+                    if view is None:
+                        # Reserved on the first bytes of the body, not on the headers: a client
+                        # that declares a size and sends nothing holds no memory.
+                        buf = shm.pool().alloc(max(size, 1))
+                        view = memoryview(buf)
+                    view[offset:end] = chunk
+                    offset = end
+            if offset != size:
+                raise PayloadLengthError(f'content is shorter than size={size} (got {offset} bytes)')
+            if buf is None:  # an empty body: the pool has no empty extents
+                buf = shm.pool().alloc(1)
+            sv = SharedValue(buf, 'memoryview', (size,))
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise PayloadTimeoutError(f'content did not arrive within {timeout} s ({offset} of {size} bytes)') from None
+        finally:
+            # Dropped here, whatever happened, rather than with the frame: a failed read's frame
+            # lives on in the exception's traceback, and when the caller keeps the exception
+            # (aiohttp logs it; the traceback then refers back to it) only the cyclic GC would
+            # free the reservation, which may not run for as long as the server does.
+            if view is not None:
+                view.release()
+            buf = view = None
         shared[field_name] = sv
         self.__dict__[field_name] = sv.value()
 

@@ -8,7 +8,12 @@
 
 Flows stop on application shutdown; with ``exit_on_fail`` the app stops (SIGTERM to itself) if
 a flow stops for good. Optional routes: ``metrics_path`` serves Prometheus for every flow added,
-``health_path`` answers 200 when all flows are ready and 503 otherwise (for probes).
+``health_path`` answers 200 when all flows are ready and the shared-memory pool has room, and 503
+otherwise (for probes).
+
+``await share_request_body(task, 'image', request)`` reads an upload straight into shared memory
+within the app's ``client_max_size``; :func:`error_response` answers the errors of doing so
+(413, 411, 408, 400, and 503 with ``Retry-After`` for a full pool).
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ from typing import Any, Dict, Optional
 
 from aiohttp import web
 
+from ..exceptions import PayloadLengthError
 from ..flow import Flow
 from ..logger import replace_logger
+from ..task import BaseTask
+from . import utils
 from .utils import (  # noqa: F401 - re-exported as in 1.15
     FLOW_START_TIMEOUT_DEFAULT,
     FLOW_START_TIMEOUT_NAME,
+    PAYLOAD_ERRORS,
     exit_when_stopped,
     get_start_timeout,
     health_payload,
@@ -119,3 +128,33 @@ class _LiveFlows(dict):
 
     def items(self):
         return [(name, self._app[name]) for name in self._app[AQUEDUCT_FLOW_NAMES]]
+
+
+async def share_request_body(
+    task: BaseTask, field_name: str, request: web.Request, timeout: Optional[float] = utils.BODY_TIMEOUT_DEFAULT
+) -> None:
+    """Reads the request's body into shared memory as ``task.<field_name>``, refusing what aiohttp
+    itself would: more than the app's ``client_max_size`` (``web.Application(client_max_size=)``,
+    1 MiB by default; 0 for no limit). See :func:`aqueduct.integrations.utils.share_request_body`
+    for the other limits; the errors are :data:`PAYLOAD_ERRORS` (a client that hangs up mid-body:
+    ``PayloadLengthError``)."""
+    # `share_value_with_data` bypasses aiohttp's own check (made in `read()`), so the limit is
+    # passed on; the private attribute is the one aiohttp has read it from since 3.0.
+    limit = request._client_max_size
+    try:
+        await utils.share_request_body(task, field_name, request.content, request.content_length, limit, timeout)
+    except ConnectionResetError:  # how aiohttp ends the body of a client that hung up
+        raise PayloadLengthError('the client closed the connection before the end of the body') from None
+
+
+def error_response(exc: BaseException, status: Optional[int] = None) -> Optional[web.Response]:
+    """The answer to one of :data:`PAYLOAD_ERRORS` (413, 411, 408, 400, 503 with ``Retry-After``);
+    to another error, ``status`` with the error's text, or ``None`` without one. Return it from
+    the handler rather than raise an ``HTTPException``: the task of the failed request, and its
+    shared memory, are then gone when the handler returns (see ``utils.drop_frames``)."""
+    answer = utils.http_error(exc, status)
+    if answer is None:
+        return None
+    utils.drop_frames(exc)
+    status, message, headers = answer
+    return web.Response(status=status, text=message, headers=headers)

@@ -9,8 +9,12 @@
 
 or, for any ASGI app with a lifespan, ``lifespan=flow_lifespan(flow)``. Flows are attached to the
 server's event loop when it starts and stopped when it shuts down; with ``exit_on_fail`` the
-server stops (SIGTERM to itself) if a flow stops for good. :class:`RequestStream` lets
-``task.share_value_with_data`` read a request body straight into shared memory.
+server stops (SIGTERM to itself) if a flow stops for good.
+
+``await share_request_body(task, 'image', request)`` reads an upload straight into shared memory.
+Starlette has no body size limit of its own, so this one applies: ``AppIntegrator(app,
+client_max_size=...)``, or per call, else 1 MiB (aiohttp's default). :func:`error_response`
+answers the errors of doing so (413, 411, 408, 400, and 503 with ``Retry-After`` for a full pool).
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Dict, List, Optional
 
+from ..exceptions import PayloadLengthError
 from ..flow import Flow
 from ..logger import replace_logger
-from .utils import exit_when_stopped, get_start_timeout, health_payload
+from ..task import BaseTask
+from . import utils
+from .utils import PAYLOAD_ERRORS, exit_when_stopped, get_start_timeout, health_payload  # noqa: F401 - API
 
 FLOW_NAME = 'flow'
+#: Where ``AppIntegrator(client_max_size=)`` keeps the app's body size limit (``app.state``).
+CLIENT_MAX_SIZE = 'aqueduct_client_max_size'
 
 
 def get_flow(flow_name: str = FLOW_NAME) -> Callable:
@@ -79,7 +88,8 @@ async def _running(flows: Dict[str, Flow], exit_on_fail: bool, start_timeout: Op
 
 class AppIntegrator:
     """Adds flows to a FastAPI (or Starlette) app, as in aqueduct 1.15. Wraps the app's
-    lifespan; add flows before the server starts."""
+    lifespan; add flows before the server starts. ``client_max_size`` limits the request bodies
+    :func:`share_request_body` reads (bytes; 0: no limit but the pool's), as aiohttp's does."""
 
     def __init__(
         self,
@@ -88,8 +98,11 @@ class AppIntegrator:
         logger: Optional[logging.Logger] = None,
         metrics_path: Optional[str] = None,
         health_path: Optional[str] = None,
+        client_max_size: int = utils.MAX_BODY_SIZE_DEFAULT,
     ) -> None:
         self._app = app
+        # Read by share_request_body: the body size limit aiohttp apps set the same way.
+        setattr(app.state, CLIENT_MAX_SIZE, client_max_size)
         self._names: List[str] = []
         self._started = False
         self._exit_on_fail = exit_on_fail
@@ -157,3 +170,41 @@ class RequestStream:
             return await self._chunks.__anext__()
         except StopAsyncIteration:
             return b''
+
+
+async def share_request_body(
+    task: BaseTask,
+    field_name: str,
+    request,
+    client_max_size: Optional[int] = None,
+    timeout: Optional[float] = utils.BODY_TIMEOUT_DEFAULT,
+) -> None:
+    """Reads the request's body into shared memory as ``task.<field_name>``, at most
+    ``client_max_size`` bytes: given here, else the app's (``AppIntegrator(client_max_size=)``),
+    else 1 MiB. See :func:`aqueduct.integrations.utils.share_request_body` for the other limits;
+    the errors are :data:`PAYLOAD_ERRORS` (a client that hangs up mid-body: ``PayloadLengthError``)."""
+    from starlette.requests import ClientDisconnect
+
+    if client_max_size is None:
+        client_max_size = getattr(request.app.state, CLIENT_MAX_SIZE, None)
+    content_length = request.headers.get('content-length')
+    stream = RequestStream(request)
+    try:
+        await utils.share_request_body(task, field_name, stream, content_length, client_max_size, timeout)
+    except ClientDisconnect:
+        raise PayloadLengthError('the client closed the connection before the end of the body') from None
+
+
+def error_response(exc: BaseException, status: Optional[int] = None):
+    """The answer to one of :data:`PAYLOAD_ERRORS` (413, 411, 408, 400, 503 with ``Retry-After``);
+    to another error, ``status`` with the error's text, or ``None`` without one. Return it from
+    the route rather than raise an ``HTTPException``: the task of the failed request, and its
+    shared memory, are then gone when the route returns (see ``utils.drop_frames``)."""
+    from starlette.responses import PlainTextResponse
+
+    answer = utils.http_error(exc, status)
+    if answer is None:
+        return None
+    utils.drop_frames(exc)
+    status, message, headers = answer
+    return PlainTextResponse(message, status_code=status, headers=headers)
