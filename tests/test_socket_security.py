@@ -1,13 +1,16 @@
-"""Local users must not run code in a flow server or its clients through the flow's Unix socket.
+"""Local users must not run code in a flow or its clients through aqueduct's Unix sockets.
 
-The flow server's socket and the SocketFlow client: private directory and socket modes, never
-replacing what is not a dead socket of ours, peer credentials checked on both ends before a byte
-is read, and a bounded binary handshake with nothing unpickled from anyone unauthenticated. Tests
-that act as another user fork a child that drops to ``nobody`` (uid 65534), which needs root.
+The flow server's socket, the SocketFlow client, the stats socket and ``python -m aqueduct top``:
+private directory and socket modes, never replacing what is not a dead socket of ours, peer
+credentials checked on both ends before a byte is read, a bounded binary handshake with nothing
+unpickled from anyone unauthenticated, and a top that a hostile stats server cannot hang, bloat
+or use to drive the terminal. Tests that act as another user fork a child that drops to
+``nobody`` (uid 65534), which needs root.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -26,13 +29,13 @@ import time
 from typing import Callable, Iterator
 
 import pytest
-from aqueduct import Flow, FlowStep, _unixsock
+from aqueduct import Flow, FlowStep, _unixsock, top
 from aqueduct.exceptions import FlowError
 from aqueduct.sockets import FlowSocketServer, SocketFlow
 from aqueduct.sockets import flow as sockets_flow
 from aqueduct.sockets.flow_server import ACCEPTED, HANDSHAKE, MAGIC, PROTOCOL_VERSION, REFUSED, encode_handshake
 
-from .conftest import children
+from .conftest import children, python_script
 from .handlers import Add, Task
 
 NOBODY = 65534
@@ -64,6 +67,15 @@ class Bomb:
 
     def __reduce__(self):
         return pathlib.Path.touch, (self.marker,)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
 
 
 def mode_of(path) -> int:
@@ -246,6 +258,53 @@ def test_xdg_runtime_dir_is_used_only_when_it_is_private(tmp_path, monkeypatch, 
 # ---------------------------------------------------------------------------- modes, replacing
 
 
+def test_sockets_are_created_0600_under_umask_000(tmp_path):
+    """In a child process: the umask is process-wide, and pytest's must not change."""
+    explicit, stats, plain = (str(tmp_path / name) for name in ('flow.sock', 'stats.sock', 'plain.sock'))
+    code = f"""
+        import asyncio, json, os, socket, stat
+        os.umask(0)
+        from aqueduct import Flow, FlowStep, _unixsock
+        from aqueduct.sockets import FlowSocketServer
+        from tests.handlers import Add
+
+        def mode(path):
+            return oct(stat.S_IMODE(os.lstat(path).st_mode))
+
+        plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        plain.bind({plain!r})  # what a bind alone gives under this umask
+        explicit = FlowSocketServer(Flow(FlowStep(Add())), socket_path={explicit!r})
+        explicit.bind()
+        default = FlowSocketServer(Flow(FlowStep(Add())))
+        default.bind()
+
+        async def main():
+            flows = [Flow(FlowStep(Add()), stats_socket={stats!r}), Flow(FlowStep(Add()))]
+            for flow in flows:
+                flow.start(timeout=30)
+            try:
+                print(json.dumps({{
+                    'plain': mode({plain!r}), 'private_dir': mode(_unixsock.private_dir()),
+                    'server': mode({explicit!r}), 'default_server': mode(default.socket_path),
+                    'default_in_private_dir': os.path.dirname(default.socket_path) == _unixsock.private_dir(),
+                    'stats': mode({stats!r}), 'default_stats': mode(flows[1]._stats_path),
+                }}))
+            finally:
+                for flow in flows:
+                    await flow.stop()
+
+        asyncio.run(main())
+    """
+    with python_script(code) as proc:
+        out, _ = proc.communicate(timeout=50)
+    assert proc.returncode == 0
+    modes = json.loads(out)
+    assert modes.pop('plain') == '0o777', 'the umask really was 000 in the child'
+    assert modes.pop('private_dir') == '0o700'
+    assert modes.pop('default_in_private_dir') is True
+    assert modes == {'server': '0o600', 'default_server': '0o600', 'stats': '0o600', 'default_stats': '0o600'}
+
+
 def not_sockets(tmp_path) -> list:
     """Paths a socket must never replace: a file, a directory, a symbolic link (to a file)."""
     regular = tmp_path / 'file.sock'
@@ -315,6 +374,26 @@ def test_preload_refuses_a_live_socket_before_forking(live_default_socket):
     with pytest.raises(_unixsock.UnsafeSocketError, match='a live server answers'):
         SocketFlow().preload(Flow(FlowStep(Add())))
     assert children() == []
+
+
+async def test_the_stats_socket_replaces_neither_a_file_nor_a_live_socket(tmp_path, caplog):
+    paths = not_sockets(tmp_path)
+    live_path = tmp_path / 'live.sock'
+    with listening_socket(live_path):
+        inode = os.lstat(live_path).st_ino
+        for path, reason in [(p, 'is not a socket') for p in paths] + [(live_path, 'a live server answers')]:
+            flow = Flow(FlowStep(Add()), stats_socket=str(path))
+            caplog.clear()
+            flow.start(timeout=30)
+            try:
+                assert f'cannot serve flow stats at {path}' in caplog.text and reason in caplog.text
+                t = Task(1)
+                await flow.process(t)
+                assert t.result == 2, 'the flow runs without its stats'
+            finally:
+                await flow.stop()
+        assert os.lstat(live_path).st_ino == inode
+    assert unchanged(paths)
 
 
 # ---------------------------------------------------------------------------- peer credentials
@@ -442,6 +521,53 @@ async def test_the_server_refuses_a_client_of_another_user(tmp_path, monkeypatch
     assert children() == []
 
 
+async def test_the_stats_socket_answers_only_this_user(tmp_path, monkeypatch):
+    path = tmp_path / 'stats.sock'
+    flow = Flow(FlowStep(Add()), stats_socket=str(path))
+    flow.start(timeout=30)
+    loop = asyncio.get_running_loop()
+
+    def raw_read() -> bytes:  # a reader that checks nothing itself
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            return _unixsock.read_all(s, limit=1 << 20, timeout=10)
+
+    try:
+        assert mode_of(path) == 0o600
+        with monkeypatch.context() as m:
+            m.setattr(_unixsock, 'peer_credentials', foreign(_unixsock.peer_credentials))
+            assert await loop.run_in_executor(None, raw_read) == b'', 'a foreign peer gets nothing'
+        assert json.loads(await loop.run_in_executor(None, raw_read))['steps'], 'this user gets the stats'
+    finally:
+        await flow.stop()
+
+
+@as_root
+async def test_the_stats_socket_refuses_another_user(tmp_path):
+    open_dir = tmp_path / 'open'
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o755)
+    path = open_dir / 'stats.sock'
+    flow = Flow(FlowStep(Add()), stats_socket=str(path))
+    flow.start(timeout=30)
+    try:
+        os.chmod(path, 0o666)
+
+        def intruder(report) -> None:
+            os.chdir(open_dir)
+            become_nobody()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect('stats.sock')
+                report({'connected': True, 'answer': read_to_eof(s)[0].decode()})
+
+        with child(intruder) as proc:
+            # The stats are served by this loop: wait for the child elsewhere.
+            answer = await asyncio.get_running_loop().run_in_executor(None, proc.receive)
+        assert answer == {'connected': True, 'answer': ''}
+    finally:
+        await flow.stop()
+
+
 # ---------------------------------------------------------------------------- the handshake
 
 
@@ -501,3 +627,120 @@ async def test_a_hostile_handshake_is_refused_clearly_and_nothing_is_unpickled(k
     assert not marker.exists()
 
 
+# ---------------------------------------------------------------------------- top
+
+
+def test_top_gives_up_on_a_dribbling_server_within_its_deadline(tmp_path, capsys):
+    path = tmp_path / 'stats.sock'
+
+    def dribble(conn, stop) -> None:
+        conn.sendall(b'{')
+        while not stop.wait(0.3):  # always less than a per-recv timeout would allow
+            conn.sendall(b' ')
+
+    with fake_server(path, dribble, connections=2) as stop:
+        started = time.monotonic()
+        with pytest.raises(_unixsock.SocketProtocolError, match='did not send a complete answer within 1 s'):
+            top.read_snapshot(str(path), timeout=1.0)
+        assert time.monotonic() - started < 2.5
+        started = time.monotonic()
+        assert top.main([str(path), '--once']) == 1
+        assert time.monotonic() - started < 4.5, 'the default deadline is 2 s'
+        stop.set()
+    assert 'did not send a complete answer within 2 s' in capsys.readouterr().err
+
+
+def test_top_refuses_an_oversized_answer(tmp_path):
+    path = tmp_path / 'stats.sock'
+    flood = b'[' + b' ' * (8 << 20)  # twice the limit, and never a complete answer
+
+    with fake_server(path, lambda conn, stop: conn.sendall(flood)):
+        with pytest.raises(_unixsock.SocketProtocolError, match=f'sent more than {top.MAX_SNAPSHOT:,} bytes'):
+            top.read_snapshot(str(path))
+
+
+def test_top_refuses_a_stats_server_of_another_user(tmp_path, monkeypatch):
+    path = tmp_path / 'stats.sock'
+    monkeypatch.setattr(_unixsock, 'peer_credentials', foreign(_unixsock.peer_credentials))
+    with fake_server(path, sends(b'{}')):
+        with pytest.raises(_unixsock.UnsafeSocketError, match=f'the stats socket .* runs as uid {NOBODY}'):
+            top.read_snapshot(str(path))
+
+
+HOSTILE_SNAPSHOT = {
+    'pid': '1\x1b[2J',
+    'state': 'running\x9b31m',
+    'ready': True,
+    'steps': [
+        {
+            'name': 'step1\x1b]0;owned\x07\x1b[H\x7f',
+            'alive': 1, 'nprocs': 1, 'queue_len': '\x1b[5m', 'in_flight': 0,
+            'handle_us': [[0] * 10], 'batch_size': [[0] * 10, 0, 0], 'deaths': 0, 'restarts': 0,
+        }
+    ],
+    'rss': {},
+    'outcomes': {'0': {'complete\x1b[8m': 1}},
+}  # fmt: skip
+
+
+def control_characters(text: str) -> list:
+    return [c for c in text if (ord(c) < 0x20 and c != '\n') or 0x7F <= ord(c) <= 0x9F]
+
+
+def test_top_escapes_control_characters_in_everything_it_prints(tmp_path, capsys):
+    frame = top.render(HOSTILE_SNAPSHOT, None, 1.0)
+    assert control_characters(frame) == []
+    assert 'step1\\x1b]0;owned\\x07\\x1b[H\\x7f' in frame and 'running\\x9b31m' in frame
+    assert 'complete\\x1b[8m 1' in frame
+    path = tmp_path / 'stats.sock'
+    with fake_server(path, lambda conn, stop: conn.sendall(json.dumps(HOSTILE_SNAPSHOT).encode()), connections=2):
+        assert top.main([str(path), '--once', '--interval', '0.01']) == 0
+    out = capsys.readouterr().out
+    assert 'step1\\x1b' in out and control_characters(out) == []
+    broken = dict(HOSTILE_SNAPSHOT, steps=[{'name': 'x\x1b[2J'}])
+    path = tmp_path / 'broken.sock'
+    with fake_server(path, lambda conn, stop: conn.sendall(json.dumps(broken).encode())):
+        assert top.main([str(path), '--once']) == 1
+    assert 'unexpected answer from' in capsys.readouterr().err
+
+
+def test_top_finds_only_this_users_sockets_and_removes_stale_ones(tmp_path, private_runtime):
+    private_runtime.mkdir(mode=0o700)
+    me, gone = os.getpid(), dead_pid()
+    live_path = private_runtime / f'aqueduct-{me}-1.sock'
+    stale = private_runtime / f'aqueduct-{gone}-1.sock'
+    not_a_socket = private_runtime / f'aqueduct-{gone}-2.sock'
+    answering = private_runtime / f'aqueduct-{gone}-3.sock'  # a dead pid here, alive elsewhere
+    legacy_stale = tmp_path / 'tmp' / f'aqueduct-{gone}-1.sock'  # where aqueduct used to put them
+    legacy_live = tmp_path / 'tmp' / f'aqueduct-{me}-2.sock'
+    dead_socket(stale)
+    dead_socket(legacy_stale)
+    not_a_socket.write_text('')
+    with listening_socket(live_path), listening_socket(answering), listening_socket(legacy_live):
+        foreign_path = private_runtime / f'aqueduct-{me}-9.sock'
+        if os.geteuid() == 0:
+            dead_socket(foreign_path)
+            os.chown(foreign_path, NOBODY, NOBODY)
+        assert top.find_sockets() == [str(live_path)], 'only this user\'s live sockets in the private directory'
+        assert not stale.exists() and not legacy_stale.exists(), 'sockets of dead flows are removed'
+        assert not_a_socket.exists() and answering.exists() and legacy_live.exists()
+        if os.geteuid() == 0:
+            assert foreign_path.exists(), 'another user\'s socket is neither picked nor removed'
+
+
+async def test_a_new_flow_removes_stale_stats_sockets(private_runtime):
+    private_runtime.mkdir(mode=0o700)
+    stale = private_runtime / f'aqueduct-{dead_pid()}-1.sock'
+    dead_socket(stale)
+    flow = Flow(FlowStep(Add()))
+    flow.start(timeout=30)
+    try:
+        assert not stale.exists()
+        path = flow._stats_path
+        assert os.path.dirname(path) == str(private_runtime) and mode_of(path) == 0o600
+        assert top.find_sockets() == [path]
+        snap = await asyncio.get_running_loop().run_in_executor(None, top.read_snapshot, path)
+        assert snap['pid'] == os.getpid()
+    finally:
+        await flow.stop()
+    assert not os.path.exists(path)
