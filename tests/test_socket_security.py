@@ -172,17 +172,16 @@ class Child:
         return json.loads(line)
 
     def close(self) -> int:
+        """Waits up to 10 s for the child to exit (its pidfd becomes readable), then kills it."""
         os.close(self._read_end)
-        deadline = time.monotonic() + 10
-        while True:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() > deadline:
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            if not select.select([pidfd], [], [], 10)[0]:
                 os.kill(self.pid, signal.SIGKILL)
-                _, status = os.waitpid(self.pid, 0)
-                return os.waitstatus_to_exitcode(status)
-            time.sleep(0.01)  # reaping a process that has no pidfd event wired here
+        finally:
+            os.close(pidfd)
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
 
 
 @contextlib.contextmanager
@@ -362,6 +361,25 @@ def test_a_live_socket_is_not_stolen_and_a_dead_one_is_replaced(tmp_path):
         server._listener.close()
 
 
+def test_an_allowed_group_gets_a_0660_socket_of_that_group_and_needs_an_explicit_path(tmp_path):
+    gid = os.getegid()
+    path = tmp_path / 'group.sock'
+    server = FlowSocketServer(Flow(FlowStep(Add())), socket_path=str(path), allowed_gid=gid)
+    server.bind()
+    try:
+        st = os.lstat(path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+    finally:
+        server._listener.close()
+    with pytest.raises(ValueError, match='allowed_gid needs an explicit socket_path'):
+        FlowSocketServer(Flow(FlowStep(Add())), allowed_gid=gid)
+    done = subprocess.run(
+        [sys.executable, '-m', 'aqueduct', 'serve', 'tests.handlers:build_shared_flow', '--allowed-gid', str(gid)],
+        cwd=REPO, capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    assert done.returncode == 2 and '--allowed-gid needs --socket' in done.stderr, done.stderr
+
+
 @pytest.fixture
 def live_default_socket(private_runtime):
     """A live listener at SocketFlow's default path (what preload must not take over)."""
@@ -516,6 +534,36 @@ async def test_the_server_refuses_a_client_of_another_user(tmp_path, monkeypatch
             assert t.result == 2
         finally:
             await client.stop()
+    finally:
+        server.stop(timeout=10)
+    assert children() == []
+
+
+@as_root
+async def test_a_client_of_the_allowed_group_is_served(tmp_path, monkeypatch):
+    open_dir = tmp_path / 'open'
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o755)
+    path = open_dir / 'flow.sock'
+    monkeypatch.setenv('_SOCKET_PATH', str(path))
+    client = SocketFlow(allowed_gid=NOBODY)
+    server = client.preload(Flow(FlowStep(Add())), timeout=30)
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660 and os.lstat(path).st_gid == NOBODY
+
+        def member(report) -> None:  # another user, in the allowed group
+            os.chdir(open_dir)
+            become_nobody()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect('flow.sock')
+                s.settimeout(10)
+                data, fds, _, _ = socket.recv_fds(s, HANDSHAKE.size, 8)
+                for fd in fds:
+                    os.close(fd)
+                report({'nfds': len(fds), 'status': HANDSHAKE.unpack(data)[2]})
+
+        with child(member) as proc:
+            assert proc.receive() == {'nfds': 4, 'status': ACCEPTED}
     finally:
         server.stop(timeout=10)
     assert children() == []
