@@ -635,6 +635,22 @@ def sends(payload: bytes):
     return answer
 
 
+def with_descriptors(payload: bytes):
+    """Sends ``payload``'s header with four descriptors (a pipe's ends), as a flow server does."""
+
+    def answer(conn, stop) -> None:
+        r, w = os.pipe()
+        try:
+            socket.send_fds(conn, [payload[: HANDSHAKE.size]], [r, w, r, w])
+            conn.sendall(payload[HANDSHAKE.size :])
+        finally:
+            os.close(r)
+            os.close(w)
+        stop.wait(10)
+
+    return answer
+
+
 HOSTILE = {
     # aqueduct's version-1 handshake: a length and a pickle
     'length-prefixed pickle': (
@@ -647,6 +663,10 @@ HOSTILE = {
     'oversized lengths': (lambda b: sends(header(json_len=1 << 30) + b), 'more than the'),
     'descriptors announced, none passed': (
         lambda b: sends(header(json_len=2, pickle_len=len(b)) + b'{}' + b), 'passed 0 descriptors, not 4'
+    ),
+    'accepted without step names': (
+        lambda b: with_descriptors(header(json_len=15, pickle_len=len(b)) + b'{"error": "no"}' + b),
+        'a handshake without step names',
     ),
     'a pickle where the JSON goes': (
         lambda b: sends(header(status=REFUSED, nfds=0, json_len=len(b)) + b), 'a handshake that is not JSON'

@@ -347,7 +347,7 @@ class SocketFlow:
             if len(fds) != hs.nfds:
                 raise _unixsock.SocketProtocolError(f'{what} passed {len(fds)} descriptors, not {hs.nfds}')
             body = await _unixsock.read_exactly(loop, sock, hs.json_len + hs.pickle_len, deadline, what)
-            info = _decode_info(body[: hs.json_len], what)
+            info = _decode_info(body[: hs.json_len], hs.status == ACCEPTED, what)
             if hs.status != ACCEPTED:
                 raise FlowError(f'the flow server refused the connection: {info.get("error")!r}')
             info.update(server_pid=hs.server_pid, pool_index=hs.pool_index, priorities=hs.priorities)
@@ -557,15 +557,15 @@ class SocketFlow:
             self._detach(FlowError(f'the flow server (pid {self._server_pid}) has gone'))
 
 
-def _decode_info(raw: bytes, what: str) -> dict:
-    """The handshake's JSON part: descriptive fields only, each checked before use."""
+def _decode_info(raw: bytes, accepted: bool, what: str) -> dict:
+    """The handshake's JSON part: descriptive fields only, checked before use."""
     try:
         info = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise _unixsock.SocketProtocolError(f'{what} sent a handshake that is not JSON: {exc}') from None
     if not isinstance(info, dict):
         raise _unixsock.SocketProtocolError(f'{what} sent a handshake that is not a JSON object')
-    if 'error' not in info:
+    if accepted:
         names = info.get('step_names')
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise _unixsock.SocketProtocolError(f'{what} sent a handshake without step names')

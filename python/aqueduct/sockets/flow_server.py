@@ -338,6 +338,9 @@ class FlowSocketServer:
         except Exception as exc:
             conditions = b''
             info['conditions_error'] = f'{type(exc).__name__}: {exc}'
+        if len(conditions) > MAX_HANDSHAKE_PICKLE:  # a client would refuse the whole handshake
+            info['conditions_error'] = f'they pickle to {len(conditions):,} bytes, more than {MAX_HANDSHAKE_PICKLE:,}'
+            conditions = b''
         message = encode_handshake(
             ACCEPTED, HANDSHAKE_FDS, os.getpid(), index, flow._queue_priorities, info, conditions
         )
