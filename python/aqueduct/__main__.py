@@ -4,7 +4,7 @@
 import sys
 
 USAGE = """usage: python -m aqueduct top [socket] [--interval SECONDS] [--once]
-       python -m aqueduct serve module:build_flow [--socket PATH] [--start-timeout SECONDS]"""
+       python -m aqueduct serve module:build_flow [--socket PATH] [--allowed-gid GID] [--start-timeout SECONDS]"""
 
 if __name__ == '__main__':
     args = sys.argv[1:]

@@ -37,7 +37,7 @@ from enum import Enum
 from threading import get_ident
 from typing import Deque, Dict, List, Tuple, Union
 
-from . import _core, shm, top
+from . import _core, _unixsock, shm, top
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
 from .exceptions import (
@@ -799,14 +799,11 @@ class Flow:
         so it can be closed even if the loop goes away first (one loop per test, `asyncio.run`
         in a thread)."""
         path = self._stats_path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        top.remove_stale_sockets()  # those of killed flows, which could not remove their own
         try:
-            if os.path.exists(path):
-                os.unlink(path)
-            sock.bind(path)
-            sock.listen(8)
+            # 0600 whatever the umask; never replaces a file that is not a socket or a live one.
+            sock = _unixsock.bind_unix(path, 8)
         except OSError as exc:
-            sock.close()
             log.warning('cannot serve flow stats at %s: %s', path, exc)
             return
         self._stats_sock = sock
@@ -836,8 +833,12 @@ class Flow:
 
     async def _send_stats(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            # Only this user's processes may read the flow's stats, whatever the socket's mode.
+            _unixsock.authenticate(writer.get_extra_info('socket'), what='a stats client')
             writer.write(json.dumps(self.metrics()).encode())
             await writer.drain()
+        except _unixsock.UnsafeSocketError as exc:
+            log.warning('flow stats at %s: %s', self._stats_path, exc)
         except Exception:  # a client that went away, or a flow that stopped meanwhile
             pass
         finally:

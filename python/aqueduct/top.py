@@ -1,13 +1,19 @@
 """``python -m aqueduct top``: a running flow, live.
 
 Every flow serves a snapshot of its metrics on a Unix socket (its path is logged when the flow
-starts: ``aqueduct-<pid>-<n>.sock`` in the temporary directory). ``top`` reads it every second
+starts: ``aqueduct-<pid>-<n>.sock`` in the user's private socket directory,
+``$XDG_RUNTIME_DIR/aqueduct`` or ``<tmp>/aqueduct-<uid>``). ``top`` reads it every second
 and shows, per step: processes alive, queue depth, tasks in flight, tasks/s, p50 and p99
 handler time, mean batch size, deaths and restarts, and resident memory.
 
-    python -m aqueduct top                 # the most recent flow on this machine
-    python -m aqueduct top /tmp/aqueduct-1234-0.sock
+    python -m aqueduct top                 # this user's most recent flow
+    python -m aqueduct top /run/user/1000/aqueduct/aqueduct-1234-1.sock
     python -m aqueduct top --once          # one frame, then exit
+
+The answer is untrusted input: ``top`` reads only sockets of its own user (owner and peer
+credentials checked), within one deadline and a size limit, and escapes control characters in
+everything it prints. This module also owns the stats sockets' names and the removal of those
+that killed flows left behind.
 """
 
 from __future__ import annotations
@@ -16,45 +22,102 @@ import argparse
 import glob
 import json
 import os
+import re
 import socket
+import stat
 import sys
 import tempfile
 import time
 from typing import List, Optional
 
+from . import _unixsock
+from .logger import log
 from .metrics._flow import quantile
 
 SOCKET_GLOB = 'aqueduct-*.sock'
+#: Largest stats answer read (a flow's snapshot is a few KiB per step).
+MAX_SNAPSHOT = 4 << 20
+#: C0 controls (ESC among them), DEL and C1 controls: what a terminal may act on.
+_CONTROL = re.compile('[\x00-\x1f\x7f-\x9f]')
 
 
-def default_socket_path(flow_number: int) -> str:
-    return os.path.join(tempfile.gettempdir(), f'aqueduct-{os.getpid()}-{flow_number}.sock')
+def default_socket_path(flow_number: int) -> Optional[str]:
+    """The stats socket of this process's ``flow_number``-th flow, in the private directory;
+    ``None`` (no stats socket) when that directory is not safe to use."""
+    try:
+        directory = _unixsock.private_dir()
+    except OSError as exc:
+        log.warning('flow stats are off: %s (pass stats_socket=PATH to serve them elsewhere)', exc)
+        return None
+    return os.path.join(directory, f'aqueduct-{os.getpid()}-{flow_number}.sock')
+
+
+def _scan(directory: str, live: Optional[list]) -> None:
+    """This user's stats sockets in ``directory``: those of live processes go into ``live`` (as
+    ``(mtime, path)``), those of dead ones are removed (a killed flow never removes its own)."""
+    uid = os.geteuid()
+    for path in glob.glob(os.path.join(glob.escape(directory), SOCKET_GLOB)):
+        try:
+            pid = int(os.path.basename(path).split('-')[1])
+            st = os.lstat(path)
+        except (ValueError, IndexError, OSError):
+            continue
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != uid:
+            continue  # not ours: neither shown nor touched
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            _unixsock.remove_if_stale(path)  # only if nobody answers on it (another pid namespace)
+            continue
+        except PermissionError:
+            pass  # alive, as another user: the pid was reused; leave the socket alone
+        if live is not None:
+            live.append((st.st_mtime, path))
+
+
+def remove_stale_sockets() -> None:
+    """Removes this user's stats sockets whose flow process is dead: in the private directory,
+    and where aqueduct put them before (the temporary directory itself)."""
+    try:
+        _scan(_unixsock.private_dir(), None)
+    except OSError:
+        pass
+    _scan(tempfile.gettempdir(), None)
 
 
 def find_sockets() -> List[str]:
-    """Stats sockets of live flows on this machine, newest first."""
-    live = []
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), SOCKET_GLOB)):
-        try:
-            pid = int(os.path.basename(path).split('-')[1])
-            os.kill(pid, 0)
-        except (ValueError, IndexError, ProcessLookupError, PermissionError):
-            continue
-        live.append(path)
-    return sorted(live, key=os.path.getmtime, reverse=True)
+    """Stats sockets of this user's live flows, newest first (and removes those of dead ones).
+    Only the private directory is searched: a socket anyone else could have put there is never
+    picked."""
+    live: list = []
+    _scan(_unixsock.private_dir(), live)
+    _scan(tempfile.gettempdir(), None)
+    return [path for _, path in sorted(live, reverse=True)]
 
 
-def read_snapshot(path: str, timeout: float = 2.0) -> dict:
+def read_snapshot(path: str, timeout: float = 2.0, limit: int = MAX_SNAPSHOT) -> dict:
+    """The snapshot the flow serves at ``path``: from a process of this user only, complete
+    within ``timeout`` seconds overall, at most ``limit`` bytes."""
+    started = time.monotonic()
+    what = f'the stats socket {path}'
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return json.loads(b''.join(chunks))
+        _unixsock.authenticate(s, what=what)  # before reading: a listener of another user is refused
+        data = _unixsock.read_all(s, limit=limit, timeout=timeout, what=what, since=started)
+    try:
+        snap = json.loads(data)
+    except ValueError as exc:
+        raise _unixsock.SocketProtocolError(f'{what} did not answer JSON: {exc}') from None
+    if not isinstance(snap, dict):
+        raise _unixsock.SocketProtocolError(f'{what} did not answer a JSON object')
+    return snap
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character escaped (``\\x1b``): what the flow sends must not
+    drive the operator's terminal."""
+    return _CONTROL.sub(lambda m: f'\\x{ord(m.group()):02x}', str(text))
 
 
 def _delta(now: list, before: Optional[list]) -> list:
@@ -89,7 +152,8 @@ def render(snap: dict, previous: Optional[dict], dt: float) -> str:
         rate = tasks / dt if previous and dt > 0 else 0.0
         mean_batch = f'{tasks / batches:.1f}' if batches else '-'
         lines.append(
-            f"{step['name']:<28}{step['alive']:>4}/{step['nprocs']:<2}{step['queue_len']:>7}{step['in_flight']:>6}"
+            f"{printable(step['name']):<28}{step['alive']:>4}/{step['nprocs']:<2}{step['queue_len']:>7}"
+            f"{step['in_flight']:>6}"
             f'{rate:>10,.0f}{_us(quantile(handle, 0.5)):>10}{_us(quantile(handle, 0.99)):>10}{mean_batch:>7}'
             f"{step['deaths']:>8}{step['restarts']:>9}{snap['rss'].get(step['name'], 0) / 2**20:>9.0f}"
         )
@@ -99,7 +163,8 @@ def render(snap: dict, previous: Optional[dict], dt: float) -> str:
             totals[k] = totals.get(k, 0) + n
     lines.append('')
     lines.append('tasks: ' + '  '.join(f'{k} {n:,}' for k, n in totals.items()))
-    return '\n'.join(lines)
+    # Every field, not only the names: any of them may be a string from the peer.
+    return '\n'.join(printable(line) for line in lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -110,9 +175,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     path = args.socket
     if path is None:
-        found = find_sockets()
+        try:
+            found = find_sockets()
+        except OSError as exc:
+            print(printable(f'cannot look for flows: {exc}'), file=sys.stderr)
+            return 1
         if not found:
-            print('no running aqueduct flow found', file=sys.stderr)
+            print('no running aqueduct flow of this user found', file=sys.stderr)
             return 1
         path = found[0]
     previous, before = None, time.monotonic()
@@ -121,10 +190,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 snap = read_snapshot(path)
             except OSError as exc:
-                print(f'cannot read {path}: {exc}', file=sys.stderr)
+                print(printable(f'cannot read {path}: {exc}'), file=sys.stderr)
                 return 1
             now = time.monotonic()
-            frame = render(snap, previous, now - before)
+            try:
+                frame = render(snap, previous, now - before)
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                print(printable(f'unexpected answer from {path}: {exc!r}'), file=sys.stderr)
+                return 1
             if previous is not None or not args.once:
                 if not args.once:
                     print('\033[2J\033[H', end='')

@@ -3,7 +3,7 @@ the policy for untrusted request bodies (how large, how slow, what each refusal 
 
 Both integrations read a request body through :func:`share_request_body` (the limits) and answer
 its errors with :func:`http_error` (the status codes), so aiohttp and FastAPI services refuse the
-same things the same way. ``docs/security-http.md`` describes the policy.
+same things the same way. ``docs/security.md`` describes the policy.
 """
 
 from __future__ import annotations

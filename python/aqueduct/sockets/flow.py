@@ -21,8 +21,14 @@ results come back without any Python code running for them in the flow server, a
 arrays move through the shared pool by reference, as between steps.
 
 Environment (``{name}_`` prefix, as in 1.15; the default ``name`` gives a leading ``_``):
-``SOCKET_PATH`` (default ``/tmp/flow.sock``) and ``SOCKET_CONNECT_TIMEOUT`` (seconds a
-``start()`` keeps retrying while the server is not up yet, default 10).
+``SOCKET_PATH`` (default ``flow.sock`` in the user's private socket directory,
+``$XDG_RUNTIME_DIR/aqueduct`` or ``<tmp>/aqueduct-<uid>``; 1.15 used ``/tmp/flow.sock``),
+``SOCKET_CONNECT_TIMEOUT`` (seconds a ``start()`` keeps retrying while the server is not up yet,
+default 10) and ``SOCKET_ALLOWED_GID`` (see ``allowed_gid``).
+
+A client only talks to a server of its own user (or of group ``allowed_gid``): it checks the
+listener's credentials before it reads a byte, and reads a bounded binary handshake, not a
+pickle. See ``docs/security.md``.
 """
 
 from __future__ import annotations
@@ -30,24 +36,33 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import json
 import os
 import pickle
 import select
 import signal
 import socket
-import struct
 import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
-from .. import _core, shm
+from .. import _core, _unixsock, shm
 from ..exceptions import FlowError, NotRunningError, TaskTimeoutError
 from ..flow import Flow, FlowState, apply_result, check_call, encode_task, entry_step, failure_exception
 from ..logger import log
 from ..task import BaseTask
-from .flow_server import PROTOCOL_VERSION, FlowSocketServer
+from .flow_server import (
+    ACCEPTED,
+    HANDSHAKE,
+    HANDSHAKE_FDS,
+    FlowSocketServer,
+    decode_handshake,
+    default_socket_path,
+    env_gid,
+)
 
-DEFAULT_SOCKET_PATH = '/tmp/flow.sock'
+#: Seconds the whole handshake (header, descriptors, body) may take once connected.
+HANDSHAKE_TIMEOUT = 30.0
 
 
 class SocketTaskTimeoutError(TaskTimeoutError, asyncio.TimeoutError):
@@ -184,12 +199,17 @@ def _fork_server(server: FlowSocketServer, flow: Flow, timeout: Optional[float])
 
 
 class SocketFlow:
-    """A client of a flow served by another process (see the module documentation)."""
+    """A client of a flow served by another process (see the module documentation).
+
+    ``allowed_gid`` (default: ``{name}_SOCKET_ALLOWED_GID``, else none) lets a server of that
+    group serve this client, and a client of that group use the server :meth:`preload` starts;
+    without it, both must run as the same user."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, name: str = '') -> None:
+    def __init__(self, name: str = '', *, allowed_gid: Optional[int] = None) -> None:
         self._name = name
+        self._allowed_gid = allowed_gid
         self._flow: Optional[Flow] = None
         self._server: Optional[FlowServerProcess] = None
         self._client: Optional[_core.PortClient] = None
@@ -212,7 +232,13 @@ class SocketFlow:
 
     @property
     def socket_path(self) -> str:
-        return self._env('SOCKET_PATH', DEFAULT_SOCKET_PATH)
+        return self._env('SOCKET_PATH', '') or default_socket_path()
+
+    @property
+    def allowed_gid(self) -> Optional[int]:
+        if self._allowed_gid is not None:
+            return self._allowed_gid
+        return env_gid(get_env_with_prefix(self._name, 'SOCKET_ALLOWED_GID'))
 
     @property
     def is_running(self) -> bool:
@@ -230,7 +256,15 @@ class SocketFlow:
             raise TypeError(f'flow must be an aqueduct Flow, got {type(flow).__name__}')
         if flow.state not in (FlowState.STOPPED, FlowState.STEPS_INITIALIZED):
             raise FlowError(f'preload() needs a flow that is stopped or initialized, not {flow.state.value}')
-        server = FlowSocketServer(flow, socket_path=self.socket_path, start_timeout=timeout)
+        allowed_gid = self.allowed_gid
+        if allowed_gid is not None and not self._env('SOCKET_PATH', ''):
+            raise ValueError(
+                f'allowed_gid needs {get_env_with_prefix(self._name, "SOCKET_PATH")} set: the default socket '
+                'is in a directory only its owner can enter'
+            )
+        path = self.socket_path
+        _unixsock.check_free(path)  # here, where it raises for the caller, rather than in the server
+        server = FlowSocketServer(flow, socket_path=path, start_timeout=timeout, allowed_gid=allowed_gid)
         self._flow = flow
         self._server = _fork_server(server, flow, timeout)
         return self._server
@@ -256,8 +290,11 @@ class SocketFlow:
                 if time.monotonic() >= deadline:
                     raise FlowError(f'no flow server at {path}: {exc}') from exc
                 await asyncio.sleep(0.05)  # the server is starting: retry
+            except PermissionError as exc:
+                sock.close()
+                raise FlowError(f'cannot connect to the flow server at {path}: {exc} (another user\'s?)') from exc
         try:
-            info, fds = await self._handshake(loop, sock)
+            info, fds = await self._handshake(loop, sock, path)
         except BaseException:
             sock.close()
             raise
@@ -272,30 +309,54 @@ class SocketFlow:
         loop.add_reader(sock.fileno(), self._on_server_readable)
         log.info('Attached to the flow server (pid %s) at %s', self._server_pid, path)
 
-    async def _handshake(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Tuple[dict, List[int]]:
-        readable = loop.create_future()
-        loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+    async def _handshake(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, path: str
+    ) -> Tuple[dict, List[int]]:
+        what = f'the listener at {path}'
+        # Before a byte is read: whoever took the path first must be us (or the allowed group).
+        # The kernel recorded the listener's credentials when it called listen().
+        _unixsock.authenticate(sock, self.allowed_gid, what=what)
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        fds: List[int] = []
         try:
-            await asyncio.wait_for(readable, 30.0)
-        finally:
-            loop.remove_reader(sock.fileno())
-        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
-        try:
-            while len(data) < 4 or len(data) < 4 + struct.unpack('>I', data[:4])[0]:
-                more = await loop.sock_recv(sock, 1 << 16)
-                if not more:
-                    raise FlowError('the flow server closed the connection during the handshake')
-                data += more
+            # The descriptors come with the header's first bytes.
+            header = b''
+            while not header:
+                remaining = deadline - time.monotonic()
+                readable = loop.create_future()
+                loop.add_reader(sock.fileno(), lambda f=readable: f.done() or f.set_result(None))
+                try:
+                    await asyncio.wait_for(readable, max(remaining, 0.0))
+                except TimeoutError:
+                    raise _unixsock.SocketProtocolError(
+                        f'{what} sent no handshake within {HANDSHAKE_TIMEOUT:g} s'
+                    ) from None
+                finally:
+                    loop.remove_reader(sock.fileno())
+                try:
+                    header, received, flags, _ = socket.recv_fds(sock, HANDSHAKE.size, HANDSHAKE_FDS)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                fds += received
+                if flags & socket.MSG_CTRUNC:
+                    raise _unixsock.SocketProtocolError(f'{what} passed more descriptors than a flow server does')
+                if not header:
+                    raise _unixsock.SocketProtocolError(f'{what} closed the connection before the handshake')
+            header = await _unixsock.read_exactly(loop, sock, HANDSHAKE.size, deadline, what, have=header)
+            hs = decode_handshake(header, what)
+            if len(fds) != hs.nfds:
+                raise _unixsock.SocketProtocolError(f'{what} passed {len(fds)} descriptors, not {hs.nfds}')
+            body = await _unixsock.read_exactly(loop, sock, hs.json_len + hs.pickle_len, deadline, what)
+            info = _decode_info(body[: hs.json_len], hs.status == ACCEPTED, what)
+            if hs.status != ACCEPTED:
+                raise FlowError(f'the flow server refused the connection: {info.get("error")!r}')
+            info.update(server_pid=hs.server_pid, pool_index=hs.pool_index, priorities=hs.priorities)
+            # Still bytes: unpickled in _attach, from a server whose uid or gid was checked above.
+            info['conditions'] = body[hs.json_len :] or None
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        info = pickle.loads(data[4 : 4 + struct.unpack('>I', data[:4])[0]])
-        if 'error' in info or info.get('version') != PROTOCOL_VERSION or len(fds) != 4:
-            for fd in fds:
-                os.close(fd)
-            reason = info.get('error') or f'unexpected handshake (version {info.get("version")}, {len(fds)} fds)'
-            raise FlowError(f'the flow server refused the connection: {reason}')
         return info, fds
 
     def _attach(self, info: dict, fds: List[int]) -> None:
@@ -304,6 +365,7 @@ class SocketFlow:
             # Forked from the process that preloaded the flow: the conditions are right here.
             conditions = [s.handle_condition for s in self._flow._steps]
         elif info.get('conditions') is not None:
+            # Only ever from an authenticated server (see _handshake): its own user's process.
             conditions = pickle.loads(info['conditions'])
         else:
             for fd in fds:
@@ -493,6 +555,21 @@ class SocketFlow:
         if not data:
             log.error('The flow server (pid %s) closed the connection', self._server_pid)
             self._detach(FlowError(f'the flow server (pid {self._server_pid}) has gone'))
+
+
+def _decode_info(raw: bytes, accepted: bool, what: str) -> dict:
+    """The handshake's JSON part: descriptive fields only, checked before use."""
+    try:
+        info = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _unixsock.SocketProtocolError(f'{what} sent a handshake that is not JSON: {exc}') from None
+    if not isinstance(info, dict):
+        raise _unixsock.SocketProtocolError(f'{what} sent a handshake that is not a JSON object')
+    if accepted:
+        names = info.get('step_names')
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise _unixsock.SocketProtocolError(f'{what} sent a handshake without step names')
+    return info
 
 
 __all__ = ['FlowServerProcess', 'SocketFlow', 'SocketTaskTimeoutError', 'get_env_with_prefix']

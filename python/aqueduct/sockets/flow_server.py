@@ -9,6 +9,12 @@ the socket only carries the connection's life. When it closes, the server closes
 (cancelling the client's tasks in flight); once the client process has exited (its pidfd, taken
 at connection time, says so) the server frees every piece of shared memory it still held.
 
+Only processes of the server's own user (or of the group given as ``allowed_gid``) are served:
+the socket is created 0600 (0660 for the group) in a private directory by default, and the
+server checks each client's credentials (``SO_PEERCRED``) before it sends anything. The handshake
+is a fixed binary header (:data:`HANDSHAKE`) then JSON, not a pickle; the one pickled part, the
+steps' conditions, is only ever sent to an authenticated client. See ``docs/security.md``.
+
 The server stops gracefully on SIGTERM or SIGINT: it stops accepting connections and removes the
 socket, waits for its clients to detach (a web server shutting down finishes its requests
 first), lets the tasks in flight finish, and stops the workers.
@@ -17,20 +23,86 @@ first), lets the tasks in flight finish, and stops the workers.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pickle
 import signal
 import socket
 import struct
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
+from .. import _unixsock
 from ..flow import Flow, FlowState
 from ..logger import log
 
-#: Version of the connection handshake (the message that carries the descriptors).
-PROTOCOL_VERSION = 1
+#: Version of the connection handshake (the message that carries the descriptors). Version 1 was
+#: a length-prefixed pickle, which let whoever listened at the path run code in the client.
+PROTOCOL_VERSION = 2
+#: The handshake's first bytes: what tells an aqueduct flow server from anything else at the path.
+MAGIC = b'AQFS'
+#: The handshake header, big-endian: magic, version, status (ACCEPTED or REFUSED), number of
+#: descriptors passed with it, server pid, pool index, queue priorities, then the lengths of the
+#: two parts that follow: UTF-8 JSON (step names; or the refusal's reason) and the pickled
+#: handle_conditions (0 bytes when they cannot be pickled or the connection is refused).
+HANDSHAKE = struct.Struct('>4sHBBIIIII')
+ACCEPTED, REFUSED = 0, 1
+#: Descriptors an accepted connection receives: pool, port region, port bell, engine doorbell.
+HANDSHAKE_FDS = 4
+#: Bounds on the two variable parts, which a client checks before it reads them.
+MAX_HANDSHAKE_JSON = 1 << 20
+MAX_HANDSHAKE_PICKLE = 16 << 20
 #: Bytes of each of a port's two rings.
 PORT_CAPACITY = 1 << 20
+
+
+class Handshake(NamedTuple):
+    """A decoded :data:`HANDSHAKE` header."""
+
+    status: int
+    nfds: int
+    server_pid: int
+    pool_index: int
+    priorities: int
+    json_len: int
+    pickle_len: int
+
+
+def encode_handshake(
+    status: int, nfds: int = 0, server_pid: int = 0, pool_index: int = 0, priorities: int = 0,
+    info: Optional[dict] = None, conditions: bytes = b'',
+) -> bytes:  # fmt: skip
+    body = json.dumps(info or {}).encode()
+    header = HANDSHAKE.pack(
+        MAGIC, PROTOCOL_VERSION, status, nfds, server_pid, pool_index, priorities, len(body), len(conditions)
+    )
+    return header + body + conditions
+
+
+def decode_handshake(header: bytes, what: str = 'the server') -> Handshake:
+    """Checks a :data:`HANDSHAKE` header and returns its fields; raises
+    :class:`~aqueduct._unixsock.SocketProtocolError` for anything a flow server does not send."""
+    if len(header) != HANDSHAKE.size or header[:4] != MAGIC:
+        raise _unixsock.SocketProtocolError(
+            f'{what} is not an aqueduct flow server: its answer starts with {header[:8]!r}, '
+            f'not the handshake magic {MAGIC!r} (an aqueduct older than this protocol, or another program)'
+        )
+    _, version, *fields = HANDSHAKE.unpack(header)
+    if version != PROTOCOL_VERSION:
+        raise _unixsock.SocketProtocolError(
+            f'{what} speaks handshake version {version}; this aqueduct speaks {PROTOCOL_VERSION} '
+            '(run the same aqueduct version on both sides)'
+        )
+    hs = Handshake(*fields)
+    if hs.status not in (ACCEPTED, REFUSED):
+        raise _unixsock.SocketProtocolError(f'{what} sent an unknown handshake status {hs.status}')
+    if hs.nfds != (HANDSHAKE_FDS if hs.status == ACCEPTED else 0):
+        raise _unixsock.SocketProtocolError(f'{what} announced {hs.nfds} descriptors in its handshake')
+    if hs.json_len > MAX_HANDSHAKE_JSON or hs.pickle_len > MAX_HANDSHAKE_PICKLE:
+        raise _unixsock.SocketProtocolError(
+            f'{what} announced a handshake of {hs.json_len:,} + {hs.pickle_len:,} bytes, more than the '
+            f'{MAX_HANDSHAKE_JSON:,} + {MAX_HANDSHAKE_PICKLE:,} allowed'
+        )
+    return hs
 
 
 class _Client:
@@ -54,22 +126,35 @@ class FlowSocketServer:
     compatibility with aqueduct 1.15 and unused: each task carries its own timeout, and a
     connection costs nothing while idle. On SIGTERM or SIGINT the server waits up to
     ``shutdown_grace`` seconds for its clients to detach before it stops the flow.
+
+    ``socket_path`` defaults to ``flow.sock`` in the user's private socket directory (aqueduct
+    1.15 used ``/tmp/flow.sock``, where any local user could take the path first); an explicit
+    path is used as given. Only processes of this user are served, and of group ``allowed_gid``
+    too when it is given (the socket is then made 0660 with that group: it needs an explicit
+    path in a directory the group can enter).
     """
 
     def __init__(
         self,
         flow: Flow,
-        socket_path: str = '/tmp/flow.sock',
+        socket_path: Optional[str] = None,
         process_timeout_sec: float = 1,
         connection_idle_timeout_sec: int = 900,
         backlog_size: int = 4096,
         start_timeout: Optional[float] = None,
         shutdown_grace: float = 30.0,
+        *,
+        allowed_gid: Optional[int] = None,
     ) -> None:
         if not isinstance(flow, Flow):
             raise TypeError(f'flow must be an aqueduct Flow, got {type(flow).__name__}')
+        if allowed_gid is not None and socket_path is None:
+            raise ValueError(
+                'allowed_gid needs an explicit socket_path: the default one is in a directory only its owner can enter'
+            )
         self._flow = flow
-        self._socket_path = socket_path
+        self._socket_path = socket_path if socket_path is not None else default_socket_path()
+        self._allowed_gid = allowed_gid
         self._backlog_size = backlog_size
         self._start_timeout = start_timeout
         self._listener: Optional[socket.socket] = None
@@ -91,20 +176,13 @@ class FlowSocketServer:
         asyncio.run(self.serve())
 
     def bind(self) -> None:
-        """Creates the listening socket (replacing a stale one at the same path)."""
+        """Creates the listening socket, 0600 (0660 with ``allowed_gid``) whatever the umask.
+        Replaces a stale socket of ours at the path; raises
+        :class:`~aqueduct._unixsock.UnsafeSocketError` rather than remove anything else (a file
+        that is not a socket, another user's socket, a live server's socket)."""
         if self._listener is not None:
             return
-        try:
-            os.unlink(self._socket_path)
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(self._socket_path)
-            listener.listen(self._backlog_size)
-        except OSError:
-            listener.close()
-            raise
+        listener = _unixsock.bind_unix(self._socket_path, self._backlog_size, allowed_gid=self._allowed_gid)
         listener.setblocking(False)
         self._listener = listener
 
@@ -116,22 +194,24 @@ class FlowSocketServer:
         self._hurry = asyncio.Event()
         self._detached = asyncio.Event()
         flow = self._flow
+        # Refuse a path that cannot be ours before any worker starts (bind() checks again).
+        _unixsock.check_free(self._socket_path)
         if flow.are_steps_initialized:
             flow.start_inited()
         elif flow.state is FlowState.STOPPED:
             flow.start(timeout=self._start_timeout)
         else:
             flow.attach()
-        self.bind()
-        loop.add_reader(self._listener.fileno(), self._accept)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
-        log.info('Flow server listening on %s', self._socket_path)
-        if ready is not None:
-            ready()
         flow_gone = asyncio.ensure_future(flow.wait_stopped())
         closing = asyncio.ensure_future(self._closing.wait())
         try:
+            self.bind()  # in the try: if it fails, the flow just started is stopped again
+            loop.add_reader(self._listener.fileno(), self._accept)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal)
+            log.info('Flow server listening on %s', self._socket_path)
+            if ready is not None:
+                ready()
             await asyncio.wait({flow_gone, closing}, return_when=asyncio.FIRST_COMPLETED)
             if not flow_gone.done():
                 await self._drain_clients(flow_gone)
@@ -222,12 +302,19 @@ class FlowSocketServer:
                 self._refuse(conn, f'{type(exc).__name__}: {exc}')
 
     def _admit(self, conn: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        # Who connected, first: a process of another user must get neither the descriptors (with
+        # them it could put a task whose unpickling runs its code into a worker) nor the pickle.
+        try:
+            pid = _unixsock.authenticate(conn, self._allowed_gid, what='a client').pid
+        except _unixsock.UnsafeSocketError as exc:
+            log.warning('flow server on %s: %s', self._socket_path, exc)
+            self._refuse(conn, str(exc))
+            return
         flow = self._flow
         engine, pool = flow._engine, flow._pool
         if engine is None or pool is None or not flow.is_running:
             self._refuse(conn, 'the flow is not running')
             return
-        pid, _, _ = struct.unpack('3i', conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
         # The pidfd is taken now, while the client is alive and waiting for this answer, so it
         # can never name another process that got the same pid later.
         pidfd = os.pidfd_open(pid)
@@ -245,25 +332,26 @@ class FlowSocketServer:
         client = _Client(conn, pid, pidfd, port, index)
         self._clients[conn.fileno()] = client
         region_fd, bell_fd = engine.port_fds(port)
-        info = {
-            'version': PROTOCOL_VERSION,
-            'server_pid': os.getpid(),
-            'pool_index': index,
-            'priorities': flow._queue_priorities,
-            'step_names': list(flow._step_names),
-        }
+        info: dict = {'step_names': list(flow._step_names)}
         try:
-            info['conditions'] = pickle.dumps([s.handle_condition for s in flow._steps])
+            conditions = pickle.dumps([s.handle_condition for s in flow._steps])
         except Exception as exc:
-            info['conditions'] = None
+            conditions = b''
             info['conditions_error'] = f'{type(exc).__name__}: {exc}'
-        payload = pickle.dumps(info)
-        message = struct.pack('>I', len(payload)) + payload
+        if len(conditions) > MAX_HANDSHAKE_PICKLE:  # a client would refuse the whole handshake
+            info['conditions_error'] = f'they pickle to {len(conditions):,} bytes, more than {MAX_HANDSHAKE_PICKLE:,}'
+            conditions = b''
+        message = encode_handshake(
+            ACCEPTED, HANDSHAKE_FDS, os.getpid(), index, flow._queue_priorities, info, conditions
+        )
         conn.setblocking(True)
         conn.settimeout(5.0)
         try:
-            socket.send_fds(conn, [message[:1]], [pool.fileno(), region_fd, bell_fd, engine.doorbell_fd()])
-            conn.sendall(message[1:])
+            # The descriptors travel with the header, the rest after it.
+            socket.send_fds(
+                conn, [message[: HANDSHAKE.size]], [pool.fileno(), region_fd, bell_fd, engine.doorbell_fd()]
+            )
+            conn.sendall(message[HANDSHAKE.size :])
         except OSError:
             self._drop(client, loop)
             return
@@ -273,11 +361,10 @@ class FlowSocketServer:
 
     @staticmethod
     def _refuse(conn: socket.socket, reason: str) -> None:
-        payload = pickle.dumps({'version': PROTOCOL_VERSION, 'error': reason})
         try:
             conn.setblocking(True)
             conn.settimeout(1.0)
-            socket.send_fds(conn, [struct.pack('>I', len(payload)) + payload], [])
+            conn.sendall(encode_handshake(REFUSED, server_pid=os.getpid(), info={'error': reason}))
         except OSError:
             pass
         conn.close()
@@ -332,6 +419,11 @@ class FlowSocketServer:
         log.debug('flow server: client %s exited; %s pages of shared memory freed', client.pid, freed)
 
 
+def default_socket_path() -> str:
+    """``flow.sock`` in the user's private socket directory (see :func:`aqueduct._unixsock.private_dir`)."""
+    return _unixsock.default_path('flow.sock')
+
+
 def load_flow(spec: str) -> Flow:
     """``module:attribute``: a Flow, or a callable that returns one."""
     import importlib
@@ -356,10 +448,37 @@ def main(argv: Optional[list] = None) -> int:
 
     parser = argparse.ArgumentParser(prog='python -m aqueduct serve', description=main.__doc__)
     parser.add_argument('flow', help='module:attribute, a Flow or a function returning one')
-    parser.add_argument('--socket', default=os.environ.get('_SOCKET_PATH', '/tmp/flow.sock'))
+    parser.add_argument(
+        '--socket', default=os.environ.get('_SOCKET_PATH') or None,
+        help='the socket path (default: $_SOCKET_PATH, else flow.sock in the private socket directory)',
+    )  # fmt: skip
+    parser.add_argument(
+        '--allowed-gid', type=int, default=env_gid('_SOCKET_ALLOWED_GID'),
+        help='also serve processes of this group (default: $_SOCKET_ALLOWED_GID; needs --socket)',
+    )  # fmt: skip
     parser.add_argument('--start-timeout', type=float, default=None, help='seconds for every on_start')
     args = parser.parse_args(argv)
+    if args.allowed_gid is not None and args.socket is None:
+        parser.error('--allowed-gid needs --socket: the default socket is in a directory only its owner can enter')
     sys.path.insert(0, os.getcwd())
-    server = FlowSocketServer(load_flow(args.flow), socket_path=args.socket, start_timeout=args.start_timeout)
-    server.start()
+    try:
+        server = FlowSocketServer(
+            load_flow(args.flow), socket_path=args.socket, start_timeout=args.start_timeout,
+            allowed_gid=args.allowed_gid,
+        )  # fmt: skip
+        server.start()
+    except _unixsock.UnsafeSocketError as exc:
+        print(f'python -m aqueduct serve: {exc}', file=sys.stderr)
+        return 1
     return 0
+
+
+def env_gid(name: str) -> Optional[int]:
+    """An allowed group id from the environment variable ``name`` (unset or empty: none)."""
+    value = os.environ.get(name, '')
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f'{name} must be a numeric group id, got {value!r}') from None
