@@ -328,3 +328,26 @@ class RaiseNamed(BaseTaskHandler):
             if t.kind == 'user':
                 raise user_exception(t.name)
             t.result = t.x
+
+
+class SlotsTask(BaseTask):
+    """A task whose own fields live in ``__slots__`` (one of them name-mangled)."""
+
+    __slots__ = ('x', 'result', '__secret')
+
+    def __init__(self, x: int = 0):
+        super().__init__()
+        self.x = x
+        self.result = None
+        self.__secret = 'caller'
+
+    @property
+    def secret(self):
+        return self.__secret
+
+
+class SlotsAdd(BaseTaskHandler):
+    def handle(self, *tasks) -> None:
+        for t in tasks:
+            t.result = t.x + 1
+            t._SlotsTask__secret = 'worker'

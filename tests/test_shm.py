@@ -51,8 +51,26 @@ def baseline():
     assert pool_used() == before, 'shared memory leaked'
 
 
-def dev_shm_entries() -> set:
-    return set(os.listdir('/dev/shm'))
+def named_shm_held(pids) -> set:
+    """The ``/dev/shm`` names the processes ``pids`` have open or mapped: only what this flow's
+    own processes hold counts (other programs on the machine create and remove theirs)."""
+    held = set()
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/maps') as maps:
+                held.update(line.split(None, 5)[5].strip() for line in maps if '/dev/shm/' in line)
+            for fd in os.listdir(f'/proc/{pid}/fd'):
+                target = os.readlink(f'/proc/{pid}/fd/{fd}')
+                if target.startswith('/dev/shm/'):
+                    held.add(target)
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass  # exited meanwhile
+    return held
+
+
+def flow_processes() -> list:
+    """This process and its descendants (the flow's zygote and workers)."""
+    return [os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))]
 
 
 def memfd_holders(inode: int) -> set:
@@ -332,13 +350,13 @@ def test_with_no_warm_budget_freed_memory_goes_back_to_the_kernel_at_once():
 
 async def test_a_sigkilled_worker_leaks_no_shared_memory(make_flow, baseline):
     flow = make_flow(HoldAndDie())
-    names = dev_shm_entries()
     t = ArrayTask(np.ones(500_000))
     t.share_value('arr')
+    assert named_shm_held(flow_processes()) == set(), 'shared memory is a memfd, never a /dev/shm name'
     with pytest.raises(WorkerDiedError):
         await flow.process(t, timeout_sec=20)
     del t
-    assert dev_shm_entries() == names, 'nothing named in /dev/shm, ever'
+    assert named_shm_held(flow_processes()) == set(), 'nothing named in /dev/shm, ever'
 
 
 def test_the_pool_is_bounded_and_says_so():
