@@ -351,3 +351,21 @@ class SlotsAdd(BaseTaskHandler):
         for t in tasks:
             t.result = t.x + 1
             t._SlotsTask__secret = 'worker'
+
+
+class BlockUntil(BaseTaskHandler):
+    """Creates ``task.started`` (a path), then waits until ``task.release`` exists."""
+
+    def handle(self, *tasks) -> None:
+        for t in tasks:
+            open(t.started, 'w').close()
+            while not os.path.exists(t.release):
+                time.sleep(0.01)
+            t.result = 'released'
+
+
+def build_blocking_flow():
+    """``python -m aqueduct serve tests.handlers:build_blocking_flow``: one blocking step."""
+    from aqueduct import Flow
+
+    return Flow(BlockUntil())

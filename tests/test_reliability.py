@@ -344,3 +344,24 @@ async def test_user_exceptions_with_odd_constructors_reach_the_caller(make_flow,
         # A handler's CancelledError must not cancel the caller's task.
         assert not isinstance(err, asyncio.CancelledError) and isinstance(err.__cause__, asyncio.CancelledError)
     assert asyncio.current_task() is not None and not asyncio.current_task().cancelling()
+
+
+async def test_a_failed_call_leaves_no_reference_cycle_holding_the_task(make_flow):
+    """The future, the error and the call's frame must not form a cycle: a task (and the shared
+    memory of its fields) would then live until the cyclic GC runs, which may be never."""
+    import gc
+    import weakref
+
+    flow = make_flow(RaiseOdd())
+    gc.collect()
+    gc.disable()
+    try:
+        task = Task(3)
+        alive = weakref.ref(task)
+        with pytest.raises(NeedsTwoArgs):
+            await flow.process(task)
+        del task
+        await asyncio.sleep(0)  # the loop drops the handle that resumed this call
+        assert alive() is None, 'the failed task is freed without the cyclic GC'
+    finally:
+        gc.enable()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,6 +316,44 @@ async def test_a_standalone_server_serves_processes_it_did_not_fork(socket_path)
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+async def test_a_second_sigterm_hurries_the_server_out_and_it_still_cleans_up(socket_path, tmp_path):
+    """Two SIGTERMs while a task holds the server up: the second one makes it stop at once, with
+    exit status 0 and its sockets removed (it exited 143 half-way and left them)."""
+    server = subprocess.Popen(
+        [sys.executable, '-m', 'aqueduct', 'serve', 'tests.handlers:build_blocking_flow', '--socket', socket_path],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = SocketFlow()
+        await client.start()
+        try:
+            task = Task(1, started=str(tmp_path / 'started'), release=str(tmp_path / 'never'))
+            call = asyncio.ensure_future(client.process(task, timeout_sec=60))
+            await eventually(lambda: os.path.exists(task.started), 30, 'the handler to start')
+            server.send_signal(signal.SIGTERM)
+            # The first signal only starts the drain: the server waits for its client.
+            await eventually(lambda: not os.path.exists(socket_path), 30, 'the listener to close')
+            assert server.poll() is None
+            server.send_signal(signal.SIGTERM)
+            with pytest.raises(FlowError):
+                await asyncio.wait_for(call, 30)
+        finally:
+            await client.stop()
+        assert await asyncio.get_running_loop().run_in_executor(None, server.wait, 30) == 0
+        log = server.stderr.read()
+        stats = re.search(r'Flow stats at (\S+)', log)
+        assert stats, log
+        assert not os.path.exists(stats.group(1)), 'the stats socket was removed'
+        assert not os.path.exists(socket_path)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stderr.close()
 
 
 async def test_start_without_a_server_names_the_socket(tmp_path, monkeypatch):

@@ -569,17 +569,20 @@ class Flow:
                 self._start_polling()
         try:
             result = await future
-        except asyncio.CancelledError:
-            submitted = entry[5]
-            if submitted is not None and self._pending.pop(submitted, None) is not None and self._engine is not None:
-                self._engine.cancel(submitted)
-            self._outcomes[priority][2] += 1
-            raise
-        except TaskTimeoutError:
-            self._outcomes[priority][1] += 1
-            raise
-        except FlowError:
-            self._outcomes[priority][3] += 1
+        except BaseException as exc:
+            # The future holds the exception, whose traceback holds this frame: drop the future
+            # (and the entry that holds it) so that no cycle keeps the task, and the shared
+            # memory its fields use, alive until the cyclic GC runs.
+            future = None
+            submitted, entry = entry[5], None
+            if isinstance(exc, asyncio.CancelledError):
+                if submitted is not None and self._pending.pop(submitted, None) is not None and self._engine:
+                    self._engine.cancel(submitted)
+                self._outcomes[priority][2] += 1
+            elif isinstance(exc, TaskTimeoutError):
+                self._outcomes[priority][1] += 1
+            elif isinstance(exc, FlowError):
+                self._outcomes[priority][3] += 1
             raise
         self._outcomes[priority][0] += 1
         apply_result(task, result)

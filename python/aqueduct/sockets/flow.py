@@ -473,7 +473,13 @@ class SocketFlow:
                 continue
             apply_result(task, result)
         if first_error is not None:
-            raise first_error
+            try:
+                raise first_error
+            finally:
+                # The error's traceback holds this frame: without this the frame, the error and
+                # the client (with the server's shared memory mapped) form a cycle only the
+                # cyclic GC would free.
+                first_error = results = submitted = client = None
         return True
 
     def _submit(

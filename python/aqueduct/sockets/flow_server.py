@@ -218,9 +218,13 @@ class FlowSocketServer:
         finally:
             flow_gone.cancel()
             closing.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self._shutdown()
+            # The handlers stay during the shutdown: a second signal hurries it instead of killing
+            # the server half-way (its sockets left behind, exit status 143).
+            try:
+                await self._shutdown()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
 
     def _on_signal(self) -> None:
         # The first signal stops the server gracefully; a second one stops it at once.
@@ -260,8 +264,17 @@ class FlowSocketServer:
         self._stopped = True
         loop = asyncio.get_running_loop()
         self._close_listener()
-        # Clients' tasks in flight finish first (each within its own timeout).
-        await self._flow.stop()
+        # Clients' tasks in flight finish first (within the flow's stop grace), unless a second
+        # signal comes: then the stop goes on hard.
+        graceful = asyncio.ensure_future(self._flow.stop(graceful=not self._hurry.is_set()))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait({graceful, hurry}, return_when=asyncio.FIRST_COMPLETED)
+            if not graceful.done():
+                await self._flow.stop(graceful=False)
+            await graceful
+        finally:
+            hurry.cancel()
         for client in list(self._clients.values()):
             self._drop(client, loop)
         # Clients that detached but still run keep their shared memory (they may hold results);
