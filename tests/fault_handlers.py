@@ -69,17 +69,20 @@ class Brief(BaseTaskHandler):
 
 class FailOnStart(BaseTaskHandler):
     """``on_start`` raises in every worker or, given a ``claim`` path, only in the worker that
-    creates that file first (the other starts normally): a flow half of whose workers are ready
-    when the failure comes."""
+    creates that file first. The others then start normally (a flow some of whose workers are
+    ready when the failure comes) or, with ``others_hang``, never finish ``on_start``."""
 
-    def __init__(self, claim: str | None = None):
+    def __init__(self, claim: str | None = None, others_hang: bool = False):
         self.claim = claim
+        self.others_hang = others_hang
 
     def on_start(self) -> None:
         if self.claim is not None:
             try:
                 os.close(os.open(self.claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
+                while self.others_hang:
+                    time.sleep(0.01)
                 return
         raise RuntimeError('the model file is missing')
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -58,9 +59,15 @@ def _running(proc: psutil.Process) -> bool:
 
 
 def _still_running(procs: list, timeout: float) -> list:
-    """Those of ``procs`` still running (not exited, not a zombie) after at most ``timeout`` s."""
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p for p in alive if _running(p)]
+    """Those of ``procs`` still running after at most ``timeout`` s. A zombie has exited: an
+    orphan waits for init to reap it, which may take a while, so ``psutil.wait_procs`` alone
+    would wait for init rather than for the process."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        psutil.wait_procs(alive, timeout=0.02)
 
 
 def _describe(proc: psutil.Process) -> str:
@@ -304,6 +311,20 @@ async def test_a_stop_past_grace_sec_fails_a_hung_task_and_leaves_no_process(mak
     assert children() == []
 
 
+async def test_a_graceful_stop_waits_for_a_hung_handler_no_longer_than_handle_timeout(make_flow, tmp_path):
+    flow = make_flow(FlowStep(Block(), handle_timeout=0.5))
+    pid_file = tmp_path / 'pid'
+    held = asyncio.ensure_future(flow.process(Task(1, forever=True, pid_file=str(pid_file)), timeout_sec=45))
+    await _read_when_written(pid_file)
+    # The grace period outlasts the hang guard: only handle_timeout can end this stop in time.
+    await asyncio.wait_for(flow.stop(grace_sec=40), 20)
+    assert flow.state is FlowState.STOPPED
+    with pytest.raises(HandlerTimeoutError):
+        await asyncio.wait_for(held, 5)
+    assert flow.health()['steps'][0]['restarts'] == 0, 'no replacement for a worker killed while stopping'
+    assert children() == []
+
+
 async def test_stop_refuses_an_invalid_grace_sec_and_keeps_running(make_flow):
     flow = make_flow(Block())
     for grace in (math.nan, -1, 'x'):
@@ -399,10 +420,13 @@ async def test_a_hard_stop_with_thousands_of_tasks_in_flight_fails_each_one_clea
 # ---------------------------------------------------------------------------- 8. on_start failing
 
 
-@pytest.mark.parametrize('failing', ['both', 'one'])
+@pytest.mark.parametrize('failing', ['both', 'one', 'one-others-hang'])
 async def test_an_on_start_failure_fails_start_naming_the_step_and_leaves_no_child(make_flow, tmp_path, failing):
-    claim = str(tmp_path / 'claim') if failing == 'one' else None
-    flow = make_flow(FlowStep(FailOnStart(claim), nprocs=2), start=False)
+    # 'one': the other worker is ready when the failure comes; 'one-others-hang': it never will
+    # be, and start() must not wait for it (its timeout would be the error then).
+    claim = None if failing == 'both' else str(tmp_path / 'claim')
+    handler = FailOnStart(claim, others_hang=failing == 'one-others-hang')
+    flow = make_flow(FlowStep(handler, nprocs=2), start=False)
     with pytest.raises(WorkerStartError, match='step1_FailOnStart') as info:
         flow.start(timeout=30)
     assert 'the model file is missing' in str(info.value)
