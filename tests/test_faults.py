@@ -185,13 +185,6 @@ async def test_a_sigkilled_fork_zygote_takes_its_workers_along_and_a_new_one_for
 # ---------------------------------------------------------------------------- 3. a hung worker
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TaskTimeoutError,
-    reason='the batch gate holds one recall per worker until that worker begins its next batch, which a '
-    'hung worker never does: only the first batch sent ahead to it is taken back, the others (up to '
-    'pipeline_depth - 2) wait behind it until their tasks time out',
-)
 async def test_tasks_do_not_wait_behind_a_hung_worker(make_flow, tmp_path):
     flow = make_flow(FlowStep(Block(), nprocs=2, batch_size=1))
     marker, pid_file = tmp_path / 'release', tmp_path / 'pid'

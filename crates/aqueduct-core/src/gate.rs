@@ -3,18 +3,21 @@
 //!
 //! The hub may send a worker its next batch while the worker still handles the current one
 //! (pipelining). Until the worker begins that batch, the hub may take it back: to drop a
-//! cancelled task before a handler sees it. Both sides race on one `AtomicU64` in the worker's
-//! slot header, encoded as `begun << 16 | recalled`:
+//! cancelled task before a handler sees it, or to give it to a worker that fell idle. Both sides
+//! race on one `AtomicU64` in the worker's slot header, encoded as `begun << 16 | recalled`:
 //!
 //! - `begun` (48 bits): how many batches the worker has begun (or skipped); batch sequence
 //!   numbers start at 0, so the next batch to begin is batch `begun`;
-//! - `recalled` (16 bits): 0, or `s - begun + 1` when the hub took back batch `s`.
+//! - `recalled` (16 bits): a bitmap relative to `begun`: bit `i` set means the hub took back
+//!   batch `begun + i`.
 //!
-//! The worker begins batch `s` with a CAS that advances `begun` to `s + 1` (shifting a pending
-//! recall of a later batch along); the hub recalls batch `s >= begun` with a CAS that sets
-//! `recalled`. A CAS on the same word either sees the other side's change or is refused, so a
-//! batch is either handled or recalled, never both. A worker that meets its batch recalled skips
-//! it. After a worker's death, batches with a sequence number `>= begun` never ran.
+//! The worker begins batch `s` with a CAS that advances `begun` to `s + 1` and shifts the bitmap
+//! by one (bit 0, batch `s` itself, falls off: set, the worker skips the batch); the hub recalls
+//! batch `s >= begun` with a CAS that sets bit `s - begun`. A CAS on the same word either sees
+//! the other side's change or is refused, so a batch is either handled or recalled, never both.
+//! Several batches may be recalled at once (a hung worker's whole pipeline can be taken back):
+//! at most 16 ahead of `begun`, more than the deepest pipeline. After a worker's death, batches
+//! with a sequence number `>= begun` never ran.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -45,27 +48,33 @@ impl<'a> BatchGate<'a> {
                 return Err(EngineError::Protocol("batch sequence out of step with the gate"));
             }
             let recalled = g & MASK;
-            let (next, run) = match recalled {
-                0 => ((seq + 1) << SHIFT, true),
-                1 => ((seq + 1) << SHIFT, false),
-                r => (((seq + 1) << SHIFT) | (r - 1), true),
-            };
+            let next = ((seq + 1) << SHIFT) | (recalled >> 1);
             if self.0.compare_exchange(g, next, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                return Ok(run);
+                return Ok(recalled & 1 == 0);
             }
         }
     }
 
-    /// Hub side: takes batch `seq` back unless the worker has begun it (or another recall is
-    /// pending). Returns whether it did.
+    /// Hub side: takes batch `seq` back unless the worker has begun it (or it is too far ahead,
+    /// or already taken back). Returns whether it did. The word may change under the hub only
+    /// by the worker beginning batches, so a refused CAS is retried against the new `begun`.
     pub fn recall(&self, seq: u64) -> bool {
-        let g = self.0.load(Ordering::Acquire);
-        let begun = g >> SHIFT;
-        if g & MASK != 0 || seq < begun || seq - begun + 1 > MASK {
-            return false;
+        let mut g = self.0.load(Ordering::Acquire);
+        loop {
+            let begun = g >> SHIFT;
+            // The bitmap has `SHIFT` bits: that many batches ahead of `begun` at most.
+            if seq < begun || seq - begun >= u64::from(SHIFT) {
+                return false;
+            }
+            let bit = 1u64 << (seq - begun);
+            if g & bit != 0 {
+                return false;
+            }
+            match self.0.compare_exchange(g, g | bit, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => g = now,
+            }
         }
-        let next = (begun << SHIFT) | (seq - begun + 1);
-        self.0.compare_exchange(g, next, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// For a fresh worker in the slot.
@@ -84,14 +93,17 @@ mod tests {
         let w = AtomicU64::new(0);
         let g = BatchGate::new(&w);
         assert!(g.recall(1), "a batch beyond the next one can be recalled");
-        assert!(!g.recall(0), "one recall at a time");
+        assert!(!g.recall(1), "once");
+        assert!(g.recall(3), "several at once");
         assert!(g.begin(0).unwrap());
         assert!(!g.begin(1).unwrap(), "batch 1 was recalled");
         assert_eq!(g.begun(), 2);
         assert!(g.begin(2).unwrap());
         assert!(!g.recall(2), "batch 2 already begun");
-        assert!(g.recall(3));
-        assert!(!g.begin(3).unwrap());
+        assert!(!g.begin(3).unwrap(), "batch 3 was recalled before 0, 1 and 2 began");
+        assert!(g.recall(4 + 15), "15 ahead of begun is the furthest");
+        assert!(!g.recall(4 + 16));
+        assert!(g.begin(4).unwrap());
         assert!(g.begin(7).is_err(), "sequence must follow the gate");
     }
 

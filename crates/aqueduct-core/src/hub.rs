@@ -1088,11 +1088,24 @@ impl Hub {
         if st.queue.level_len(top) < st.spec.batch_size || st.queue.len() != st.queue.level_len(top) {
             return None;
         }
-        let depth = pipeline_depth(st.spec.batch_size);
         st.slots
             .clone()
-            .filter(|&i| self.slots[i].state == SlotState::Busy && self.slots[i].batches.len() < depth)
+            .filter(|&i| self.slots[i].state == SlotState::Busy && self.ring_has_room(i))
             .min_by_key(|&i| self.slots[i].batches.len())
+    }
+
+    /// Whether the inbound ring of `slot` has room for one more batch. It is sized for
+    /// [`pipeline_depth`] batches; batches the hub took back stay in it until the worker skips
+    /// them, so what counts is every batch written that the worker has not begun or skipped
+    /// (not only those it still holds: a hung worker never skips its recalled ones).
+    fn ring_has_room(&self, slot: usize) -> bool {
+        let s = &self.slots[slot];
+        let begun = self.layout.slot_gate(&self.region, slot).begun();
+        // Written, not yet begun or skipped; plus the batch being handled, whose records the
+        // worker releases only when it finishes it.
+        let unread = s.sent.saturating_sub(begun);
+        let running = s.batches.front().is_some_and(|b| b.seq < begun);
+        unread + u64::from(running) < pipeline_depth(self.steps[s.step].spec.batch_size) as u64
     }
 
     fn dispatch(&mut self, step: usize, now: Nanos) -> Result<()> {
@@ -1114,6 +1127,8 @@ impl Hub {
         self.steps[step].timer = None;
         while !self.downstream_full(step) {
             let target = match self.steps[step].idle.last() {
+                // An idle worker that has not yet skipped the batches taken back from it waits.
+                Some(&slot) if !self.ring_has_room(slot) => break,
                 Some(&slot) => slot,
                 None => match self.pipeline_target(step) {
                     Some(slot) => slot,

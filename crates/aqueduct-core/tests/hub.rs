@@ -690,3 +690,25 @@ fn a_dead_workers_references_are_reaped() {
     assert_eq!(died, 1);
     assert_eq!(arena.used_pages(), 0, "the task's buffer, the worker's view and its lost output are all freed");
 }
+
+#[test]
+fn every_batch_sent_ahead_to_a_hung_worker_goes_to_one_that_falls_idle() {
+    let mut rig = Rig::new(config(vec![step(2, 1, 0, 40)]));
+    let first = rig.hub.submit(0, 0, Nanos::ZERO, b"hangs").unwrap();
+    let hung = if rig.hub.held_by(0) == vec![first] { 0 } else { 1 };
+    let other = 1 - hung;
+    // The hung worker begins its batch and never finishes it.
+    assert_eq!(rig.workers[hung].recv(Some(Duration::ZERO)).unwrap(), Received::Batch(1));
+    let ids: Vec<u64> = (0..20).map(|i| rig.hub.submit(0, 0, Nanos::ZERO, &[i]).unwrap()).collect();
+    assert!(rig.hub.batches_outstanding(hung) > 2, "batches were sent ahead to the hung worker");
+    // The other worker goes through everything, including what was sent ahead to the hung one.
+    for _ in 0..200 {
+        if ids.iter().all(|id| rig.got.contains_key(id)) {
+            break;
+        }
+        rig.echo(other);
+        rig.poll();
+    }
+    assert!(ids.iter().all(|id| rig.got.contains_key(id)), "{} of 20 done", rig.got.len());
+    assert_eq!(rig.hub.held_by(hung), vec![first], "the hung worker keeps only the batch it runs");
+}
