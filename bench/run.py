@@ -685,6 +685,21 @@ def repo_relative(path: str | None) -> str | None:
         return path
 
 
+#: Everything below this line in docs/benchmarks.md is written by hand (before/after comparisons
+#: of a change, runs on other hosts) and kept when the table above is generated again.
+HISTORY_MARKER = "<!-- Hand-written below: kept as is when bench/run.py regenerates this file. -->"
+
+
+def kept_history(target: Path) -> str:
+    """The hand-written part of an existing report (from :data:`HISTORY_MARKER` on), or ''."""
+    try:
+        text = target.read_text()
+    except FileNotFoundError:
+        return ""
+    at = text.find(HISTORY_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def render_markdown(data: dict[str, Any], chart_name: str | None) -> str:
     meta = data["meta"]
     machine = meta["machine"]
@@ -898,7 +913,8 @@ def write_reports(data: dict[str, Any], docs_dir: Path) -> None:
     problem = render_chart(data, chart)
     if problem:
         log(problem)
-    (docs_dir / "benchmarks.md").write_text(render_markdown(data, None if problem else chart.name))
+    target = docs_dir / "benchmarks.md"
+    target.write_text(render_markdown(data, None if problem else chart.name) + kept_history(target))
     log(f"wrote {docs_dir / 'benchmarks.md'}" + ("" if problem else f" and {chart}"))
 
 
