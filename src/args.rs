@@ -10,7 +10,7 @@ use pyo3::PyResult;
 
 /// `seconds` as a `Duration`: it must be a finite number `>= 0` that a `Duration` holds.
 pub(crate) fn duration(name: &str, seconds: f64) -> PyResult<Duration> {
-    if !(seconds >= 0.0) {
+    if seconds.is_nan() || seconds < 0.0 {
         return Err(PyValueError::new_err(format!("{name} must be a number of seconds >= 0, got {seconds}")));
     }
     Duration::try_from_secs_f64(seconds)

@@ -3,7 +3,7 @@
 
 from typing import Any, Literal, final
 
-__all__ = ['Engine', 'Pool', 'PortClient', 'ROUTE_DONE', 'ShmBuffer', 'Worker', 'die_with_parent']
+__all__ = ['Engine', 'Pool', 'PortClient', 'ROUTE_DONE', 'ShmBuffer', 'Worker', 'die_with_parent', 'exit_with_process']
 
 ROUTE_DONE: int
 

@@ -786,7 +786,7 @@ impl Hub {
     /// running batch reaches its step's `handle_timeout`.
     pub fn next_timer(&self) -> Option<Nanos> {
         let batch_due = self.steps.iter().filter_map(|s| s.timer).min();
-        let overdue_at = self.slots.iter().filter(|s| !s.overran).filter_map(|s| Some(self.overdue_at(s)?)).min();
+        let overdue_at = self.slots.iter().filter(|s| !s.overran).filter_map(|s| self.overdue_at(s)).min();
         match (batch_due, overdue_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
