@@ -195,12 +195,17 @@ async def test_higher_priority_is_served_first(make_flow):
     assert low.seen_so_far.index(2) < low.seen_so_far.index(1), 'high went before low'
 
 
-async def test_priority_out_of_range_is_a_clear_error(make_flow):
+async def test_a_priority_past_the_levels_is_served_at_the_highest_and_a_bad_one_is_refused(make_flow):
     flow = make_flow(Add(), queue_priorities=2)
     task = Task(1)
-    task.set_priority(2)
-    with pytest.raises(ValueError, match='priority'):
-        await flow.process(task)
+    task.set_priority(7)
+    await flow.process(task)  # as in aqueduct 1.15: clamped, not refused
+    assert (task.result, task.priority) == (2, 1)
+    for bad in (-1, 1.5, '1', None):
+        task = Task(1)
+        task.priority = bad
+        with pytest.raises(ValueError, match='priority'):
+            await flow.process(task)
 
 
 async def test_thousands_of_concurrent_calls_with_a_small_queue(make_flow):

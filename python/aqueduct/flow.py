@@ -211,16 +211,17 @@ def failure_exception(kind: str, step_name: str, detail) -> Exception:
 
 def check_call(task, priorities: int, timeout_sec) -> float:
     """Raises ``TypeError`` for something that is not a task and ``ValueError`` for a priority or
-    a timeout that ``process()`` cannot take; returns the timeout to use (``inf`` and huge
-    timeouts become :data:`NO_LIMIT_SECONDS`)."""
+    a timeout that ``process()`` cannot take; lowers a priority past ``priorities`` to the highest
+    level (as 1.15 does); returns the timeout to use (``inf`` and huge timeouts become
+    :data:`NO_LIMIT_SECONDS`)."""
     if not isinstance(task, BaseTask):
         raise TypeError(f'process() takes a BaseTask instance, got {type(task).__name__}')
     priority = task.priority
-    if priority.__class__ is not int or not 0 <= priority < priorities:
-        raise ValueError(
-            f'task priority must be an integer in [0, {priorities - 1}] (queue_priorities={priorities}), '
-            f'got {priority!r}'
-        )
+    if priority.__class__ is not int or priority < 0:
+        raise ValueError(f'task priority must be an integer >= 0, got {priority!r}')
+    if priority >= priorities:
+        # As in aqueduct 1.15: a priority past the flow's levels is served at the highest one.
+        task.priority = priorities - 1
     if timeout_sec.__class__ is float and 0 < timeout_sec < NO_LIMIT_SECONDS:
         return timeout_sec  # the common case, without a call
     return seconds_arg('timeout_sec', timeout_sec, positive=True)

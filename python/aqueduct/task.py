@@ -155,7 +155,8 @@ class BaseTask:
         self.__dict__['expiration_time'] = monotonic() + timeout_sec
 
     def set_priority(self, priority: int) -> None:
-        """Higher is served first; must be below the flow's ``queue_priorities``."""
+        """Higher is served first; one past the flow's ``queue_priorities`` levels is served at the
+        highest (as in aqueduct 1.15)."""
         self.priority = priority
 
     def is_expired(self) -> bool:
