@@ -1,5 +1,5 @@
 """Metrics as aqueduct 1.15 exposed them: its modules and names, ``Collector`` options, when
-gauges are sent and ``handle_time.total``."""
+gauges are sent, ``handle_time.total`` and ``task.metrics``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib
 import time
 
 import pytest
-from aqueduct import Flow, FlowStep
+from aqueduct import BaseTask, Flow, FlowStep
 from aqueduct.exceptions import FlowError
 from aqueduct.metrics import Collector, IExtendable, IMetricsItems, MetricsItems, MetricsTypes
 from aqueduct.metrics.collect import AqueductMetricsStorage, TasksStats
@@ -19,7 +19,7 @@ from aqueduct.metrics.task import TaskMetrics, TasksMetricsStorage
 from aqueduct.metrics.timer import Timer, TransferTimer, timeit
 
 from .fake_statsd import FakeStatsD
-from .handlers import Add, Nap, RaiseOdd, Task
+from .handlers import Add, Nap, OwnTimings, RaiseOdd, Task
 
 # The timing tests read clocks and sample counts, not worker behaviour: one start method is enough.
 fork_only = pytest.mark.parametrize('start_method', ['fork'])
@@ -227,3 +227,28 @@ async def test_no_handle_time_total_without_task_timers(make_flow):
     await flow.process(Task(1))
     await statsd.exported()
     assert not statsd.calls[('timing', 'aqueduct.handle_time.total')]
+
+
+# ---------------------------------------------------------------- task.metrics
+
+
+def test_task_metrics_is_made_on_first_use():
+    assert BaseTask.metrics is None, "1.15's class attribute"
+    task = Task(1)
+    assert 'metrics' not in vars(task), 'nothing extra travels to the workers'
+    assert isinstance(task.metrics, TaskMetrics)
+    assert task.metrics is task.metrics
+    task.metrics = None
+    assert task.metrics is None
+
+
+async def test_samples_a_handler_adds_to_task_metrics_are_exported(make_flow):
+    statsd = FakeStatsD()
+    flow = make_flow(OwnTimings(), metrics_exporter=statsd.exporter(export_period=0.02))
+    tasks = [Task(i) for i in range(3)]
+    await asyncio.gather(*(flow.process(t) for t in tasks))
+    await statsd.exported()
+    assert statsd.calls[('timing', 'aqueduct.handle_time.decode')] == [250.0] * 3
+    assert [t.result for t in tasks] == [0, 1, 2]
+    # As in 1.15, the processed copy's metrics are not written back into the caller's task.
+    assert all('metrics' not in vars(t) for t in tasks)

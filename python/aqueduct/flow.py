@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from threading import get_ident
-from typing import Deque, Dict, List, Tuple, Union
+from typing import Any, Deque, Dict, List, Tuple, Union
 
 from . import _core, _unixsock, shm, top
 from ._codec import decode_state, encode
@@ -249,13 +249,15 @@ def encode_task(task: BaseTask, pool) -> Tuple[bytes, list]:
         ) from exc
 
 
-def apply_result(task: BaseTask, result: tuple) -> None:
-    """Writes a finished task's ``(body, bufs)`` into the caller's task object."""
+def apply_result(task: BaseTask, result: tuple) -> Any:
+    """Writes a finished task's ``(body, bufs)`` into the caller's task object; returns the
+    processed copy's own ``task.metrics``, if it has any (they are not copied back)."""
     done, state = decode_state(*result)
     if state is None:
         task.update(done)
-    else:
-        task.update_from_state(state)
+        return getattr(done, '__dict__', {}).get('metrics')
+    task.update_from_state(state)
+    return state.get('metrics')
 
 
 def _resolve(waiter: asyncio.Future) -> None:
@@ -588,10 +590,10 @@ class Flow:
                 self._outcomes[priority][3] += 1
             raise
         self._outcomes[priority][0] += 1
-        apply_result(task, result)
+        own = apply_result(task, result)
         if self._metrics.timers:
             # set_timeout() made the deadline from the clock at the start of this call.
-            self._metrics.completed(deadline - timeout_sec)
+            self._metrics.completed(deadline - timeout_sec, own)
         return True
 
     def _park(self, entry: list, deadline: float) -> None:

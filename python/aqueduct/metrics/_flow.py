@@ -12,7 +12,7 @@ import asyncio
 import os
 from random import random
 from time import monotonic
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..logger import log
 from .base import MAIN_PROCESS, MetricsItems, MetricsTypes
@@ -94,8 +94,9 @@ class FlowMetrics:
 
     # ------------------------------------------------------------ per task
 
-    def completed(self, started: float) -> None:
-        """A task ``process()`` started at ``started`` (``time.monotonic()``) completed.
+    def completed(self, started: float, own: Any) -> None:
+        """A task ``process()`` started at ``started`` (``time.monotonic()``) completed; ``own``
+        is the ``task.metrics`` its handlers may have filled (or ``None``).
 
         Its end-to-end time is 1.15's ``handle_time.total``: from the call until the result is
         back in the main process, queueing and every step included.
@@ -109,6 +110,8 @@ class FlowMetrics:
             j = int(random() * n)
             if j < TOTAL_SAMPLES:
                 self._totals[j] = seconds
+        if own is not None and isinstance(own, TasksMetricsStorage):
+            self.collector.add_task_metrics(own)
 
     # ------------------------------------------------------------ gauges
 
