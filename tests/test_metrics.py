@@ -7,57 +7,22 @@ import logging
 import os
 import subprocess
 import sys
-from collections import defaultdict
 
 import pytest
 from aqueduct import FlowStep, top
 from aqueduct.exceptions import FlowError, WorkerDiedError
 from aqueduct.logger import log
-from aqueduct.metrics import ToStatsDMetricsExporter
 from aqueduct.metrics.prometheus import FlowCollector, aiohttp_handler, asgi_app
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from .fake_statsd import FakeStatsD
 from .handlers import Add, Die, Nap, RaiseOdd, Task
-
-
-class FakeStatsD:
-    """A StatsD buffer that remembers every call, and counts the exporter's rounds (each ends
-    with the ``processes.running`` count)."""
-
-    def __init__(self):
-        self.calls = defaultdict(list)
-        self.rounds = 0
-        self._round_done = asyncio.Event()
-
-    def count(self, name, value):
-        self.calls[('count', name)].append(value)
-        if name.endswith('processes.running'):
-            self.rounds += 1
-            self._round_done.set()
-
-    def timing(self, name, value):
-        self.calls[('timing', name)].append(value)
-
-    def gauge(self, name, value):
-        self.calls[('gauge', name)].append(value)
-
-    async def exported(self) -> None:
-        """Returns after two more export rounds: everything recorded before the call (a round
-        may have been under way) has been exported."""
-        target = self.rounds + 2
-        async with asyncio.timeout(10):
-            while self.rounds < target:
-                self._round_done.clear()
-                await self._round_done.wait()
-
-    def names(self, kind):
-        return {name for k, name in self.calls if k == kind}
 
 
 async def test_statsd_names_and_values_are_those_of_aqueduct_1_15(make_flow):
     statsd = FakeStatsD()
-    exporter = ToStatsDMetricsExporter(statsd, export_period=0.05, prefix='app')
+    exporter = statsd.exporter(export_period=0.05, prefix='app')
     flow = make_flow(FlowStep(Nap(), batch_size=4, batch_timeout=0.01), FlowStep(RaiseOdd()), metrics_exporter=exporter)
     tasks = [Task(2 * i) for i in range(20)]
     await asyncio.gather(*(flow.process(t) for t in tasks))
@@ -83,7 +48,9 @@ async def test_statsd_names_and_values_are_those_of_aqueduct_1_15(make_flow):
         'aqueduct.app.batch_size.step1_Nap',
         'aqueduct.app.qsize.from_main_process_to_step1_Nap',
         'aqueduct.app.qsize.from_step2_RaiseOdd_to_main_process',
-        'aqueduct.app.memory_usage.step1_Nap',
+        'aqueduct.app.memory_usage.step0_Nap',  # 1.15 numbers steps from 0 in these names
+        'aqueduct.app.memory_usage.step1_RaiseOdd',
+        'aqueduct.app.handle_time.total',
         'aqueduct.app.memory_usage.all_memory_usage',
     } <= timings
     assert 'aqueduct.app.batch_size.step2_RaiseOdd' not in timings, '1.15 records batches only for batch_size > 1'
@@ -98,7 +65,7 @@ async def test_statsd_names_and_values_are_those_of_aqueduct_1_15(make_flow):
 
 async def test_deaths_and_restarts_are_counted(make_flow):
     statsd = FakeStatsD()
-    flow = make_flow(Die(), metrics_exporter=ToStatsDMetricsExporter(statsd, export_period=0.05))
+    flow = make_flow(Die(), metrics_exporter=statsd.exporter(export_period=0.05))
     with pytest.raises(WorkerDiedError):
         await flow.process(Task(0, die='kill'), timeout_sec=20)
     await flow.process(Task(1), timeout_sec=20)
@@ -109,7 +76,7 @@ async def test_deaths_and_restarts_are_counted(make_flow):
 
 async def test_disabled_metrics_record_and_export_nothing(make_flow):
     statsd = FakeStatsD()
-    flow = make_flow(Add(), metrics_enabled=False, metrics_exporter=ToStatsDMetricsExporter(statsd, export_period=0.05))
+    flow = make_flow(Add(), metrics_enabled=False, metrics_exporter=statsd.exporter(export_period=0.05))
     await asyncio.gather(*(flow.process(Task(i)) for i in range(10)))
     await asyncio.sleep(0.15)
     assert not statsd.calls

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from threading import get_ident
-from typing import Deque, Dict, List, Tuple, Union
+from typing import Any, Deque, Dict, List, Tuple, Union
 
 from . import _core, _unixsock, shm, top
 from ._codec import decode_state, encode
@@ -55,7 +55,7 @@ from .exceptions import (
 )
 from .handler import BaseTaskHandler, HandleConditionType
 from .logger import log
-from .metrics import Exporter
+from .metrics import Collector, Exporter, MetricsTypes
 from .metrics._flow import FlowMetrics
 from .task import BaseTask
 
@@ -250,13 +250,15 @@ def encode_task(task: BaseTask, pool) -> Tuple[bytes, list]:
         ) from exc
 
 
-def apply_result(task: BaseTask, result: tuple) -> None:
-    """Writes a finished task's ``(body, bufs)`` into the caller's task object."""
+def apply_result(task: BaseTask, result: tuple) -> Any:
+    """Writes a finished task's ``(body, bufs)`` into the caller's task object; returns the
+    processed copy's own ``task.metrics``, if it has any (they are not copied back)."""
     done, state = decode_state(*result)
     if state is None:
         task.update(done)
-    else:
-        task.update_from_state(state)
+        return getattr(done, '__dict__', {}).get('metrics')
+    task.update_from_state(state)
+    return state.get('metrics')
 
 
 def _resolve(waiter: asyncio.Future) -> None:
@@ -325,11 +327,14 @@ class Flow:
         if metrics_exporter is not None and not isinstance(metrics_exporter, Exporter):
             kind = type(metrics_exporter).__name__
             raise TypeError(f'metrics_exporter must be an aqueduct.metrics.Exporter, got {kind}')
+        if metrics_collector is not None and not isinstance(metrics_collector, Collector):
+            kind = type(metrics_collector).__name__
+            raise TypeError(f'metrics_collector must be an aqueduct.metrics.Collector, got {kind}')
         if not metrics_enabled:
             log.warning('Metrics collecting is disabled')
         self._metrics_enabled = bool(metrics_enabled)
         self._metrics_exporter = metrics_exporter
-        self._metrics = FlowMetrics(self, queue_priorities)
+        self._metrics = FlowMetrics(self, queue_priorities, metrics_collector)
         #: Per priority: complete, timeout, cancel, error (see `aqueduct.metrics._flow.OUTCOMES`).
         self._outcomes = self._metrics.outcomes
         self._export_timer: asyncio.TimerHandle | None = None
@@ -586,7 +591,10 @@ class Flow:
                 self._outcomes[priority][3] += 1
             raise
         self._outcomes[priority][0] += 1
-        apply_result(task, result)
+        own = apply_result(task, result)
+        if self._metrics.timers:
+            # set_timeout() made the deadline from the clock at the start of this call.
+            self._metrics.completed(deadline - timeout_sec, own)
         return True
 
     def _park(self, entry: list, deadline: float) -> None:
@@ -664,6 +672,7 @@ class Flow:
             self._export_timer = None
         if self._metrics_enabled and self._metrics_exporter is not None:
             self._export_timer = loop.call_later(self._metrics_exporter.export_period, self._export_tick)
+        self._metrics.arm(loop)
         if self._stats_sock is not None and self._stats_loop is not loop:
             self._close_stats_server()
         if self._stats_path is not None and self._stats_sock is None:
@@ -847,6 +856,11 @@ class Flow:
             pass
         finally:
             writer.close()
+
+    @property
+    def need_collect_task_timers(self) -> bool:
+        """Whether task timings (handle, transfer, batch times, sizes) are collected, as in 1.15."""
+        return self._metrics_enabled and self._metrics.collector.is_collectible(MetricsTypes.TASK_TIMERS)
 
     def metrics(self) -> dict:
         """A snapshot of every metric (histograms as ``(buckets, count, sum)``), the health
@@ -1036,6 +1050,7 @@ class Flow:
         if self._export_timer is not None:
             self._export_timer.cancel()
             self._export_timer = None
+        self._metrics.disarm()
         self._close_stats_server()
         self._stop_watching()
         if self._launcher is not None:
@@ -1055,6 +1070,7 @@ class Flow:
         if self._export_timer is not None:
             self._export_timer.cancel()
             self._export_timer = None
+        self._metrics.disarm()
         if engine is not None and self._metrics_enabled and self._metrics_exporter is not None:
             self._export_metrics()  # the last period
         self._close_stats_server()

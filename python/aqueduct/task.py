@@ -115,6 +115,22 @@ def _check_payload_size(size: Any, max_size: Optional[int], capacity: int) -> No
         )
 
 
+class _TaskMetricsField:
+    """``task.metrics``: aqueduct 1.15's per-task :class:`~aqueduct.metrics.task.TaskMetrics`,
+    made on first use, so a task that never touches it carries nothing more to the workers.
+    Samples a handler adds to it are exported when the task completes; on the class it reads
+    ``None``, as 1.15's class attribute did."""
+
+    def __get__(self, task: Optional[BaseTask], owner: Optional[type] = None) -> Any:
+        if task is None:
+            return None
+        from .metrics.task import TaskMetrics
+
+        # Into the instance dict: later reads find it there, without this descriptor.
+        metrics = task.__dict__['metrics'] = TaskMetrics()
+        return metrics
+
+
 class BaseTask:
     """Subclass it with the fields your handlers read and write.
 
@@ -125,6 +141,7 @@ class BaseTask:
     task_id: str = ''
     priority: int = DEFAULT_PRIORITY
     expiration_time: Optional[float] = None
+    metrics = _TaskMetricsField()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

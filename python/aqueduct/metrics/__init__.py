@@ -6,7 +6,7 @@ every ``export_period`` the flow turns a snapshot into an :class:`AqueductMetric
 hands it to the exporter. See :mod:`aqueduct.metrics.prometheus` for ``/metrics``.
 """
 
-from .base import AQUEDUCT, MAIN_PROCESS, MetricsItems, MetricsTypes
+from .base import AQUEDUCT, MAIN_PROCESS, IExtendable, IMetricsItems, MetricsItems, MetricsTypes
 from .collect import AqueductMetricsStorage, Collector, ProcessesStats, TasksStats
 from .export import DummyExporter, Exporter, StatsDBuffer, ToStatsDMetricsExporter
 
@@ -17,6 +17,8 @@ __all__ = [
     'Collector',
     'DummyExporter',
     'Exporter',
+    'IExtendable',
+    'IMetricsItems',
     'MetricsItems',
     'MetricsTypes',
     'ProcessesStats',

@@ -1,5 +1,6 @@
-"""The flow's side of metrics: outcome counters, and turning engine snapshots into exporter
-periods, Prometheus families and ``top`` frames.
+"""The flow's side of metrics: outcome counters, the :class:`Collector` each export period is
+gathered in, the once-a-second and ``qsize_collect_period`` gauge samples, and turning engine
+snapshots into exporter periods, Prometheus families and ``top`` frames.
 
 Histograms from the engine are ``(buckets, count, sum)`` with the log-linear buckets of
 ``aqueduct_core::metrics`` (two per octave; bucket ``2k + 1`` starts at ``2**k``).
@@ -7,11 +8,16 @@ Histograms from the engine are ``(buckets, count, sum)`` with the log-linear buc
 
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from random import random
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from .base import MAIN_PROCESS
-from .collect import AqueductMetricsStorage
+from ..logger import log
+from .base import MAIN_PROCESS, MetricsItems, MetricsTypes
+from .collect import AqueductMetricsStorage, Collector, ProcessesStats, TasksStats
+from .task import TasksMetricsStorage
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..flow import Flow
@@ -19,6 +25,11 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Outcome counters, in this order, per priority.
 OUTCOMES = ('complete', 'timeout', 'cancel', 'error')
 _PAGE = os.sysconf('SC_PAGE_SIZE')
+#: How often memory and live processes are sampled: 1.15's fixed period.
+PROCESSES_PERIOD = 1.0
+#: ``handle_time.total`` samples kept per export period (uniformly, when more tasks complete),
+#: the bound the engine keeps for its own timings.
+TOTAL_SAMPLES = 64
 
 
 def bucket_upper(i: int) -> int:
@@ -61,74 +72,153 @@ def rss_bytes(pid: int) -> int:
 class FlowMetrics:
     """Per-flow bookkeeping that lives in the main process."""
 
-    def __init__(self, flow: Flow, priorities: int):
+    def __init__(self, flow: Flow, priorities: int, collector: Optional[Collector] = None):
         self.flow = flow
+        self.collector = collector if collector is not None else Collector()
         self.outcomes: List[List[int]] = [[0] * len(OUTCOMES) for _ in range(priorities)]
+        #: Whether anything is exported at all (an exporter, and metrics enabled).
+        self.exporting = bool(flow._metrics_enabled and flow._metrics_exporter is not None)
+        #: Whether ``process()`` reports completed tasks (``completed``): task timers are exported.
+        self.timers = self.exporting and self.collector.is_collectible(MetricsTypes.TASK_TIMERS)
+        self._queues = self.exporting and self.collector.is_collectible(MetricsTypes.QUEUE_SIZE)
         self._exported_outcomes = [0] * len(OUTCOMES)
         self._exported_deaths = 0
         self._exported_restarts = 0
+        self._totals: List[float] = []
+        self._completed = 0
+        self._gauges: Dict[str, asyncio.TimerHandle | asyncio.Handle] = {}
 
     def sources(self, k: int) -> str:
         """Where tasks of step ``k`` (0-based) usually come from, in 1.15's names."""
         return MAIN_PROCESS if k == 0 else self.flow._step_names[k - 1]
 
-    def period(self, engine) -> AqueductMetricsStorage:
-        """One export period: new samples and counts since the previous one."""
+    # ------------------------------------------------------------ per task
+
+    def completed(self, started: float, own: Any) -> None:
+        """A task ``process()`` started at ``started`` (``time.monotonic()``) completed; ``own``
+        is the ``task.metrics`` its handlers may have filled (or ``None``).
+
+        Its end-to-end time is 1.15's ``handle_time.total``: from the call until the result is
+        back in the main process, queueing and every step included.
+        """
+        seconds = monotonic() - started
+        n = self._completed = self._completed + 1
+        if n <= TOTAL_SAMPLES:
+            self._totals.append(seconds)
+        else:
+            # Reservoir sampling: each of the period's n tasks is kept with the same chance.
+            j = int(random() * n)
+            if j < TOTAL_SAMPLES:
+                self._totals[j] = seconds
+        if own is not None and isinstance(own, TasksMetricsStorage):
+            self.collector.add_task_metrics(own)
+
+    # ------------------------------------------------------------ gauges
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts the gauge samples on ``loop``: one now, then one per period (1.15 samples
+        when the flow starts and then after each period)."""
+        self.disarm()
+        if not self.exporting:
+            return
+        self._gauges['processes'] = loop.call_soon(self._gauge, 'processes', loop, PROCESSES_PERIOD, self._processes)
+        if self._queues:
+            period = self.collector.qsize_collect_period
+            self._gauges['qsize'] = loop.call_soon(self._gauge, 'qsize', loop, period, self._queue_sizes)
+
+    def disarm(self) -> None:
+        for handle in self._gauges.values():
+            handle.cancel()
+        self._gauges.clear()
+
+    def _gauge(self, kind: str, loop: asyncio.AbstractEventLoop, period: float, sample: Callable) -> None:
+        engine = self.flow._engine
+        if engine is None:
+            self._gauges.pop(kind, None)
+            return
+        try:
+            sample(engine)
+        except Exception:
+            log.exception('sampling the %s metrics failed', kind)
+        self._gauges[kind] = loop.call_later(period, self._gauge, kind, loop, period, sample)
+
+    def _queue_sizes(self, engine) -> None:
         flow = self.flow
-        snap = engine.metrics(drain=True)
-        out = AqueductMetricsStorage()
-        for k, (step, m) in enumerate(zip(flow._steps, snap['steps'], strict=True)):
-            name = flow._step_names[k]
-            src = self.sources(k)
-            for us in m['handle_us_samples']:
-                out.handle_times.add(name, us / 1e6)
-            for us in m['transfer_in_us_samples']:
-                out.transfer_times.add(f'from_{src}_to_{name}', us / 1e6)
-            for size in m['size_in_samples']:
-                out.task_sizes.add(f'from_{src}_to_{name}', size)
-            if step.batch_size > 1:
-                for us in m['batch_wait_us_samples']:
-                    out.batch_times.add(name, us / 1e6)
-                for size in m['batch_size_samples']:
-                    out.batch_sizes.add(name, size)
-            out.queue_sizes.add(f'from_{src}_to_{name}', m['queue_len'])
-        last = flow._step_names[-1]
-        out.queue_sizes.add(f'from_{last}_to_{MAIN_PROCESS}', 0)
-        for step, to, priority, _th, transfer, _sh, sizes in snap['routes']:
-            if to is not None:
-                continue  # hops between steps are counted on arrival, by the receiving worker
-            prefix = f'p_{priority}_' if priority else ''
-            route = f'{prefix}from_{flow._step_names[step]}_to_{MAIN_PROCESS}'
-            for us in transfer:
-                out.transfer_times.add(route, us / 1e6)
-            for size in sizes:
-                out.task_sizes.add(route, size)
-        totals = [sum(level[i] for level in self.outcomes) for i in range(len(OUTCOMES))]
-        stats = out.tasks_stats
-        stats.complete, stats.timeout, stats.cancel, stats.error = (
-            t - e for t, e in zip(totals, self._exported_outcomes, strict=True)
-        )
-        self._exported_outcomes = totals
+        sizes = [(f'from_{self.sources(k)}_to_{name}', engine.queue_len(k)) for k, name in enumerate(flow._step_names)]
+        # Results go straight to the caller's future: the last hop has no queue to wait in.
+        sizes.append((f'from_{flow._step_names[-1]}_to_{MAIN_PROCESS}', 0))
+        self.collector.add_queue_sizes(sizes)
+
+    def _processes(self, engine) -> None:
+        flow = self.flow
+        memory = MetricsItems()
         total_rss = 0
         for k, step in enumerate(flow._steps):
-            name = flow._step_names[k]
+            # 1.15 numbered steps from 0 in these names only (``step0_Handler`` for the first
+            # step): kept, so that its dashboards keep working.
+            name = type(step.handler).get_step_name(k)
             step_rss = 0
             for slot, pid in flow._slot_pids.items():
                 if engine.slot_step(slot) == k and flow._slot_alive.get(slot):
                     rss = rss_bytes(pid)
-                    out.memory_usage.add(name, rss)
+                    memory.add(name, rss)
                     step_rss += rss
-            if step.nprocs > 1:
-                out.memory_usage.add(f'{name}_nprocs_sum', step_rss)
+            if step.nprocs != 1:
+                memory.add(f'{name}_nprocs_sum', step_rss)
             total_rss += step_rss
-        out.memory_usage.add('all_memory_usage', total_rss)
+        memory.add('all_memory_usage', total_rss)
+        self.collector.add_memory_usage(memory)
+        running = sum(1 for alive in flow._slot_alive.values() if alive)
+        self.collector.add_processes_stats(ProcessesStats(running=running))
+
+    # ------------------------------------------------------------ export periods
+
+    def period(self, engine) -> AqueductMetricsStorage:
+        """One export period: what was collected since the previous one."""
+        flow = self.flow
+        snap = engine.metrics(drain=True)
+        collector = self.collector
+        if self.timers:
+            timers = TasksMetricsStorage()
+            for k, (step, m) in enumerate(zip(flow._steps, snap['steps'], strict=True)):
+                name = flow._step_names[k]
+                src = self.sources(k)
+                for us in m['handle_us_samples']:
+                    timers.handle_times.add(name, us / 1e6)
+                for us in m['transfer_in_us_samples']:
+                    timers.transfer_times.add(f'from_{src}_to_{name}', us / 1e6)
+                for size in m['size_in_samples']:
+                    timers.task_sizes.add(f'from_{src}_to_{name}', size)
+                if step.batch_size > 1:
+                    for us in m['batch_wait_us_samples']:
+                        timers.batch_times.add(name, us / 1e6)
+                    for size in m['batch_size_samples']:
+                        timers.batch_sizes.add(name, size)
+            for step, to, priority, _th, transfer, _sh, sizes in snap['routes']:
+                if to is not None:
+                    continue  # hops between steps are counted on arrival, by the receiving worker
+                prefix = f'p_{priority}_' if priority else ''
+                route = f'{prefix}from_{flow._step_names[step]}_to_{MAIN_PROCESS}'
+                for us in transfer:
+                    timers.transfer_times.add(route, us / 1e6)
+                for size in sizes:
+                    timers.task_sizes.add(route, size)
+            timers.handle_times.add_items(('total', seconds) for seconds in self._totals)
+            self._totals, self._completed = [], 0
+            collector.add_task_metrics(timers)
+        totals = [sum(level[i] for level in self.outcomes) for i in range(len(OUTCOMES))]
+        stats = TasksStats()
+        stats.complete, stats.timeout, stats.cancel, stats.error = (
+            t - e for t, e in zip(totals, self._exported_outcomes, strict=True)
+        )
+        self._exported_outcomes = totals
+        collector.add_tasks_stats(stats)
         deaths, restarts = sum(flow._deaths), sum(flow._restarts)
-        procs = out.processes_stats
-        procs.running = sum(1 for alive in flow._slot_alive.values() if alive)
-        procs.dead = deaths - self._exported_deaths
-        procs.restarted = restarts - self._exported_restarts
+        collector.add_processes_stats(
+            ProcessesStats(dead=deaths - self._exported_deaths, restarted=restarts - self._exported_restarts)
+        )
         self._exported_deaths, self._exported_restarts = deaths, restarts
-        return out
+        return collector.extract_metrics()
 
     def snapshot(self, engine) -> dict:
         """Everything at once, without draining: for Prometheus and ``top``."""
