@@ -130,7 +130,7 @@ async def test_failures_reach_the_client_with_the_flows_exceptions(socket_path, 
         with pytest.raises(TaskSerializationError):
             await client.process([Task(1, lock=__import__('threading').Lock())])
         with pytest.raises(ValueError, match='priority'):
-            await client.process([Task(1, priority=5)])
+            await client.process([Task(1, priority=-1)])
         with pytest.raises(ValueError, match='timeout_sec'):
             await client.process([Task(1)], timeout_sec=0)
         after = Task(5)
