@@ -225,11 +225,30 @@ async def test_share_value_with_data_streams_into_shared_memory(make_flow, basel
     data = os.urandom(150_001)
     t = ArrayTask()
     await t.share_value_with_data('arr', Stream(data), len(data))
-    assert bytes(t.arr) == data and shm.pool().locate(t.arr) is not None
+    assert type(t.arr) is bytes and t.arr == data, 'a bytes field, as in 1.15'
+    assert shm.pool().locate(t._shared_fields['arr'].buf) is not None, 'kept in shared memory'
     await flow.process(t)
     assert t.seen == ('bytes', len(data)), 'handlers receive bytes'
-    assert bytes(t.arr) == data
+    assert type(t.arr) is bytes and t.arr == data
     del t
+
+
+async def test_a_16_mib_body_travels_to_the_workers_by_reference(make_flow, baseline):
+    data = os.urandom(16 << 20)
+    t = ArrayTask()
+    await t.share_value_with_data('arr', Stream(data, chunk=1 << 20), len(data), max_size=None)
+    shared = t._shared_fields['arr']
+    used = pool_used()
+    body, bufs = encode(t)
+    assert [b.desc for b in bufs] == [shared.desc], 'the message refers to the shared bytes'
+    assert len(body) < 4096, 'the bytes are not in the message'
+    assert pool_used() == used, 'nothing copied into the pool'
+    del body, bufs
+    flow = make_flow(Describe())
+    await flow.process(t)
+    assert t.seen == ('bytes', len(data)) and t.checksum == sum(data[:: len(data) // 1000])
+    assert pool_used() == used
+    del t, shared
 
 
 @pytest.mark.parametrize('size_delta', [-1, +1])

@@ -8,7 +8,9 @@ side resolve, a reference to the class on every crossing, which profiling showed
 of the main process's work per task. For those classes the wire form is
 ``(module, qualname, state)``: the class is looked up once per process and cached, and the
 caller's task is updated straight from the state. Any other task (custom ``__reduce__``,
-``__getstate__``, ``__setstate__``, ``__slots__``) is pickled whole.
+``__getstate__``, ``__setstate__`` of its own, ``__slots__``) is pickled whole. (``BaseTask``'s own
+``__getstate__``/``__setstate__`` are for pickles made outside the flow, see
+:mod:`aqueduct.shm.mixin`; the codec writes the state itself.)
 
 **Buffers by reference.** Pickle protocol 5 hands contiguous buffers (numpy arrays,
 ``bytearray``) to a callback instead of copying them into the stream. One that already lives in
@@ -16,7 +18,9 @@ the pool (an array received from another step, a shared field) travels as a new 
 any other at or above the threshold (:func:`aqueduct.shm.threshold`) is copied in once. The
 receiver gets the buffers back as ``ShmBuffer`` objects and numpy rebuilds its arrays as views
 on them: no copy between steps, none on the way back. Large ``bytes`` fields travel the same
-way (and are copied out on arrival, ``bytes`` being immutable).
+way (and are copied out on arrival, ``bytes`` being immutable). Shared values
+(:class:`aqueduct.shm.base.SharedValue`) are pickled as out-of-band buffers only here, while
+:data:`aqueduct.shm._portable.codec` says so; anywhere else they pickle as descriptors.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import pickle
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import shm
+from .shm import _portable
+from .shm.mixin import SharedFieldsMixin
 
 _dumps = pickle.dumps
 _loads = pickle.loads
@@ -38,6 +44,14 @@ _plain: Dict[type, Any] = {}
 _classes: Dict[Tuple[str, str], type] = {}
 
 
+#: ``__getstate__``/``__setstate__`` that leave a class plain: the default ones, and the mixin's,
+#: which only matter to pickles made outside the flow.
+_STATE_GETTERS = (object.__getstate__, SharedFieldsMixin.__getstate__)
+_STATE_SETTERS = (None, SharedFieldsMixin.__setstate__)
+#: Kinds of shared values whose field travels as a marker and is rebuilt from the shared memory.
+_MARKED_KINDS = frozenset({'bytes', 'bytearray'})
+
+
 def _wire_key(cls: type):
     key = _plain.get(cls, _plain)
     if key is not _plain:
@@ -45,8 +59,8 @@ def _wire_key(cls: type):
     plain = (
         cls.__reduce_ex__ is object.__reduce_ex__
         and cls.__reduce__ is object.__reduce__
-        and cls.__getstate__ is object.__getstate__
-        and getattr(cls, '__setstate__', None) is None
+        and cls.__getstate__ in _STATE_GETTERS
+        and getattr(cls, '__setstate__', None) in _STATE_SETTERS
         and '__slots__' not in cls.__dict__
         and all('__slots__' not in base.__dict__ for base in cls.__mro__[1:-1])
         and cls not in copyreg.dispatch_table
@@ -72,7 +86,7 @@ class _OutOfBandBytes:
 
 
 class FromShared:
-    """Stands in a pickled state for a shared ``bytes``/``bytearray``/``memoryview`` field,
+    """Stands in a pickled state for a shared ``bytes``/``bytearray`` field,
     whose value the receiver rebuilds from the field's shared memory (see ``task.py``)."""
 
     __slots__ = ()
@@ -106,7 +120,7 @@ def _state_for_wire(state: dict, big: int) -> dict:
             out[name] = _OutOfBandBytes(value)
     if shared:
         for name, sv in shared.items():
-            if sv.kind != 'ndarray' and name in state:
+            if getattr(sv, 'kind', None) in _MARKED_KINDS and name in state:
                 if out is None:
                     out = dict(state)
                 out[name] = FROM_SHARED
@@ -136,10 +150,20 @@ def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
         return False
 
     key = _wire_key(type(task))
-    if key is None:
-        return _dumps(task, 5, buffer_callback=place), bufs
-    state = _state_for_wire(task.__dict__, big)
-    return _dumps((key[0], key[1], state), 5, buffer_callback=place), bufs
+    if key is not None:
+        state = _state_for_wire(task.__dict__, big)
+        if not state.get('_shared_fields'):
+            return _dumps((key[0], key[1], state), 5, buffer_callback=place), bufs
+    # Shared values in there: they must pickle as out-of-band buffers (see `_portable`).
+    wire = _portable.codec
+    previous = getattr(wire, 'on', False)
+    wire.on = True
+    try:
+        if key is None:
+            return _dumps(task, 5, buffer_callback=place), bufs
+        return _dumps((key[0], key[1], state), 5, buffer_callback=place), bufs
+    finally:
+        wire.on = previous
 
 
 def _resolve(module: str, qualname: str) -> type:

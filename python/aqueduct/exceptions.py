@@ -74,6 +74,12 @@ class SharedMemoryExhaustedError(FlowError, MemoryError):
     """The shared-memory pool has no room for a payload."""
 
 
+class SharedMemoryUnavailableError(AqueductError, pickle.UnpicklingError):
+    """A shared value pickled outside the flow (``pickle.dumps``, a ``multiprocessing.Queue``)
+    cannot be loaded here: this process may not open the pickling process's pool (another user,
+    that process has exited), or its memory was let go (the pickle was loaded once already)."""
+
+
 class PayloadTooLargeError(FlowError, ValueError):
     """A payload declares more bytes than it may have (an HTTP body over the app's limit): refused
     before any shared memory is reserved (answer 413)."""

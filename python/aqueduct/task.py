@@ -1,118 +1,22 @@
-"""``BaseTask``: the unit of work, and the object results are written back into."""
+"""``BaseTask``: the unit of work, and the object results are written back into.
+
+Shared fields (``share_value``, ``share_value_with_data``) come from its base class,
+:class:`aqueduct.shm.mixin.SharedFieldsMixin`, as in aqueduct 1.15.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import math
-import pickle
-import warnings
 from random import getrandbits
 from time import monotonic
-from typing import Any, Dict, Optional, Protocol, Set
+from typing import Any, Dict, Optional, Set
+
+from .shm.base import SharedValue
+from .shm.mixin import DEFAULT_MAX_PAYLOAD, HasReadany, SharedFieldsMixin
+
+# Kept importable from here, where they were defined before ``aqueduct.shm`` became a package.
+__all__ = ['DEFAULT_MAX_PAYLOAD', 'BaseTask', 'HasReadany', 'SharedFieldsMixin', 'SharedValue', 'StopTask']
 
 DEFAULT_PRIORITY = 0
-#: ``share_value_with_data`` refuses a larger declared size unless told otherwise: what aiohttp
-#: refuses by default (its ``client_max_size``), so that a caller that forgets the limit does not
-#: let a client reserve the pool.
-DEFAULT_MAX_PAYLOAD = 1 << 20
-
-
-class HasReadany(Protocol):
-    """What :meth:`BaseTask.share_value_with_data` reads from (aiohttp's ``StreamReader``)."""
-
-    async def readany(self) -> bytes: ...
-
-
-class SharedValue:
-    """A field's value in the shared-memory pool.
-
-    ``buf`` is the ``ShmBuffer`` holding it (one reference, released with this object); ``kind``
-    says how to present it: a numpy view (``ndarray``; ``meta`` is ``dtype, shape, order``), or
-    ``bytes``, ``bytearray`` or ``memoryview`` (``meta`` is the length). Pickled, it travels as
-    an out-of-band buffer, so every process that receives the task references the same memory.
-    """
-
-    __slots__ = ('buf', 'kind', 'meta')
-
-    def __init__(self, buf, kind: str, meta: tuple = ()):
-        self.buf = buf
-        self.kind = kind
-        self.meta = meta
-
-    @property
-    def desc(self) -> tuple:
-        """Where the value lives: equal descriptors mean the same shared memory."""
-        return self.buf.desc
-
-    def value(self, received: bool = False):
-        """The field's value, built on the shared memory (numpy, memoryview) or copied out
-        of it (``bytes``, ``bytearray``: those types own their memory). In a process that
-        *received* the task, a ``memoryview`` field (from ``share_value_with_data``) reads as
-        ``bytes``, as in aqueduct 1.15."""
-        if self.kind == 'ndarray':
-            import numpy as np
-
-            dtype, shape, order = self.meta
-            # The buffer is at least one byte (the pool has no empty extents): count the
-            # elements, so that an empty array is read as empty.
-            return np.frombuffer(self.buf, dtype=dtype, count=math.prod(shape)).reshape(shape, order=order)
-        view = memoryview(self.buf)[: self.meta[0]]
-        if self.kind == 'bytes' or (received and self.kind == 'memoryview'):
-            return bytes(view)
-        if self.kind == 'bytearray':
-            return bytearray(view)
-        return view.toreadonly()
-
-    def __reduce_ex__(self, protocol):
-        return (SharedValue, (pickle.PickleBuffer(self.buf), self.kind, self.meta))
-
-
-def _share(value: Any) -> tuple:
-    """Copies ``value`` into the pool: returns ``(SharedValue, the field's new value)``."""
-    from . import shm
-
-    if isinstance(value, (bytes, bytearray)):
-        buf = shm.pool().alloc(max(len(value), 1))
-        memoryview(buf)[: len(value)] = value
-        sv = SharedValue(buf, 'bytes' if isinstance(value, bytes) else 'bytearray', (len(value),))
-        # bytes stay bytes in this process (the caller's object); receivers copy theirs out
-        # of the pool instead of out of a pickle.
-        return sv, value
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is optional
-        np = None
-    if np is not None and isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise ValueError('arrays of Python objects cannot be shared: they hold references, not data')
-        order = 'F' if value.flags.f_contiguous and not value.flags.c_contiguous else 'C'
-        buf = shm.pool().alloc(max(value.nbytes, 1))
-        meta = (value.dtype, value.shape, order)
-        sv = SharedValue(buf, 'ndarray', meta)
-        view = sv.value()
-        view[...] = value
-        return sv, view
-    raise ValueError(f'a value of type {type(value).__name__} cannot be shared: use a numpy array, bytes or bytearray')
-
-
-def _check_payload_size(size: Any, max_size: Optional[int], capacity: int) -> None:
-    """Refuses a declared payload size before anything is reserved for it."""
-    from .exceptions import PayloadTooLargeError
-
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ValueError(f'size must be an integer >= 0 (bytes), got {size!r}')
-    if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 0):
-        raise ValueError(f'max_size must be an integer >= 0 (bytes) or None, got {max_size!r}')
-    if max_size is not None and size > max_size:
-        raise PayloadTooLargeError(
-            f'the payload declares {size} bytes, over the limit of {max_size} bytes', size, max_size
-        )
-    if size > capacity:
-        raise PayloadTooLargeError(
-            f'the payload declares {size} bytes, more than the whole shared-memory pool ({capacity} bytes)',
-            size,
-            capacity,
-        )
 
 
 class _TaskMetricsField:
@@ -131,7 +35,7 @@ class _TaskMetricsField:
         return metrics
 
 
-class BaseTask:
+class BaseTask(SharedFieldsMixin):
     """Subclass it with the fields your handlers read and write.
 
     ``await flow.process(task)`` sends the task through the steps and writes the fields the
@@ -158,15 +62,6 @@ class BaseTask:
 
     __str__ = __repr__
 
-    def __setattr__(self, key: str, value: Any) -> None:
-        shared = self.__dict__.get('_shared_fields')
-        if shared and key in shared and value is not self.__dict__.get(key):
-            # A new value replaces the shared one (as in 1.15). `task.arr *= 3` assigns the very
-            # same array back, and stays shared.
-            del shared[key]
-            warnings.warn(f'The {key} field value is not shared anymore', stacklevel=2)
-        object.__setattr__(self, key, value)
-
     def set_timeout(self, timeout_sec: float) -> None:
         """The task expires ``timeout_sec`` seconds from now (``process`` sets it)."""
         self.__dict__['expiration_time'] = monotonic() + timeout_sec
@@ -178,100 +73,6 @@ class BaseTask:
 
     def is_expired(self) -> bool:
         return self.expiration_time is not None and monotonic() >= self.expiration_time
-
-    # ---------------------------------------------------------------- shared memory
-
-    def share_value(self, field_name: str) -> None:
-        """Moves the field's value (a numpy array of any dtype, shape and memory order, or
-        ``bytes``/``bytearray``) into shared memory.
-
-        A numpy field then *is* a view on shared memory: a handler's in-place changes to it are
-        seen in this task after ``process()``. Raises ``ValueError`` for an unknown field, an
-        unsupported type, or a field that is already shared. Assigning a new value to the field
-        later unshares it, with a warning.
-        """
-        if field_name not in self.__dict__ or field_name.startswith('_'):
-            raise ValueError(f'Unknown field name {field_name!r}')
-        shared = self.__dict__.setdefault('_shared_fields', {})
-        if field_name in shared:
-            raise ValueError(f'The {field_name} field value is already shared')
-        sv, value = _share(self.__dict__[field_name])
-        shared[field_name] = sv
-        self.__dict__[field_name] = value
-
-    async def share_value_with_data(
-        self,
-        field_name: str,
-        content: HasReadany,
-        size: int,
-        *,
-        max_size: Optional[int] = DEFAULT_MAX_PAYLOAD,
-        timeout: Optional[float] = None,
-    ) -> None:
-        """Reads ``size`` bytes from ``content.readany()`` (aiohttp's ``request.content``)
-        straight into shared memory, without an intermediate ``bytes`` object, and shares them
-        as ``field_name``.
-
-        The field then reads as a read-only ``memoryview`` of the shared bytes in this process;
-        handlers receive ``bytes``. ``size`` usually comes from the client (``Content-Length``),
-        so it is checked before anything is reserved:
-
-        - over ``max_size`` (default 1 MiB, aiohttp's default ``client_max_size``; ``None``: no
-          limit but the pool's capacity) or over the pool's whole capacity:
-          :class:`~aqueduct.exceptions.PayloadTooLargeError`;
-        - not an ``int`` (or a ``bool``), or negative: ``ValueError``.
-
-        The memory is reserved when the first bytes of the body arrive, not before, and freed at
-        once if the read fails for any reason: content shorter or longer than ``size``
-        (:class:`~aqueduct.exceptions.PayloadLengthError`), ``timeout`` seconds passing before the
-        whole body is in (:class:`~aqueduct.exceptions.PayloadTimeoutError`), a client that hangs
-        up, a cancelled request. A full pool raises
-        :class:`~aqueduct.exceptions.SharedMemoryExhaustedError`.
-        """
-        from . import shm
-        from .exceptions import PayloadLengthError, PayloadTimeoutError
-
-        _check_payload_size(size, max_size, shm.pool().capacity)
-        shared = self.__dict__.setdefault('_shared_fields', {})
-        if field_name in shared:
-            raise ValueError(f'The {field_name} field value is already shared')
-        buf = view = None
-        offset = 0
-        try:
-            async with asyncio.timeout(timeout) as deadline:
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    end = offset + len(chunk)
-                    if end > size:
-                        raise PayloadLengthError(f'content is longer than size={size} (got at least {end} bytes)')
-                    if view is None:
-                        # Reserved on the first bytes of the body, not on the headers: a client
-                        # that declares a size and sends nothing holds no memory.
-                        buf = shm.pool().alloc(max(size, 1))
-                        view = memoryview(buf)
-                    view[offset:end] = chunk
-                    offset = end
-            if offset != size:
-                raise PayloadLengthError(f'content is shorter than size={size} (got {offset} bytes)')
-            if buf is None:  # an empty body: the pool has no empty extents
-                buf = shm.pool().alloc(1)
-            sv = SharedValue(buf, 'memoryview', (size,))
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            raise PayloadTimeoutError(f'content did not arrive within {timeout} s ({offset} of {size} bytes)') from None
-        finally:
-            # Dropped here, whatever happened, rather than with the frame: a failed read's frame
-            # lives on in the exception's traceback, and when the caller keeps the exception
-            # (aiohttp logs it; the traceback then refers back to it) only the cyclic GC would
-            # free the reservation, which may not run for as long as the server does.
-            if view is not None:
-                view.release()
-            buf = view = None
-        shared[field_name] = sv
-        self.__dict__[field_name] = sv.value()
 
     # ---------------------------------------------------------------- results
 
@@ -385,9 +186,6 @@ _UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
 _UUID4_SET = (0x4 << 76) | (0x2 << 62)
 
 _BASE_FIELDS = frozenset({'task_id', 'priority', 'expiration_time', 'metrics'})
-
-#: aqueduct 1.15 spelled the mixin that provides ``share_value`` this way.
-SharedFieldsMixin = BaseTask
 
 
 class StopTask(BaseTask):

@@ -18,6 +18,11 @@ the environment:
 - ``AQUEDUCT_SHM_WARM``: bytes of freed pages kept resident for reuse (default 256 MiB); freed
   pages beyond it are given back to the kernel at once. Reusing warm pages is what makes a
   16 MiB copy cost 0.5 ms instead of 13 ms.
+
+The submodules are aqueduct 1.15's names for shared values, on this pool: :mod:`.base`
+(``SharedData``, ``SharedMemoryWrapper``), :mod:`.bytes` (``BytesSharedData``), :mod:`.numpy`
+(``NPArraySharedData``) and :mod:`.mixin` (``SharedFieldsMixin``, the base class of
+``BaseTask`` that provides ``share_value``). ``docs/migrating-shm.md`` says what differs.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from . import _core
+from .. import _core
 
 #: Pages of the pool: large enough to keep its tables small, small enough for images.
 PAGE_SIZE = 64 << 10
@@ -115,7 +120,7 @@ def attach_client_pool(fd: int, index: int) -> tuple:
     if previous is None or client.fileno() == previous.fileno():
         _pool = client
     else:
-        from .logger import log
+        from ..logger import log
 
         log.warning('this process has a shared-memory pool of its own; shared fields are copied to the flow server')
     return client, previous
@@ -147,3 +152,21 @@ def pressure() -> dict:
         return {'used': 0, 'capacity': _pool_size, 'ratio': 0.0}
     used, capacity = _pool.used_bytes, _pool.capacity
     return {'used': used, 'capacity': capacity, 'ratio': used / capacity if capacity else 1.0}
+
+
+# At the end: the mixin's modules use this module's pool functions, so they must be defined first.
+from .mixin import SharedFieldsMixin  # noqa: E402
+
+__all__ = [
+    'MAX_PROCESSES',
+    'PAGE_SIZE',
+    'SharedFieldsMixin',
+    'attach_client_pool',
+    'attach_worker_pool',
+    'configure',
+    'detach_client_pool',
+    'pool',
+    'pressure',
+    'stats',
+    'threshold',
+]
