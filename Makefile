@@ -7,10 +7,23 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The PATH make was started with: where tools/find-python looks for interpreters, and the base
+# of the PATH each .venv-pyXY runs its tests with.
+HOST_PATH := $(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup build test test-rust test-python miri lint bench bench-quick bench-http demo soak clean \
+# The CPython versions `make test` runs the Python suite on, each in its own .venv-pyXY (3.12:
+# .venv-py312) with the wheel installed. An interpreter is the newest pyenv-installed X.Y.N,
+# else pythonX.Y on PATH; a version not found fails `make test` before anything runs. To run
+# fewer on purpose: `make test PYTHONS="3.11 3.13"`.
+PYTHONS ?= 3.11 3.12 3.13
+# The abi3 wheel (every CPython from 3.11), linked by zig for manylinux2014 (glibc 2.17).
+WHEEL_DIR := dist
+WHEEL_FLAGS ?= --zig --compatibility manylinux2014
+WHEEL_STAMP := $(VENV)/.wheel-tools
+
+.PHONY: help setup build wheel test test-rust test-python test-pythons check-pythons miri lint bench bench-quick bench-http demo soak clean \
 	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum
 
 help: ## Show this help
@@ -26,7 +39,15 @@ $(STAMP): requirements-dev.txt
 build: setup ## Build the release extension into .venv
 	$(VENV)/bin/maturin develop --release --quiet
 
-test: test-rust miri test-python ## Build and run every test, Rust and Python
+$(WHEEL_STAMP): requirements-wheel.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-wheel.txt
+	touch $@
+
+wheel: $(WHEEL_STAMP) ## Build the abi3 wheel into dist/: CPython 3.11+, manylinux2014 (glibc 2.17), no docker
+	rm -f $(WHEEL_DIR)/aqueduct_rs-*.whl
+	$(VENV)/bin/maturin build --release $(WHEEL_FLAGS) --out $(WHEEL_DIR)
+
+test: check-pythons test-rust miri test-pythons ## Build and run every test: Rust, Miri, and the Python suite on each of PYTHONS
 
 test-rust: ## cargo tests (unit, property, multi-process)
 	cargo test --workspace --quiet
@@ -35,8 +56,29 @@ miri: ## The shared-memory code (rings, arena, events) under Miri, over heap mem
 	@rustup +nightly component add miri rust-src >/dev/null 2>&1 || { echo "miri: cannot install the nightly miri component"; exit 1; }
 	PROPTEST_CASES=4 MIRIFLAGS=-Zmiri-disable-isolation cargo +nightly miri test --quiet -p aqueduct-core --lib
 
-test-python: build ## pytest (each test has a timeout)
+test-python: build ## pytest in .venv, on the extension `build` made (each test has a timeout)
 	$(PY) -m pytest -q
+
+check-pythons: ## Check an interpreter of each of PYTHONS is there (make test does it first)
+	@PATH='$(HOST_PATH)' tools/find-python $(PYTHONS) >/dev/null
+
+test-pythons: check-pythons $(addprefix test-,$(PYTHONS)) ## The Python suite on each of PYTHONS, against the wheel (one: make test-3.12)
+
+# .venv-py312: CPython 3.12 with the pinned dev/test dependencies (kept between runs).
+.PRECIOUS: .venv-py3%/.installed
+.venv-py3%/.installed: requirements-dev.txt
+	@py=$$(PATH='$(HOST_PATH)' tools/find-python 3.$*) && echo "CPython 3.$*: $$py" && \
+		rm -rf .venv-py3$* && $$py -m venv .venv-py3$*
+	.venv-py3$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-py3$*/bin/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# test-3.12: the wheel (built once, for every version) into .venv-py312, then pytest there;
+# tests/test_wheel.py also installs it into a fresh virtualenv with no Rust toolchain on PATH.
+test-3.%: wheel .venv-py3%/.installed
+	.venv-py3$*/bin/python -m pip install --quiet --no-index --no-deps --force-reinstall $(WHEEL_DIR)/aqueduct_rs-*.whl
+	AQUEDUCT_WHEEL="$$(ls $(WHEEL_DIR)/aqueduct_rs-*.whl)" VIRTUAL_ENV=$(CURDIR)/.venv-py3$* \
+		PATH=$(CURDIR)/.venv-py3$*/bin:$(HOST_PATH) .venv-py3$*/bin/python -m pytest -q
 
 lint: build ## rustfmt, clippy -D warnings, ruff, and the _core stubs checked against the extension
 	cargo fmt --all -- --check
@@ -83,6 +125,6 @@ example-fastapi-shared: build ## The FastAPI service, 2 gunicorn/uvicorn workers
 	$(PY) -m gunicorn shared:app --chdir examples/fastapi --preload --workers 2 \
 		--worker-class uvicorn.workers.UvicornWorker --bind 127.0.0.1:8081
 
-clean: ## Remove build outputs and the virtualenv
+clean: ## Remove build outputs and the virtualenvs
 	cargo clean
-	rm -rf $(VENV) python/aqueduct/*.so
+	rm -rf $(VENV) .venv-py3* $(WHEEL_DIR) python/aqueduct/*.so
