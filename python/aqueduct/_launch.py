@@ -226,7 +226,7 @@ class MultiprocessingLauncher(Launcher):
         """Names what a worker of this step would receive and cannot: its handler, or the
         ``handle_condition`` of a later step (a step's worker routes its results onwards)."""
         candidates = [('its handler', handler)]
-        candidates += [(f'the handle_condition of {self._plans[j][1]}', condition) for j, condition in routes]
+        candidates += [(f'the handle_condition of {self._plans[j][1]}', condition) for j, condition, _ in routes]
         for what, value in candidates:
             try:
                 pickle.dumps(value)

@@ -40,6 +40,7 @@ from typing import Deque, Dict, List, Tuple, Union
 from . import _core, _unixsock, shm, top
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
+from ._worker import logging_tasks
 from .exceptions import (
     FlowError,
     HandlerError,
@@ -460,7 +461,7 @@ class Flow:
         self._waiting_room = [[deque() for _ in range(self._queue_priorities)] for _ in self._steps]
         plans = []
         for i, step in enumerate(self._steps):
-            routes = [(j, later.handle_condition) for j, later in enumerate(self._steps) if j > i]
+            routes = [(j, s.handle_condition, self._handler_names[j]) for j, s in enumerate(self._steps) if j > i]
             plans.append((step.handler, self._step_names[i], routes))
         self._launcher = make_launcher(
             self._mp_start_method, engine.region_fd(), engine.doorbell_fd(), self._pool.fileno(), plans
@@ -716,6 +717,8 @@ class Flow:
                 future = pending.pop(outcome[1], None)
                 if future is not None and not future.done():
                     future.set_exception(self._failure(outcome[2], outcome[3], outcome[4]))
+                if outcome[2] == 'expired':
+                    self._on_task_failed(outcome[2], outcome[3])
             else:
                 self._on_worker_event(*outcome[1:])
         if self._parked:
@@ -728,6 +731,13 @@ class Flow:
 
     def _failure(self, kind: str, step: int, detail) -> Exception:
         return failure_exception(kind, self._step_names[step] if step >= 0 else '', detail)
+
+    def _on_task_failed(self, kind: str, step: int) -> None:
+        if kind == 'expired' and step > 0 and logging_tasks():
+            # The engine dropped the task before it reached this step's workers; 1.15's worker
+            # of the step logged it when it read the task, so the line is written here instead.
+            name = self._handler_names[step]
+            log.debug('[%s] Task expired. Skip: dropped before dispatch to %s', name, self._step_names[step])
 
     def _on_worker_event(self, slot: int, step: int, pid: int, event: str, message: str) -> None:
         if event == 'exited':
