@@ -368,6 +368,13 @@ class Flow:
     # ------------------------------------------------------------------ state
 
     @property
+    def _contexts(self):
+        """aqueduct 1.15's handler -> ``ProcessContext`` map: a read-only view of the workers."""
+        from .multiprocessing import flow_contexts
+
+        return flow_contexts(self)
+
+    @property
     def state(self) -> FlowState:
         return self._state
 

@@ -1,0 +1,103 @@
+"""The rest of aqueduct 1.15's public surface: its other modules and names, each either working
+as in 1.15 or, for its engine's internals, importable and refusing use with a clear error (see
+docs/migrating-modules.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from aqueduct import FlowState, FlowStep, RestartPolicy
+
+from .handlers import Add, Raise, Task
+
+# ---------------------------------------------------------------------- Flow._contexts
+
+
+async def test_contexts_show_the_real_workers_per_handler(make_flow):
+    first, second = Add(), Raise()
+    flow = make_flow(FlowStep(first, nprocs=2), second)
+    contexts = flow._contexts
+    assert list(contexts) == [first, second]
+    pids = [p.pid for c in contexts.values() for p in c.processes]
+    assert sorted(pids) == sorted(flow._slot_pids.values())
+    assert contexts[first].pids() == [p.pid for p in contexts[first].processes]
+    assert all(p.is_alive() and p.exitcode is None for c in contexts.values() for p in c.processes)
+    with pytest.raises(TypeError):
+        contexts[first] = None  # a view, not the flow's state
+
+
+async def test_a_worker_terminated_through_contexts_is_replaced(make_flow):
+    flow = make_flow(Add())
+    (context,) = flow._contexts.values()
+    process = context.processes[0]
+    process.terminate()
+    process.join(10)
+    assert not process.is_alive()
+    task = Task(1)
+    await flow.process(task, timeout_sec=10)  # served by the replacement
+    (replacement,) = next(iter(flow._contexts.values())).processes
+    assert replacement.pid != process.pid and replacement.pid == task.pid
+    assert process.exitcode == -signal.SIGTERM
+    assert flow.state is FlowState.RUNNING
+
+
+async def test_with_no_restarts_a_terminated_worker_stops_the_flow_as_in_115(make_flow, caplog):
+    flow = make_flow(Add(), restart_policy=RestartPolicy(max_restarts=0))
+    process = next(iter(flow._contexts.values())).processes[0]
+    process.kill()
+    for _ in range(100):
+        if flow.state is FlowState.STOPPED:
+            break
+        await asyncio.sleep(0.05)
+    assert flow.state is FlowState.STOPPED
+    assert f'The process {process.pid} for Add handler is dead' in caplog.text
+    assert process.exitcode == -signal.SIGKILL and not process.is_alive()
+    assert dict(flow._contexts) == {}
+
+
+# ---------------------------------------------------------------------- start_processes
+
+
+def _write_index(index: int, directory: str) -> None:
+    with open(os.path.join(directory, str(index)), 'w') as f:
+        f.write(str(os.getpid()))
+
+
+def _fail(index: int) -> None:
+    raise ValueError(f'process {index} failed')
+
+
+def _exit_with(index: int, code: int) -> None:
+    os._exit(code)
+
+
+def test_start_processes_runs_the_function_in_each_process(tmp_path):
+    from aqueduct.multiprocessing import start_processes
+
+    assert start_processes(_write_index, args=(str(tmp_path),), nprocs=3, start_method='fork') is None
+    pids = {(tmp_path / str(i)).read_text() for i in range(3)}
+    assert len(pids) == 3 and str(os.getpid()) not in pids
+
+
+def test_start_processes_raises_the_childs_error_with_its_traceback():
+    from aqueduct.multiprocessing import ProcessRaisedException, start_processes
+
+    with pytest.raises(ProcessRaisedException, match='process 0 failed') as caught:
+        start_processes(_fail, start_method='fork')
+    assert 'Traceback' in str(caught.value) and caught.value.error_index == 0
+
+
+def test_a_context_reports_an_exit_code():
+    from aqueduct.multiprocessing import ProcessContext, ProcessExitedException, start_processes
+
+    context = start_processes(_exit_with, args=(3,), join=False, start_method='fork')
+    assert isinstance(context, ProcessContext) and len(context.pids()) == 1
+    with pytest.raises(ProcessExitedException, match='exit code 3') as caught:
+        while not context.join(10):
+            pass
+    assert caught.value.exit_code == 3
+    assert context.join_all(1)
+    context.close()
