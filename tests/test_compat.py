@@ -10,6 +10,7 @@ import signal
 
 import pytest
 from aqueduct import FlowState, FlowStep, RestartPolicy
+from aqueduct.exceptions import HandlerError
 
 from .handlers import Add, Raise, Task
 
@@ -56,6 +57,18 @@ async def test_with_no_restarts_a_terminated_worker_stops_the_flow_as_in_115(mak
     assert f'The process {process.pid} for Add handler is dead' in caplog.text
     assert process.exitcode == -signal.SIGKILL and not process.is_alive()
     assert dict(flow._contexts) == {}
+
+
+# ---------------------------------------------------------------------- handler errors
+
+
+@pytest.mark.parametrize('stop', [False, True])
+async def test_a_handler_error_stops_the_flow_only_when_the_policy_says_so(stop, make_flow):
+    flow = make_flow(Raise(), restart_policy=RestartPolicy(stop_on_handler_error=stop))
+    with pytest.raises(HandlerError):
+        await flow.process(Task(-1))
+    await asyncio.sleep(0.5)
+    assert flow.state is (FlowState.STOPPED if stop else FlowState.RUNNING)
 
 
 # ---------------------------------------------------------------------- start_processes

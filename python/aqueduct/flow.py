@@ -152,10 +152,14 @@ class RestartPolicy:
     more death inside the window stops the flow (non-gracefully, logging why): a worker that
     dies on every task would otherwise be restarted forever. ``max_restarts=0`` reproduces
     aqueduct 1.15, which stopped the flow at the first death.
+
+    A handler's exception fails its batch's tasks only; ``stop_on_handler_error=True`` stops the
+    flow as well (non-gracefully), as in 1.15, where the exception ended the worker process.
     """
 
     max_restarts: int = 5
     window: float = 60.0
+    stop_on_handler_error: bool = False
 
     def __post_init__(self) -> None:
         _check_int('max_restarts', self.max_restarts, 0)
@@ -724,7 +728,7 @@ class Flow:
                 future = pending.pop(outcome[1], None)
                 if future is not None and not future.done():
                     future.set_exception(self._failure(outcome[2], outcome[3], outcome[4]))
-                if outcome[2] == 'expired':
+                if outcome[2] in ('expired', 'handler'):
                     self._on_task_failed(outcome[2], outcome[3])
             else:
                 self._on_worker_event(*outcome[1:])
@@ -745,6 +749,9 @@ class Flow:
             # of the step logged it when it read the task, so the line is written here instead.
             name = self._handler_names[step]
             log.debug('[%s] Task expired. Skip: dropped before dispatch to %s', name, self._step_names[step])
+        elif kind == 'handler' and self._restart_policy.stop_on_handler_error and self._state is FlowState.RUNNING:
+            log.error('The handler of %s raised: stopping the flow (stop_on_handler_error)', self._step_names[step])
+            self._give_up()
 
     def _on_worker_event(self, slot: int, step: int, pid: int, event: str, message: str) -> None:
         if event == 'exited':
