@@ -5,14 +5,60 @@ docs/migrating-modules.md)."""
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
 import os
 import signal
 
 import pytest
 from aqueduct import FlowState, FlowStep, RestartPolicy
-from aqueduct.exceptions import HandlerError
+from aqueduct.exceptions import HandlerError, NotSupportedError
+from aqueduct.logger import log
 
 from .handlers import Add, Raise, Task
+
+
+@pytest.mark.parametrize(
+    'use, replacement',
+    [
+        (lambda: importlib.import_module('aqueduct.worker').Worker([], None, 1, 0, None, None, 1), 'batch_size'),
+        (lambda: importlib.import_module('aqueduct.queues').FlowStepQueue(None, bool), 'handle_condition'),
+        (lambda: importlib.import_module('aqueduct.queues').select_next_queue([], Task()), 'handle_condition'),
+    ],
+    ids=['Worker', 'FlowStepQueue', 'select_next_queue'],
+)
+def test_the_115_engines_internals_refuse_use_and_name_the_replacement(use, replacement):
+    with pytest.raises(NotSupportedError, match=replacement) as caught:
+        use()
+    assert isinstance(caught.value, NotImplementedError)
+    assert "aqueduct 1.15's engine" in str(caught.value)
+
+
+def test_the_stand_ins_can_still_be_named_and_subclassed():
+    from aqueduct.queues import FlowStepQueue
+    from aqueduct.worker import Worker
+
+    class Mine(Worker):
+        pass
+
+    assert not isinstance(object(), FlowStepQueue)
+    assert Worker.__module__ == 'aqueduct.worker' and Mine.__mro__[1] is Worker
+
+
+def test_the_loggers_handler_and_formatter_have_their_115_names():
+    from aqueduct.logger import ch, formatter
+
+    assert ch in log.handlers and ch.formatter is formatter
+    record = logging.LogRecord('aqueduct', logging.INFO, __file__, 1, 'hello', None, None)
+    assert formatter.format(record).endswith(f'INFO [Flow] [pid:{os.getpid()}] hello')
+
+
+def test_get_env_with_prefix():
+    from aqueduct.utils import get_env_with_prefix
+
+    assert get_env_with_prefix('detector', 'SOCKET_PATH') == 'detector_SOCKET_PATH'
+    assert get_env_with_prefix('', 'SOCKET_PATH') == '_SOCKET_PATH'
+
 
 # ---------------------------------------------------------------------- Flow._contexts
 

@@ -51,6 +51,7 @@ from ..exceptions import FlowError, NotRunningError, TaskTimeoutError
 from ..flow import Flow, FlowState, apply_result, check_call, encode_task, entry_step, failure_exception
 from ..logger import log
 from ..task import BaseTask
+from ..utils import get_env_with_prefix
 from .flow_server import (
     ACCEPTED,
     HANDSHAKE,
@@ -68,10 +69,6 @@ HANDSHAKE_TIMEOUT = 30.0
 class SocketTaskTimeoutError(TaskTimeoutError, asyncio.TimeoutError):
     """A task's ``timeout_sec`` passed. Also an ``asyncio.TimeoutError``, which is what
     aqueduct 1.15's ``SocketFlow.process`` raised."""
-
-
-def get_env_with_prefix(prefix: str, env_name: str) -> str:
-    return '_'.join((prefix, env_name))
 
 
 class FlowServerProcess:
