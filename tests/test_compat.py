@@ -9,12 +9,14 @@ import importlib
 import logging
 import os
 import signal
+import time
 
 import pytest
-from aqueduct import FlowState, FlowStep, RestartPolicy
-from aqueduct.exceptions import HandlerError, NotSupportedError
+from aqueduct import Flow, FlowState, FlowStep, RestartPolicy
+from aqueduct.exceptions import FlowError, HandlerError, NotSupportedError
 from aqueduct.logger import log
 
+from .conftest import children
 from .handlers import Add, Raise, Task
 
 
@@ -160,3 +162,134 @@ def test_a_context_reports_an_exit_code():
     assert caught.value.exit_code == 3
     assert context.join_all(1)
     context.close()
+
+
+# ---------------------------------------------------------------------- sockets
+
+
+@pytest.fixture
+def socket_path(tmp_path, monkeypatch):
+    path = str(tmp_path / 'flow.sock')
+    monkeypatch.setenv('_SOCKET_PATH', path)
+    return path
+
+
+@pytest.fixture
+def servers():
+    started = []
+    yield started
+    for server in started:
+        server.stop(timeout=10)
+    assert children() == [], 'processes left behind'
+
+
+async def test_the_connection_pool_sends_a_batch_and_returns_it_processed(socket_path, servers):
+    from aqueduct.sockets import SocketFlow
+    from aqueduct.sockets.connection_pool import SocketConnectionPool
+
+    servers.append(SocketFlow().preload(Flow(Raise(), FlowStep(Add(10))), timeout=30))
+    pool = SocketConnectionPool(socket_path=socket_path, connect_timeout_sec=5)
+    await pool.init()
+    batch = [Task(1), Task(2)]
+    assert await pool.handle(batch) is batch
+    assert [t.result for t in batch] == [11, 12]
+    with pytest.raises(HandlerError, match='negative input'):
+        await pool.handle([Task(-20)])  # not retried: the flow's failure, not the connection's
+    await pool.close()
+
+
+async def test_the_connection_pool_without_a_server_fails_to_connect(tmp_path):
+    from aqueduct.sockets.connection_pool import OpenConnectionError, SocketConnectionPool
+
+    pool = SocketConnectionPool(socket_path=str(tmp_path / 'none.sock'), connection_retries=2)
+    await pool.init()  # as in 1.15: it connects later
+    started = time.monotonic()
+    with pytest.raises(OpenConnectionError, match='none.sock'):
+        await pool.handle([Task(1)])
+    assert time.monotonic() - started < 5
+    assert isinstance(OpenConnectionError('x'), FlowError)
+
+
+async def test_a_flow_server_started_with_start_processes_serves_the_pool(tmp_path):
+    """aqueduct 1.15's way: init_processes, then FlowSocketServer.start in a process of its own."""
+    from aqueduct.multiprocessing import start_processes
+    from aqueduct.sockets.connection_pool import SocketConnectionPool
+    from aqueduct.sockets.flow_server import FlowSocketServer
+
+    path = str(tmp_path / 'flow.sock')
+    flow = Flow(FlowStep(Add(5)))
+    flow.init_processes(timeout=30)
+    server = FlowSocketServer(flow, socket_path=path)
+    context = start_processes(server.start, join=False, daemon=True, start_method='fork')
+    pool = SocketConnectionPool(socket_path=path, connect_timeout_sec=10)
+    try:
+        (task,) = await pool.handle([Task(1)])
+        assert task.result == 6
+    finally:
+        await pool.close()
+        for process in context.processes:
+            process.terminate()
+            process.join(30)
+        await flow.stop(graceful=False)
+    assert children() == []
+
+
+def test_flow_socket_server_keeps_115s_payload_bound_and_error_names():
+    from aqueduct.sockets.flow_server import FLOW_ERROR, SOCKET_ERROR, FlowSocketServer
+    from aqueduct.sockets.protocol import SocketProtocol, SocketResponse
+
+    assert issubclass(FlowSocketServer, SocketProtocol)
+    assert FlowSocketServer.max_payload_bytes == 16 * 1024 * 1024
+    assert (FLOW_ERROR, SOCKET_ERROR) == ('flow_error', 'socket_error')
+    assert SocketResponse(error=FLOW_ERROR).result == []
+
+
+async def test_the_protocols_framing_round_trips_and_bounds_payloads():
+    from aqueduct.sockets.protocol import SocketProtocol
+
+    class Small(SocketProtocol):
+        max_payload_bytes = 8
+
+    class Sink:
+        def __init__(self):
+            self.data = b''
+
+        def write(self, data):
+            self.data += data
+
+        async def drain(self):
+            pass
+
+    sink = Sink()
+    await Small()._write_msg(sink, b'hello')
+    reader = asyncio.StreamReader()
+    reader.feed_data(sink.data + (9).to_bytes(4, 'big'))
+    assert await Small()._read_msg(reader) == b'hello'
+    with pytest.raises(ValueError, match='Payload too large'):
+        await Small()._read_msg(reader)
+    with pytest.raises(ValueError, match='Payload too large'):
+        await Small()._write_msg(sink, b'123456789')
+
+
+async def test_base_flow_client_connects_its_named_socket_flow(tmp_path, monkeypatch, servers):
+    from aqueduct.integrations.zero import BaseFlowClient
+    from aqueduct.sockets import SocketFlow
+
+    monkeypatch.setenv('adder_SOCKET_PATH', str(tmp_path / 'adder.sock'))
+
+    class Adder(BaseFlowClient):
+        _name = 'adder'
+
+        async def process(self, x: int) -> int:
+            task = Task(x)
+            await self._flow.process([task], timeout_sec=10)
+            return task.result
+
+    with pytest.raises(TypeError):
+        BaseFlowClient()  # process() is for the subclass to write
+    servers.append(SocketFlow('adder').preload(Flow(Add(100)), timeout=30))
+    client = Adder()
+    await client.connect()
+    assert await client.process(1) == 101
+    await client.disconnect()
+    assert not client._flow.is_running

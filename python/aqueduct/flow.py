@@ -427,6 +427,9 @@ class Flow:
         ``STEPS_INITIALIZED`` until :meth:`start_inited`."""
         self.start(timeout)
         self._state = FlowState.STEPS_INITIALIZED
+        # The process that calls start_inited() watches the workers: often one forked from this
+        # one (a flow server), and two processes must never drive the engine at once.
+        self._hand_over_watch()
 
     def start_inited(self) -> None:
         """Declares a flow started with :meth:`init_processes` running."""
@@ -435,7 +438,10 @@ class Flow:
         self._state = FlowState.RUNNING
         # The process that forked after init_processes() (a flow server) takes the flow over.
         self._owner_pid = os.getpid()
-        self.attach()
+        try:
+            self.attach()
+        except RuntimeError:  # no loop runs yet: the first process() binds one, as after start()
+            pass
 
     @property
     def are_steps_initialized(self) -> bool:
@@ -839,7 +845,12 @@ class Flow:
         log.info('Flow stats at %s (python -m aqueduct top %s)', path, path)
 
     async def _serve_stats(self, sock: socket.socket) -> None:
-        server = await asyncio.start_unix_server(self._send_stats, sock=sock)
+        try:
+            server = await asyncio.start_unix_server(self._send_stats, sock=sock)
+        except OSError:
+            if self._stats_sock is sock:
+                raise
+            return  # closed before it could start (the flow was handed over)
         if self._stats_sock is sock:
             self._stats_server = server
         else:  # closed while starting
@@ -982,7 +993,13 @@ class Flow:
         """
         grace_sec = seconds_arg('grace_sec', grace_sec)
         if self._state is FlowState.STEPS_INITIALIZED:
-            self._state = FlowState.RUNNING
+            # Never run from here, and perhaps taken over by a process forked from this one (a
+            # flow server started by hand, as 1.15 did): that process's traffic may be in the
+            # engine's rings, so the workers are killed without this process reading them.
+            log.info('Flow is stopping')
+            self._teardown(kill=True, read=False)
+            log.info('Flow was stopped')
+            return
         if self._state is FlowState.STOPPING:
             if not graceful and self._escalate is not None and not self._escalate.done():
                 self._escalate.set_result(None)
@@ -1026,7 +1043,10 @@ class Flow:
                 if graceful:
                     engine.send_stop(slot)
                 else:
-                    engine.signal_worker(slot, signal.SIGKILL)
+                    try:
+                        engine.signal_worker(slot, signal.SIGKILL)
+                    except OSError:  # exited already; its exit is on its way
+                        pass
         if any(self._slot_alive.values()):
             if not self._polling:
                 self._start_polling()
@@ -1052,15 +1072,20 @@ class Flow:
                 pass
         self._reader_fd = None
 
-    def _hand_over(self) -> None:
-        """In the process that started the flow, after a process forked from it took the flow
-        over (``aqueduct.sockets``): forgets the flow without touching its workers, which now
-        belong to the other process. Only this process's descriptors and mappings are closed."""
+    def _hand_over_watch(self) -> None:
+        """Stops watching the engine from this process's loop (reader, timers, stats socket)."""
         if self._export_timer is not None:
             self._export_timer.cancel()
             self._export_timer = None
         self._close_stats_server()
         self._stop_watching()
+        self._loop = None
+
+    def _hand_over(self) -> None:
+        """In the process that started the flow, after a process forked from it took the flow
+        over (``aqueduct.sockets``): forgets the flow without touching its workers, which now
+        belong to the other process. Only this process's descriptors and mappings are closed."""
+        self._hand_over_watch()
         if self._launcher is not None:
             self._launcher.detach()
         if self._engine is not None:
@@ -1071,9 +1096,10 @@ class Flow:
         self._state = FlowState.STOPPED
         _running_flows.discard(self)
 
-    def _teardown(self, kill: bool) -> None:
+    def _teardown(self, kill: bool, read: bool = True) -> None:
         """Releases everything: kills and reaps the remaining workers, the launcher, the reader,
-        and the engine (which unmaps and closes the shared memory). Safe to call twice."""
+        and the engine (which unmaps and closes the shared memory). Safe to call twice.
+        ``read=False`` leaves the reaping to the launcher, without reading the engine's rings."""
         engine = self._engine
         if self._export_timer is not None:
             self._export_timer.cancel()
@@ -1089,7 +1115,7 @@ class Flow:
                     except OSError:
                         pass
             deadline = time.monotonic() + 5.0
-            while any(self._slot_alive.values()) and time.monotonic() < deadline:
+            while read and any(self._slot_alive.values()) and time.monotonic() < deadline:
                 for outcome in engine.wait(0.1):
                     if outcome[0] == 2 and outcome[4] == 'exited':
                         self._on_exited(outcome[1])
