@@ -19,6 +19,38 @@ from aqueduct.logger import log
 from .conftest import children
 from .handlers import Add, Raise, Task
 
+#: Every module of aqueduct 1.15 beyond the core ones, and the names in it that code used.
+NAMES_OF_115 = {
+    'aqueduct.multiprocessing': [
+        'ProcessContext', 'ProcessException', 'ProcessExitedException', 'ProcessRaisedException', 'start_processes',
+    ],
+    'aqueduct.queues': ['FlowStepQueue', 'select_next_queue'],
+    'aqueduct.utils': ['get_env_with_prefix'],
+    'aqueduct.worker': ['Worker', 'MAX_SPIN_ITERATIONS'],
+    'aqueduct.sockets.connection_pool': [
+        'OpenConnectionError', 'SocketConnectionPool', 'SocketServerError', 'SOCKET_ERROR', 'FLOW_ERROR',
+    ],
+    'aqueduct.sockets.protocol': ['SocketProtocol', 'SocketResponse'],
+    'aqueduct.sockets.flow': ['SocketFlow', 'get_env_with_prefix'],
+    'aqueduct.sockets.flow_server': ['FlowSocketServer', 'FLOW_ERROR', 'SOCKET_ERROR'],
+    'aqueduct.integrations.zero': ['BaseFlowClient'],
+    'aqueduct.integrations.aiohttp': [
+        'AQUEDUCT_FLOW_NAMES', 'FLOW_NAME', 'FLOWS_OBSERVER', 'FLOW_START_TIMEOUT_NAME', 'FLOW_START_TIMEOUT_DEFAULT',
+        'AppIntegrator', 'get_start_timeout', 'observe_flows', 'run_flows_observer', 'stop_flows',
+        'stop_flows_observer',
+    ],
+    'aqueduct.integrations.fastapi': ['AQUEDUCT_FLOW_NAMES', 'FLOW_NAME', 'AppIntegrator', 'get_flow', 'observe_flows'],
+    'aqueduct.integrations.utils': ['FLOW_START_TIMEOUT_NAME', 'FLOW_START_TIMEOUT_DEFAULT', 'get_start_timeout'],
+    'aqueduct.logger': ['LOGGER_NAME', 'ch', 'formatter', 'log', 'replace_logger'],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize('module', sorted(NAMES_OF_115))
+def test_every_module_and_name_of_115_imports(module):
+    mod = importlib.import_module(module)
+    missing = [name for name in NAMES_OF_115[module] if not hasattr(mod, name)]
+    assert not missing
+
 
 @pytest.mark.parametrize(
     'use, replacement',
@@ -293,3 +325,85 @@ async def test_base_flow_client_connects_its_named_socket_flow(tmp_path, monkeyp
     assert await client.process(1) == 101
     await client.disconnect()
     assert not client._flow.is_running
+
+
+# ---------------------------------------------------------------------- web integrations
+
+
+class _Sigterm:
+    """Records a SIGTERM this process sends itself, instead of dying of it."""
+
+    def __enter__(self):
+        self.received = asyncio.get_running_loop().create_future()
+        self._previous = signal.signal(signal.SIGTERM, lambda *_: self.received.done() or self.received.set_result(1))
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+# 1.15's apps keep flows under string keys; aiohttp recommends AppKeys, and says so.
+@pytest.mark.filterwarnings('ignore::aiohttp.web_exceptions.NotAppKeyWarning')
+async def test_aiohttp_hooks_wired_by_hand_as_in_115():
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from aqueduct.integrations.aiohttp import (
+        AQUEDUCT_FLOW_NAMES,
+        run_flows_observer,
+        stop_flows,
+        stop_flows_observer,
+    )
+
+    async def add(request: web.Request) -> web.Response:
+        task = Task(1)
+        await request.app['flow'].process(task, timeout_sec=10)
+        return web.json_response({'result': task.result, 'pid': task.pid})
+
+    flow = Flow(Add(), restart_policy=RestartPolicy(max_restarts=0))
+    flow.start(timeout=30)
+    app = web.Application()
+    app[AQUEDUCT_FLOW_NAMES] = ['flow']
+    app['flow'] = flow
+    app.on_startup.append(run_flows_observer)
+    app.on_shutdown.append(stop_flows_observer)
+    app.on_shutdown.append(stop_flows)
+    app.router.add_get('/add', add)
+    try:
+        with _Sigterm() as sigterm:
+            async with TestClient(TestServer(app)) as client:
+                answer = await (await client.get('/add')).json()
+                assert answer['result'] == 2
+                os.kill(answer['pid'], signal.SIGKILL)  # the flow stops for good: the app must go
+                await asyncio.wait_for(sigterm.received, 10)
+    finally:
+        await flow.stop(graceful=False)
+    assert flow.state is FlowState.STOPPED
+    assert children() == []
+
+
+async def test_aiohttp_stop_flows_stops_every_flow_of_the_app():
+    from aiohttp import web
+    from aqueduct.integrations.aiohttp import AppIntegrator, stop_flows
+
+    app = web.Application()
+    integrator = AppIntegrator(app, exit_on_fail=False)
+    integrator.add_flow(Flow(Add()), 'one')
+    integrator.add_flow(Flow(Add()), 'two')
+    await stop_flows(app)
+    assert not app['one'].is_running and not app['two'].is_running
+    assert children() == []
+
+
+async def test_fastapi_names_its_flows_in_app_state_and_observes_them():
+    from aqueduct.integrations.fastapi import AQUEDUCT_FLOW_NAMES, AppIntegrator, observe_flows
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    integrator = AppIntegrator(app, exit_on_fail=False)
+    integrator.add_flow(Flow(Add()), with_start=False)
+    assert getattr(app.state, AQUEDUCT_FLOW_NAMES) == ['flow']
+    with pytest.raises(RuntimeError, match='only once'):
+        AppIntegrator(app)
+    with _Sigterm() as sigterm:
+        await asyncio.wait_for(observe_flows({'flow': app.state.flow}), 10)  # never started: not running
+        await asyncio.wait_for(sigterm.received, 10)
