@@ -8,6 +8,7 @@ import logging
 import operator
 import pickle
 import threading
+import time
 
 import pytest
 from aqueduct import BaseTask, BaseTaskHandler, Flow, FlowState, FlowStep
@@ -320,8 +321,35 @@ async def test_per_task_debug_lines_only_when_asked_for(enabled, tmp_path, monke
         log.removeHandler(handler)
         handler.close()
     text = lines.read_text()
-    assert (f'[step1_Add] Have message: task {task.task_id}' in text) is enabled
-    assert ('[step1_Add] Handled 1 task(s) in' in text) is enabled
+    # aqueduct 1.15's line, by handler class name.
+    assert ('[Add] Have message\n' in text) is enabled
+    assert ('[Add] Handled 1 task(s) in' in text and '(step1_Add)' in text) is enabled
+    assert ('[Worker] initialising handler Add' in text) and ('[Worker] handler Add ok, starting loop' in text)
+
+
+@pytest.mark.parametrize('later_step_name', ['Double', 'Mark'])
+async def test_a_task_expiring_in_one_step_is_logged_as_skipped_by_the_next(later_step_name, tmp_path, monkeypatch):
+    """As in 1.15, whose worker of the next step read the expired task and skipped it: here the
+    engine drops it before dispatch, and the line names the step it was going to."""
+    monkeypatch.setenv('AQUEDUCT_LOG_TASKS', '1')
+    lines = tmp_path / 'worker.log'
+    handler = logging.FileHandler(lines)
+    log.addHandler(handler)
+    later = Double() if later_step_name == 'Double' else Mark('m')
+    flow = Flow(Sleep(0.3), later, Add(), mp_start_method='fork')
+    try:
+        flow.start(timeout=30)
+        with pytest.raises(TaskTimeoutError):
+            await flow.process(Task(1), timeout_sec=0.1)
+        await asyncio.sleep(0.5)
+        await flow.stop()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    text = lines.read_text()
+    assert '[Sleep] Have message' in text
+    assert f'[{later_step_name}] Task expired. Skip: <Task ' in text
+    assert '[Add] Have message' not in text and '[Add] Task expired' not in text
 
 
 def test_logger_can_be_replaced():
@@ -450,3 +478,32 @@ async def test_completions_are_delivered_in_bulk(make_flow):
     await asyncio.gather(*(flow.process(t) for t in tasks))
     assert {t.batch for t in tasks[1:]} == {7}, 'the first went alone, the seven others as one batch'
     assert max(deliveries) == 7, f'one poll handed back the whole batch: {deliveries}'
+
+
+async def test_a_task_that_expires_waiting_for_a_later_step_is_logged_as_skipped_by_it(tmp_path, monkeypatch):
+    """The engine drops a task that expired in a later step's queue; the main process logs the
+    skip, in 1.15's form, for that step."""
+    monkeypatch.setenv('AQUEDUCT_LOG_TASKS', '1')
+    lines = tmp_path / 'main.log'
+    handler = logging.FileHandler(lines)
+    log.addHandler(handler)
+    flow = Flow(Mark('first'), Sleep(), mp_start_method='fork')
+    try:
+        flow.start(timeout=30)
+        busy = asyncio.ensure_future(flow.process(Task(1, sleep=0.5)))
+        await asyncio.sleep(0.1)  # the second step is busy with it now
+        late = asyncio.ensure_future(flow.process(Task(2), timeout_sec=0.2))
+        await asyncio.sleep(0.05)  # through the first step, queued for the second
+        # The loop is held past the deadline: the engine, not the caller's timer, finds the
+        # task expired when the second step's worker falls idle.
+        time.sleep(0.6)
+        await busy
+        with pytest.raises(TaskTimeoutError):
+            await late
+        await flow.stop()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    text = lines.read_text()
+    assert '[Sleep] Task expired. Skip: dropped before dispatch to step2_Sleep' in text
+    assert '[Mark] Task expired' not in text

@@ -38,7 +38,20 @@ class ZygoteGone(FlowError):
     """The fork zygote is not answering: it exited or was killed."""
 
 
+#: Exit codes a launcher remembers (of the workers it reaped last), for ``Flow._contexts``.
+EXIT_CODES_KEPT = 1024
+
+
 class Launcher:
+    #: pid -> exit code (``-signal`` if killed) of workers reaped lately.
+    exit_codes: Dict[int, int]
+
+    def _record_exit(self, pid: int, code: int) -> None:
+        codes = self.exit_codes
+        codes[pid] = code
+        if len(codes) > EXIT_CODES_KEPT:
+            del codes[next(iter(codes))]
+
     def spawn(self, slot: int, step: int, pool_index: int) -> int:
         raise NotImplementedError
 
@@ -57,10 +70,11 @@ class ForkZygote(Launcher):
 
     Protocol over a socketpair, one line per request: ``spawn <slot> <step> <pool index>``
     answers ``<pid>``;
-    ``reap <pid>`` answers ``ok`` once the dead worker is reaped; ``exit`` ends the zygote.
+    ``reap <pid>`` answers ``ok <exit code>`` once the dead worker is reaped; ``exit`` ends the zygote.
     """
 
     def __init__(self, region_fd: int, doorbell_fd: int, pool_fd: int, plans: Sequence[StepPlan]):
+        self.exit_codes = {}
         self._args = (region_fd, doorbell_fd, pool_fd, plans)
         self._fork_zygote()
 
@@ -114,7 +128,9 @@ class ForkZygote(Launcher):
             return int(self._request(request))
 
     def reap(self, pid: int) -> None:
-        self._request(f'reap {pid}')
+        reply = self._request(f'reap {pid}').split()
+        if len(reply) == 2 and reply[1].lstrip('-').isdigit():
+            self._record_exit(pid, int(reply[1]))
 
     def detach(self) -> None:
         self._io.close()
@@ -163,13 +179,14 @@ def _zygote_serve(
             io.write(f'{pid}\n'.encode())
         elif cmd == 'reap':
             pid = int(args[0])
+            code = ''
             try:
-                os.waitpid(pid, 0)
+                code = str(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
             except ChildProcessError:
                 pass
             if pid in children:
                 children.remove(pid)
-            io.write(b'ok\n')
+            io.write(f'ok {code}\n'.encode())
         elif cmd == 'exit':
             break
     # The main process is gone or closing: workers must not outlive it.
@@ -194,6 +211,7 @@ class MultiprocessingLauncher(Launcher):
         self._plans = plans
         self._procs: Dict[int, multiprocessing.process.BaseProcess] = {}
         self._creator = os.getpid()
+        self.exit_codes = {}
 
     def spawn(self, slot: int, step: int, pool_index: int) -> int:
         handler, step_name, routes = self._plans[step]
@@ -226,7 +244,7 @@ class MultiprocessingLauncher(Launcher):
         """Names what a worker of this step would receive and cannot: its handler, or the
         ``handle_condition`` of a later step (a step's worker routes its results onwards)."""
         candidates = [('its handler', handler)]
-        candidates += [(f'the handle_condition of {self._plans[j][1]}', condition) for j, condition in routes]
+        candidates += [(f'the handle_condition of {self._plans[j][1]}', condition) for j, condition, _ in routes]
         for what, value in candidates:
             try:
                 pickle.dumps(value)
@@ -239,6 +257,8 @@ class MultiprocessingLauncher(Launcher):
         # Only the parent can reap; a process that took the flow over leaves it to the parent.
         if proc is not None and os.getpid() == self._creator:
             proc.join()
+            if proc.exitcode is not None:
+                self._record_exit(pid, proc.exitcode)
             proc.close()
 
     def detach(self) -> None:

@@ -8,7 +8,13 @@ For each task the worker also decides where it goes next: the first later step w
 the handler runs, so an expired task never reaches it.
 
 Per-task debug lines (1.15 logged one for every task, always) are written only when
-``AQUEDUCT_LOG_TASKS=1`` is set; otherwise the loop pays one boolean test per task.
+``AQUEDUCT_LOG_TASKS=1`` is set; otherwise the loop pays one boolean test per task. They have
+1.15's form, prefixed with the handler's class name: ``[MyHandler] Have message`` for each task a
+worker takes, and ``[MyHandler] Task expired. Skip: <task>`` for one it skips. 1.15's worker of a
+later step logged the skip when it read an expired task from its queue; here the engine drops the
+task before any worker of that step sees it, so the worker that finished the task past its
+deadline writes that line, naming the step the task was going to (and the main process writes it
+when the engine drops a task that expired while it waited in a later step's queue).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ STATUS_ERROR = 1
 STATUS_EXPIRED = 2
 ROUTE_DONE = _core.ROUTE_DONE
 
-#: ``(step_index, handle_condition)`` of every step after this worker's step.
-Routes = Sequence[Tuple[int, Callable]]
+#: ``(step_index, handle_condition, handler class name)`` of every step after this worker's step.
+Routes = Sequence[Tuple[int, Callable, str]]
 
 #: Set to ``1`` to log every task a worker receives, skips or handles, at DEBUG level.
 LOG_TASKS_ENV = 'AQUEDUCT_LOG_TASKS'
@@ -56,20 +62,36 @@ def die_with_parent(expected_parent: int) -> None:
 
 
 def _route(task, routes: Routes) -> int:
-    for step, condition in routes:
+    for step, condition, _ in routes:
         if condition(task):
             return step
     return ROUTE_DONE
 
 
+def _log_skipped(name: str, task) -> None:
+    """1.15's lines for an expired task that reaches a step: taken, then skipped."""
+    log.debug('[%s] Have message', name)
+    log.debug('[%s] Task expired. Skip: %s', name, task)
+
+
+def _describe(body: bytes, bufs) -> str:
+    try:
+        return repr(decode(body, bufs))
+    except Exception as exc:  # only for a log line: the task is answered for all the same
+        return f'<a task that cannot be unpickled: {type(exc).__name__}>'
+
+
 def serve(worker: _core.Worker, handler: BaseTaskHandler, step_name: str, routes: Routes) -> int:
     """Runs ``on_start``, reports ready, then handles batches until told to stop."""
+    name = type(handler).__name__
+    log.info('[Worker] initialising handler %s', name)
     try:
         handler.on_start()
     except BaseException as exc:
         worker.start_failed(f'{step_name}: on_start raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}')
         return 1
     worker.ready()
+    log.info('[Worker] handler %s ok, starting loop', name)
     log_tasks = logging_tasks()
     while True:
         batch = worker.recv()
@@ -95,12 +117,14 @@ def handle_batch(
     send = worker.send_result
     tasks: List = []
     indices: List[int] = []
+    deadlines: List[int] = []
+    name = type(handler).__name__
     now = time.monotonic_ns()
     for i, (deadline, _priority, body, bufs) in enumerate(batch):
         if deadline and now >= deadline:
+            if log_tasks:  # described before the answer hands the task's buffers back
+                _log_skipped(name, _describe(body, bufs))
             send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
-            if log_tasks:
-                log.debug('[%s] Task expired. Skip: task %d of the batch', step_name, i)
             continue
         try:
             tasks.append(decode(body, bufs))
@@ -108,8 +132,9 @@ def handle_batch(
             send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
             continue
         indices.append(i)
+        deadlines.append(deadline)
         if log_tasks:
-            log.debug('[%s] Have message: task %s', step_name, getattr(tasks[-1], 'task_id', '?'))
+            log.debug('[%s] Have message', name)
     if not tasks:
         return None
     started = time.perf_counter()
@@ -129,13 +154,17 @@ def handle_batch(
         return elapsed
     elapsed = time.perf_counter() - started
     if log_tasks:
-        log.debug('[%s] Handled %d task(s) in %.3f ms', step_name, len(tasks), elapsed * 1e3)
-    for i, task in zip(indices, tasks, strict=True):
+        log.debug('[%s] Handled %d task(s) in %.3f ms (%s)', name, len(tasks), elapsed * 1e3, step_name)
+        now = time.monotonic_ns()
+    for i, task, deadline in zip(indices, tasks, deadlines, strict=True):
         try:
             route = _route(task, routes)
         except Exception as exc:
             send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'a handle_condition after'))
             continue
+        if log_tasks and route != ROUTE_DONE and deadline and now >= deadline:
+            # The engine drops it before the next step's workers see it (see the module docstring).
+            _log_skipped(next(n for step, _, n in routes if step == route), task)
         try:
             body, bufs = encode(task)
         except Exception as exc:

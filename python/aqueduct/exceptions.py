@@ -37,6 +37,12 @@ class BadReferenceCount(AqueductError, ValueError):
     """A shared-memory reference count went wrong."""
 
 
+class NotSupportedError(AqueductError, NotImplementedError):
+    """A name of aqueduct 1.15's pure-Python engine (its queues, its worker loop) that has no
+    counterpart here: importable, so code that only imports it keeps working, but using it
+    raises this, naming what replaces it."""
+
+
 class QueueFullError(FlowError):
     """The flow's queue is full and the reject policy is on (answer 503)."""
 

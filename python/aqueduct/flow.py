@@ -40,6 +40,7 @@ from typing import Any, Deque, Dict, List, Tuple, Union
 from . import _core, _unixsock, shm, top
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
+from ._worker import logging_tasks
 from .exceptions import (
     FlowError,
     HandlerError,
@@ -151,10 +152,14 @@ class RestartPolicy:
     more death inside the window stops the flow (non-gracefully, logging why): a worker that
     dies on every task would otherwise be restarted forever. ``max_restarts=0`` reproduces
     aqueduct 1.15, which stopped the flow at the first death.
+
+    A handler's exception fails its batch's tasks only; ``stop_on_handler_error=True`` stops the
+    flow as well (non-gracefully), as in 1.15, where the exception ended the worker process.
     """
 
     max_restarts: int = 5
     window: float = 60.0
+    stop_on_handler_error: bool = False
 
     def __post_init__(self) -> None:
         _check_int('max_restarts', self.max_restarts, 0)
@@ -373,6 +378,13 @@ class Flow:
     # ------------------------------------------------------------------ state
 
     @property
+    def _contexts(self):
+        """aqueduct 1.15's handler -> ``ProcessContext`` map: a read-only view of the workers."""
+        from .multiprocessing import flow_contexts
+
+        return flow_contexts(self)
+
+    @property
     def state(self) -> FlowState:
         return self._state
 
@@ -421,6 +433,9 @@ class Flow:
         ``STEPS_INITIALIZED`` until :meth:`start_inited`."""
         self.start(timeout)
         self._state = FlowState.STEPS_INITIALIZED
+        # The process that calls start_inited() watches the workers: often one forked from this
+        # one (a flow server), and two processes must never drive the engine at once.
+        self._hand_over_watch()
 
     def start_inited(self) -> None:
         """Declares a flow started with :meth:`init_processes` running."""
@@ -429,7 +444,10 @@ class Flow:
         self._state = FlowState.RUNNING
         # The process that forked after init_processes() (a flow server) takes the flow over.
         self._owner_pid = os.getpid()
-        self.attach()
+        try:
+            self.attach()
+        except RuntimeError:  # no loop runs yet: the first process() binds one, as after start()
+            pass
 
     @property
     def are_steps_initialized(self) -> bool:
@@ -466,7 +484,7 @@ class Flow:
         self._waiting_room = [[deque() for _ in range(self._queue_priorities)] for _ in self._steps]
         plans = []
         for i, step in enumerate(self._steps):
-            routes = [(j, later.handle_condition) for j, later in enumerate(self._steps) if j > i]
+            routes = [(j, s.handle_condition, self._handler_names[j]) for j, s in enumerate(self._steps) if j > i]
             plans.append((step.handler, self._step_names[i], routes))
         self._launcher = make_launcher(
             self._mp_start_method, engine.region_fd(), engine.doorbell_fd(), self._pool.fileno(), plans
@@ -726,6 +744,8 @@ class Flow:
                 future = pending.pop(outcome[1], None)
                 if future is not None and not future.done():
                     future.set_exception(self._failure(outcome[2], outcome[3], outcome[4]))
+                if outcome[2] in ('expired', 'handler'):
+                    self._on_task_failed(outcome[2], outcome[3])
             else:
                 self._on_worker_event(*outcome[1:])
         if self._parked:
@@ -738,6 +758,16 @@ class Flow:
 
     def _failure(self, kind: str, step: int, detail) -> Exception:
         return failure_exception(kind, self._step_names[step] if step >= 0 else '', detail)
+
+    def _on_task_failed(self, kind: str, step: int) -> None:
+        if kind == 'expired' and step > 0 and logging_tasks():
+            # The engine dropped the task before it reached this step's workers; 1.15's worker
+            # of the step logged it when it read the task, so the line is written here instead.
+            name = self._handler_names[step]
+            log.debug('[%s] Task expired. Skip: dropped before dispatch to %s', name, self._step_names[step])
+        elif kind == 'handler' and self._restart_policy.stop_on_handler_error and self._state is FlowState.RUNNING:
+            log.error('The handler of %s raised: stopping the flow (stop_on_handler_error)', self._step_names[step])
+            self._give_up()
 
     def _on_worker_event(self, slot: int, step: int, pid: int, event: str, message: str) -> None:
         if event == 'exited':
@@ -825,7 +855,12 @@ class Flow:
         log.info('Flow stats at %s (python -m aqueduct top %s)', path, path)
 
     async def _serve_stats(self, sock: socket.socket) -> None:
-        server = await asyncio.start_unix_server(self._send_stats, sock=sock)
+        try:
+            server = await asyncio.start_unix_server(self._send_stats, sock=sock)
+        except OSError:
+            if self._stats_sock is sock:
+                raise
+            return  # closed before it could start (the flow was handed over)
         if self._stats_sock is sock:
             self._stats_server = server
         else:  # closed while starting
@@ -973,7 +1008,13 @@ class Flow:
         """
         grace_sec = seconds_arg('grace_sec', grace_sec)
         if self._state is FlowState.STEPS_INITIALIZED:
-            self._state = FlowState.RUNNING
+            # Never run from here, and perhaps taken over by a process forked from this one (a
+            # flow server started by hand, as 1.15 did): that process's traffic may be in the
+            # engine's rings, so the workers are killed without this process reading them.
+            log.info('Flow is stopping')
+            self._teardown(kill=True, read=False)
+            log.info('Flow was stopped')
+            return
         if self._state is FlowState.STOPPING:
             if not graceful and self._escalate is not None and not self._escalate.done():
                 self._escalate.set_result(None)
@@ -1017,7 +1058,10 @@ class Flow:
                 if graceful:
                     engine.send_stop(slot)
                 else:
-                    engine.signal_worker(slot, signal.SIGKILL)
+                    try:
+                        engine.signal_worker(slot, signal.SIGKILL)
+                    except OSError:  # exited already; its exit is on its way
+                        pass
         if any(self._slot_alive.values()):
             if not self._polling:
                 self._start_polling()
@@ -1043,16 +1087,21 @@ class Flow:
                 pass
         self._reader_fd = None
 
-    def _hand_over(self) -> None:
-        """In the process that started the flow, after a process forked from it took the flow
-        over (``aqueduct.sockets``): forgets the flow without touching its workers, which now
-        belong to the other process. Only this process's descriptors and mappings are closed."""
+    def _hand_over_watch(self) -> None:
+        """Stops watching the engine from this process's loop (reader, timers, stats socket)."""
         if self._export_timer is not None:
             self._export_timer.cancel()
             self._export_timer = None
         self._metrics.disarm()
         self._close_stats_server()
         self._stop_watching()
+        self._loop = None
+
+    def _hand_over(self) -> None:
+        """In the process that started the flow, after a process forked from it took the flow
+        over (``aqueduct.sockets``): forgets the flow without touching its workers, which now
+        belong to the other process. Only this process's descriptors and mappings are closed."""
+        self._hand_over_watch()
         if self._launcher is not None:
             self._launcher.detach()
         if self._engine is not None:
@@ -1063,9 +1112,10 @@ class Flow:
         self._state = FlowState.STOPPED
         _running_flows.discard(self)
 
-    def _teardown(self, kill: bool) -> None:
+    def _teardown(self, kill: bool, read: bool = True) -> None:
         """Releases everything: kills and reaps the remaining workers, the launcher, the reader,
-        and the engine (which unmaps and closes the shared memory). Safe to call twice."""
+        and the engine (which unmaps and closes the shared memory). Safe to call twice.
+        ``read=False`` leaves the reaping to the launcher, without reading the engine's rings."""
         engine = self._engine
         if self._export_timer is not None:
             self._export_timer.cancel()
@@ -1082,7 +1132,7 @@ class Flow:
                     except OSError:
                         pass
             deadline = time.monotonic() + 5.0
-            while any(self._slot_alive.values()) and time.monotonic() < deadline:
+            while read and any(self._slot_alive.values()) and time.monotonic() < deadline:
                 for outcome in engine.wait(0.1):
                     if outcome[0] == 2 and outcome[4] == 'exited':
                         self._on_exited(outcome[1])

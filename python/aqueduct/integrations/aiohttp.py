@@ -7,7 +7,11 @@
         await request.app['flow'].process(task)
 
 Flows stop on application shutdown; with ``exit_on_fail`` the app stops (SIGTERM to itself) if
-a flow stops for good. Optional routes: ``metrics_path`` serves Prometheus for every flow added,
+a flow stops for good. The hooks doing so are 1.15's, for apps that wire them by hand:
+:func:`run_flows_observer` and :func:`stop_flows_observer` (around :func:`observe_flows`), and
+:func:`stop_flows`; they act on the flows named in ``app[AQUEDUCT_FLOW_NAMES]``.
+
+Optional routes: ``metrics_path`` serves Prometheus for every flow added,
 ``health_path`` answers 200 when all flows are ready and the shared-memory pool has room, and 503
 otherwise (for probes).
 
@@ -44,6 +48,43 @@ FLOW_NAME = 'flow'
 FLOWS_OBSERVER = 'aqueduct_flows_observer'
 
 
+def _app_flows(app: web.Application) -> Dict[str, Flow]:
+    return {name: app[name] for name in app[AQUEDUCT_FLOW_NAMES]}
+
+
+async def _attach_flows(app: web.Application) -> None:
+    """Watches the running flows from the app's loop from now on (worker deaths, metrics), not
+    from their first task."""
+    loop = asyncio.get_running_loop()
+    for flow in _app_flows(app).values():
+        if flow.is_running and flow._loop is not loop:
+            flow.attach()
+
+
+async def observe_flows(app: web.Application, check_interval: float = 1.0) -> None:
+    """Stops this server process (SIGTERM to itself) once one of the app's flows has stopped
+    for good: a service whose pipeline is gone must not keep accepting requests. The flows are
+    watched rather than polled: ``check_interval`` (1.15's polling period) is accepted and unused."""
+    await _attach_flows(app)
+    await exit_when_stopped(_app_flows(app))
+
+
+async def run_flows_observer(app: web.Application) -> None:
+    """An ``on_startup`` hook: runs :func:`observe_flows` in the background."""
+    _set(app, FLOWS_OBSERVER, asyncio.ensure_future(observe_flows(app)))
+
+
+async def stop_flows_observer(app: web.Application) -> None:
+    """An ``on_shutdown`` hook: the app is stopping on purpose, so its flows stopping is no failure."""
+    app[FLOWS_OBSERVER].cancel()
+
+
+async def stop_flows(app: web.Application) -> None:
+    """An ``on_shutdown`` hook: stops the app's flows (gracefully)."""
+    for flow in _app_flows(app).values():
+        await flow.stop()
+
+
 class AppIntegrator:
     """Adds flows to an aiohttp app and ties their life cycle to it."""
 
@@ -59,11 +100,11 @@ class AppIntegrator:
             raise RuntimeError('AppIntegrator can be created only once. Reuse existing AppIntegrator.')
         self._app = app
         _set(app, AQUEDUCT_FLOW_NAMES, [])
-        app.on_startup.append(self._attach_flows)
+        app.on_startup.append(_attach_flows)
         if exit_on_fail:
-            app.on_startup.append(self._start_observer)
-            app.on_shutdown.append(self._stop_observer)
-        app.on_shutdown.append(self._stop_flows)
+            app.on_startup.append(run_flows_observer)
+            app.on_shutdown.append(stop_flows_observer)
+        app.on_shutdown.append(stop_flows)
         if logger is not None:
             replace_logger(logger)
         if metrics_path is not None:
@@ -86,22 +127,7 @@ class AppIntegrator:
         _set(self._app, flow_name, flow)
 
     def _flows(self) -> Dict[str, Flow]:
-        return {name: self._app[name] for name in self._app[AQUEDUCT_FLOW_NAMES]}
-
-    async def _attach_flows(self, app: web.Application) -> None:
-        for flow in self._flows().values():
-            if flow.is_running:
-                flow.attach()
-
-    async def _start_observer(self, app: web.Application) -> None:
-        _set(app, FLOWS_OBSERVER, asyncio.ensure_future(exit_when_stopped(self._flows())))
-
-    async def _stop_observer(self, app: web.Application) -> None:
-        app[FLOWS_OBSERVER].cancel()
-
-    async def _stop_flows(self, app: web.Application) -> None:
-        for flow in self._flows().values():
-            await flow.stop()
+        return _app_flows(self._app)
 
     async def _health(self, request: web.Request) -> web.Response:
         status, body = health_payload(self._flows())

@@ -32,6 +32,8 @@ from . import utils
 from .utils import PAYLOAD_ERRORS, exit_when_stopped, get_start_timeout, health_payload  # noqa: F401 - API
 
 FLOW_NAME = 'flow'
+#: Where the names of the flows added are listed (``app.state``), as in 1.15.
+AQUEDUCT_FLOW_NAMES = 'aqueduct_flow_names'
 #: Where ``AppIntegrator(client_max_size=)`` keeps the app's body size limit (``app.state``).
 CLIENT_MAX_SIZE = 'aqueduct_client_max_size'
 
@@ -63,6 +65,13 @@ def flow_lifespan(*flows: Flow, exit_on_fail: bool = True, start_timeout: Option
     return lifespan
 
 
+async def observe_flows(flows: Dict[str, Flow], check_interval: float = 1.0) -> None:
+    """Stops this server process (SIGTERM to itself) once one of ``flows`` (name -> flow) has
+    stopped for good, as 1.15's did; for lifespans written by hand. The flows are watched rather
+    than polled: ``check_interval`` (1.15's polling period) is accepted and unused."""
+    await exit_when_stopped(flows)
+
+
 @asynccontextmanager
 async def _running(flows: Dict[str, Flow], exit_on_fail: bool, start_timeout: Optional[float]):
     from ..sockets import SocketFlow
@@ -76,7 +85,7 @@ async def _running(flows: Dict[str, Flow], exit_on_fail: bool, start_timeout: Op
         if flow.are_steps_initialized:
             flow.start_inited()
         flow.attach()
-    observer = asyncio.ensure_future(exit_when_stopped(flows)) if exit_on_fail else None
+    observer = asyncio.ensure_future(observe_flows(flows)) if exit_on_fail else None
     try:
         yield
     finally:
@@ -100,10 +109,13 @@ class AppIntegrator:
         health_path: Optional[str] = None,
         client_max_size: int = utils.MAX_BODY_SIZE_DEFAULT,
     ) -> None:
+        if hasattr(app.state, AQUEDUCT_FLOW_NAMES):
+            raise RuntimeError('AppIntegrator can be created only once. Reuse existing AppIntegrator.')
         self._app = app
         # Read by share_request_body: the body size limit aiohttp apps set the same way.
         setattr(app.state, CLIENT_MAX_SIZE, client_max_size)
         self._names: List[str] = []
+        setattr(app.state, AQUEDUCT_FLOW_NAMES, self._names)
         self._started = False
         self._exit_on_fail = exit_on_fail
         if logger is not None:

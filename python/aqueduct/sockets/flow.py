@@ -51,6 +51,7 @@ from ..exceptions import FlowError, NotRunningError, TaskTimeoutError
 from ..flow import Flow, FlowState, apply_result, check_call, encode_task, entry_step, failure_exception
 from ..logger import log
 from ..task import BaseTask
+from ..utils import get_env_with_prefix
 from .flow_server import (
     ACCEPTED,
     HANDSHAKE,
@@ -68,10 +69,6 @@ HANDSHAKE_TIMEOUT = 30.0
 class SocketTaskTimeoutError(TaskTimeoutError, asyncio.TimeoutError):
     """A task's ``timeout_sec`` passed. Also an ``asyncio.TimeoutError``, which is what
     aqueduct 1.15's ``SocketFlow.process`` raised."""
-
-
-def get_env_with_prefix(prefix: str, env_name: str) -> str:
-    return '_'.join((prefix, env_name))
 
 
 class FlowServerProcess:
@@ -203,13 +200,16 @@ class SocketFlow:
 
     ``allowed_gid`` (default: ``{name}_SOCKET_ALLOWED_GID``, else none) lets a server of that
     group serve this client, and a client of that group use the server :meth:`preload` starts;
-    without it, both must run as the same user."""
+    without it, both must run as the same user. ``socket_path`` overrides ``{name}_SOCKET_PATH``."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, name: str = '', *, allowed_gid: Optional[int] = None) -> None:
+    def __init__(
+        self, name: str = '', *, allowed_gid: Optional[int] = None, socket_path: Optional[str] = None
+    ) -> None:
         self._name = name
         self._allowed_gid = allowed_gid
+        self._socket_path = socket_path
         self._flow: Optional[Flow] = None
         self._server: Optional[FlowServerProcess] = None
         self._client: Optional[_core.PortClient] = None
@@ -232,7 +232,8 @@ class SocketFlow:
 
     @property
     def socket_path(self) -> str:
-        return self._env('SOCKET_PATH', '') or default_socket_path()
+        """``socket_path`` if given, else ``{name}_SOCKET_PATH``, else the private default."""
+        return self._socket_path or self._env('SOCKET_PATH', '') or default_socket_path()
 
     @property
     def allowed_gid(self) -> Optional[int]:
@@ -257,7 +258,7 @@ class SocketFlow:
         if flow.state not in (FlowState.STOPPED, FlowState.STEPS_INITIALIZED):
             raise FlowError(f'preload() needs a flow that is stopped or initialized, not {flow.state.value}')
         allowed_gid = self.allowed_gid
-        if allowed_gid is not None and not self._env('SOCKET_PATH', ''):
+        if allowed_gid is not None and not (self._socket_path or self._env('SOCKET_PATH', '')):
             raise ValueError(
                 f'allowed_gid needs {get_env_with_prefix(self._name, "SOCKET_PATH")} set: the default socket '
                 'is in a directory only its owner can enter'
@@ -271,14 +272,17 @@ class SocketFlow:
 
     # ------------------------------------------------------------------ client side
 
-    async def start(self) -> None:
+    async def start(self, connect_timeout: Optional[float] = None) -> None:
         """Connects to the flow server and attaches to its engine. Retries for
-        ``SOCKET_CONNECT_TIMEOUT`` seconds (default 10) while the server is not up yet."""
+        ``connect_timeout`` seconds (default ``SOCKET_CONNECT_TIMEOUT``, else 10) while the server
+        is not up yet."""
         if self._client is not None:
             return
         loop = asyncio.get_running_loop()
         path = self.socket_path
-        deadline = time.monotonic() + float(self._env('SOCKET_CONNECT_TIMEOUT', '10'))
+        if connect_timeout is None:
+            connect_timeout = float(self._env('SOCKET_CONNECT_TIMEOUT', '10'))
+        deadline = time.monotonic() + connect_timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)

@@ -34,6 +34,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 from .. import _unixsock
 from ..flow import Flow, FlowState
 from ..logger import log
+from .protocol import SocketProtocol
 
 #: Version of the connection handshake (the message that carries the descriptors). Version 1 was
 #: a length-prefixed pickle, which let whoever listened at the path run code in the client.
@@ -51,6 +52,10 @@ HANDSHAKE_FDS = 4
 #: Bounds on the two variable parts, which a client checks before it reads them.
 MAX_HANDSHAKE_JSON = 1 << 20
 MAX_HANDSHAKE_PICKLE = 16 << 20
+#: aqueduct 1.15's ``SocketResponse.error`` values (see :mod:`.protocol`): the flow failed a task,
+#: or the server failed to handle the message. Here a client gets each task's own exception.
+SOCKET_ERROR = 'socket_error'
+FLOW_ERROR = 'flow_error'
 #: Bytes of each of a port's two rings.
 PORT_CAPACITY = 1 << 20
 
@@ -116,7 +121,7 @@ class _Client:
         self.index = index
 
 
-class FlowSocketServer:
+class FlowSocketServer(SocketProtocol):
     """Serves ``flow`` to client processes (:class:`aqueduct.sockets.flow.SocketFlow`) on the
     Unix socket ``socket_path``.
 
@@ -132,6 +137,11 @@ class FlowSocketServer:
     path is used as given. Only processes of this user are served, and of group ``allowed_gid``
     too when it is given (the socket is then made 0660 with that group: it needs an explicit
     path in a directory the group can enter).
+
+    ``max_payload_bytes`` (1.15's bound on one pickled message, inherited from
+    :class:`~aqueduct.sockets.protocol.SocketProtocol`) may be read and set, and bounds nothing:
+    tasks do not cross the socket. A client can fill no more than its connection's two rings
+    (``PORT_CAPACITY`` each) and what the shared-memory pool has room for (``AQUEDUCT_SHM_POOL_SIZE``).
     """
 
     def __init__(
