@@ -43,7 +43,10 @@ def servers():
     for server in started:
         server.stop(timeout=10)
         assert not server.is_alive()
-    assert children() == [], 'processes left behind'
+    # The server's workers (and a handed-over flow's zygote, a child of this process) exit once
+    # the server has stopped them: wait for that, boundedly, rather than look at one instant.
+    _, alive = psutil.wait_procs(children(), timeout=10)
+    assert alive == [], f'processes left behind: {alive}'
 
 
 def wait_until(condition, timeout: float = 10.0, what: str = 'condition') -> None:
