@@ -56,7 +56,12 @@ miri: ## The shared-memory code (rings, arena, events) under Miri, over heap mem
 	@rustup +nightly component add miri rust-src >/dev/null 2>&1 || { echo "miri: cannot install the nightly miri component"; exit 1; }
 	PROPTEST_CASES=4 MIRIFLAGS=-Zmiri-disable-isolation cargo +nightly miri test --quiet -p aqueduct-core --lib
 
-test-python: build ## pytest in .venv, on the extension `build` made (each test has a timeout)
+# aqueduct 1.15's source distribution: tests/test_surface_115.py reads 1.15's public surface from it.
+REFERENCE := $(VENV)/reference/aqueduct-1.15.0.tar.gz
+$(REFERENCE): | $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: --dest $(VENV)/reference aqueduct==1.15.0
+
+test-python: build $(REFERENCE) ## pytest in .venv, on the extension `build` made (each test has a timeout)
 	$(PY) -m pytest -q
 
 check-pythons: ## Check an interpreter of each of PYTHONS is there (make test does it first)
@@ -75,7 +80,7 @@ test-pythons: check-pythons $(addprefix test-,$(PYTHONS)) ## The Python suite on
 
 # test-3.12: the wheel (built once, for every version) into .venv-py312, then pytest there;
 # tests/test_wheel.py also installs it into a fresh virtualenv with no Rust toolchain on PATH.
-test-3.%: wheel .venv-py3%/.installed
+test-3.%: wheel .venv-py3%/.installed $(REFERENCE)
 	.venv-py3$*/bin/python -m pip install --quiet --no-index --no-deps --force-reinstall $(WHEEL_DIR)/aqueduct_rs-*.whl
 	AQUEDUCT_WHEEL="$$(ls $(WHEEL_DIR)/aqueduct_rs-*.whl)" VIRTUAL_ENV=$(CURDIR)/.venv-py3$* \
 		PATH=$(CURDIR)/.venv-py3$*/bin:$(HOST_PATH) .venv-py3$*/bin/python -m pytest -q

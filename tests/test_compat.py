@@ -1,6 +1,6 @@
 """The rest of aqueduct 1.15's public surface: its other modules and names, each either working
 as in 1.15 or, for its engine's internals, importable and refusing use with a clear error (see
-docs/migrating-modules.md)."""
+docs/migrating.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Such a name stays importable, so that code (or a test suite) that merely imports it keeps working;
 using it raises :class:`~aqueduct.exceptions.NotSupportedError` naming what replaces it.
-``docs/migrating-modules.md`` lists every one.
+``docs/migrating.md`` lists every one.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ def _refuse(name: str, replacement: str) -> NoReturn:
     raise NotSupportedError(f'{name} is a part of aqueduct 1.15\'s engine that this one does not have: {replacement}')
 
 
-def removed_class(module: str, name: str, replacement: str) -> type:
+def removed_class(module: str, name: str, replacement: str, methods: tuple = ()) -> type:
     """A class that refuses to be instantiated (it can still be imported, subclassed, or named
-    in annotations and ``isinstance`` checks, which nothing passes)."""
+    in annotations and ``isinstance`` checks, which nothing passes). ``methods``: 1.15's public
+    method names, present (so code that names them loads) and refusing too."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
         _refuse(f'{module}.{name}', replacement)
 
-    return type(name, (), {'__init__': __init__, '__module__': module, '__doc__': f'Not available: {replacement}'})
+    namespace: dict = {'__init__': refuse, '__module__': module, '__doc__': f'Not available: {replacement}'}
+    namespace.update((method, refuse) for method in methods)
+    return type(name, (), namespace)
 
 
 def removed_function(module: str, name: str, replacement: str) -> Callable[..., NoReturn]:

@@ -15,6 +15,7 @@ Worker = removed_class(
     'Worker',
     'the engine batches and routes tasks itself; configure batching with FlowStep(batch_size=, batch_timeout=) '
     'and routing with FlowStep(handle_condition=)',
+    methods=('loop',),
 )
 
 __all__ = ['MAX_SPIN_ITERATIONS', 'Worker']

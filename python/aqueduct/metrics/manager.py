@@ -16,6 +16,14 @@ class MetricsManager:
     def __init__(self, *args: Any, **kwargs: Any):
         raise NotImplementedError(_REPLACEMENT)
 
+    # 1.15's methods, so that code naming them still imports and reads; unreachable, since no
+    # instance can be made.
+    def start(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise NotImplementedError(_REPLACEMENT)
+
+    def stop(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise NotImplementedError(_REPLACEMENT)
+
 
 def get_metrics_manager(*args: Any, **kwargs: Any) -> NoReturn:
     raise NotImplementedError(_REPLACEMENT)

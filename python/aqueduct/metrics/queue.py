@@ -8,11 +8,16 @@ from __future__ import annotations
 from multiprocessing.queues import Queue
 from typing import Any
 
+_REPLACEMENT = (
+    'TaskMetricsQueue was the multiprocessing queue between the steps of an aqueduct 1.15 flow; '
+    'the engine connects steps itself and exports task sizes as task_size metrics '
+    '(read them with a metrics_exporter, or Flow.metrics())'
+)
+
 
 class TaskMetricsQueue(Queue):
     def __init__(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError(
-            'TaskMetricsQueue was the multiprocessing queue between the steps of an aqueduct 1.15 flow; '
-            'the engine connects steps itself and exports task sizes as task_size metrics '
-            '(read them with a metrics_exporter, or Flow.metrics())'
-        )
+        raise NotImplementedError(_REPLACEMENT)
+
+    def task_size(self, *args: Any, **kwargs: Any) -> Any:  # 1.15's method; no instance exists
+        raise NotImplementedError(_REPLACEMENT)

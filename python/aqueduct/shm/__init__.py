@@ -22,7 +22,7 @@ the environment:
 The submodules are aqueduct 1.15's names for shared values, on this pool: :mod:`.base`
 (``SharedData``, ``SharedMemoryWrapper``), :mod:`.bytes` (``BytesSharedData``), :mod:`.numpy`
 (``NPArraySharedData``) and :mod:`.mixin` (``SharedFieldsMixin``, the base class of
-``BaseTask`` that provides ``share_value``). ``docs/migrating-shm.md`` says what differs.
+``BaseTask`` that provides ``share_value``). ``docs/migrating.md`` says what differs.
 """
 
 from __future__ import annotations
