@@ -199,20 +199,6 @@ def test_a_context_reports_an_exit_code():
 # ---------------------------------------------------------------------- sockets
 
 
-@pytest.fixture
-def socket_path(tmp_path, monkeypatch):
-    path = str(tmp_path / 'flow.sock')
-    monkeypatch.setenv('_SOCKET_PATH', path)
-    return path
-
-
-@pytest.fixture
-def servers():
-    started = []
-    yield started
-    for server in started:
-        server.stop(timeout=10)
-    assert children() == [], 'processes left behind'
 
 
 async def test_the_connection_pool_sends_a_batch_and_returns_it_processed(socket_path, servers):

@@ -24,29 +24,7 @@ from aqueduct.exceptions import (
 )
 from aqueduct.sockets import SocketFlow, SocketTaskTimeoutError
 
-from .conftest import children
 from .handlers import Add, ArrayTask, Die, Double, Raise, Sleep, Task, Triple, is_even
-
-
-@pytest.fixture
-def socket_path(tmp_path, monkeypatch):
-    path = str(tmp_path / 'flow.sock')
-    monkeypatch.setenv('_SOCKET_PATH', path)
-    return path
-
-
-@pytest.fixture
-def servers():
-    """Flow servers started by a test; stopped (and checked gone) at teardown."""
-    started = []
-    yield started
-    for server in started:
-        server.stop(timeout=10)
-        assert not server.is_alive()
-    # The server's workers (and a handed-over flow's zygote, a child of this process) exit once
-    # the server has stopped them: wait for that, boundedly, rather than look at one instant.
-    _, alive = psutil.wait_procs(children(), timeout=10)
-    assert alive == [], f'processes left behind: {alive}'
 
 
 def wait_until(condition, timeout: float = 10.0, what: str = 'condition') -> None:
