@@ -25,7 +25,14 @@ def write_shared_array(q_in, q_out) -> None:
 
 
 def send_back_and_return(q_in, q_out) -> None:
-    """Gets a task, changes it in place, puts it back and returns at once."""
+    """Gets a task, changes it in place, puts it back and returns as soon as it is sent.
+
+    ``Queue.put`` only hands the object to a feeder thread, which pickles it later; the child
+    waits for that (``close`` + ``join_thread``) before it returns, since the exit hooks that
+    release what it holds in the pool may otherwise run before the task is pickled (see
+    docs/migrating.md)."""
     task = q_in.get()
     task.arr[4] = 3
     q_out.put(task)
+    q_out.close()
+    q_out.join_thread()
