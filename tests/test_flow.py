@@ -327,6 +327,15 @@ async def test_per_task_debug_lines_only_when_asked_for(enabled, tmp_path, monke
     assert ('[Worker] initialising handler Add' in text) and ('[Worker] handler Add ok, starting loop' in text)
 
 
+async def _until(condition, what: str, timeout: float = 20.0) -> None:
+    """Waits, one loop pass at a time, until ``condition()`` holds (a bounded wait on the
+    condition itself, not a guess at how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f'timed out waiting for {what}'
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize('later_step_name', ['Double', 'Mark'])
 async def test_a_task_expiring_in_one_step_is_logged_as_skipped_by_the_next(later_step_name, tmp_path, monkeypatch):
     """As in 1.15, whose worker of the next step read the expired task and skipped it: here the
@@ -341,7 +350,8 @@ async def test_a_task_expiring_in_one_step_is_logged_as_skipped_by_the_next(late
         flow.start(timeout=30)
         with pytest.raises(TaskTimeoutError):
             await flow.process(Task(1), timeout_sec=0.1)
-        await asyncio.sleep(0.5)
+        skipped = f'[{later_step_name}] Task expired. Skip: <Task '
+        await _until(lambda: skipped in lines.read_text(), 'the skip line')
         await flow.stop()
     finally:
         log.removeHandler(handler)
@@ -491,11 +501,12 @@ async def test_a_task_that_expires_waiting_for_a_later_step_is_logged_as_skipped
     try:
         flow.start(timeout=30)
         busy = asyncio.ensure_future(flow.process(Task(1, sleep=0.5)))
-        await asyncio.sleep(0.1)  # the second step is busy with it now
+        await _until(lambda: flow.health()['steps'][1]['in_flight'] == 1, 'the second step to be busy')
         late = asyncio.ensure_future(flow.process(Task(2), timeout_sec=0.2))
-        await asyncio.sleep(0.05)  # through the first step, queued for the second
-        # The loop is held past the deadline: the engine, not the caller's timer, finds the
-        # task expired when the second step's worker falls idle.
+        await _until(lambda: flow.health()['steps'][1]['queued'] == 1, 'the task queued for the second step')
+        # The scenario, not a synchronisation: the loop is held past both the deadline and the
+        # busy task's end, so that the engine, not the caller's timer, finds the task expired
+        # when the second step's worker falls idle.
         time.sleep(0.6)
         await busy
         with pytest.raises(TaskTimeoutError):
