@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use crate::clock::Nanos;
 use crate::error::{EngineError, Result};
-use crate::hub::{Doorbell, Hub, HubConfig, Outcome};
-use crate::port::EnginePort;
+use crate::hub::{Doorbell, Failure, Hub, HubConfig, Outcome};
+use crate::metrics::{CallEnd, OutcomeCounts};
+use crate::port::{EnginePort, Remote};
 use crate::reactor::Reactor;
 use crate::shm::Arena;
 
@@ -27,37 +28,47 @@ pub struct Engine {
     reactor: Reactor,
     /// Open ports by id (`None`: closed, the id is free again).
     ports: Vec<Option<EnginePort>>,
-    /// Hub id of a task that came through a port -> (port, the client's id).
-    remote: HashMap<u64, (usize, u64)>,
+    /// Hub id of a task that came through a port -> where it came from.
+    remote: HashMap<u64, Remote>,
     /// The port that drains first in the next poll.
     first_port: usize,
+    /// How port clients' calls ended (the owner's calls are counted by its driver).
+    port_counts: OutcomeCounts,
+    /// The owner's next deadline (see [`Engine::set_host_timer`]).
+    host_timer: Option<Nanos>,
 }
 
 /// Requests a port may hand over in one turn before the next port's turn.
 const PORT_TURN: usize = 8;
 
-/// Routes an outcome to the port its task came from, or to the owner.
-fn route(
-    ports: &mut [Option<EnginePort>],
-    remote: &mut HashMap<u64, (usize, u64)>,
-    arena: &Arena,
-    out: &mut dyn FnMut(Outcome<'_>),
-    o: Outcome<'_>,
-    err: &mut Option<EngineError>,
-) {
-    let task_id = match &o {
-        Outcome::Done { task_id, .. } | Outcome::Failed { task_id, .. } => Some(*task_id),
-        _ => None,
-    };
-    if let Some((port, client_id)) = task_id.and_then(|id| remote.remove(&id)) {
-        if let Some(p) = ports.get_mut(port).and_then(Option::as_mut) {
-            if let Err(e) = p.respond(arena, client_id, o) {
-                err.get_or_insert(e);
+/// Where the engine's outcomes go: to the port a task came from (counted), or to the owner.
+struct Router<'a> {
+    ports: &'a mut [Option<EnginePort>],
+    remote: &'a mut HashMap<u64, Remote>,
+    counts: &'a mut OutcomeCounts,
+    arena: &'a Arena,
+    err: Option<EngineError>,
+}
+
+impl Router<'_> {
+    fn route(&mut self, out: &mut dyn FnMut(Outcome<'_>), o: Outcome<'_>) {
+        let (task_id, end) = match &o {
+            Outcome::Done { task_id, .. } => (Some(*task_id), CallEnd::Complete),
+            Outcome::Failed { task_id, failure: Failure::Expired { .. } } => (Some(*task_id), CallEnd::Timeout),
+            Outcome::Failed { task_id, .. } => (Some(*task_id), CallEnd::Error),
+            _ => (None, CallEnd::Error),
+        };
+        if let Some(r) = task_id.and_then(|id| self.remote.remove(&id)) {
+            self.counts.add(r.step as usize, r.priority, end);
+            if let Some(p) = self.ports.get_mut(r.port).and_then(Option::as_mut) {
+                if let Err(e) = p.respond(self.arena, r.client_id, o) {
+                    self.err.get_or_insert(e);
+                }
             }
+            return;
         }
-        return;
+        out(o)
     }
-    out(o)
 }
 
 impl Engine {
@@ -65,7 +76,16 @@ impl Engine {
     pub fn new(cfg: &HubConfig, pool: Arc<Arena>) -> Result<Self> {
         let hub = Hub::create(cfg, pool)?;
         let reactor = Reactor::new(Doorbell::new()?)?;
-        Ok(Self { hub, reactor, ports: Vec::new(), remote: HashMap::new(), first_port: 0 })
+        let port_counts = OutcomeCounts::new(cfg.steps.len(), cfg.priorities);
+        Ok(Self {
+            hub,
+            reactor,
+            ports: Vec::new(),
+            remote: HashMap::new(),
+            first_port: 0,
+            port_counts,
+            host_timer: None,
+        })
     }
 
     /// Readable when the engine has work: poll it then.
@@ -124,7 +144,9 @@ impl Engine {
     pub fn close_port(&mut self, id: usize) -> Result<u32> {
         let port = self.ports.get_mut(id).and_then(Option::take).ok_or(EngineError::Config(format!("no port {id}")))?;
         for hub_id in port.hub_ids() {
-            self.remote.remove(&hub_id);
+            if let Some(r) = self.remote.remove(&hub_id) {
+                self.port_counts.add(r.step as usize, r.priority, CallEnd::Cancel);
+            }
             self.hub.cancel(hub_id);
         }
         Ok(port.pool_index())
@@ -147,8 +169,43 @@ impl Engine {
     pub fn poll_rings(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
         let n = self.poll_hub_and_ports(out)?;
         self.kill_overdue();
-        self.reactor.arm_timer(self.hub.next_timer())?;
+        self.arm_timer()?;
         Ok(n)
+    }
+
+    /// Tells the engine the owner's next deadline (a caller's timeout, a restart's backoff, a
+    /// stop's grace): the engine's descriptor becomes readable then, as for its own timers.
+    pub fn set_host_timer(&mut self, at: Option<Nanos>) -> Result<()> {
+        self.host_timer = at;
+        self.arm_timer()
+    }
+
+    fn arm_timer(&mut self) -> Result<()> {
+        let at = match (self.hub.next_timer(), self.host_timer) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.reactor.arm_timer(at)
+    }
+
+    /// How port clients' calls ended.
+    pub fn port_counts(&self) -> &OutcomeCounts {
+        &self.port_counts
+    }
+
+    /// A worker that is not a watched process (a thread, or host code) is gone: handled as a
+    /// process exit would be, its tasks failed or handed back.
+    pub fn worker_gone(&mut self, slot: usize, out: &mut dyn FnMut(Outcome<'_>)) -> Result<()> {
+        let arena = self.hub.arena().clone();
+        let mut router = Router {
+            ports: &mut self.ports,
+            remote: &mut self.remote,
+            counts: &mut self.port_counts,
+            arena: &arena,
+            err: None,
+        };
+        self.hub.worker_exited(slot, &mut |o| router.route(out, o))?;
+        router.err.map_or(Ok(()), Err)
     }
 
     /// Waits up to `timeout` for something to happen, then handles it. Lowers the doorbell flag
@@ -165,19 +222,13 @@ impl Engine {
         let ready = self.reactor.wait(timeout)?;
         self.woke();
         let mut n = 0;
-        let arena = self.hub.arena().clone();
-        let mut err = None;
         for slot in ready.exited {
-            let (ports, remote) = (&mut self.ports, &mut self.remote);
-            self.hub.worker_exited(slot, &mut |o| route(ports, remote, &arena, out, o, &mut err))?;
+            self.worker_gone(slot, out)?;
             n += 1;
-        }
-        if let Some(e) = err {
-            return Err(e);
         }
         n += self.poll_hub_and_ports(out)?;
         self.kill_overdue();
-        self.reactor.arm_timer(self.hub.next_timer())?;
+        self.arm_timer()?;
         Ok(n)
     }
 
@@ -193,9 +244,15 @@ impl Engine {
     /// One round: workers' results, then ports' requests, then the ports' responses published.
     fn poll_hub_and_ports(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
         let arena = self.hub.arena().clone();
-        let mut err = None;
-        let (ports, remote) = (&mut self.ports, &mut self.remote);
-        let mut n = self.hub.poll(Nanos::now(), &mut |o| route(ports, remote, &arena, out, o, &mut err))?;
+        let mut router = Router {
+            ports: &mut self.ports,
+            remote: &mut self.remote,
+            counts: &mut self.port_counts,
+            arena: &arena,
+            err: None,
+        };
+        let mut n = self.hub.poll(Nanos::now(), &mut |o| router.route(out, o))?;
+        let mut err = router.err.take();
         if self.ports.is_empty() {
             return err.map_or(Ok(n), Err);
         }
@@ -221,8 +278,17 @@ impl Engine {
         }
         if took > 0 {
             // Failures found while dispatching the new tasks (expired on arrival) go out now.
-            let (ports, remote) = (&mut self.ports, &mut self.remote);
-            n += self.hub.poll(Nanos::now(), &mut |o| route(ports, remote, &arena, out, o, &mut err))?;
+            let mut router = Router {
+                ports: &mut self.ports,
+                remote: &mut self.remote,
+                counts: &mut self.port_counts,
+                arena: &arena,
+                err: None,
+            };
+            n += self.hub.poll(Nanos::now(), &mut |o| router.route(out, o))?;
+            if let Some(e) = router.err {
+                err.get_or_insert(e);
+            }
         }
         for p in self.ports.iter_mut().flatten() {
             p.publish()?;

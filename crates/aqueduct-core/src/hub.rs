@@ -383,6 +383,7 @@ pub struct Hub {
     worker_seen: Vec<[u32; 3]>,
     /// Slots whose batch ran past the step's `handle_timeout`, for the owner to kill.
     overdue: Vec<usize>,
+    priorities: usize,
 }
 
 impl Hub {
@@ -461,6 +462,7 @@ impl Hub {
             routes: HashMap::new(),
             worker_seen: vec![[0; 3]; layout.nslots],
             overdue: Vec::new(),
+            priorities: cfg.priorities,
         })
     }
 
@@ -476,6 +478,10 @@ impl Hub {
     }
     pub fn arena(&self) -> &Arc<Arena> {
         &self.arena
+    }
+    /// Priority levels of every step's queue.
+    pub fn priorities(&self) -> usize {
+        self.priorities
     }
     pub fn step_count(&self) -> usize {
         self.steps.len()
@@ -669,6 +675,28 @@ impl Hub {
         Ok(Body::Extent(ext))
     }
 
+    /// A task id that no other task of this hub has or will get, for a caller that names a
+    /// task before it can be queued (the driver's waiting room); see [`Hub::submit_as`].
+    pub fn reserve_task_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// [`Hub::submit_with_bufs`] under an id from [`Hub::reserve_task_id`].
+    pub fn submit_as(
+        &mut self,
+        id: u64,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: &[u8],
+        bufs: Vec<BufRef>,
+    ) -> Result<()> {
+        let body = self.admit(step, body, &bufs)?;
+        self.enqueue(id, step, priority, deadline, body, bufs)
+    }
+
     fn enqueue_new(
         &mut self,
         step: usize,
@@ -677,16 +705,26 @@ impl Hub {
         body: Body,
         bufs: Vec<BufRef>,
     ) -> Result<u64> {
+        let id = self.reserve_task_id();
+        self.enqueue(id, step, priority, deadline, body, bufs).map(|()| id)
+    }
+
+    fn enqueue(
+        &mut self,
+        id: u64,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: Body,
+        bufs: Vec<BufRef>,
+    ) -> Result<()> {
         let now = Nanos::now();
-        let id = self.next_id;
-        self.next_id += 1;
         let q = Queued { id, priority, deadline, arrived: now, body, bufs };
         if self.steps[step].queue.push(priority as usize, q).is_err() {
             unreachable!("fullness checked by the caller");
         }
         self.in_flight += 1;
-        self.dispatch(step, now)?;
-        Ok(id)
+        self.dispatch(step, now)
     }
 
     /// Drops a task the caller gave up on. Queued tasks are removed; a task held by a worker is
@@ -714,8 +752,7 @@ impl Hub {
                     if h.task.id == task_id {
                         self.drop_task(&h.task);
                     } else {
-                        let level = h.task.priority as usize;
-                        self.steps[step].queue.push_front(level, h.task);
+                        self.requeue(step, h);
                     }
                 }
                 self.in_flight -= 1;
@@ -761,10 +798,20 @@ impl Hub {
             .max_by_key(|&i| self.slots[i].batches.len());
         let Some(batch) = busiest.and_then(|slot| self.recall_last(slot)) else { return false };
         for h in batch.tasks.into_iter().rev() {
+            self.requeue(step, h);
+        }
+        true
+    }
+
+    /// Puts a task of a batch taken back (never begun) at the head of its step's queue, unless
+    /// it needs no running any more: answered already (failed by a hard stop) or cancelled.
+    fn requeue(&mut self, step: usize, h: Held) {
+        if h.resolved || self.cancelled.remove(&h.task.id) {
+            self.drop_task(&h.task);
+        } else {
             let level = h.task.priority as usize;
             self.steps[step].queue.push_front(level, h.task);
         }
-        true
     }
 
     /// Releases the hub's references on a task's pool memory (its body, its buffers).
@@ -1256,12 +1303,7 @@ impl Hub {
         }
         // Tasks the dead worker never began go back to the head of the queue, in order.
         for h in never_started.into_iter().rev() {
-            if self.cancelled.remove(&h.task.id) {
-                self.drop_task(&h.task);
-            } else {
-                let level = h.task.priority as usize;
-                self.steps[step].queue.push_front(level, h.task);
-            }
+            self.requeue(step, h);
         }
         self.steps[step].idle.retain(|&i| i != slot);
         if was_live {

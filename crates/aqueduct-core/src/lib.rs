@@ -13,7 +13,9 @@
 //! - [`metrics`]: histograms, counters and sample rings, recorded without messages.
 //! - [`hub`], [`worker`]: the two ends of the protocol.
 //! - [`reactor`], [`engine`]: what the main process sleeps on (epoll over the doorbell eventfd,
-//!   a timerfd and worker pidfds) and the driver that combines it with the hub.
+//!   a timerfd and worker pidfds), combined with the hub.
+//! - [`driver`]: the host's policy around the engine (calls, caller deadlines, the waiting
+//!   room, restarts, stopping, outcome counts, health), once for every front end.
 //! - [`port`]: how other processes (web workers sharing one flow) submit tasks straight into
 //!   the engine.
 //!
@@ -22,6 +24,7 @@
 
 pub mod batch;
 pub mod clock;
+pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod gate;
@@ -36,6 +39,7 @@ pub mod shm;
 pub mod worker;
 
 pub use clock::Nanos;
+pub use driver::{Admission, Driver, Event, Fault, RestartPolicy};
 pub use engine::Engine;
 pub use error::{EngineError, Result};
 pub use hub::{Failure, Hub, HubConfig, Outcome, Payload, StepSpec};

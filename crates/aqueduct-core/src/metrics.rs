@@ -313,3 +313,60 @@ mod tests {
         assert_eq!(m.hist(0).snapshot().count, 0);
     }
 }
+
+/// How a call ended, for [`OutcomeCounts`]: the names 1.15 exports (`tasks.complete`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallEnd {
+    Complete = 0,
+    Timeout = 1,
+    Cancel = 2,
+    Error = 3,
+}
+
+/// The names of [`CallEnd`], in index order.
+pub const CALL_ENDS: [&str; 4] = ["complete", "timeout", "cancel", "error"];
+
+/// Calls that ended, per entry step, priority and [`CallEnd`]: counted where a call's end is
+/// decided (the driver for its own callers, the engine for port clients), never per front end.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    /// `[step][priority][end]`.
+    pub by_step: Vec<Vec<[u64; 4]>>,
+}
+
+impl OutcomeCounts {
+    pub fn new(steps: usize, priorities: usize) -> Self {
+        Self { by_step: vec![vec![[0; 4]; priorities]; steps] }
+    }
+
+    pub fn add(&mut self, step: usize, priority: u8, end: CallEnd) {
+        if let Some(level) = self.by_step.get_mut(step).and_then(|s| s.get_mut(priority as usize)) {
+            level[end as usize] += 1;
+        }
+    }
+
+    /// Adds every count of `other` (same shape) into `self`.
+    pub fn merge(&mut self, other: &OutcomeCounts) {
+        for (mine, theirs) in self.by_step.iter_mut().zip(&other.by_step) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                for k in 0..4 {
+                    m[k] += t[k];
+                }
+            }
+        }
+    }
+
+    /// Totals per priority, summed over steps.
+    pub fn by_priority(&self) -> Vec<[u64; 4]> {
+        let levels = self.by_step.first().map_or(0, Vec::len);
+        let mut out = vec![[0; 4]; levels];
+        for step in &self.by_step {
+            for (o, c) in out.iter_mut().zip(step) {
+                for k in 0..4 {
+                    o[k] += c[k];
+                }
+            }
+        }
+        out
+    }
+}

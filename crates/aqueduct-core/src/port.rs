@@ -197,6 +197,17 @@ fn encode_table(bufs: &[BufRef]) -> Vec<u8> {
 
 // ------------------------------------------------------------------------------------ engine
 
+/// A task the engine took from a port: whom to answer, and what to count it under.
+#[derive(Clone, Copy, Debug)]
+pub struct Remote {
+    pub port: usize,
+    /// The client's id for the task.
+    pub client_id: u64,
+    /// The step it entered and its priority.
+    pub step: u16,
+    pub priority: u8,
+}
+
 /// The engine's end of one port.
 pub struct EnginePort {
     region: Arc<SharedRegion>,
@@ -292,7 +303,7 @@ impl EnginePort {
         &mut self,
         port: usize,
         hub: &mut Hub,
-        remote: &mut HashMap<u64, (usize, u64)>,
+        remote: &mut HashMap<u64, Remote>,
         max: usize,
     ) -> Result<usize> {
         self.waiting_for_room = None;
@@ -344,7 +355,7 @@ impl EnginePort {
         &mut self,
         port: usize,
         hub: &mut Hub,
-        remote: &mut HashMap<u64, (usize, u64)>,
+        remote: &mut HashMap<u64, Remote>,
         header: TaskHeader,
         rest: &[u8],
     ) -> Result<()> {
@@ -378,7 +389,7 @@ impl EnginePort {
         match submitted {
             Ok(hub_id) => {
                 self.tasks.insert(client_id, hub_id);
-                remote.insert(hub_id, (port, client_id));
+                remote.insert(hub_id, Remote { port, client_id, step: header.route, priority: header.priority });
                 Ok(())
             }
             Err(e) => {

@@ -549,6 +549,33 @@ fn fail_all_reports_every_pending_task_once() {
 }
 
 #[test]
+fn batches_failed_by_a_hard_stop_are_not_run_again_when_their_worker_dies() {
+    // Found by the driver's property test: a dead worker's batches it never began went back to
+    // the queue even after `fail_all` had answered for them, and ran (and were counted) twice.
+    let mut rig = Rig::new(config(vec![step(2, 1, 0, 20)]));
+    for _ in 0..4 {
+        rig.hub.submit(0, 0, Nanos::ZERO, b"x").unwrap();
+    }
+    assert!(rig.hub.batches_outstanding(0) >= 2, "a batch was sent ahead to worker 0");
+    let mut failed = 0;
+    rig.hub.fail_all(&mut |o| failed += usize::from(matches!(o, Outcome::Failed { .. })));
+    assert_eq!(failed, 4);
+    let mut after = 0;
+    rig.hub
+        .worker_exited(0, &mut |o| after += usize::from(matches!(o, Outcome::Failed { .. } | Outcome::Done { .. })))
+        .unwrap();
+    assert_eq!(after, 0);
+    assert_eq!(rig.hub.queue_len(0), 0, "nothing went back to the queue");
+    assert_eq!(rig.echo(1), 1, "worker 1 finishes the batch it had");
+    rig.poll();
+    assert_eq!(rig.echo(1), 1, "and the one sent ahead to it");
+    rig.poll();
+    assert_eq!(rig.echo(1), 0, "but nothing of worker 0's");
+    assert_eq!(rig.hub.in_flight(), 0);
+    assert!(rig.got.is_empty(), "failed tasks report nothing more: {:?}", rig.got);
+}
+
+#[test]
 fn config_errors_name_the_problem() {
     let cases = [
         (config(vec![step(0, 1, 0, 1)]), "nprocs"),

@@ -1,0 +1,753 @@
+#![forbid(unsafe_code)]
+//! The driver: what the *host* decides around the engine, written once for every front end
+//! (the Python `Flow`, the Rust `Flow`, and whatever comes next).
+//!
+//! The [`Engine`] moves tasks: queues, batches, workers, deaths. The driver owns the calls
+//! made into it and the policies a service needs around them:
+//!
+//! - **Calls.** Each call carries a token of the front end's choosing (`C`: a Python future, a
+//!   oneshot sender) and gets exactly one [`Event::Done`] or [`Event::Failed`], whatever
+//!   happens: a result, a handler error, a death, its deadline, a cancel (no event: the caller
+//!   asked), a stop.
+//! - **Caller deadlines**, on the engine's timerfd (one heap here, no timer per call): a call
+//!   whose deadline passes fails with [`Fault::Timeout`] wherever its task is, and the task is
+//!   dropped from the engine.
+//! - **The waiting room.** With [`Admission::Wait`], a call that finds its step's queue full
+//!   waits here, per step and priority, and enters the engine in order (most urgent level first)
+//!   as room frees up, until its deadline. A full step never holds back another step's calls.
+//!   With [`Admission::Reject`] the submission fails at once.
+//! - **Outcome counters** per entry step and priority ([`OutcomeCounts`]), together with the
+//!   engine's for port clients: one count of every call, whichever front end made it.
+//! - **Supervision policy.** Deaths and restarts per step, the [`RestartPolicy`] window with a
+//!   backoff between quick successive restarts, and when to give up ([`Event::GiveUp`]). The
+//!   front end starts processes (how is its business: a zygote, `spawn`, `current_exe`) when
+//!   the driver says [`Event::Respawn`].
+//! - **Stopping.** [`Driver::begin_stop`]: no new calls, waiting calls fail, and a graceful stop
+//!   lets the calls in flight finish within a grace period ([`Event::Drained`] or
+//!   [`Event::GraceExpired`]); then [`Driver::stop_workers`] and [`Event::AllExited`].
+//! - **Health** from one source: [`Driver::health`].
+//!
+//! The driver has no thread and does no I/O of its own: its owner calls [`Driver::poll`] when
+//! the engine's descriptor is readable, exactly as for the engine.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::Duration;
+
+use crate::clock::Nanos;
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::hub::{Failure, Outcome, Payload, SlotState};
+use crate::metrics::{CallEnd, OutcomeCounts};
+use crate::shm::BufRef;
+
+/// What a submission that finds its step's queue full does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Waits in the driver's waiting room until there is room or its deadline passes.
+    Wait,
+    /// Fails at once with [`EngineError::QueueFull`].
+    Reject,
+}
+
+/// How many times a step's workers may be replaced after dying.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RestartPolicy {
+    /// Replacements allowed per step within any `window`; one more death gives up.
+    pub max_restarts: usize,
+    pub window: Duration,
+    /// A handler's exception gives up too (aqueduct 1.15, where it ended the worker).
+    pub stop_on_handler_error: bool,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self { max_restarts: 5, window: Duration::from_secs(60), stop_on_handler_error: false }
+    }
+}
+
+/// The first replacement within a window starts at once; each further one waits twice as long
+/// as the one before, from this, so a worker that dies on start-up cannot make the host fork in
+/// a tight loop.
+pub const RESTART_BACKOFF: Duration = Duration::from_millis(25);
+/// The longest wait before a replacement.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum Fault<'a> {
+    /// The engine's report: a handler error, a death, a drop before dispatch, a stop.
+    Engine(Failure<'a>),
+    /// The call's deadline passed while its task was in the flow.
+    Timeout,
+    /// The call's deadline passed while it waited for room in a full queue.
+    TimeoutWaiting,
+    /// The flow stopped before the call could enter it (it was in the waiting room).
+    NotRunning,
+}
+
+/// Why the driver gave up on the flow: the front end stops it, hard.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GiveUp {
+    /// A step's workers died more often than the restart policy allows.
+    TooManyDeaths { step: usize, deaths: usize, window: Duration, max_restarts: usize },
+    /// A handler raised and the policy says to stop.
+    HandlerError { step: usize },
+    /// A replacement could not be started (the front end said so).
+    CannotRestart { step: usize },
+}
+
+/// What a poll reports to the front end.
+#[derive(Debug)]
+pub enum Event<'a, C> {
+    /// The call's task is finished: its body, and its out-of-band buffers (one main-process
+    /// reference on each, now the front end's; an extent body too).
+    Done {
+        call: C,
+        body: Payload<'a>,
+        bufs: Vec<BufRef>,
+    },
+    Failed {
+        call: C,
+        step: usize,
+        fault: Fault<'a>,
+    },
+    Ready {
+        slot: usize,
+        step: usize,
+        pid: u32,
+    },
+    StartFailed {
+        slot: usize,
+        step: usize,
+        pid: u32,
+        message: String,
+    },
+    /// A worker exited; `expected` when the flow is stopping (not a death).
+    Exited {
+        slot: usize,
+        step: usize,
+        pid: u32,
+        expected: bool,
+    },
+    /// Start a replacement for `slot` now, then call [`Driver::worker_spawned`].
+    Respawn {
+        slot: usize,
+        step: usize,
+    },
+    GiveUp(GiveUp),
+    /// A graceful stop: nothing is left in flight. Call [`Driver::stop_workers`].
+    Drained,
+    /// A graceful stop ran out of grace (or was escalated): every call left was failed.
+    GraceExpired,
+    /// Every worker told to stop by [`Driver::stop_workers`] has exited.
+    AllExited,
+}
+
+/// Where the flow is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverState {
+    Running,
+    /// A graceful stop waits for the calls in flight.
+    Draining,
+    /// The workers were told to stop (or killed).
+    Stopping,
+}
+
+/// One step's health (see [`Driver::health`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepHealth {
+    /// Workers started and not seen exiting.
+    pub alive: usize,
+    /// Workers that finished `on_start` and serve.
+    pub ready: usize,
+    pub deaths: usize,
+    pub restarts: usize,
+    /// Tasks waiting for the step (queued or sent ahead), plus calls in the waiting room.
+    pub waiting: usize,
+    /// Tasks held by the step's workers.
+    pub in_flight: usize,
+    /// How long the longest-running batch of the step has run.
+    pub longest_batch: Option<Duration>,
+    /// Workers killed for running past `handle_timeout`, not yet gone.
+    pub overdue: usize,
+}
+
+struct Call<C> {
+    token: C,
+    step: u16,
+    priority: u8,
+    deadline: Nanos,
+    /// `Some` while the call waits for room: what it will submit.
+    parked: Option<(Vec<u8>, Vec<BufRef>)>,
+}
+
+#[derive(Clone, Default)]
+struct SlotBook {
+    spawned: bool,
+    alive: bool,
+    pid: u32,
+    /// Told to stop by `stop_workers`.
+    stopping: bool,
+}
+
+/// The calls and policies, apart from the engine so that the engine's callbacks can update
+/// them while the engine is borrowed.
+struct Book<C> {
+    calls: HashMap<u64, Call<C>>,
+    /// (deadline, call id) of every call with a deadline; entries of finished calls are
+    /// skipped when they come up (and dropped in bulk when they outnumber the live ones).
+    deadlines: BinaryHeap<Reverse<(Nanos, u64)>>,
+    /// `[step][priority]`: ids of waiting calls, in arrival order (finished ones skipped).
+    rooms: Vec<Vec<VecDeque<u64>>>,
+    parked: usize,
+    counts: OutcomeCounts,
+    slots: Vec<SlotBook>,
+    slot_step: Vec<usize>,
+    deaths: Vec<usize>,
+    restarts: Vec<usize>,
+    /// Per step: when recent replacements were started (for the policy's window).
+    recent: Vec<VecDeque<Nanos>>,
+    /// Replacements waiting out their backoff: (due, slot).
+    respawns: Vec<(Nanos, usize)>,
+    policy: RestartPolicy,
+    state: DriverState,
+    gave_up: bool,
+    grace_end: Option<Nanos>,
+    /// `stop_workers` was called and `AllExited` not yet reported.
+    awaiting_exits: bool,
+}
+
+impl<C> Book<C> {
+    fn end(&mut self, call: &Call<C>, end: CallEnd) {
+        self.counts.add(call.step as usize, call.priority, end);
+    }
+
+    /// Turns an engine outcome into events.
+    fn on_outcome<'a>(&mut self, arena: &crate::shm::Arena, o: Outcome<'a>, out: &mut dyn FnMut(Event<'a, C>)) {
+        match o {
+            Outcome::Done { task_id, body, bufs } => match self.calls.remove(&task_id) {
+                Some(call) => {
+                    self.end(&call, CallEnd::Complete);
+                    out(Event::Done { call: call.token, body, bufs })
+                }
+                None => release(arena, body, bufs),
+            },
+            Outcome::Failed { task_id, failure } => {
+                let Some(call) = self.calls.remove(&task_id) else {
+                    if let Failure::Handler { body: Payload::Extent(ext), .. } = failure {
+                        let _ = arena.unhold(&ext);
+                    }
+                    return;
+                };
+                let step = match failure {
+                    Failure::Handler { step, .. }
+                    | Failure::Expired { step }
+                    | Failure::WorkerDied { step, .. }
+                    | Failure::HandlerTimeout { step, .. }
+                    | Failure::ArenaExhausted { step } => step,
+                    Failure::Stopped => call.step as usize,
+                };
+                let end = if matches!(failure, Failure::Expired { .. }) { CallEnd::Timeout } else { CallEnd::Error };
+                self.end(&call, end);
+                let handler_error = matches!(failure, Failure::Handler { .. });
+                out(Event::Failed { call: call.token, step, fault: Fault::Engine(failure) });
+                if handler_error
+                    && self.policy.stop_on_handler_error
+                    && !self.gave_up
+                    && self.state == DriverState::Running
+                {
+                    self.gave_up = true;
+                    out(Event::GiveUp(GiveUp::HandlerError { step }));
+                }
+            }
+            Outcome::WorkerReady { slot, step, pid } => out(Event::Ready { slot, step, pid }),
+            Outcome::WorkerStartFailed { slot, step, pid, message } => {
+                out(Event::StartFailed { slot, step, pid, message })
+            }
+            Outcome::WorkerExited { slot, step, pid } => self.on_exit(slot, step, pid, out),
+        }
+    }
+
+    fn on_exit<'a>(&mut self, slot: usize, step: usize, pid: u32, out: &mut dyn FnMut(Event<'a, C>)) {
+        let book = &mut self.slots[slot];
+        let was_alive = std::mem::take(&mut book.alive);
+        let expected = self.state != DriverState::Running || book.stopping;
+        out(Event::Exited { slot, step, pid, expected });
+        if was_alive && !expected {
+            self.deaths[step] += 1;
+            self.restart(slot, step, Nanos::now(), out);
+        }
+        if self.awaiting_exits && !self.slots.iter().any(|s| s.alive) {
+            self.awaiting_exits = false;
+            out(Event::AllExited);
+        }
+    }
+
+    /// Applies the restart policy to a death in `slot`.
+    fn restart<'a>(&mut self, slot: usize, step: usize, now: Nanos, out: &mut dyn FnMut(Event<'a, C>)) {
+        let policy = self.policy;
+        let recent = &mut self.recent[step];
+        while recent.front().is_some_and(|&t| now.saturating_sub(t) > policy.window) {
+            recent.pop_front();
+        }
+        if recent.len() >= policy.max_restarts {
+            if !self.gave_up {
+                self.gave_up = true;
+                out(Event::GiveUp(GiveUp::TooManyDeaths {
+                    step,
+                    deaths: recent.len() + 1,
+                    window: policy.window,
+                    max_restarts: policy.max_restarts,
+                }));
+            }
+            return;
+        }
+        let delay = match recent.len() {
+            0 => Duration::ZERO,
+            n => RESTART_BACKOFF.saturating_mul(1 << (n - 1).min(16)).min(RESTART_BACKOFF_MAX),
+        };
+        recent.push_back(now);
+        if delay.is_zero() {
+            out(Event::Respawn { slot, step });
+        } else {
+            self.respawns.push((now.saturating_add(delay), slot));
+        }
+    }
+}
+
+/// Releases what an outcome nobody waits for carries.
+fn release(arena: &crate::shm::Arena, body: Payload<'_>, bufs: Vec<BufRef>) {
+    if let Payload::Extent(ext) = body {
+        let _ = arena.unhold(&ext);
+    }
+    for b in bufs {
+        let _ = arena.unhold(&b.extent());
+    }
+}
+
+/// A submission the driver refused; the token and the buffers' references are the caller's
+/// again.
+#[derive(Debug)]
+pub struct Refused<C> {
+    pub call: C,
+    pub error: EngineError,
+}
+
+/// An engine and the host policy around it (see the module documentation).
+pub struct Driver<C> {
+    engine: Engine,
+    book: Book<C>,
+    admission: Admission,
+    priorities: usize,
+}
+
+impl<C> Driver<C> {
+    pub fn new(engine: Engine, admission: Admission, policy: RestartPolicy) -> Self {
+        let hub = &engine.hub;
+        let steps = hub.step_count();
+        let priorities = hub.priorities();
+        let book = Book {
+            calls: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            rooms: (0..steps).map(|_| (0..priorities).map(|_| VecDeque::new()).collect()).collect(),
+            parked: 0,
+            counts: OutcomeCounts::new(steps, priorities),
+            slots: vec![SlotBook::default(); hub.slot_count()],
+            slot_step: (0..hub.slot_count()).map(|s| hub.slot_step(s)).collect(),
+            deaths: vec![0; steps],
+            restarts: vec![0; steps],
+            recent: vec![VecDeque::new(); steps],
+            respawns: Vec::new(),
+            policy,
+            state: DriverState::Running,
+            gave_up: false,
+            grace_end: None,
+            awaiting_exits: false,
+        };
+        Self { engine, book, admission, priorities }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine, for what the driver does not decide (ports, metrics, descriptors).
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    pub fn state(&self) -> DriverState {
+        self.book.state
+    }
+
+    /// Calls not yet answered: in the engine or in the waiting room.
+    pub fn pending(&self) -> usize {
+        self.book.calls.len()
+    }
+
+    /// Whether nothing is in flight: no call of the owner's, no task of a port client's.
+    pub fn is_idle(&self) -> bool {
+        self.book.calls.is_empty() && self.engine.hub.in_flight() == 0
+    }
+
+    /// Every call's end so far, the owner's and the port clients'.
+    pub fn counts(&self) -> OutcomeCounts {
+        let mut all = self.book.counts.clone();
+        all.merge(self.engine.port_counts());
+        all
+    }
+
+    /// Registers a worker process started for `slot` (a replacement counts as a restart).
+    pub fn worker_spawned(&mut self, slot: usize, pid: u32, pool_index: u32) -> Result<()> {
+        self.engine.worker_spawned(slot, pid, pool_index)?;
+        self.spawned(slot, pid);
+        Ok(())
+    }
+
+    /// Registers a worker thread for `slot` (see [`Engine::thread_worker_started`]).
+    pub fn thread_worker_started(&mut self, slot: usize, pool_index: u32) {
+        self.engine.thread_worker_started(slot, pool_index);
+        self.spawned(slot, 0);
+    }
+
+    fn spawned(&mut self, slot: usize, pid: u32) {
+        let book = &mut self.book.slots[slot];
+        if book.spawned {
+            self.book.restarts[self.book.slot_step[slot]] += 1;
+        }
+        *book = SlotBook { spawned: true, alive: true, pid, stopping: false };
+    }
+
+    /// The front end could not start the replacement the driver asked for: give up.
+    pub fn respawn_failed(&mut self, slot: usize, out: &mut dyn FnMut(Event<'_, C>)) {
+        if !self.book.gave_up {
+            self.book.gave_up = true;
+            out(Event::GiveUp(GiveUp::CannotRestart { step: self.book.slot_step[slot] }));
+        }
+    }
+
+    /// The pid of the worker of `slot` and whether it is alive (started, not seen exiting).
+    pub fn worker(&self, slot: usize) -> (u32, bool) {
+        let b = &self.book.slots[slot];
+        (b.pid, b.alive)
+    }
+
+    /// Submits a call: its task enters `step` at `priority` (below the flow's levels) with an
+    /// absolute `deadline` (`Nanos::ZERO`: none). Returns the call's id, for
+    /// [`Driver::cancel`]. On success the buffers' references are the driver's, whether the
+    /// task entered the engine or waits for room.
+    pub fn submit(
+        &mut self,
+        call: C,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: &[u8],
+        bufs: Vec<BufRef>,
+    ) -> std::result::Result<u64, Refused<C>> {
+        let refuse = |call, error| Err(Refused { call, error });
+        if self.book.state != DriverState::Running {
+            return refuse(call, EngineError::Stopped);
+        }
+        if step >= self.book.rooms.len() {
+            return refuse(call, EngineError::Config(format!("no step {step}")));
+        }
+        if priority as usize >= self.priorities {
+            let levels = self.priorities;
+            return refuse(call, EngineError::Config(format!("priority {priority} is not below {levels} levels")));
+        }
+        let id = self.engine.hub.reserve_task_id();
+        // Calls already waiting for this step go first: a new one must not overtake them.
+        let park = self.admission == Admission::Wait
+            && (self.book.rooms[step][priority as usize..].iter().any(|r| !r.is_empty())
+                || !self.engine.hub.has_room(step));
+        let parked = if park {
+            Some((body.to_vec(), bufs))
+        } else {
+            if let Err(error) = self.engine.hub.submit_as(id, step, priority, deadline, body, bufs) {
+                return refuse(call, error);
+            }
+            None
+        };
+        self.insert(id, Call { token: call, step: step as u16, priority, deadline, parked: None });
+        if let Some(parked) = parked {
+            self.book.calls.get_mut(&id).expect("just inserted").parked = Some(parked);
+            self.book.rooms[step][priority as usize].push_back(id);
+            self.book.parked += 1;
+        }
+        Ok(id)
+    }
+
+    fn insert(&mut self, id: u64, call: Call<C>) {
+        if call.deadline != Nanos::ZERO {
+            let heap = &mut self.book.deadlines;
+            if heap.len() > 64 && heap.len() > 2 * self.book.calls.len() {
+                let calls = &self.book.calls;
+                heap.retain(|Reverse((_, id))| calls.contains_key(id));
+            }
+            heap.push(Reverse((call.deadline, id)));
+        }
+        self.book.calls.insert(id, call);
+    }
+
+    /// The caller gave up on a call (its request was cancelled): the task is dropped wherever it
+    /// is and no event will come for it. Returns whether the call was pending.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        let Some(call) = self.book.calls.remove(&id) else { return false };
+        self.book.end(&call, CallEnd::Cancel);
+        match call.parked {
+            Some((_, bufs)) => {
+                self.book.parked -= 1;
+                self.release_bufs(bufs);
+            }
+            None => {
+                self.engine.hub.cancel(id);
+            }
+        }
+        true
+    }
+
+    fn release_bufs(&self, bufs: Vec<BufRef>) {
+        let arena = self.engine.hub.arena();
+        for b in bufs {
+            let _ = arena.unhold(&b.extent());
+        }
+    }
+
+    /// Handles everything that is ready (never blocking) and reports it. With `events=false`
+    /// only what workers and port clients published is read, without a system call: for an
+    /// owner's spin, which learns about exits and timers from the descriptor.
+    pub fn poll(&mut self, events: bool, out: &mut dyn FnMut(Event<'_, C>)) -> Result<usize> {
+        let arena = self.engine.hub.arena().clone();
+        let book = &mut self.book;
+        let mut n = 0;
+        let mut sink = |o: Outcome<'_>| {
+            n += 1;
+            book.on_outcome(&arena, o, out)
+        };
+        let polled = if events { self.engine.poll(&mut sink) } else { self.engine.poll_rings(&mut sink) };
+        polled?;
+        self.after_poll(Nanos::now(), out)?;
+        Ok(n)
+    }
+
+    /// Waits up to `timeout` for something to happen (see [`Engine::wait`]), then handles it.
+    pub fn wait(&mut self, timeout: Option<Duration>, out: &mut dyn FnMut(Event<'_, C>)) -> Result<usize> {
+        let arena = self.engine.hub.arena().clone();
+        let book = &mut self.book;
+        let mut n = 0;
+        self.engine.wait(timeout, &mut |o| {
+            n += 1;
+            book.on_outcome(&arena, o, out)
+        })?;
+        self.after_poll(Nanos::now(), out)?;
+        Ok(n)
+    }
+
+    /// A worker that is not a watched process (a thread, an executor's worker) is gone: its
+    /// tasks fail or go back to the queue, and the restart policy applies as for a process.
+    pub fn worker_gone(&mut self, slot: usize, out: &mut dyn FnMut(Event<'_, C>)) -> Result<()> {
+        let arena = self.engine.hub.arena().clone();
+        let book = &mut self.book;
+        self.engine.worker_gone(slot, &mut |o| book.on_outcome(&arena, o, out))?;
+        self.after_poll(Nanos::now(), out)
+    }
+
+    /// Deadlines, due replacements, admissions from the waiting room, the stop's progress, and
+    /// the timer for the next of them.
+    fn after_poll(&mut self, now: Nanos, out: &mut dyn FnMut(Event<'_, C>)) -> Result<()> {
+        self.expire(now, out);
+        if !self.book.respawns.is_empty() {
+            let due: Vec<usize> =
+                self.book.respawns.iter().filter(|(at, _)| *at <= now).map(|&(_, slot)| slot).collect();
+            self.book.respawns.retain(|(at, _)| *at > now);
+            for slot in due {
+                if self.book.state == DriverState::Running && !self.book.gave_up {
+                    out(Event::Respawn { slot, step: self.book.slot_step[slot] });
+                }
+            }
+        }
+        if self.book.parked > 0 {
+            self.admit(out);
+        }
+        if self.book.state == DriverState::Draining {
+            if self.is_idle() {
+                self.book.state = DriverState::Stopping;
+                self.book.grace_end = None;
+                out(Event::Drained);
+            } else if self.book.grace_end.is_some_and(|end| end <= now) {
+                self.fail_everything(out);
+                out(Event::GraceExpired);
+            }
+        }
+        self.arm(now)
+    }
+
+    fn arm(&mut self, _now: Nanos) -> Result<()> {
+        let deadline = self.book.deadlines.peek().map(|Reverse((at, _))| *at);
+        let respawn = self.book.respawns.iter().map(|(at, _)| *at).min();
+        let next = [deadline, respawn, self.book.grace_end].into_iter().flatten().min();
+        self.engine.set_host_timer(next)
+    }
+
+    /// Fails every call whose deadline has passed.
+    fn expire(&mut self, now: Nanos, out: &mut dyn FnMut(Event<'_, C>)) {
+        while let Some(&Reverse((at, id))) = self.book.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.book.deadlines.pop();
+            let Some(call) = self.book.calls.remove(&id) else { continue };
+            self.book.end(&call, CallEnd::Timeout);
+            let fault = match call.parked {
+                Some((_, bufs)) => {
+                    self.book.parked -= 1;
+                    self.release_bufs(bufs);
+                    Fault::TimeoutWaiting
+                }
+                None => {
+                    self.engine.hub.cancel(id);
+                    Fault::Timeout
+                }
+            };
+            out(Event::Failed { call: call.token, step: call.step as usize, fault });
+        }
+    }
+
+    /// Submits waiting calls while their queues have room: per step, most urgent level first,
+    /// in arrival order within a level. A step whose queue is full holds back only its own calls.
+    fn admit(&mut self, out: &mut dyn FnMut(Event<'_, C>)) {
+        for step in 0..self.book.rooms.len() {
+            'levels: for level in (0..self.priorities).rev() {
+                while let Some(&id) = self.book.rooms[step][level].front() {
+                    let Some(call) = self.book.calls.get_mut(&id) else {
+                        self.book.rooms[step][level].pop_front(); // cancelled or expired
+                        continue;
+                    };
+                    if !self.engine.hub.has_room(step) {
+                        break 'levels;
+                    }
+                    self.book.rooms[step][level].pop_front();
+                    self.book.parked -= 1;
+                    let (body, bufs) = call.parked.take().expect("a call in the waiting room is parked");
+                    let submitted =
+                        self.engine.hub.submit_as(id, step, call.priority, call.deadline, &body, bufs.clone());
+                    let Err(error) = submitted else { continue };
+                    // It cannot enter at all (no shared memory for its body, or the flow stopped).
+                    let call = self.book.calls.remove(&id).expect("looked up above");
+                    self.release_bufs(bufs);
+                    self.book.end(&call, CallEnd::Error);
+                    let fault = match error {
+                        EngineError::ArenaExhausted { .. } => Fault::Engine(Failure::ArenaExhausted { step }),
+                        _ => Fault::NotRunning,
+                    };
+                    out(Event::Failed { call: call.token, step, fault });
+                }
+            }
+        }
+    }
+
+    /// Stops taking calls. Calls in the waiting room fail with [`Fault::NotRunning`]. A
+    /// graceful stop then waits for the calls in flight, at most `grace`, and reports
+    /// [`Event::Drained`] or [`Event::GraceExpired`]; a hard one fails every call at once. A
+    /// hard stop while a graceful one drains escalates it. Then call [`Driver::stop_workers`].
+    pub fn begin_stop(&mut self, graceful: bool, grace: Duration, out: &mut dyn FnMut(Event<'_, C>)) -> Result<()> {
+        match self.book.state {
+            DriverState::Running => {}
+            DriverState::Draining if !graceful => {
+                self.fail_everything(out);
+                out(Event::GraceExpired);
+                return self.arm(Nanos::now());
+            }
+            _ => return Ok(()),
+        }
+        self.engine.hub.stop_accepting();
+        self.book.respawns.clear();
+        self.fail_waiting(out);
+        let now = Nanos::now();
+        if graceful {
+            self.book.state = DriverState::Draining;
+            self.book.grace_end = Some(now.saturating_add(grace));
+            self.after_poll(now, out)
+        } else {
+            self.fail_everything(out);
+            self.arm(now)
+        }
+    }
+
+    fn fail_waiting(&mut self, out: &mut dyn FnMut(Event<'_, C>)) {
+        let ids: Vec<u64> = self.book.rooms.iter_mut().flatten().flat_map(|r| r.drain(..)).collect();
+        for id in ids {
+            let Some(mut call) = self.book.calls.remove(&id) else { continue };
+            if let Some((_, bufs)) = call.parked.take() {
+                self.book.parked -= 1;
+                self.release_bufs(bufs);
+            }
+            self.book.end(&call, CallEnd::Error);
+            out(Event::Failed { call: call.token, step: call.step as usize, fault: Fault::NotRunning });
+        }
+    }
+
+    /// Fails every call, in the engine and waiting (a hard stop).
+    fn fail_everything(&mut self, out: &mut dyn FnMut(Event<'_, C>)) {
+        self.book.state = DriverState::Stopping;
+        self.book.grace_end = None;
+        self.fail_waiting(out);
+        let arena = self.engine.hub.arena().clone();
+        let book = &mut self.book;
+        self.engine.hub.fail_all(&mut |o| book.on_outcome(&arena, o, out));
+        // Anything the engine did not report (it cannot happen: every submitted call is in it).
+        for (_, call) in std::mem::take(&mut self.book.calls) {
+            self.book.end(&call, CallEnd::Error);
+            out(Event::Failed { call: call.token, step: call.step as usize, fault: Fault::Engine(Failure::Stopped) });
+        }
+    }
+
+    /// Tells every live worker to exit after its batch (`hard`: kills worker processes now).
+    /// Returns whether any is alive; if so, [`Event::AllExited`] follows once they are gone.
+    pub fn stop_workers(&mut self, hard: bool) -> bool {
+        self.book.state = DriverState::Stopping;
+        let mut any = false;
+        for slot in 0..self.book.slots.len() {
+            if !self.book.slots[slot].alive {
+                continue;
+            }
+            any = true;
+            self.book.slots[slot].stopping = true;
+            if hard {
+                // A worker that exited meanwhile: its exit is on its way.
+                let _ = self.engine.reactor().signal(slot, rustix::process::Signal::KILL);
+            } else {
+                let _ = self.engine.hub.send_stop(slot);
+            }
+        }
+        self.book.awaiting_exits = any;
+        any
+    }
+
+    /// The health of every step, from the engine and the driver's own records.
+    pub fn health(&self) -> Vec<StepHealth> {
+        let hub = &self.engine.hub;
+        let now = Nanos::now();
+        let mut steps: Vec<StepHealth> = (0..hub.step_count())
+            .map(|s| StepHealth {
+                deaths: self.book.deaths[s],
+                restarts: self.book.restarts[s],
+                waiting: hub.waiting(s) + self.book.rooms[s].iter().map(VecDeque::len).sum::<usize>(),
+                ..StepHealth::default()
+            })
+            .collect();
+        for slot in 0..hub.slot_count() {
+            let h = &mut steps[hub.slot_step(slot)];
+            h.alive += usize::from(self.book.slots[slot].alive);
+            h.ready += usize::from(matches!(hub.slot_state(slot), SlotState::Idle | SlotState::Busy));
+            h.in_flight += hub.held_by(slot).len();
+            if let Some(t) = hub.batch_running_for(slot, now) {
+                h.longest_batch = Some(h.longest_batch.map_or(t, |l| l.max(t)));
+            }
+            h.overdue += usize::from(hub.overran(slot));
+        }
+        steps
+    }
+}
