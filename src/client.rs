@@ -21,7 +21,7 @@ use aqueduct_core::Nanos;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
-use crate::engine::{buffers, payload_bytes};
+use crate::driver::{buffers, payload_bytes};
 use crate::errors::py_err;
 use crate::shm::{Pool, ShmBuffer};
 

@@ -8,7 +8,7 @@
 
 mod args;
 mod client;
-mod engine;
+mod driver;
 mod errors;
 mod shm;
 mod worker;
@@ -52,7 +52,10 @@ fn exit_with_process(pid: i32) -> PyResult<()> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<engine::Engine>()?;
+    m.add_class::<driver::Driver>()?;
+    m.add_class::<driver::Failure>()?;
+    m.add_class::<driver::WorkerEvent>()?;
+    m.add_class::<driver::StepHealth>()?;
     m.add_class::<worker::Worker>()?;
     m.add_class::<client::PortClient>()?;
     m.add_class::<shm::Pool>()?;

@@ -103,7 +103,7 @@ async def test_contexts_show_the_real_workers_per_handler(make_flow):
     contexts = flow._contexts
     assert list(contexts) == [first, second]
     pids = [p.pid for c in contexts.values() for p in c.processes]
-    assert sorted(pids) == sorted(flow._slot_pids.values())
+    assert sorted(pids) == sorted(w.pid for w in flow.view.workers())
     assert contexts[first].pids() == [p.pid for p in contexts[first].processes]
     assert all(p.is_alive() and p.exitcode is None for c in contexts.values() for p in c.processes)
     with pytest.raises(TypeError):

@@ -110,7 +110,7 @@ def test_forkserver_workers_and_helpers_exit_when_the_main_process_is_sigkilled(
             print(json.dumps({
                 'pid': os.getpid(),
                 'task_pid': task.pid,
-                'workers': sorted(flow._slot_pids.values()),
+                'workers': sorted(w.pid for w in flow.view.workers()),
                 **helpers,
             }), flush=True)
             await asyncio.Event().wait()  # until the test kills this process
@@ -147,7 +147,7 @@ async def test_a_sigkilled_fork_zygote_takes_its_workers_along_and_a_new_one_for
 ):
     flow = make_flow(FlowStep(Block(), nprocs=2), restart_policy=RestartPolicy(max_restarts=10))
     zygote = flow._launcher.pid
-    workers = set(flow._slot_pids.values())
+    workers = {w.pid for w in flow.view.workers()}
     main_children = {c.pid for c in psutil.Process().children()}
     assert zygote in main_children and not workers & main_children, 'the zygote, not the main process, forks workers'
     assert {c.pid for c in psutil.Process(zygote).children()} == workers
@@ -173,7 +173,9 @@ async def test_a_sigkilled_fork_zygote_takes_its_workers_along_and_a_new_one_for
     assert results == [True] * 10 and [t.result for t in tasks] == list(range(10))
     new_zygote = flow._launcher.pid
     assert new_zygote != zygote
-    new_workers = set(flow._slot_pids.values())
+    # The second replacement waits out the restart backoff.
+    await _until(lambda: flow.health()['ready'], what='health ready')
+    new_workers = {w.pid for w in flow.view.workers()}
     assert not new_workers & workers and {t.pid for t in tasks} <= new_workers
     assert {c.pid for c in psutil.Process(new_zygote).children()} == new_workers
     assert zygote not in {c.pid for c in psutil.Process().children()}, 'the dead zygote was not reaped'

@@ -56,16 +56,22 @@ def test_no_rust_panic_reaches_python_from_the_engines_arguments():
     pool = shm.pool()
     for bad in (math.inf, math.nan, -1.0, 1e300):
         with pytest.raises(ValueError, match='batch_timeout'):
-            _core.Engine([(1, 1, bad, 20, None)], pool)
+            _core.Driver([(1, 1, bad, 20, None)], pool, ['step1'])
         with pytest.raises(ValueError, match='handle_timeout'):
-            _core.Engine([(1, 1, 0.0, 20, bad)], pool)
-    engine = _core.Engine([(1, 1, 0.0, 20, None)], pool)
+            _core.Driver([(1, 1, 0.0, 20, bad)], pool, ['step1'])
+        with pytest.raises(ValueError, match='window'):
+            _core.Driver([(1, 1, 0.0, 20, None)], pool, ['step1'], restart_window=bad)
+    driver = _core.Driver([(1, 1, 0.0, 20, None)], pool, ['step1'])
     try:
         with pytest.raises(ValueError, match='timeout'):
-            engine.wait(math.nan)
-        assert engine.wait(-5.0) == [], 'a deadline in the past is now'
+            driver.wait(math.nan)
+        assert driver.wait(-5.0) == (0, []), 'a deadline in the past is now'
+        with pytest.raises(ValueError, match='grace'):
+            driver.begin_stop(True, math.nan)
+        with pytest.raises(IndexError):
+            driver.worker(99)
     finally:
-        engine.close()
+        driver.close()
 
 
 @pytest.mark.parametrize('thing', [None, 42, 'task', object(), Task])

@@ -286,7 +286,7 @@ def test_sockets_are_created_0600_under_umask_000(tmp_path):
                     'plain': mode({plain!r}), 'private_dir': mode(_unixsock.private_dir()),
                     'server': mode({explicit!r}), 'default_server': mode(default.socket_path),
                     'default_in_private_dir': os.path.dirname(default.socket_path) == _unixsock.private_dir(),
-                    'stats': mode({stats!r}), 'default_stats': mode(flows[1]._stats_path),
+                    'stats': mode({stats!r}), 'default_stats': mode(flows[1].stats_socket_path),
                 }}))
             finally:
                 for flow in flows:
@@ -804,7 +804,7 @@ async def test_a_new_flow_removes_stale_stats_sockets(private_runtime):
     flow.start(timeout=30)
     try:
         assert not stale.exists()
-        path = flow._stats_path
+        path = flow.stats_socket_path
         assert os.path.dirname(path) == str(private_runtime) and mode_of(path) == 0o600
         assert top.find_sockets() == [path]
         snap = await asyncio.get_running_loop().run_in_executor(None, top.read_snapshot, path)

@@ -1,14 +1,16 @@
 """``Flow`` and ``FlowStep``: the pipeline and its life cycle.
 
-The main process owns a :class:`aqueduct._core.Engine` (queues, batching, priorities, deadlines
-and supervision, in Rust) and runs it from the asyncio event loop that calls
-:meth:`Flow.process`:
+The main process owns a :class:`aqueduct._core.Driver`: the Rust engine (queues, batching,
+priorities, supervision) and the host policy around it (caller deadlines, the waiting room for
+full queues, restarts, stopping, outcome counts), and runs it from the asyncio event loop that
+calls :meth:`Flow.process`:
 
-- ``process()`` pickles the task, submits it (the engine dispatches at once if a worker is
-  idle) and awaits a future;
+- ``process()`` pickles the task, submits it with a future (the engine dispatches at once if a
+  worker is idle) and awaits the future;
 - the engine's file descriptor is registered with ``loop.add_reader``; when it becomes readable
-  (a worker rang the doorbell, a batch timer fired, a worker died), one ``poll()`` returns every
-  outcome at once and the futures are resolved in bulk;
+  (a worker rang the doorbell, a timer fired, a worker died), one ``poll()`` resolves every
+  finished call's future and returns the few events this module acts on (start a replacement,
+  give up, a stop's progress);
 - while tasks are in flight the loop keeps polling with ``call_soon`` for a short spin window
   after the last completion, because waking a sleeping process costs tens of microseconds on a
   virtual machine, far more than a round trip through shared memory. After the window the loop
@@ -21,25 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import heapq
-import json
 import operator
 import os
-import signal
-import socket
 import threading
 import time
 import warnings
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from threading import get_ident
-from typing import Any, Deque, Dict, List, Tuple, Union
+from typing import Any, List, NamedTuple, Tuple, Union
 
-from . import _core, _unixsock, shm, top
+from . import _core, shm
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
+from ._stats import StatsServer
 from ._worker import logging_tasks
 from .exceptions import (
     FlowError,
@@ -47,7 +45,6 @@ from .exceptions import (
     HandlerTimeoutError,
     MPStartMethodValueError,
     NotRunningError,
-    QueueFullError,
     SharedMemoryExhaustedError,
     TaskSerializationError,
     TaskTimeoutError,
@@ -190,12 +187,16 @@ def _kill_leftover_workers() -> None:
 
 
 def failure_exception(kind: str, step_name: str, detail) -> Exception:
-    """The exception for a failed task, from the engine's failure ``kind`` (see
-    ``aqueduct._core.Engine``) in the step named ``step_name``."""
+    """The exception for a failed task, from the driver's failure ``kind`` (see
+    ``aqueduct._core.Failure``) in the step named ``step_name``."""
     if kind == 'handler':
         return HandlerError.from_remote(detail)
+    if kind == 'timeout':
+        return TaskTimeoutError('Task timeout error')
     if kind == 'expired':
         return TaskTimeoutError(f'Task timeout error: the task expired before {step_name} could handle it')
+    if kind == 'timeout_waiting':
+        return TaskTimeoutError('Task timeout error: the queue stayed full until the task expired')
     if kind == 'handler_timeout':
         return HandlerTimeoutError(
             f'the batch holding the task ran longer than the handle_timeout of {step_name}: its worker '
@@ -211,6 +212,8 @@ def failure_exception(kind: str, step_name: str, detail) -> Exception:
         return SharedMemoryExhaustedError(f'no shared memory left for the task on its way to {step_name}')
     if kind == 'rejected':
         return FlowError(f'the flow refused the task: {detail}')
+    if kind == 'not_running':
+        return NotRunningError('the flow stopped while the task waited for queue space')
     return FlowError('the flow was stopped before the task finished')
 
 
@@ -266,9 +269,90 @@ def apply_result(task: BaseTask, result: tuple) -> Any:
     return state.get('metrics')
 
 
-def _resolve(waiter: asyncio.Future) -> None:
+def _resolve(waiter: asyncio.Future, value: Any = None) -> None:
     if not waiter.done():
-        waiter.set_result(None)
+        waiter.set_result(value)
+
+
+class WorkerInfo(NamedTuple):
+    """One worker process of a flow, as :attr:`FlowView.workers` lists it."""
+
+    slot: int
+    step: int
+    pid: int
+    alive: bool
+
+
+class FlowView:
+    """What metrics, the stats server, ``aqueduct.sockets`` and tools may read about a flow:
+    read-only, and the same whichever front end runs the flow. ``Flow.view`` gives it."""
+
+    def __init__(self, flow: Flow):
+        self._flow = flow
+
+    @property
+    def step_names(self) -> Tuple[str, ...]:
+        return tuple(self._flow._step_names)
+
+    @property
+    def steps(self) -> Tuple[FlowStep, ...]:
+        return tuple(self._flow._steps)
+
+    @property
+    def priorities(self) -> int:
+        return self._flow._queue_priorities
+
+    @property
+    def started(self) -> bool:
+        """Whether the flow has workers (running, or handed over to another process)."""
+        return self._flow._driver is not None
+
+    def workers(self) -> List[WorkerInfo]:
+        """Every worker slot that has had a process, with its current pid."""
+        driver = self._flow._driver
+        if driver is None:
+            return []
+        out = []
+        for slot in range(driver.slot_count):
+            pid, alive = driver.worker(slot)
+            if pid:
+                out.append(WorkerInfo(slot, driver.slot_step(slot), pid, alive))
+        return out
+
+    def step_health(self) -> List[Any]:
+        """Per step, a ``_core.StepHealth`` (alive, ready, deaths, restarts, waiting, in_flight,
+        longest_batch_s, overdue); empty before the flow starts."""
+        driver = self._flow._driver
+        return driver.health() if driver is not None else []
+
+    def outcome_counts(self) -> List[List[int]]:
+        """Per priority: calls that completed, timed out, were cancelled and failed (this
+        process's and port clients'), since the flow started."""
+        driver = self._flow._driver
+        levels = [[0, 0, 0, 0] for _ in range(self._flow._queue_priorities)]
+        if driver is None:
+            return levels
+        for step in driver.counts():
+            for total, counts in zip(levels, step, strict=True):
+                for i, n in enumerate(counts):
+                    total[i] += n
+        return levels
+
+    def engine_metrics(self, drain: bool = False) -> dict | None:
+        """The engine's histograms and sample rings (see ``_core.Driver.metrics``); ``drain``
+        consumes the samples (the StatsD exporter is their one reader)."""
+        driver = self._flow._driver
+        return driver.metrics(drain) if driver is not None else None
+
+    def queue_len(self, step: int) -> int:
+        driver = self._flow._driver
+        return driver.queue_len(step) if driver is not None else 0
+
+    def exit_codes(self) -> dict:
+        """Exit codes of the worker processes reaped so far, by pid (the launcher's record,
+        which stays readable after the flow stopped)."""
+        launcher = self._flow._launcher
+        return getattr(launcher, 'exit_codes', {}) if launcher is not None else {}
 
 
 class Flow:
@@ -277,6 +361,11 @@ class Flow:
     ``Flow(*steps, metrics_enabled=True, metrics_exporter=None, queue_size=None,
     queue_priorities=1, mp_start_method='fork')``, as in aqueduct 1.15; a step may be a bare
     handler.
+
+    The flow is a thin adapter over ``aqueduct._core.Driver``, which decides everything about
+    calls (deadlines, the waiting room for full queues, outcome counts), supervision (restarts
+    and their policy) and stopping; what stays here is Python's part: pickling tasks, asyncio
+    futures and the event loop, starting processes, logging and metrics export.
     """
 
     def __init__(
@@ -311,21 +400,10 @@ class Flow:
         self._restart_policy = restart_policy
         global _flow_count
         _flow_count += 1
-        self._stats_path = (
-            None
-            if stats_socket is False
-            else stats_socket
-            if isinstance(stats_socket, str)
-            else top.default_socket_path(_flow_count)
+        self._stats = StatsServer(
+            self, None if stats_socket is False else stats_socket if isinstance(stats_socket, str) else _flow_count
         )
-        self._stats_server: asyncio.AbstractServer | None = None
-        self._stats_sock: socket.socket | None = None
-        self._stats_loop: asyncio.AbstractEventLoop | None = None
         self._reject_when_full = queue_full == 'reject'
-        # Per step: times of recent restarts (for the policy) and the total (for health()).
-        self._restart_times: List[Deque[float]] = [deque() for _ in self._steps]
-        self._restarts: List[int] = [0] * len(self._steps)
-        self._deaths: List[int] = [0] * len(self._steps)
         self._mp_start_method = mp_start_method
         self._queue_size = queue_size
         self._queue_priorities = queue_priorities
@@ -339,12 +417,12 @@ class Flow:
             log.warning('Metrics collecting is disabled')
         self._metrics_enabled = bool(metrics_enabled)
         self._metrics_exporter = metrics_exporter
-        self._metrics = FlowMetrics(self, queue_priorities, metrics_collector)
-        #: Per priority: complete, timeout, cancel, error (see `aqueduct.metrics._flow.OUTCOMES`).
-        self._outcomes = self._metrics.outcomes
+        self.view = FlowView(self)
+        exporting = self._metrics_enabled and metrics_exporter is not None
+        self._metrics = FlowMetrics(self.view, metrics_collector, exporting=exporting)
         self._export_timer: asyncio.TimerHandle | None = None
         self._state = FlowState.STOPPED
-        self._engine: _core.Engine | None = None
+        self._driver: _core.Driver | None = None
         self._pool: _core.Pool | None = None
         self._launcher: Launcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -352,28 +430,18 @@ class Flow:
         self._step_names = [s.handler.get_step_name(i) for i, s in enumerate(self._steps, 1)]
         self._steps_conditions = [s.handle_condition for s in self._steps]
         self._handler_names = [type(s.handler).__name__ for s in self._steps]
-        # Engine task id -> future, and the deadline heap that times them out.
-        self._pending: Dict[int, asyncio.Future] = {}
-        self._deadlines: List[Tuple[float, int]] = []
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        # The waiting room of submissions that found their queue full: parked entries by key,
-        # and per step, per priority, their keys in arrival order.
-        self._parked: Dict[int, list] = {}
-        self._parked_seq = 0
-        self._waiting_room: List[List[Deque[int]]] = []
-        self._idle_waiters: List[asyncio.Future] = []
         self._polling = False
         self._last_progress = 0.0
         self._spin_seconds = 0.0
         self._stopping: asyncio.Task | None = None
         self._stopped_waiters: List[asyncio.Future] = []
-        self._slot_pids: Dict[int, int] = {}
-        self._slot_alive: Dict[int, bool] = {}
-        self._exit_waiters: List[asyncio.Future] = []
+        # While a stop is under way: resolved with the driver's 'drained' / 'grace_expired',
+        # and when every worker has exited; set to escalate a graceful stop into a hard one.
+        self._drained: asyncio.Future | None = None
+        self._exited: asyncio.Future | None = None
+        self._escalate: asyncio.Future | None = None
         self._owner_pid = 0
         self._loop_thread = 0
-        # While a stop is under way: set to escalate a graceful stop into a hard one.
-        self._escalate: asyncio.Future | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -387,6 +455,11 @@ class Flow:
     @property
     def state(self) -> FlowState:
         return self._state
+
+    @property
+    def stats_socket_path(self) -> str | None:
+        """Where the flow serves its stats (``python -m aqueduct top PATH``), or ``None``."""
+        return self._stats.path
 
     @property
     def is_running(self) -> bool:
@@ -418,7 +491,7 @@ class Flow:
         self._state = FlowState.RUNNING
         self._owner_pid = os.getpid()
         _running_flows.add(self)
-        self._engine.prepare_sleep()
+        self._driver.prepare_sleep()
         try:
             # Started from inside an event loop (an app's startup hook): watch the workers and
             # serve stats from now on, not only from the first task.
@@ -457,7 +530,7 @@ class Flow:
         """Watches the workers from ``loop`` (default: the running loop) from now on, rather than
         from the first task: worker deaths are handled, metrics exported and stats served even
         before any request. A web app's startup hook calls it; ``start()`` does when a loop runs."""
-        if self._engine is None:
+        if self._driver is None:
             raise NotRunningError('the flow is not started')
         self._bind(loop or asyncio.get_running_loop())
 
@@ -474,52 +547,55 @@ class Flow:
             (s.nprocs, s.batch_size, s._engine_batch_timeout, self._queue_capacity(s), s.handle_timeout)
             for s in self._steps
         ]
+        policy = self._restart_policy
         self._pool = shm.pool()
-        self._engine = engine = _core.Engine(
-            specs, self._pool, priorities=self._queue_priorities, metrics=self._metrics_enabled
+        self._driver = driver = _core.Driver(
+            specs,
+            self._pool,
+            self._step_names,
+            self._queue_priorities,
+            reject_when_full=self._reject_when_full,
+            max_restarts=policy.max_restarts,
+            restart_window=float(policy.window),
+            stop_on_handler_error=policy.stop_on_handler_error,
+            metrics=self._metrics_enabled,
         )
         # How long the loop keeps polling after a completion while tasks are in flight: the
         # engine's choice (zero when the flow's processes outnumber the CPUs).
-        self._spin_seconds = engine.spin_us / 1e6
-        self._waiting_room = [[deque() for _ in range(self._queue_priorities)] for _ in self._steps]
+        self._spin_seconds = driver.spin_us / 1e6
         plans = []
         for i, step in enumerate(self._steps):
             routes = [(j, s.handle_condition, self._handler_names[j]) for j, s in enumerate(self._steps) if j > i]
             plans.append((step.handler, self._step_names[i], routes))
         self._launcher = make_launcher(
-            self._mp_start_method, engine.region_fd(), engine.doorbell_fd(), self._pool.fileno(), plans
+            self._mp_start_method, driver.region_fd(), driver.doorbell_fd(), self._pool.fileno(), plans
         )
-        for slot in range(engine.slot_count):
+        for slot in range(driver.slot_count):
             self._spawn(slot)
         deadline = None if timeout is None else time.monotonic() + timeout
         ready = 0
-        while ready < engine.slot_count:
+        while ready < driver.slot_count:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError('Starting timeout expired')
             failure = None
             # Every event of the batch is booked before raising: an exit that came with the
             # failure would otherwise be missed, and the teardown would wait for it in vain.
-            for outcome in engine.wait(remaining):
-                if outcome[0] != 2:
-                    continue
-                _, slot, step, pid, event, message = outcome
-                if event == 'ready':
+            for event in driver.wait(remaining)[1]:
+                kind, name, pid = event.kind, self._step_names[event.step] if event.step >= 0 else '', event.pid
+                if kind == 'ready':
                     ready += 1
-                elif event == 'start_failed':
-                    failure = failure or WorkerStartError(
-                        f'{self._step_names[step]} failed to start (pid {pid}): {message}'
-                    )
-                elif event == 'exited':
-                    self._on_exited(slot)
-                    failure = failure or WorkerStartError(
-                        f'{self._step_names[step]} worker (pid {pid}) exited during start-up'
-                    )
+                elif kind == 'start_failed':
+                    failure = failure or WorkerStartError(f'{name} failed to start (pid {pid}): {event.message}')
+                elif kind == 'exited':
+                    self._reap(pid)
+                    failure = failure or WorkerStartError(f'{name} worker (pid {pid}) exited during start-up')
             if failure is not None:
                 raise failure
 
     def _spawn(self, slot: int) -> None:
-        step = self._engine.slot_step(slot)
+        driver = self._driver
+        step = driver.slot_step(slot)
         index = self._pool.reserve_index()
         if index is None:
             raise FlowError(f'too many worker processes for the shared-memory pool (at most {shm.MAX_PROCESSES})')
@@ -528,21 +604,21 @@ class Flow:
         except BaseException:
             self._pool.release_index(index)
             raise
-        self._slot_pids[slot] = pid
-        self._slot_alive[slot] = True
-        # From here the engine owns the index: it reaps the worker's references and releases
-        # the index when the worker exits.
-        self._engine.worker_spawned(slot, pid, index)
+        # From here the driver owns the index: the engine reaps the worker's references and
+        # releases the index when the worker exits.
+        driver.worker_spawned(slot, pid, index)
 
-    def _on_exited(self, slot: int) -> None:
-        """Bookkeeping once the engine has seen a worker exit: reap it."""
-        self._slot_alive[slot] = False
-        pid = self._slot_pids.get(slot)
-        if pid is not None and self._launcher is not None:
+    def _reap(self, pid: int) -> None:
+        """Collects a worker process the engine has seen exit."""
+        if self._launcher is not None:
             try:
                 self._launcher.reap(pid)
             except FlowError:
                 pass
+
+    def _any_alive(self) -> bool:
+        driver = self._driver
+        return driver is not None and any(driver.worker(s)[1] for s in range(driver.slot_count))
 
     # ------------------------------------------------------------------ process
 
@@ -558,7 +634,7 @@ class Flow:
             raise NotRunningError('the flow is not running')
         if self._owner_pid != _process_id:
             raise self._foreign_process_error()
-        engine = self._engine
+        driver = self._driver
         loop = self._loop
         # `get_running_loop()` makes a getpid() system call; the bound loop, running in this
         # very thread, is necessarily the running one.
@@ -567,85 +643,44 @@ class Flow:
             if loop is not self._loop:
                 self._bind_checked(loop)
         timeout_sec = check_call(task, self._queue_priorities, timeout_sec)
-        priority = task.priority
         task.set_timeout(timeout_sec)
         step = entry_step(self._steps_conditions, self._step_names, task)
         if step is None:
             return True
         body, bufs = encode_task(task, self._pool)
         deadline = task.expiration_time
-        deadline_ns = int(deadline * 1e9)
         future = loop.create_future()
-        # [future, step, priority, deadline_ns, body, engine task id once submitted, bufs]
-        entry = [future, step, priority, deadline_ns, body, None, bufs]
-        try:
-            entry[5] = task_id = engine.submit(step, priority, deadline_ns, body, bufs)
-        except QueueFullError:
-            if self._reject_when_full:
-                raise
-            # Backpressure: wait in line (no polling) until a completion frees room in the queue.
-            self._park(entry, deadline)
-        else:
-            entry[4] = entry[6] = None  # the engine has them now
-            self._pending[task_id] = future
-            self._add_deadline(deadline, task_id)
-            if not self._polling:
-                self._start_polling()
+        # The driver times the call out at its deadline, waits for room if the queue is full
+        # (or raises QueueFullError when the flow rejects), and resolves the future.
+        call = driver.submit(future, step, task.priority, int(deadline * 1e9), body, bufs)
+        del body, bufs
+        if not self._polling:
+            self._start_polling()
         try:
             result = await future
-        except BaseException as exc:
-            # The future holds the exception, whose traceback holds this frame: drop the future
-            # (and the entry that holds it) so that no cycle keeps the task, and the shared
-            # memory its fields use, alive until the cyclic GC runs.
+        except asyncio.CancelledError:
+            # The caller's request was cancelled: drop the task wherever it is.
             future = None
-            submitted, entry = entry[5], None
-            if isinstance(exc, asyncio.CancelledError):
-                if submitted is not None and self._pending.pop(submitted, None) is not None and self._engine:
-                    self._engine.cancel(submitted)
-                self._outcomes[priority][2] += 1
-            elif isinstance(exc, TaskTimeoutError):
-                self._outcomes[priority][1] += 1
-            elif isinstance(exc, FlowError):
-                self._outcomes[priority][3] += 1
+            if self._driver is driver:
+                driver.cancel(call)
             raise
-        self._outcomes[priority][0] += 1
+        if result.__class__ is _core.Failure:
+            raise self._failed(result)
         own = apply_result(task, result)
         if self._metrics.timers:
             # set_timeout() made the deadline from the clock at the start of this call.
             self._metrics.completed(deadline - timeout_sec, own)
         return True
 
-    def _park(self, entry: list, deadline: float) -> None:
-        """Puts a submission that found its queue full in line for its step and priority."""
-        self._parked_seq += 1
-        key = -self._parked_seq  # negative keys in the deadline heap are parked entries
-        self._parked[key] = entry
-        self._waiting_room[entry[1]][entry[2]].append(key)
-        self._add_deadline(deadline, key)
-
-    def _admit(self) -> None:
-        """Submits parked entries while their queues have room, highest priority first, in
-        arrival order within a priority."""
-        engine = self._engine
-        for step, rooms in enumerate(self._waiting_room):
-            for room in reversed(rooms):
-                while room:
-                    entry = self._parked.get(room[0])
-                    if entry is None or entry[0].done():  # expired or cancelled while waiting
-                        self._parked.pop(room.popleft(), None)
-                        continue
-                    try:
-                        task_id = engine.submit(step, entry[2], entry[3], entry[4], entry[6])
-                    except QueueFullError:
-                        break
-                    key = room.popleft()
-                    del self._parked[key]
-                    entry[4] = entry[6] = None
-                    entry[5] = task_id
-                    self._pending[task_id] = entry[0]
-                    self._add_deadline(entry[3] / 1e9, task_id)
-        if not self._polling and engine.in_flight:
-            self._start_polling()
+    def _failed(self, failure) -> Exception:
+        """The exception for a call the driver failed."""
+        kind, step = failure.kind, failure.step
+        if kind == 'expired' and step > 0 and logging_tasks():
+            # The engine dropped the task before it reached this step's workers; 1.15's worker
+            # of the step logged it when it read the task, so the line is written here instead.
+            name = self._handler_names[step]
+            log.debug('[%s] Task expired. Skip: dropped before dispatch to %s', name, self._step_names[step])
+        return failure_exception(kind, self._step_names[step] if step >= 0 else '', failure.detail)
 
     # ------------------------------------------------------------------ event loop plumbing
 
@@ -679,32 +714,28 @@ class Flow:
         self._stop_watching()
         self._loop = loop
         self._loop_thread = get_ident()
-        self._reader_fd = self._engine.fileno()
+        self._reader_fd = self._driver.fileno()
         loop.add_reader(self._reader_fd, self._on_readable)
         self._polling = False
-        self._deadline_timer = None
-        if self._deadlines:
-            self._arm_deadline_timer()
         if self._export_timer is not None:
             self._export_timer.cancel()
             self._export_timer = None
         if self._metrics_enabled and self._metrics_exporter is not None:
             self._export_timer = loop.call_later(self._metrics_exporter.export_period, self._export_tick)
         self._metrics.arm(loop)
-        if self._stats_sock is not None and self._stats_loop is not loop:
-            self._close_stats_server()
-        if self._stats_path is not None and self._stats_sock is None:
-            self._open_stats_socket(loop)
+        self._stats.serve(loop)
 
     def _on_readable(self) -> None:
-        """The engine's descriptor is readable: a worker rang, a batch timer fired, or a worker
-        exited. Handle everything, then keep spinning if tasks are in flight."""
-        engine = self._engine
-        if engine is None:
+        """The engine's descriptor is readable: a worker rang, a timer fired (a batch's, a
+        call's deadline, a restart's backoff, a stop's grace), or a worker exited. Handle
+        everything, then keep spinning if tasks are in flight."""
+        driver = self._driver
+        if driver is None:
             return
-        outcomes = engine.poll()
-        if outcomes or self._idle_waiters:
-            self._deliver(outcomes)
+        resolved, events = driver.poll()
+        if events:
+            self._on_events(events)
+        if resolved:
             self._last_progress = time.perf_counter()
         if not self._polling:
             self._start_polling()
@@ -715,95 +746,48 @@ class Flow:
         self._loop.call_soon(self._poll_tick)
 
     def _poll_tick(self) -> None:
-        engine = self._engine
-        if engine is None:
+        driver = self._driver
+        if driver is None:
             self._polling = False
             return
-        outcomes = engine.poll(False)
+        resolved, events = driver.poll(False)
         now = time.perf_counter()
-        if outcomes or self._idle_waiters:
-            self._deliver(outcomes)
+        if events:
+            self._on_events(events)
+        if resolved:
             self._last_progress = now
-        if engine.in_flight and now - self._last_progress < self._spin_seconds:
+        if driver.in_flight and now - self._last_progress < self._spin_seconds:
             self._loop.call_soon(self._poll_tick)
             return
-        if engine.prepare_sleep():
+        if driver.prepare_sleep():
             self._polling = False
         else:
             self._loop.call_soon(self._poll_tick)
 
-    def _deliver(self, outcomes: list) -> None:
-        pending = self._pending
-        for outcome in outcomes:
-            kind = outcome[0]
-            if kind == 0:
-                future = pending.pop(outcome[1], None)
-                if future is not None and not future.done():
-                    future.set_result((outcome[2], outcome[3]))
-            elif kind == 1:
-                future = pending.pop(outcome[1], None)
-                if future is not None and not future.done():
-                    future.set_exception(self._failure(outcome[2], outcome[3], outcome[4]))
-                if outcome[2] in ('expired', 'handler'):
-                    self._on_task_failed(outcome[2], outcome[3])
-            else:
-                self._on_worker_event(*outcome[1:])
-        if self._parked:
-            self._admit()
-        if self._idle_waiters and not pending and not self._parked and not (self._engine and self._engine.in_flight):
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._idle_waiters.clear()
-
-    def _failure(self, kind: str, step: int, detail) -> Exception:
-        return failure_exception(kind, self._step_names[step] if step >= 0 else '', detail)
-
-    def _on_task_failed(self, kind: str, step: int) -> None:
-        if kind == 'expired' and step > 0 and logging_tasks():
-            # The engine dropped the task before it reached this step's workers; 1.15's worker
-            # of the step logged it when it read the task, so the line is written here instead.
-            name = self._handler_names[step]
-            log.debug('[%s] Task expired. Skip: dropped before dispatch to %s', name, self._step_names[step])
-        elif kind == 'handler' and self._restart_policy.stop_on_handler_error and self._state is FlowState.RUNNING:
-            log.error('The handler of %s raised: stopping the flow (stop_on_handler_error)', self._step_names[step])
-            self._give_up()
-
-    def _on_worker_event(self, slot: int, step: int, pid: int, event: str, message: str) -> None:
-        if event == 'exited':
-            self._on_exited(slot)
-            if self._state is FlowState.RUNNING:
-                log.error('The process %s for %s handler is dead', pid, self._handler_names[step])
-                self._deaths[step] += 1
-                if self._may_restart(step):
-                    self._respawn(slot)
-            for waiter in self._exit_waiters:
-                if not waiter.done() and not any(self._slot_alive.values()):
-                    waiter.set_result(None)
-        elif event == 'start_failed':
-            log.error('A replacement worker of %s failed to start: %s', self._step_names[step], message)
-        elif event == 'ready':
-            log.info('Worker %s of %s is ready', pid, self._step_names[step])
-
-    def _may_restart(self, step: int) -> bool:
-        """Applies the restart policy; past it, stops the flow and says why."""
-        policy = self._restart_policy
-        now = time.monotonic()
-        recent = self._restart_times[step]
-        while recent and now - recent[0] > policy.window:
-            recent.popleft()
-        if len(recent) < policy.max_restarts:
-            recent.append(now)
-            return True
-        log.error(
-            'Workers of %s died %d times within %.0f s (restart_policy allows %d restarts): stopping the flow',
-            self._step_names[step],
-            len(recent) + 1,
-            policy.window,
-            policy.max_restarts,
-        )
-        self._give_up()
-        return False
+    def _on_events(self, events: list) -> None:
+        """Acts on what the driver reports: workers that exited or are to be replaced, a flow
+        to give up, a stop's progress."""
+        for event in events:
+            kind = event.kind
+            if kind == 'exited':
+                self._reap(event.pid)
+                if not event.expected:
+                    log.error('The process %s for %s handler is dead', event.pid, self._handler_names[event.step])
+            elif kind == 'respawn':
+                self._respawn(event.slot, event.step)
+            elif kind == 'give_up':
+                log.error('%s', event.message)
+                self._give_up()
+            elif kind in ('drained', 'grace_expired'):
+                if self._drained is not None:
+                    _resolve(self._drained, kind)
+            elif kind == 'all_exited':
+                if self._exited is not None:
+                    _resolve(self._exited)
+            elif kind == 'start_failed':
+                log.error('A replacement worker of %s failed to start: %s', self._step_names[event.step], event.message)
+            elif kind == 'ready':
+                log.info('Worker %s of %s is ready', event.pid, self._step_names[event.step])
 
     def _give_up(self) -> None:
         """Stops the flow from inside the event loop (no caller to await it)."""
@@ -811,86 +795,31 @@ class Flow:
             return
         self._stopping = self._loop.create_task(self.stop(graceful=False))
 
-    def _respawn(self, slot: int) -> None:
-        step = self._engine.slot_step(slot)
+    def _respawn(self, slot: int, step: int) -> None:
+        if self._state is not FlowState.RUNNING:
+            return
         try:
             self._spawn(slot)
         except Exception:
-            log.exception('could not restart a worker of %s: stopping the flow', self._step_names[step])
-            self._give_up()
+            log.exception('could not start a replacement worker of %s', self._step_names[step])
+            self._on_events(self._driver.respawn_failed(slot))
             return
-        self._restarts[step] += 1
-        log.info('Restarted a worker of %s (pid %s)', self._step_names[step], self._slot_pids[slot])
+        log.info('Restarted a worker of %s (pid %s)', self._step_names[step], self._driver.worker(slot)[0])
 
     # ------------------------------------------------------------------ metrics
 
     def _export_tick(self) -> None:
         self._export_timer = None
-        if self._engine is None:
+        if self._driver is None:
             return
         self._export_metrics()
         self._export_timer = self._loop.call_later(self._metrics_exporter.export_period, self._export_tick)
 
     def _export_metrics(self) -> None:
         try:
-            self._metrics_exporter.export(self._metrics.period(self._engine))
+            self._metrics_exporter.export(self._metrics.period())
         except Exception:
             log.exception('the metrics exporter failed')
-
-    def _open_stats_socket(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Binds the stats socket now and serves it from ``loop``. The socket object is ours,
-        so it can be closed even if the loop goes away first (one loop per test, `asyncio.run`
-        in a thread)."""
-        path = self._stats_path
-        top.remove_stale_sockets()  # those of killed flows, which could not remove their own
-        try:
-            # 0600 whatever the umask; never replaces a file that is not a socket or a live one.
-            sock = _unixsock.bind_unix(path, 8)
-        except OSError as exc:
-            log.warning('cannot serve flow stats at %s: %s', path, exc)
-            return
-        self._stats_sock = sock
-        self._stats_loop = loop
-        loop.create_task(self._serve_stats(sock))
-        log.info('Flow stats at %s (python -m aqueduct top %s)', path, path)
-
-    async def _serve_stats(self, sock: socket.socket) -> None:
-        try:
-            server = await asyncio.start_unix_server(self._send_stats, sock=sock)
-        except OSError:
-            if self._stats_sock is sock:
-                raise
-            return  # closed before it could start (the flow was handed over)
-        if self._stats_sock is sock:
-            self._stats_server = server
-        else:  # closed while starting
-            server.close()
-
-    def _close_stats_server(self) -> None:
-        server, self._stats_server = self._stats_server, None
-        sock, self._stats_sock = self._stats_sock, None
-        if sock is None:
-            return
-        if server is not None and not server.get_loop().is_closed():
-            server.close()
-        sock.close()
-        try:
-            os.unlink(self._stats_path)
-        except OSError:
-            pass
-
-    async def _send_stats(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            # Only this user's processes may read the flow's stats, whatever the socket's mode.
-            _unixsock.authenticate(writer.get_extra_info('socket'), what='a stats client')
-            writer.write(json.dumps(self.metrics()).encode())
-            await writer.drain()
-        except _unixsock.UnsafeSocketError as exc:
-            log.warning('flow stats at %s: %s', self._stats_path, exc)
-        except Exception:  # a client that went away, or a flow that stopped meanwhile
-            pass
-        finally:
-            writer.close()
 
     @property
     def need_collect_task_timers(self) -> bool:
@@ -900,13 +829,14 @@ class Flow:
     def metrics(self) -> dict:
         """A snapshot of every metric (histograms as ``(buckets, count, sum)``), the health
         report and the task outcome counts: what Prometheus and ``python -m aqueduct top`` read."""
-        return self._metrics.snapshot(self._engine)
+        return self._metrics.snapshot(self.health())
 
     # ------------------------------------------------------------------ health
 
     def health(self) -> dict:
         """What a ``/healthz`` or readiness probe needs, per step: processes alive out of
-        ``nprocs``, deaths and restarts so far, tasks queued and tasks held by workers, how long
+        ``nprocs``, deaths and restarts so far, tasks queued, calls waiting for room in a full
+        queue (``waiting_for_room``) and tasks held by workers, how long
         the longest-running batch has run (``longest_batch_s``: a hung or stopped worker shows
         here) and how many workers ran past the step's ``handle_timeout`` and are being replaced
         (``overdue``).
@@ -914,84 +844,27 @@ class Flow:
         ``ready`` is true when the flow is running with every worker alive and started, and none
         overdue.
         """
-        engine = self._engine
+        reports = self.view.step_health()
         steps = []
         ready = self._state is FlowState.RUNNING
         for i, step in enumerate(self._steps):
+            h = reports[i] if reports else None
             info = {
                 'name': self._step_names[i],
                 'nprocs': step.nprocs,
-                'alive': 0,
-                'ready': 0,
-                'deaths': self._deaths[i],
-                'restarts': self._restarts[i],
-                'queued': 0,
-                'in_flight': 0,
-                'longest_batch_s': None,
-                'overdue': 0,
+                'alive': h.alive if h else 0,
+                'ready': h.ready if h else 0,
+                'deaths': h.deaths if h else 0,
+                'restarts': h.restarts if h else 0,
+                'queued': h.waiting if h else 0,
+                'waiting_for_room': h.waiting_room if h else 0,
+                'in_flight': h.in_flight if h else 0,
+                'longest_batch_s': h.longest_batch_s if h else None,
+                'overdue': h.overdue if h else 0,
             }
-            if engine is not None:
-                slots = [s for s in range(engine.slot_count) if engine.slot_step(s) == i]
-                states = [engine.slot_state(s) for s in slots]
-                info['alive'] = sum(1 for s in slots if self._slot_alive.get(s))
-                info['ready'] = sum(1 for st in states if st in ('idle', 'busy'))
-                info['queued'] = engine.waiting(i)
-                info['in_flight'] = sum(len(engine.held_by(s)) for s in slots)
-                running = [t for t in map(engine.batch_running_for, slots) if t is not None]
-                info['longest_batch_s'] = max(running, default=None)
-                info['overdue'] = sum(1 for s in slots if engine.overran(s))
             ready = ready and info['ready'] == step.nprocs and not info['overdue']
             steps.append(info)
         return {'state': self._state.value, 'ready': ready, 'steps': steps}
-
-    # ------------------------------------------------------------------ deadlines
-
-    def _add_deadline(self, deadline: float, task_id: int) -> None:
-        heap = self._deadlines
-        if len(heap) > 64 and len(heap) > 2 * (len(self._pending) + len(self._parked)):
-            # Most entries belong to finished tasks: rebuild from the live ones.
-            heap[:] = [e for e in heap if e[1] in self._pending or e[1] in self._parked]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (deadline, task_id))
-        if self._deadline_timer is None or deadline < self._deadline_timer_at:
-            self._arm_deadline_timer()
-
-    def _arm_deadline_timer(self) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        if not self._deadlines:
-            self._deadline_timer = None
-            return
-        at = self._deadlines[0][0]
-        self._deadline_timer_at = at
-        self._deadline_timer = self._loop.call_at(self._loop.time() + (at - time.monotonic()), self._expire)
-
-    def _expire(self) -> None:
-        self._deadline_timer = None
-        now = time.monotonic()
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, key = heapq.heappop(heap)
-            if key < 0:
-                entry = self._parked.pop(key, None)
-                if entry is not None and not entry[0].done():
-                    entry[0].set_exception(
-                        TaskTimeoutError('Task timeout error: the queue stayed full until the task expired')
-                    )
-                continue
-            future = self._pending.pop(key, None)
-            if future is None:
-                continue
-            if self._engine is not None:
-                self._engine.cancel(key)
-            if not future.done():
-                future.set_exception(TaskTimeoutError('Task timeout error'))
-        while heap and heap[0][1] not in self._pending and heap[0][1] not in self._parked:
-            heapq.heappop(heap)
-        if heap:
-            self._arm_deadline_timer()
-        if self._idle_waiters and not self._pending:
-            self._deliver([])
 
     # ------------------------------------------------------------------ stop
 
@@ -1018,6 +891,8 @@ class Flow:
         if self._state is FlowState.STOPPING:
             if not graceful and self._escalate is not None and not self._escalate.done():
                 self._escalate.set_result(None)
+                if self._driver is not None:
+                    self._on_events(self._driver.begin_stop(False, 0.0))
             await self.wait_stopped()
             return
         if self._state is not FlowState.RUNNING:
@@ -1025,56 +900,46 @@ class Flow:
             return
         log.info('Flow is stopping')
         self._state = FlowState.STOPPING
-        engine = self._engine
-        engine.stop_accepting()
+        driver = self._driver
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
         escalate = self._escalate = loop.create_future()
-        for entry in self._parked.values():
-            if not entry[0].done():
-                entry[0].set_exception(NotRunningError('the flow stopped while the task waited for queue space'))
-        self._parked.clear()
+        drained = self._drained = loop.create_future()
+        exited = self._exited = loop.create_future()
         ends = loop.time() + grace_sec
-        if graceful and (self._pending or engine.in_flight):
-            # Tasks of this process, and those submitted through ports by other processes.
-            idle = loop.create_future()
-            self._idle_waiters.append(idle)
-            await asyncio.wait([idle, escalate], timeout=grace_sec, return_when=asyncio.FIRST_COMPLETED)
-            if not idle.done():
-                idle.cancel()
-                self._idle_waiters.remove(idle)
+        # Calls waiting for queue room fail now; a graceful stop waits (the driver's grace timer
+        # bounds it) for the tasks in flight, this process's and port clients'.
+        self._on_events(driver.begin_stop(graceful, grace_sec))
+        if graceful:
+            if not drained.done():
+                if not self._polling:
+                    self._start_polling()
+                # The driver's grace timer ends the wait; the timeout only guards against a
+                # loop that stops watching the descriptor.
+                await asyncio.wait([drained], timeout=grace_sec + 1.0)
+            if not drained.done() or drained.result() != 'drained':
                 if not escalate.done():
                     log.warning('tasks still in flight after the grace period of %.1f s: stopping hard', grace_sec)
+                if not drained.done():
+                    self._on_events(driver.begin_stop(False, 0.0))
                 graceful = False
         if escalate.done():
             graceful = False
-        if not graceful:
-            self._deliver(engine.fail_all())
-        exited = loop.create_future()
-        self._exit_waiters.append(exited)
-        for slot, alive in self._slot_alive.items():
-            if alive:
-                if graceful:
-                    engine.send_stop(slot)
-                else:
-                    try:
-                        engine.signal_worker(slot, signal.SIGKILL)
-                    except OSError:  # exited already; its exit is on its way
-                        pass
-        if any(self._slot_alive.values()):
+        if driver.stop_workers(not graceful):
             if not self._polling:
                 self._start_polling()
             # A worker finishing its last batch gets the rest of the grace period; a hard stop
             # waits only for the kernel to reap what it killed.
             wait = max(ends - loop.time(), 0.0) if graceful else _KILLED_EXIT_WAIT
-            await asyncio.wait(
-                [exited, escalate] if graceful else [exited], timeout=wait, return_when=asyncio.FIRST_COMPLETED
-            )
+            waits = [exited, escalate] if graceful else [exited]
+            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done() and escalate.done():
+                driver.stop_workers(True)
+                await asyncio.wait([exited], timeout=_KILLED_EXIT_WAIT)
             if not exited.done():
                 log.warning('workers did not exit in time; killing them')
-        self._exit_waiters.remove(exited)
-        self._escalate = None
+        self._escalate = self._drained = self._exited = None
         self._teardown(kill=True)
         log.info('Flow was stopped')
 
@@ -1093,7 +958,7 @@ class Flow:
             self._export_timer.cancel()
             self._export_timer = None
         self._metrics.disarm()
-        self._close_stats_server()
+        self._stats.close()
         self._stop_watching()
         self._loop = None
 
@@ -1104,58 +969,44 @@ class Flow:
         self._hand_over_watch()
         if self._launcher is not None:
             self._launcher.detach()
-        if self._engine is not None:
-            self._engine.close()
-        self._engine = self._launcher = None
-        self._slot_alive.clear()
-        self._slot_pids.clear()
+        if self._driver is not None:
+            self._driver.close()
+        self._driver = self._launcher = None
         self._state = FlowState.STOPPED
         _running_flows.discard(self)
 
     def _teardown(self, kill: bool, read: bool = True) -> None:
         """Releases everything: kills and reaps the remaining workers, the launcher, the reader,
-        and the engine (which unmaps and closes the shared memory). Safe to call twice.
+        and the driver (which unmaps and closes the shared memory). Safe to call twice.
         ``read=False`` leaves the reaping to the launcher, without reading the engine's rings."""
-        engine = self._engine
+        driver = self._driver
         if self._export_timer is not None:
             self._export_timer.cancel()
             self._export_timer = None
         self._metrics.disarm()
-        if engine is not None and self._metrics_enabled and self._metrics_exporter is not None:
+        if driver is not None and self._metrics_enabled and self._metrics_exporter is not None:
             self._export_metrics()  # the last period
-        self._close_stats_server()
-        if engine is not None:
-            for slot, alive in list(self._slot_alive.items()):
-                if alive and kill:
-                    try:
-                        engine.signal_worker(slot, signal.SIGKILL)
-                    except OSError:
-                        pass
+        self._stats.close()
+        if driver is not None:
+            if read:
+                # Every call still pending fails (FlowError: stopped) before its future goes.
+                driver.begin_stop(False, 0.0)
+            if kill:
+                driver.stop_workers(True)
             deadline = time.monotonic() + 5.0
-            while read and any(self._slot_alive.values()) and time.monotonic() < deadline:
-                for outcome in engine.wait(0.1):
-                    if outcome[0] == 2 and outcome[4] == 'exited':
-                        self._on_exited(outcome[1])
+            while read and self._any_alive() and time.monotonic() < deadline:
+                for event in driver.wait(0.1)[1]:
+                    if event.kind == 'exited':
+                        self._reap(event.pid)
             self._stop_watching()
         if self._launcher is not None:
             self._launcher.close()
-        for future in [*self._pending.values(), *(entry[0] for entry in self._parked.values())]:
-            if not future.done():
-                future.set_exception(FlowError('the flow was stopped before the task finished'))
-        self._pending.clear()
-        self._parked.clear()
-        self._deadlines.clear()
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
         self._launcher = None
-        if engine is not None:
-            engine.close()  # shared memory and descriptors go now, not when the GC gets to it
-        self._engine = None
+        if driver is not None:
+            driver.close()  # shared memory and descriptors go now, not when the GC gets to it
+        self._driver = None
         self._reader_fd = None
         self._polling = False
-        self._slot_alive.clear()
-        self._slot_pids.clear()
         self._state = FlowState.STOPPED
         _running_flows.discard(self)
         for waiter in self._stopped_waiters:

@@ -203,8 +203,8 @@ class WorkerProcess:
 
     def __init__(self, flow: Flow, slot: int, pid: int, name: str):
         self._flow = flow
-        # The launcher that reaps it, kept: it still knows the exit code after the flow stopped.
-        self._launcher = flow._launcher
+        # Exit codes the flow's launcher records when it reaps: kept, as they outlive the flow.
+        self._exit_codes = flow.view.exit_codes()
         self._slot = slot
         self.pid = self.ident = pid
         self.name = name
@@ -218,8 +218,7 @@ class WorkerProcess:
     def _tracked(self) -> bool:
         """The flow still counts this very process as its slot's live worker (so its pid has
         not been reaped, nor reused)."""
-        flow = self._flow
-        return flow._slot_pids.get(self._slot) == self.pid and bool(flow._slot_alive.get(self._slot))
+        return any(w.slot == self._slot and w.pid == self.pid and w.alive for w in self._flow.view.workers())
 
     def _exited(self, timeout: float = 0.0) -> bool:
         try:
@@ -264,7 +263,7 @@ class WorkerProcess:
         return self._exitcode
 
     def _read_exitcode(self) -> Optional[int]:
-        code = getattr(self._launcher, 'exit_codes', {}).get(self.pid)
+        code = self._exit_codes.get(self.pid)
         if code is not None:
             return code
         # Exited and not reaped yet (a zombie): the kernel keeps its wait status in /proc.
@@ -297,13 +296,14 @@ def flow_contexts(flow: Flow) -> Mapping[BaseTaskHandler, ProcessContext]:
     """``Flow._contexts``: per step's handler, a :class:`ProcessContext` of its live workers
     (read-only; empty while the flow is not started)."""
     contexts: Dict[Any, ProcessContext] = {}
-    engine = flow._engine
-    if engine is not None:
-        for step_index, step in enumerate(flow._steps):
+    view = flow.view
+    if view.started:
+        workers = view.workers()
+        for step_index, step in enumerate(view.steps):
             processes = [
-                WorkerProcess(flow, slot, flow._slot_pids[slot], f'{flow._step_names[step_index]}-{slot}')
-                for slot in range(engine.slot_count)
-                if engine.slot_step(slot) == step_index and slot in flow._slot_pids
+                WorkerProcess(flow, w.slot, w.pid, f'{view.step_names[step_index]}-{w.slot}')
+                for w in workers
+                if w.step == step_index
             ]
             contexts[step.handler] = ProcessContext(processes, [])
     return types.MappingProxyType(contexts)

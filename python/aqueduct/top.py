@@ -12,87 +12,27 @@ handler time, mean batch size, deaths and restarts, and resident memory.
 
 The answer is untrusted input: ``top`` reads only sockets of its own user (owner and peer
 credentials checked), within one deadline and a size limit, and escapes control characters in
-everything it prints. This module also owns the stats sockets' names and the removal of those
-that killed flows left behind.
+everything it prints. The sockets themselves (names, server, stale ones) are ``aqueduct._stats``.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import re
 import socket
-import stat
 import sys
-import tempfile
 import time
 from typing import List, Optional
 
 from . import _unixsock
-from .logger import log
+from ._stats import default_socket_path, find_sockets, remove_stale_sockets  # noqa: F401 (re-exported)
 from .metrics._flow import quantile
 
-SOCKET_GLOB = 'aqueduct-*.sock'
 #: Largest stats answer read (a flow's snapshot is a few KiB per step).
 MAX_SNAPSHOT = 4 << 20
 #: C0 controls (ESC among them), DEL and C1 controls: what a terminal may act on.
 _CONTROL = re.compile('[\x00-\x1f\x7f-\x9f]')
-
-
-def default_socket_path(flow_number: int) -> Optional[str]:
-    """The stats socket of this process's ``flow_number``-th flow, in the private directory;
-    ``None`` (no stats socket) when that directory is not safe to use."""
-    try:
-        directory = _unixsock.private_dir()
-    except OSError as exc:
-        log.warning('flow stats are off: %s (pass stats_socket=PATH to serve them elsewhere)', exc)
-        return None
-    return os.path.join(directory, f'aqueduct-{os.getpid()}-{flow_number}.sock')
-
-
-def _scan(directory: str, live: Optional[list]) -> None:
-    """This user's stats sockets in ``directory``: those of live processes go into ``live`` (as
-    ``(mtime, path)``), those of dead ones are removed (a killed flow never removes its own)."""
-    uid = os.geteuid()
-    for path in glob.glob(os.path.join(glob.escape(directory), SOCKET_GLOB)):
-        try:
-            pid = int(os.path.basename(path).split('-')[1])
-            st = os.lstat(path)
-        except (ValueError, IndexError, OSError):
-            continue
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != uid:
-            continue  # not ours: neither shown nor touched
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            _unixsock.remove_if_stale(path)  # only if nobody answers on it (another pid namespace)
-            continue
-        except PermissionError:
-            pass  # alive, as another user: the pid was reused; leave the socket alone
-        if live is not None:
-            live.append((st.st_mtime, path))
-
-
-def remove_stale_sockets() -> None:
-    """Removes this user's stats sockets whose flow process is dead: in the private directory,
-    and where aqueduct put them before (the temporary directory itself)."""
-    try:
-        _scan(_unixsock.private_dir(), None)
-    except OSError:
-        pass
-    _scan(tempfile.gettempdir(), None)
-
-
-def find_sockets() -> List[str]:
-    """Stats sockets of this user's live flows, newest first (and removes those of dead ones).
-    Only the private directory is searched: a socket anyone else could have put there is never
-    picked."""
-    live: list = []
-    _scan(_unixsock.private_dir(), live)
-    _scan(tempfile.gettempdir(), None)
-    return [path for _, path in sorted(live, reverse=True)]
 
 
 def read_snapshot(path: str, timeout: float = 2.0, limit: int = MAX_SNAPSHOT) -> dict:

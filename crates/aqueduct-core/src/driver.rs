@@ -163,8 +163,10 @@ pub struct StepHealth {
     pub ready: usize,
     pub deaths: usize,
     pub restarts: usize,
-    /// Tasks waiting for the step (queued or sent ahead), plus calls in the waiting room.
+    /// Tasks waiting for the step in the engine (queued, or sent ahead to a busy worker).
     pub waiting: usize,
+    /// Calls waiting in the driver for room in the step's queue.
+    pub waiting_room: usize,
     /// Tasks held by the step's workers.
     pub in_flight: usize,
     /// How long the longest-running batch of the step has run.
@@ -734,7 +736,8 @@ impl<C> Driver<C> {
             .map(|s| StepHealth {
                 deaths: self.book.deaths[s],
                 restarts: self.book.restarts[s],
-                waiting: hub.waiting(s) + self.book.rooms[s].iter().map(VecDeque::len).sum::<usize>(),
+                waiting: hub.waiting(s),
+                waiting_room: self.book.rooms[s].iter().flatten().filter(|id| self.book.calls.contains_key(id)).count(),
                 ..StepHealth::default()
             })
             .collect();

@@ -1,6 +1,7 @@
-"""The flow's side of metrics: outcome counters, the :class:`Collector` each export period is
-gathered in, the once-a-second and ``qsize_collect_period`` gauge samples, and turning engine
-snapshots into exporter periods, Prometheus families and ``top`` frames.
+"""The flow's side of metrics: the :class:`Collector` each export period is gathered in, the
+once-a-second and ``qsize_collect_period`` gauge samples, and turning engine snapshots and the
+driver's outcome counts into exporter periods, Prometheus families and ``top`` frames. Everything
+is read through the flow's public :class:`aqueduct.flow.FlowView`.
 
 Histograms from the engine are ``(buckets, count, sum)`` with the log-linear buckets of
 ``aqueduct_core::metrics`` (two per octave; bucket ``2k + 1`` starts at ``2**k``).
@@ -20,7 +21,7 @@ from .collect import AqueductMetricsStorage, Collector, ProcessesStats, TasksSta
 from .task import TasksMetricsStorage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..flow import Flow
+    from ..flow import FlowView
 
 #: Outcome counters, in this order, per priority.
 OUTCOMES = ('complete', 'timeout', 'cancel', 'error')
@@ -72,12 +73,11 @@ def rss_bytes(pid: int) -> int:
 class FlowMetrics:
     """Per-flow bookkeeping that lives in the main process."""
 
-    def __init__(self, flow: Flow, priorities: int, collector: Optional[Collector] = None):
-        self.flow = flow
+    def __init__(self, view: FlowView, collector: Optional[Collector] = None, *, exporting: bool):
+        self.view = view
         self.collector = collector if collector is not None else Collector()
-        self.outcomes: List[List[int]] = [[0] * len(OUTCOMES) for _ in range(priorities)]
         #: Whether anything is exported at all (an exporter, and metrics enabled).
-        self.exporting = bool(flow._metrics_enabled and flow._metrics_exporter is not None)
+        self.exporting = exporting
         #: Whether ``process()`` reports completed tasks (``completed``): task timers are exported.
         self.timers = self.exporting and self.collector.is_collectible(MetricsTypes.TASK_TIMERS)
         self._queues = self.exporting and self.collector.is_collectible(MetricsTypes.QUEUE_SIZE)
@@ -90,7 +90,7 @@ class FlowMetrics:
 
     def sources(self, k: int) -> str:
         """Where tasks of step ``k`` (0-based) usually come from, in 1.15's names."""
-        return MAIN_PROCESS if k == 0 else self.flow._step_names[k - 1]
+        return MAIN_PROCESS if k == 0 else self.view.step_names[k - 1]
 
     # ------------------------------------------------------------ per task
 
@@ -132,35 +132,35 @@ class FlowMetrics:
         self._gauges.clear()
 
     def _gauge(self, kind: str, loop: asyncio.AbstractEventLoop, period: float, sample: Callable) -> None:
-        engine = self.flow._engine
-        if engine is None:
+        if not self.view.started:
             self._gauges.pop(kind, None)
             return
         try:
-            sample(engine)
+            sample()
         except Exception:
             log.exception('sampling the %s metrics failed', kind)
         self._gauges[kind] = loop.call_later(period, self._gauge, kind, loop, period, sample)
 
-    def _queue_sizes(self, engine) -> None:
-        flow = self.flow
-        sizes = [(f'from_{self.sources(k)}_to_{name}', engine.queue_len(k)) for k, name in enumerate(flow._step_names)]
+    def _queue_sizes(self) -> None:
+        view = self.view
+        names = view.step_names
+        sizes = [(f'from_{self.sources(k)}_to_{name}', view.queue_len(k)) for k, name in enumerate(names)]
         # Results go straight to the caller's future: the last hop has no queue to wait in.
-        sizes.append((f'from_{flow._step_names[-1]}_to_{MAIN_PROCESS}', 0))
+        sizes.append((f'from_{names[-1]}_to_{MAIN_PROCESS}', 0))
         self.collector.add_queue_sizes(sizes)
 
-    def _processes(self, engine) -> None:
-        flow = self.flow
+    def _processes(self) -> None:
         memory = MetricsItems()
         total_rss = 0
-        for k, step in enumerate(flow._steps):
+        workers = [w for w in self.view.workers() if w.alive]
+        for k, step in enumerate(self.view.steps):
             # 1.15 numbered steps from 0 in these names only (``step0_Handler`` for the first
             # step): kept, so that its dashboards keep working.
             name = type(step.handler).get_step_name(k)
             step_rss = 0
-            for slot, pid in flow._slot_pids.items():
-                if engine.slot_step(slot) == k and flow._slot_alive.get(slot):
-                    rss = rss_bytes(pid)
+            for w in workers:
+                if w.step == k:
+                    rss = rss_bytes(w.pid)
                     memory.add(name, rss)
                     step_rss += rss
             if step.nprocs != 1:
@@ -168,20 +168,20 @@ class FlowMetrics:
             total_rss += step_rss
         memory.add('all_memory_usage', total_rss)
         self.collector.add_memory_usage(memory)
-        running = sum(1 for alive in flow._slot_alive.values() if alive)
-        self.collector.add_processes_stats(ProcessesStats(running=running))
+        self.collector.add_processes_stats(ProcessesStats(running=len(workers)))
 
     # ------------------------------------------------------------ export periods
 
-    def period(self, engine) -> AqueductMetricsStorage:
+    def period(self) -> AqueductMetricsStorage:
         """One export period: what was collected since the previous one."""
-        flow = self.flow
-        snap = engine.metrics(drain=True)
+        view = self.view
+        names = view.step_names
+        snap = view.engine_metrics(drain=True) or {'steps': [], 'routes': []}
         collector = self.collector
         if self.timers:
             timers = TasksMetricsStorage()
-            for k, (step, m) in enumerate(zip(flow._steps, snap['steps'], strict=True)):
-                name = flow._step_names[k]
+            for k, (step, m) in enumerate(zip(view.steps, snap['steps'], strict=True)):
+                name = names[k]
                 src = self.sources(k)
                 for us in m['handle_us_samples']:
                     timers.handle_times.add(name, us / 1e6)
@@ -198,7 +198,7 @@ class FlowMetrics:
                 if to is not None:
                     continue  # hops between steps are counted on arrival, by the receiving worker
                 prefix = f'p_{priority}_' if priority else ''
-                route = f'{prefix}from_{flow._step_names[step]}_to_{MAIN_PROCESS}'
+                route = f'{prefix}from_{names[step]}_to_{MAIN_PROCESS}'
                 for us in transfer:
                     timers.transfer_times.add(route, us / 1e6)
                 for size in sizes:
@@ -206,44 +206,46 @@ class FlowMetrics:
             timers.handle_times.add_items(('total', seconds) for seconds in self._totals)
             self._totals, self._completed = [], 0
             collector.add_task_metrics(timers)
-        totals = [sum(level[i] for level in self.outcomes) for i in range(len(OUTCOMES))]
+        totals = [sum(level[i] for level in view.outcome_counts()) for i in range(len(OUTCOMES))]
         stats = TasksStats()
         stats.complete, stats.timeout, stats.cancel, stats.error = (
             t - e for t, e in zip(totals, self._exported_outcomes, strict=True)
         )
         self._exported_outcomes = totals
         collector.add_tasks_stats(stats)
-        deaths, restarts = sum(flow._deaths), sum(flow._restarts)
+        health = view.step_health()
+        deaths, restarts = sum(h.deaths for h in health), sum(h.restarts for h in health)
         collector.add_processes_stats(
             ProcessesStats(dead=deaths - self._exported_deaths, restarted=restarts - self._exported_restarts)
         )
         self._exported_deaths, self._exported_restarts = deaths, restarts
         return collector.extract_metrics()
 
-    def snapshot(self, engine) -> dict:
-        """Everything at once, without draining: for Prometheus and ``top``."""
-        flow = self.flow
-        snap = engine.metrics(drain=False) if engine is not None else {'steps': [], 'routes': []}
-        health = flow.health()
+    def snapshot(self, health: dict) -> dict:
+        """Everything at once, without draining, with the flow's ``health()``: for Prometheus
+        and ``top``."""
+        view = self.view
+        names = view.step_names
+        snap = view.engine_metrics(drain=False) or {'steps': [], 'routes': []}
         steps = []
         for k, m in enumerate(snap['steps']):
             h = health['steps'][k]
             steps.append({**h, **{key: value for key, value in m.items() if not key.endswith('_samples')}})
         rss: Dict[str, int] = {}
-        for slot, pid in flow._slot_pids.items():
-            if engine is not None and flow._slot_alive.get(slot):
-                name = flow._step_names[engine.slot_step(slot)]
-                rss[name] = rss.get(name, 0) + rss_bytes(pid)
+        for w in view.workers():
+            if w.alive:
+                rss[names[w.step]] = rss.get(names[w.step], 0) + rss_bytes(w.pid)
         routes: List[Tuple] = [
-            (flow._step_names[s], flow._step_names[to] if to is not None else MAIN_PROCESS, p, th, sh)
+            (names[s], names[to] if to is not None else MAIN_PROCESS, p, th, sh)
             for s, to, p, th, _ts, sh, _ss in snap['routes']
         ]
+        outcomes = view.outcome_counts()
         return {
             'pid': os.getpid(),
             'state': health['state'],
             'ready': health['ready'],
             'steps': steps,
             'routes': routes,
-            'outcomes': {p: dict(zip(OUTCOMES, counts, strict=True)) for p, counts in enumerate(self.outcomes)},
+            'outcomes': {p: dict(zip(OUTCOMES, counts, strict=True)) for p, counts in enumerate(outcomes)},
             'rss': rss,
         }

@@ -367,7 +367,7 @@ class SocketFlow:
         pool_fd, region_fd, bell_fd, doorbell_fd = fds
         if self._flow is not None:
             # Forked from the process that preloaded the flow: the conditions are right here.
-            conditions = [s.handle_condition for s in self._flow._steps]
+            conditions = [s.handle_condition for s in self._flow.view.steps]
         elif info.get('conditions') is not None:
             # Only ever from an authenticated server (see _handshake): its own user's process.
             conditions = pickle.loads(info['conditions'])

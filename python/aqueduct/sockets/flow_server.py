@@ -334,7 +334,7 @@ class FlowSocketServer(SocketProtocol):
             self._refuse(conn, str(exc))
             return
         flow = self._flow
-        engine, pool = flow._engine, flow._pool
+        engine, pool = flow._driver, flow._pool
         if engine is None or pool is None or not flow.is_running:
             self._refuse(conn, 'the flow is not running')
             return
@@ -355,9 +355,9 @@ class FlowSocketServer(SocketProtocol):
         client = _Client(conn, pid, pidfd, port, index)
         self._clients[conn.fileno()] = client
         region_fd, bell_fd = engine.port_fds(port)
-        info: dict = {'step_names': list(flow._step_names)}
+        info: dict = {'step_names': list(flow.view.step_names)}
         try:
-            conditions = pickle.dumps([s.handle_condition for s in flow._steps])
+            conditions = pickle.dumps([s.handle_condition for s in flow.view.steps])
         except Exception as exc:
             conditions = b''
             info['conditions_error'] = f'{type(exc).__name__}: {exc}'
@@ -365,7 +365,7 @@ class FlowSocketServer(SocketProtocol):
             info['conditions_error'] = f'they pickle to {len(conditions):,} bytes, more than {MAX_HANDSHAKE_PICKLE:,}'
             conditions = b''
         message = encode_handshake(
-            ACCEPTED, HANDSHAKE_FDS, os.getpid(), index, flow._queue_priorities, info, conditions
+            ACCEPTED, HANDSHAKE_FDS, os.getpid(), index, flow.view.priorities, info, conditions
         )
         conn.setblocking(True)
         conn.settimeout(5.0)
@@ -419,7 +419,7 @@ class FlowSocketServer(SocketProtocol):
             except (ValueError, RuntimeError):
                 pass
         client.conn.close()
-        engine = self._flow._engine
+        engine = self._flow._driver
         if engine is not None:
             try:
                 engine.close_port(client.port)

@@ -1,0 +1,699 @@
+#![forbid(unsafe_code)]
+//! `aqueduct._core.Driver`: the main process's side of a flow (the engine and the host policy
+//! of [`aqueduct_core::driver`]), driven by `aqueduct.flow.Flow`.
+//!
+//! The Python event loop watches `fileno()` and calls `poll()` when it is readable (and, while
+//! tasks are in flight, for a short spin window after each completion). A call is submitted
+//! with its asyncio future; the driver resolves the futures itself when it polls, every one of
+//! them exactly once: with `(body, bufs)` for a finished task (the pickled task and its
+//! out-of-band buffers, each owning a reference) or with a [`Failure`] that says why it failed.
+//! `poll()` returns only what the front end must act on: [`WorkerEvent`]s (a worker ready,
+//! exited, to be replaced; the flow to give up; a stop's progress).
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aqueduct_core::driver::{Admission, DriverState, Event, Fault, GiveUp, RestartPolicy};
+use aqueduct_core::hub::{Failure as HubFailure, HubConfig, Payload, SlotState, StepSpec};
+use aqueduct_core::metrics::{Histogram, WORKER_SERIES};
+use aqueduct_core::shm::{Arena, BufRef};
+use aqueduct_core::{Driver as CoreDriver, Engine as CoreEngine, Nanos};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::args;
+use crate::errors::py_err;
+use crate::shm::{Pool, ShmBuffer};
+
+/// The core driver with Python futures as its call tokens.
+type PyDriver = CoreDriver<Py<PyAny>>;
+
+#[pyclass(frozen, module = "aqueduct._core")]
+pub struct Driver {
+    /// `None` once closed: `close()` releases the shared memory and every descriptor at a
+    /// known moment, whatever Python references to this object remain (tracebacks keep frames,
+    /// and frames keep their locals, alive until the garbage collector runs).
+    inner: Mutex<Option<PyDriver>>,
+    step_names: Vec<String>,
+}
+
+/// A locked, open driver.
+struct Open<'a>(MutexGuard<'a, Option<PyDriver>>);
+
+impl std::ops::Deref for Open<'_> {
+    type Target = PyDriver;
+    fn deref(&self) -> &PyDriver {
+        self.0.as_ref().expect("checked open")
+    }
+}
+
+impl std::ops::DerefMut for Open<'_> {
+    fn deref_mut(&mut self) -> &mut PyDriver {
+        self.0.as_mut().expect("checked open")
+    }
+}
+
+impl Driver {
+    fn lock(&self) -> PyResult<Open<'_>> {
+        // A panic while holding the lock is a bug already reported; keep serving.
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(Python::attach(|py| crate::errors::to_py(py, aqueduct_core::EngineError::Stopped)));
+        }
+        Ok(Open(guard))
+    }
+}
+
+pub(crate) fn payload_bytes<'py>(py: Python<'py>, arena: &Arena, body: Payload<'_>) -> PyResult<Bound<'py, PyBytes>> {
+    match body {
+        Payload::Inline(b) => Ok(PyBytes::new(py, b)),
+        Payload::Extent(ext) => {
+            let bytes = PyBytes::new_with(py, ext.len as usize, |buf| {
+                arena.read(&ext, 0, buf).map_err(|e| crate::errors::to_py(py, e))
+            });
+            let _ = arena.unhold(&ext);
+            bytes
+        }
+    }
+}
+
+/// The outcome's buffers as `ShmBuffer`s that take over the references the outcome carries.
+pub(crate) fn buffers<'py>(py: Python<'py>, arena: &Arc<Arena>, bufs: Vec<BufRef>) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    let mut bufs = bufs.into_iter();
+    while let Some(b) = bufs.next() {
+        match ShmBuffer::owning(arena, b) {
+            Ok(sb) => out.append(Bound::new(py, sb)?)?,
+            Err(e) => {
+                let _ = arena.unhold(&b.extent());
+                for rest in bufs {
+                    let _ = arena.unhold(&rest.extent());
+                }
+                return Err(crate::errors::to_py(py, e));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Why a call failed, as the future of a failed call is resolved with it.
+///
+/// `kind` is one of `handler` (`detail`: the pickled error), `expired` (dropped before a
+/// handler of `step` saw it), `died` and `handler_timeout` (`detail`: the worker's pid),
+/// `stopped`, `shm_exhausted`, `rejected` (`detail`: why), `timeout` (the caller's deadline
+/// passed in the flow), `timeout_waiting` (it passed while the call waited for queue room) and
+/// `not_running` (the flow stopped while the call waited). `step` is the step concerned, -1
+/// when none is.
+#[pyclass(frozen, module = "aqueduct._core", get_all)]
+pub struct Failure {
+    kind: &'static str,
+    step: i64,
+    detail: Py<PyAny>,
+}
+
+#[pymethods]
+impl Failure {
+    fn __repr__(&self) -> String {
+        format!("Failure(kind={:?}, step={})", self.kind, self.step)
+    }
+}
+
+/// Something the front end acts on. `kind` is one of `ready`, `start_failed` (`message`),
+/// `exited` (`expected`: during a stop, not a death), `respawn` (start a replacement for
+/// `slot`), `give_up` (stop the flow hard; `message` says why), `drained` (a graceful stop
+/// has nothing in flight any more), `grace_expired` (it ran out of grace: every call left was
+/// failed) and `all_exited` (every worker told to stop is gone). Fields that do not apply
+/// are -1, 0, "" or False.
+#[pyclass(frozen, module = "aqueduct._core", get_all)]
+pub struct WorkerEvent {
+    kind: &'static str,
+    slot: i64,
+    step: i64,
+    pid: u32,
+    message: String,
+    expected: bool,
+}
+
+#[pymethods]
+impl WorkerEvent {
+    fn __repr__(&self) -> String {
+        format!("WorkerEvent(kind={:?}, slot={}, step={}, pid={})", self.kind, self.slot, self.step, self.pid)
+    }
+}
+
+/// One step's health (see `Driver.health`).
+#[pyclass(frozen, module = "aqueduct._core", get_all)]
+pub struct StepHealth {
+    alive: usize,
+    ready: usize,
+    deaths: usize,
+    restarts: usize,
+    waiting: usize,
+    waiting_room: usize,
+    in_flight: usize,
+    longest_batch_s: Option<f64>,
+    overdue: usize,
+}
+
+fn worker_event(kind: &'static str, slot: usize, step: usize) -> WorkerEvent {
+    WorkerEvent { kind, slot: slot as i64, step: step as i64, pid: 0, message: String::new(), expected: false }
+}
+
+fn flow_event(kind: &'static str, message: String) -> WorkerEvent {
+    WorkerEvent { kind, slot: -1, step: -1, pid: 0, message, expected: false }
+}
+
+/// Resolves futures and collects worker events while the driver is polled.
+struct Delivery<'py, 'n> {
+    py: Python<'py>,
+    arena: Arc<Arena>,
+    events: Bound<'py, PyList>,
+    step_names: &'n [String],
+    err: Option<PyErr>,
+}
+
+impl<'py> Delivery<'py, '_> {
+    fn new<'n>(py: Python<'py>, arena: Arc<Arena>, step_names: &'n [String]) -> Delivery<'py, 'n> {
+        Delivery { py, arena, events: PyList::empty(py), step_names, err: None }
+    }
+
+    fn name(&self, step: usize) -> &str {
+        self.step_names.get(step).map_or("", String::as_str)
+    }
+
+    fn take(&mut self, e: Event<'_, Py<PyAny>>) {
+        if let Err(err) = self.deliver(e) {
+            self.err.get_or_insert(err);
+        }
+    }
+
+    fn deliver(&mut self, e: Event<'_, Py<PyAny>>) -> PyResult<()> {
+        let py = self.py;
+        match e {
+            Event::Done { call, body, bufs } => {
+                let bufs = buffers(py, &self.arena, bufs)?;
+                let body = payload_bytes(py, &self.arena, body)?;
+                resolve(py, call, PyTuple::new(py, [body.into_any(), bufs.into_any()])?.into_any());
+            }
+            Event::Failed { call, step, fault } => {
+                let none = || py.None();
+                let (kind, step, detail): (&'static str, i64, Py<PyAny>) = match fault {
+                    Fault::Engine(f) => match f {
+                        HubFailure::Handler { step, body } => {
+                            ("handler", step as i64, payload_bytes(py, &self.arena, body)?.into_any().unbind())
+                        }
+                        HubFailure::Expired { step } => ("expired", step as i64, none()),
+                        HubFailure::WorkerDied { step, pid } => {
+                            ("died", step as i64, pid.into_pyobject(py)?.into_any().unbind())
+                        }
+                        HubFailure::HandlerTimeout { step, pid } => {
+                            ("handler_timeout", step as i64, pid.into_pyobject(py)?.into_any().unbind())
+                        }
+                        HubFailure::Stopped => ("stopped", -1, none()),
+                        HubFailure::ArenaExhausted { step } => ("shm_exhausted", step as i64, none()),
+                    },
+                    Fault::Timeout => ("timeout", step as i64, none()),
+                    Fault::TimeoutWaiting => ("timeout_waiting", step as i64, none()),
+                    Fault::NotRunning => ("not_running", step as i64, none()),
+                };
+                resolve(py, call, Bound::new(py, Failure { kind, step, detail })?.into_any());
+            }
+            Event::Ready { slot, step, pid } => {
+                self.push(WorkerEvent { pid, ..worker_event("ready", slot, step) })?;
+            }
+            Event::StartFailed { slot, step, pid, message } => {
+                self.push(WorkerEvent { pid, message, ..worker_event("start_failed", slot, step) })?;
+            }
+            Event::Exited { slot, step, pid, expected } => {
+                self.push(WorkerEvent { pid, expected, ..worker_event("exited", slot, step) })?;
+            }
+            Event::Respawn { slot, step } => self.push(worker_event("respawn", slot, step))?,
+            Event::GiveUp(why) => {
+                let message = match why {
+                    GiveUp::TooManyDeaths { step, deaths, window, max_restarts } => format!(
+                        "Workers of {} died {deaths} times within {:.0} s (restart_policy allows {max_restarts} \
+                         restarts): stopping the flow",
+                        self.name(step),
+                        window.as_secs_f64()
+                    ),
+                    GiveUp::HandlerError { step } => {
+                        format!("The handler of {} raised: stopping the flow (stop_on_handler_error)", self.name(step))
+                    }
+                    GiveUp::CannotRestart { step } => {
+                        format!("could not restart a worker of {}: stopping the flow", self.name(step))
+                    }
+                };
+                self.push(flow_event("give_up", message))?;
+            }
+            Event::Drained => self.push(flow_event("drained", String::new()))?,
+            Event::GraceExpired => self.push(flow_event("grace_expired", String::new()))?,
+            Event::AllExited => self.push(flow_event("all_exited", String::new()))?,
+        }
+        Ok(())
+    }
+
+    fn push(&self, e: WorkerEvent) -> PyResult<()> {
+        self.events.append(Bound::new(self.py, e)?)
+    }
+
+    fn finish(self) -> PyResult<Bound<'py, PyList>> {
+        self.err.map_or(Ok(self.events), Err)
+    }
+}
+
+/// Resolves a call's future. A future already done (its caller was cancelled and has not told
+/// the driver yet) or whose loop is closed refuses; the result is then nobody's.
+fn resolve(py: Python<'_>, future: Py<PyAny>, value: Bound<'_, PyAny>) {
+    let _ = future.bind(py).call_method1(intern!(py, "set_result"), (value,));
+}
+
+#[pymethods]
+impl Driver {
+    /// `steps` is a list of `(nprocs, batch_size, batch_timeout_seconds, queue_capacity,
+    /// handle_timeout_seconds or None)`; `step_names` name them in messages.
+    #[new]
+    #[pyo3(signature = (
+        steps, pool, step_names, priorities=1, *, reject_when_full=false, max_restarts=5,
+        restart_window=60.0, stop_on_handler_error=false, fair_every=10, ring_capacity=1<<20,
+        inline_max=64<<10, metrics=true
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        steps: Vec<(usize, usize, f64, usize, Option<f64>)>,
+        pool: &Pool,
+        step_names: Vec<String>,
+        priorities: usize,
+        reject_when_full: bool,
+        max_restarts: usize,
+        restart_window: f64,
+        stop_on_handler_error: bool,
+        fair_every: u32,
+        ring_capacity: usize,
+        inline_max: usize,
+        metrics: bool,
+    ) -> PyResult<Self> {
+        let steps = steps
+            .into_iter()
+            .map(|(nprocs, batch_size, timeout, queue_capacity, handle_timeout)| {
+                Ok(StepSpec {
+                    nprocs,
+                    batch_size,
+                    batch_timeout: args::duration("batch_timeout", timeout)?,
+                    queue_capacity,
+                    handle_timeout: handle_timeout.map(|t| args::duration("handle_timeout", t)).transpose()?,
+                })
+            })
+            .collect::<PyResult<_>>()?;
+        let cfg = HubConfig { steps, priorities, fair_every, ring_capacity, inline_max, metrics };
+        let engine = CoreEngine::new(&cfg, pool.arena.clone()).map_err(py_err(py))?;
+        let admission = if reject_when_full { Admission::Reject } else { Admission::Wait };
+        let policy =
+            RestartPolicy { max_restarts, window: args::duration("window", restart_window)?, stop_on_handler_error };
+        let driver = CoreDriver::new(engine, admission, policy);
+        Ok(Self { inner: Mutex::new(Some(driver)), step_names })
+    }
+
+    /// The descriptor to watch for readability.
+    fn fileno(&self) -> PyResult<i32> {
+        Ok(self.lock()?.engine().fd().as_raw_fd())
+    }
+
+    fn region_fd(&self) -> PyResult<i32> {
+        Ok(self.lock()?.engine().region_fd().as_raw_fd())
+    }
+
+    fn doorbell_fd(&self) -> PyResult<i32> {
+        Ok(self.lock()?.engine().doorbell_fd().as_raw_fd())
+    }
+
+    #[getter]
+    fn slot_count(&self) -> PyResult<usize> {
+        Ok(self.lock()?.engine().hub.slot_count())
+    }
+
+    fn slot_step(&self, slot: usize) -> PyResult<usize> {
+        let driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        Ok(driver.engine().hub.slot_step(slot))
+    }
+
+    fn slot_state(&self, slot: usize) -> PyResult<&'static str> {
+        let driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        Ok(match driver.engine().hub.slot_state(slot) {
+            SlotState::Vacant => "vacant",
+            SlotState::Starting => "starting",
+            SlotState::Idle => "idle",
+            SlotState::Busy => "busy",
+            SlotState::Stopping => "stopping",
+            SlotState::Dead => "dead",
+        })
+    }
+
+    /// `(pid, alive)` of the worker of `slot`: alive from its start until its exit is seen.
+    fn worker(&self, slot: usize) -> PyResult<(u32, bool)> {
+        let driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        Ok(driver.worker(slot))
+    }
+
+    /// Tasks waiting for `step`: queued, or sent ahead to a worker that has not begun them.
+    /// This is what `queue_capacity` bounds.
+    fn waiting(&self, step: usize) -> PyResult<usize> {
+        let driver = self.lock()?;
+        let hub = &driver.engine().hub;
+        if step >= hub.step_count() {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no step {step}")));
+        }
+        Ok(hub.waiting(step))
+    }
+
+    fn held_by(&self, slot: usize) -> PyResult<Vec<u64>> {
+        let driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        Ok(driver.engine().hub.held_by(slot))
+    }
+
+    /// Registers the process `pid` started for `slot`, acting as process `pool_index` of the
+    /// pool (a replacement counts as a restart).
+    fn worker_spawned(&self, py: Python<'_>, slot: usize, pid: u32, pool_index: u32) -> PyResult<()> {
+        let mut driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        driver.worker_spawned(slot, pid, pool_index).map_err(py_err(py))
+    }
+
+    /// The replacement a `respawn` event asked for could not be started: the returned events
+    /// include the `give_up`.
+    fn respawn_failed<'py>(&self, py: Python<'py>, slot: usize) -> PyResult<Bound<'py, PyList>> {
+        let mut driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
+        driver.respawn_failed(slot, &mut |e| delivery.take(e));
+        delivery.finish()
+    }
+
+    /// Opens a port for a client process acting as process `pool_index` of the pool (rings of
+    /// `capacity` bytes); returns the port id. The client attaches with the descriptors of
+    /// `port_fds`.
+    #[pyo3(signature = (pool_index, capacity=1<<20))]
+    fn open_port(&self, py: Python<'_>, pool_index: u32, capacity: usize) -> PyResult<usize> {
+        self.lock()?.engine_mut().open_port(capacity, pool_index).map_err(py_err(py))
+    }
+
+    /// `(region_fd, bell_fd)` of a port, to pass to its client.
+    fn port_fds(&self, py: Python<'_>, port: usize) -> PyResult<(i32, i32)> {
+        let driver = self.lock()?;
+        let p = driver.engine().port(port).map_err(py_err(py))?;
+        let region = p.region().fd().map_or(-1, |fd| fd.as_raw_fd());
+        Ok((region, p.bell().fd().as_raw_fd()))
+    }
+
+    /// Closes a port whose client disconnected: cancels its tasks in flight and unmaps it.
+    /// Returns the client's pool index, to reap (`Pool.reap`) once the client process is dead.
+    fn close_port(&self, py: Python<'_>, port: usize) -> PyResult<u32> {
+        self.lock()?.engine_mut().close_port(port).map_err(py_err(py))
+    }
+
+    #[getter]
+    fn port_count(&self) -> PyResult<usize> {
+        Ok(self.lock()?.engine().port_count())
+    }
+
+    /// Submits a call: a pickled task for `step`, resolved through `future` (see the module
+    /// documentation). `deadline_ns` is on the monotonic clock (`time.monotonic_ns()`), 0 for
+    /// none. `bufs` are the task's out-of-band buffers: on success their references pass to
+    /// the driver; on failure they stay with them. Returns the call's id, for `cancel`. A full
+    /// queue makes the call wait in the driver (no exception), unless the driver rejects.
+    #[pyo3(signature = (future, step, priority, deadline_ns, body, bufs=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        future: Py<PyAny>,
+        step: usize,
+        priority: u8,
+        deadline_ns: u64,
+        body: &[u8],
+        bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
+    ) -> PyResult<u64> {
+        let bufs = bufs.unwrap_or_default();
+        let refs = bufs.iter().map(|b| b.get().buf()).collect();
+        let id = self
+            .lock()?
+            .submit(future, step, priority, Nanos(deadline_ns), body, refs)
+            .map_err(|refused| crate::errors::to_py(py, refused.error))?;
+        for b in &bufs {
+            b.get().detach();
+        }
+        Ok(id)
+    }
+
+    /// The caller gave up on a call: its task is dropped and its future is never resolved.
+    fn cancel(&self, call: u64) -> PyResult<bool> {
+        Ok(self.lock()?.cancel(call))
+    }
+
+    /// Handles whatever is ready without blocking: resolves the futures of finished calls and
+    /// returns the worker events. With `events=False` only what workers published is read (no
+    /// system call): for the event loop's spin, which learns about exits, timers and the
+    /// doorbell from `fileno()`.
+    /// Returns `(outcomes handled, worker events)`.
+    #[pyo3(signature = (events=true))]
+    fn poll<'py>(&self, py: Python<'py>, events: bool) -> PyResult<(usize, Bound<'py, PyList>)> {
+        let mut driver = self.lock()?;
+        let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
+        let n = driver.poll(events, &mut |e| delivery.take(e)).map_err(py_err(py))?;
+        Ok((n, delivery.finish()?))
+    }
+
+    /// Blocks (without the GIL) until something happens or `timeout` seconds pass, then
+    /// handles it as `poll` does. Interruptible by signals (Ctrl-C).
+    #[pyo3(signature = (timeout=None))]
+    fn wait<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<(usize, Bound<'py, PyList>)> {
+        let deadline = args::deadline("timeout", timeout)?;
+        loop {
+            let slice = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                None => Duration::from_millis(100),
+            };
+            // Wait on a duplicate of the epoll descriptor without holding the driver's lock.
+            let epoll = {
+                let mut driver = self.lock()?;
+                if driver.engine_mut().prepare_sleep() {
+                    Some(
+                        driver
+                            .engine()
+                            .fd()
+                            .try_clone_to_owned()
+                            .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?,
+                    )
+                } else {
+                    None
+                }
+            };
+            if let Some(fd) = epoll {
+                py.detach(|| aqueduct_core::reactor::block_on(fd.as_fd(), Some(slice))).map_err(py_err(py))?;
+            }
+            let (n, events) = self.poll(py, true)?;
+            if n > 0 || !events.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok((n, events));
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Raises the doorbell flag before the caller goes idle; `False` means records arrived
+    /// meanwhile and the caller should poll instead.
+    fn prepare_sleep(&self) -> PyResult<bool> {
+        Ok(self.lock()?.engine_mut().prepare_sleep())
+    }
+
+    /// How long (µs) this flow's processes spin before they sleep; the event loop uses it too.
+    #[getter]
+    fn spin_us(&self) -> PyResult<u64> {
+        Ok(self.lock()?.engine().hub.spin().spin.as_micros() as u64)
+    }
+
+    /// Tasks in the engine (this process's calls and port clients').
+    #[getter]
+    fn in_flight(&self) -> PyResult<usize> {
+        Ok(self.lock()?.engine().hub.in_flight())
+    }
+
+    /// This process's calls not yet answered (in the engine or waiting for room).
+    #[getter]
+    fn pending(&self) -> PyResult<usize> {
+        Ok(self.lock()?.pending())
+    }
+
+    /// `running`, `draining` (a graceful stop waits for the calls in flight) or `stopping`.
+    #[getter]
+    fn state(&self) -> PyResult<&'static str> {
+        Ok(match self.lock()?.state() {
+            DriverState::Running => "running",
+            DriverState::Draining => "draining",
+            DriverState::Stopping => "stopping",
+        })
+    }
+
+    fn queue_len(&self, step: usize) -> PyResult<usize> {
+        let driver = self.lock()?;
+        let hub = &driver.engine().hub;
+        if step >= hub.step_count() {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no step {step}")));
+        }
+        Ok(hub.queue_len(step))
+    }
+
+    /// Stops taking calls; calls waiting for room fail (`not_running`). A graceful stop then
+    /// waits at most `grace` seconds for the calls in flight (a `drained` or `grace_expired`
+    /// event follows); a hard one fails every call now, and escalates a graceful one under way.
+    /// Then `stop_workers`.
+    fn begin_stop<'py>(&self, py: Python<'py>, graceful: bool, grace: f64) -> PyResult<Bound<'py, PyList>> {
+        let grace = args::duration("grace_sec", grace)?;
+        let mut driver = self.lock()?;
+        let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
+        driver.begin_stop(graceful, grace, &mut |e| delivery.take(e)).map_err(py_err(py))?;
+        delivery.finish()
+    }
+
+    /// Tells every live worker to exit after its batch, or (`hard`) kills it. Returns whether
+    /// any was alive; an `all_exited` event follows once they are gone.
+    fn stop_workers(&self, hard: bool) -> PyResult<bool> {
+        Ok(self.lock()?.stop_workers(hard))
+    }
+
+    /// Sends a signal to the worker of `slot` (through its pidfd).
+    fn signal_worker(&self, py: Python<'_>, slot: usize, signum: i32) -> PyResult<()> {
+        let sig = rustix::process::Signal::from_named_raw(signum)
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("unknown signal {signum}")))?;
+        self.lock()?.engine().reactor().signal(slot, sig).map_err(py_err(py))
+    }
+
+    /// Per step, the health of its workers and queue, from the engine and the driver.
+    fn health(&self) -> PyResult<Vec<StepHealth>> {
+        Ok(self
+            .lock()?
+            .health()
+            .into_iter()
+            .map(|h| StepHealth {
+                alive: h.alive,
+                ready: h.ready,
+                deaths: h.deaths,
+                restarts: h.restarts,
+                waiting: h.waiting,
+                waiting_room: h.waiting_room,
+                in_flight: h.in_flight,
+                longest_batch_s: h.longest_batch.map(|d| d.as_secs_f64()),
+                overdue: h.overdue,
+            })
+            .collect())
+    }
+
+    /// How calls ended, `[step][priority][end]` with ends `complete`, `timeout`, `cancel`,
+    /// `error`: this process's calls and port clients'.
+    fn counts(&self) -> PyResult<Vec<Vec<[u64; 4]>>> {
+        Ok(self.lock()?.counts().by_step)
+    }
+
+    fn step_stats<'py>(&self, py: Python<'py>, step: usize) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.lock()?.engine().hub.step_stats(step);
+        let d = PyDict::new(py);
+        d.set_item("batches", s.batches)?;
+        d.set_item("tasks", s.tasks)?;
+        d.set_item("expired", s.expired)?;
+        d.set_item("failed", s.failed)?;
+        d.set_item("worker_deaths", s.worker_deaths)?;
+        Ok(d)
+    }
+
+    /// Seconds the batch the worker of `slot` is running has run (at most), or `None` when it
+    /// has none.
+    fn batch_running_for(&self, slot: usize) -> PyResult<Option<f64>> {
+        let driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        Ok(driver.engine().hub.batch_running_for(slot, Nanos::now()).map(|d| d.as_secs_f64()))
+    }
+
+    /// Every metric, as plain Python values (histograms are `(buckets, count, sum)`; see
+    /// `aqueduct_core::metrics`). With `drain=True` the sample rings are consumed: the StatsD
+    /// exporter is their one reader.
+    #[pyo3(signature = (drain=false))]
+    fn metrics<'py>(&self, py: Python<'py>, drain: bool) -> PyResult<Bound<'py, PyDict>> {
+        let snap = self.lock()?.engine_mut().hub.metrics(drain);
+        let hist = |h: &Histogram| -> PyResult<Bound<'py, PyAny>> {
+            Ok((h.buckets.to_vec(), h.count, h.sum).into_pyobject(py)?.into_any())
+        };
+        let steps = PyList::empty(py);
+        for m in &snap.steps {
+            let d = PyDict::new(py);
+            for (i, name) in WORKER_SERIES.iter().enumerate() {
+                d.set_item(*name, hist(&m.worker[i])?)?;
+                d.set_item(format!("{name}_samples"), m.worker_samples[i].clone())?;
+            }
+            d.set_item("batch_size", hist(&m.batch_size)?)?;
+            d.set_item("batch_size_samples", m.batch_size_samples.clone())?;
+            d.set_item("batch_wait_us", hist(&m.batch_wait_us)?)?;
+            d.set_item("batch_wait_us_samples", m.batch_wait_samples.clone())?;
+            d.set_item("queue_len", m.queue_len)?;
+            d.set_item("batches", m.stats.batches)?;
+            d.set_item("tasks", m.stats.tasks)?;
+            d.set_item("expired", m.stats.expired)?;
+            d.set_item("failed", m.stats.failed)?;
+            d.set_item("worker_deaths", m.stats.worker_deaths)?;
+            steps.append(d)?;
+        }
+        let routes = PyList::empty(py);
+        for r in &snap.routes {
+            let to: Option<usize> = (r.to != aqueduct_core::message::ROUTE_DONE).then_some(r.to as usize);
+            let transfer = hist(&r.transfer_us)?;
+            routes.append((
+                r.step,
+                to,
+                r.priority,
+                transfer,
+                r.transfer_samples.clone(),
+                hist(&r.size)?,
+                r.size_samples.clone(),
+            ))?;
+        }
+        let out = PyDict::new(py);
+        out.set_item("steps", steps)?;
+        out.set_item("routes", routes)?;
+        Ok(out)
+    }
+
+    /// Releases the shared memory and every descriptor now. Idempotent; any later call raises
+    /// `NotRunningError`.
+    fn close(&self) {
+        let engine = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(engine);
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    fn __repr__(&self) -> String {
+        match &*self.inner.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(d) => format!(
+                "<aqueduct._core.Driver steps={} workers={} pending={}>",
+                d.engine().hub.step_count(),
+                d.engine().hub.slot_count(),
+                d.pending()
+            ),
+            None => "<aqueduct._core.Driver closed>".into(),
+        }
+    }
+}
+
+fn check_slot(driver: &PyDriver, slot: usize) -> PyResult<()> {
+    if slot >= driver.engine().hub.slot_count() {
+        return Err(pyo3::exceptions::PyIndexError::new_err(format!("no worker slot {slot}")));
+    }
+    Ok(())
+}
