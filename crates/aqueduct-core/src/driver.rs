@@ -457,7 +457,10 @@ impl<C> Driver<C> {
         }
         if priority as usize >= self.priorities {
             let levels = self.priorities;
-            return refuse(call, EngineError::Config(format!("priority {priority} is not below {levels} levels")));
+            return refuse(
+                call,
+                EngineError::Config(format!("priority must be below queue_priorities ({levels}), got {priority}")),
+            );
         }
         let id = self.engine.hub.reserve_task_id();
         // Calls already waiting for this step go first: a new one must not overtake them.
@@ -477,6 +480,9 @@ impl<C> Driver<C> {
             self.book.calls.get_mut(&id).expect("just inserted").parked = Some(parked);
             self.book.rooms[step][priority as usize].push_back(id);
             self.book.parked += 1;
+            if self.engine.hub.has_room(step) {
+                self.admit_soon(); // it waits behind others only until the next poll
+            }
         }
         Ok(id)
     }
@@ -505,9 +511,19 @@ impl<C> Driver<C> {
             }
             None => {
                 self.engine.hub.cancel(id);
+                if self.book.parked > 0 {
+                    self.admit_soon();
+                }
             }
         }
         true
+    }
+
+    /// Room may have freed outside a poll (a cancel): wake the owner at once, so that the
+    /// waiting room is admitted from in its next poll rather than at the next completion.
+    fn admit_soon(&mut self) {
+        // The timer fires immediately; if arming fails the next poll admits anyway.
+        let _ = self.engine.set_host_timer(Some(Nanos::now()));
     }
 
     fn release_bufs(&self, bufs: Vec<BufRef>) {

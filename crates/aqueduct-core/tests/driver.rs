@@ -163,6 +163,13 @@ impl Rig {
     }
 }
 
+/// Whether the engine's descriptor is readable now (the owner would wake).
+fn readable(rig: &Rig) -> bool {
+    let fd = rig.driver.engine().fd();
+    let mut pfd = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    rustix::event::poll(&mut pfd, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap() == 1
+}
+
 fn far() -> Nanos {
     Nanos::now().saturating_add(Duration::from_secs(3600))
 }
@@ -196,25 +203,27 @@ fn a_deadline_fails_the_call_wherever_its_task_is() {
 
 #[test]
 fn a_full_step_never_holds_back_another_steps_calls() {
-    // Step 0 has one worker that never answers and room for one task; step 1 is free.
-    let mut rig = Rig::new(vec![step(1, 1, 1), step(1, 1, 4)], 1, Admission::Wait, RestartPolicy::default());
-    let _running = rig.submit(0, 0, far()).unwrap();
-    let _queued = rig.submit(0, 0, far()).unwrap();
-    let (waiting, _) = rig.submit(0, 0, far()).unwrap(); // waits for room
-    assert_eq!((rig.driver.health()[0].waiting, rig.driver.health()[0].waiting_room), (1, 1));
-    let (other, _) = rig.submit(1, 0, far()).unwrap();
-    assert_eq!(rig.work(1, Status::Ok, ROUTE_DONE), 1, "step 1's call went straight to its worker");
-    rig.poll();
-    assert_eq!(rig.seen.got[&other], Got::Done);
-    assert!(!rig.seen.got.contains_key(&waiting));
-    // Room frees up in step 0: the waiting call enters.
-    rig.work(0, Status::Ok, ROUTE_DONE);
-    rig.poll();
-    rig.work(0, Status::Ok, ROUTE_DONE);
-    rig.poll();
-    rig.work(0, Status::Ok, ROUTE_DONE);
-    rig.poll();
-    assert_eq!(rig.seen.got[&waiting], Got::Done);
+    // Both steps have one worker and room for one task. Step 0's worker never answers, so its
+    // waiting call A stays; step 1's waiting call B arrived after A, at the same priority, and
+    // must enter as soon as step 1 has room (a single FIFO per priority would hold it behind A).
+    let mut rig = Rig::new(vec![step(1, 1, 1), step(1, 1, 1)], 1, Admission::Wait, RestartPolicy::default());
+    let _running0 = rig.submit(0, 0, far()).unwrap();
+    let _queued0 = rig.submit(0, 0, far()).unwrap();
+    let (a, _) = rig.submit(0, 0, far()).unwrap();
+    let (running1, _) = rig.submit(1, 0, far()).unwrap();
+    let (queued1, _) = rig.submit(1, 0, far()).unwrap();
+    let (b, _) = rig.submit(1, 0, far()).unwrap();
+    let waiting = |rig: &Rig, s: usize| (rig.driver.health()[s].waiting, rig.driver.health()[s].waiting_room);
+    assert_eq!((waiting(&rig, 0), waiting(&rig, 1)), ((1, 1), (1, 1)));
+    for _ in 0..3 {
+        rig.work(1, Status::Ok, ROUTE_DONE);
+        rig.poll();
+    }
+    assert_eq!(rig.seen.got.get(&running1), Some(&Got::Done));
+    assert_eq!(rig.seen.got.get(&queued1), Some(&Got::Done));
+    assert_eq!(rig.seen.got.get(&b), Some(&Got::Done), "B entered although A still waits");
+    assert!(!rig.seen.got.contains_key(&a));
+    assert_eq!(waiting(&rig, 0), (1, 1));
 }
 
 #[test]
@@ -238,6 +247,24 @@ fn the_waiting_room_admits_the_most_urgent_first_and_times_out_waiting_calls() {
         order.extend(new);
     }
     assert_eq!(order, vec![first, queued, high, low]);
+}
+
+#[test]
+fn a_cancel_that_frees_room_wakes_the_owner_to_admit_a_waiting_call() {
+    let mut rig = Rig::new(vec![step(1, 1, 1)], 1, Admission::Wait, RestartPolicy::default());
+    let _running = rig.submit(0, 0, far()).unwrap();
+    assert_eq!(rig.begin(0), 1);
+    let (_, queued) = rig.submit(0, 0, far()).unwrap();
+    let (waiting, _) = rig.submit(0, 0, far()).unwrap();
+    rig.driver.engine_mut().prepare_sleep();
+    assert!(!readable(&rig), "the owner may sleep: nothing to do");
+    assert!(rig.driver.cancel(queued));
+    // Nothing else happens in the flow: the engine's descriptor must wake the owner by itself.
+    assert!(readable(&rig), "the cancel woke the owner");
+    rig.poll();
+    assert_eq!(rig.driver.health()[0].waiting_room, 0, "the waiting call entered");
+    assert_eq!(rig.driver.health()[0].waiting, 1);
+    assert!(!rig.seen.got.contains_key(&waiting));
 }
 
 #[test]

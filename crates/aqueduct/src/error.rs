@@ -19,6 +19,10 @@ pub enum FlowError {
     /// The task's timeout passed while it was in the flow.
     #[error("the task timed out")]
     Timeout,
+    /// The batch holding the task ran past the step's `handle_timeout`; its worker process was
+    /// killed and is being replaced.
+    #[error("the batch holding the task ran past the handle_timeout of {step}: its worker process {pid} was killed")]
+    HandlerTimeout { step: String, pid: u32 },
     /// The worker process holding the task died (a crash, an abort, a signal).
     #[error("the worker process {pid} of {step} died while holding the task")]
     WorkerDied { step: String, pid: u32 },

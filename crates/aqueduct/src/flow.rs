@@ -1,22 +1,27 @@
 #![forbid(unsafe_code)]
 //! [`Flow`]: a running pipeline, and [`FlowBuilder`], which starts one.
 //!
-//! A flow is an [`Engine`] (the same one under the Python API: queues, batching, priorities,
-//! deadlines, supervision) owned by one tokio task, the *driver*. Callers talk to the driver
-//! through a channel: `process` submits a task and awaits a oneshot answer. The driver sleeps on
-//! the engine's epoll descriptor through [`AsyncFd`] and wakes when a worker rang the doorbell,
-//! a batch timer fired or a worker process died; while tasks are in flight it keeps polling for
-//! a short spin window first (the engine's choice: only when the flow's workers fit the CPUs),
-//! as the Python event loop does.
+//! A flow is a core [`Driver`] (the same one under the Python API: the engine's queues,
+//! batching, priorities and supervision, and the host policy around them: caller deadlines, the
+//! waiting room for full queues, restarts, stopping, outcome counts) owned by one tokio task,
+//! the *runner*. Callers talk to the runner through a channel: `process` submits a task and
+//! awaits a oneshot answer, which the driver resolves exactly once. The runner sleeps on the
+//! engine's epoll descriptor through [`AsyncFd`] and wakes when a worker rang the doorbell, a
+//! timer fired (a batch's, a call's deadline, a restart's backoff, a stop's grace) or a worker
+//! process died; while tasks are in flight it keeps polling for a short spin window first (the
+//! engine's choice: only when the flow's workers fit the CPUs), as the Python event loop does.
+//! What the runner itself does is mechanics only: move bytes, start processes when the driver
+//! says so, join threads.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, Outcome, Payload, StepSpec};
+use aqueduct_core::driver::{Admission, Driver, Event, Fault, GiveUp};
+use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, Payload, StepSpec};
 use aqueduct_core::shm::{Arena, ArenaLayout};
 use aqueduct_core::{Engine, Nanos, WorkerEndpoint};
 use serde::de::DeserializeOwned;
@@ -31,18 +36,13 @@ use crate::store::Store;
 use crate::worker::{process_worker, thread_worker, Routes};
 
 /// How many times a step's worker processes may be replaced after dying: at most
-/// `max_restarts` within any `window`. One more death stops the flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RestartPolicy {
-    pub max_restarts: usize,
-    pub window: Duration,
-}
+/// `max_restarts` within any `window` (quick successive restarts wait a growing backoff). One
+/// more death stops the flow; so does a handler error with `stop_on_handler_error`. The core's
+/// policy, shared with the Python API.
+pub use aqueduct_core::RestartPolicy;
 
-impl Default for RestartPolicy {
-    fn default() -> Self {
-        Self { max_restarts: 5, window: Duration::from_secs(60) }
-    }
-}
+/// How long [`Flow::stop`] lets the tasks in flight finish before it fails them (as in Python).
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Per call: priority (higher is served first, below the flow's `queue_priorities`) and an
 /// optional timeout, after which the call fails with [`FlowError::Timeout`] and the task is
@@ -79,6 +79,7 @@ pub struct FlowBuilder<T> {
     priorities: usize,
     restart: RestartPolicy,
     start_timeout: Option<Duration>,
+    stop_grace: Duration,
     metrics: bool,
     pool_size: usize,
 }
@@ -92,6 +93,7 @@ impl<T: Send + 'static> FlowBuilder<T> {
             priorities: 1,
             restart: RestartPolicy::default(),
             start_timeout: None,
+            stop_grace: DEFAULT_STOP_GRACE,
             metrics: true,
             pool_size: 1 << 30,
         }
@@ -129,6 +131,13 @@ impl<T: Send + 'static> FlowBuilder<T> {
         self
     }
 
+    /// How long [`Flow::stop`] lets the tasks in flight finish before failing them with
+    /// [`FlowError::NotRunning`] (default [`DEFAULT_STOP_GRACE`]).
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
+        self
+    }
+
     /// Whether workers and the engine record metrics (default true; see [`Flow::metrics`]).
     pub fn metrics(mut self, enabled: bool) -> Self {
         self.metrics = enabled;
@@ -146,9 +155,6 @@ impl<T: Send + 'static> FlowBuilder<T> {
         if self.steps.is_empty() {
             return Err(FlowError::Invalid("a flow needs at least one step".into()));
         }
-        if self.priorities == 0 || self.priorities > 256 {
-            return Err(FlowError::Invalid(format!("queue_priorities must be in 1..=256, got {}", self.priorities)));
-        }
         let steps = self
             .steps
             .iter()
@@ -157,11 +163,11 @@ impl<T: Send + 'static> FlowBuilder<T> {
                 batch_size: s.batch_size,
                 batch_timeout: s.batch_timeout,
                 queue_capacity: self.queue_size.unwrap_or((s.batch_size * 3).max(20)),
-                handle_timeout: None,
+                handle_timeout: s.handle_timeout,
             })
             .collect();
         let cfg = HubConfig { steps, priorities: self.priorities, metrics: self.metrics, ..HubConfig::default() };
-        cfg.validate()?;
+        cfg.validate().map_err(|e| FlowError::Invalid(e.to_string()))?;
         Ok(cfg)
     }
 
@@ -180,10 +186,11 @@ impl<T: Send + 'static> FlowBuilder<T> {
         let cfg = self.config()?;
         // Thread mode moves 8-byte keys: the pool only has to exist.
         let pool = pool_for(&cfg, 64 << 10)?;
-        let mut engine = Engine::new(&cfg, pool.clone())?;
+        let mut driver = Driver::new(Engine::new(&cfg, pool.clone())?, Admission::Wait, self.restart);
         let store = Arc::new(Store::new());
         let mut threads = Vec::new();
-        for slot in 0..engine.hub.slot_count() {
+        for slot in 0..driver.engine().hub.slot_count() {
+            let engine = driver.engine();
             let step = engine.hub.slot_step(slot);
             let index = pool.reserve_index().ok_or_else(|| FlowError::Start("too many workers".into()))?;
             let doorbell = Doorbell::from_fd(
@@ -199,11 +206,11 @@ impl<T: Send + 'static> FlowBuilder<T> {
                 .name(name.chars().take(15).collect())
                 .spawn(move || thread_worker(endpoint, handler, routes, store))
                 .map_err(|e| FlowError::Start(format!("cannot start a worker thread: {e}")))?;
-            engine.thread_worker_started(slot, index);
+            driver.thread_worker_started(slot, index);
             threads.push(thread);
         }
         let codec: Arc<dyn Codec<T>> = Arc::new(ThreadCodec { store });
-        launch(self, engine, codec, Workers::Threads(threads)).await
+        launch(self, driver, codec, Workers::Threads(threads)).await
     }
 }
 
@@ -229,18 +236,15 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> FlowBuilder<T> {
         }
         let cfg = self.config()?;
         let pool = pool_for(&cfg, self.pool_size)?;
-        let mut engine = Engine::new(&cfg, pool.clone())?;
+        let mut driver = Driver::new(Engine::new(&cfg, pool.clone())?, Admission::Wait, self.restart);
         let pool_fd = pool.region().fd().ok_or_else(|| FlowError::Engine("the pool is not a memfd".into()))?;
-        let spawner = Spawner::new(&self.name, engine.region_fd(), engine.doorbell_fd(), pool_fd)?;
+        let spawner = Spawner::new(&self.name, driver.engine().region_fd(), driver.engine().doorbell_fd(), pool_fd)?;
         let mut children = HashMap::new();
-        for slot in 0..engine.hub.slot_count() {
-            spawn_process(&mut engine, &pool, &spawner, &mut children, slot)?;
+        for slot in 0..driver.engine().hub.slot_count() {
+            spawn_process(&mut driver, &pool, &spawner, &mut children, slot)?;
         }
         let codec: Arc<dyn Codec<T>> = Arc::new(SerdeCodec { next: AtomicU64::new(1) });
-        let restart = self.restart;
-        let workers =
-            Workers::Processes { spawner, pool, children, restarts: vec![VecDeque::new(); cfg.steps.len()], restart };
-        launch(self, engine, codec, workers).await
+        launch(self, driver, codec, Workers::Processes { spawner, pool, children }).await
     }
 }
 
@@ -251,22 +255,22 @@ fn pool_for(cfg: &HubConfig, bytes: usize) -> Result<Arc<Arena>, FlowError> {
     Ok(Arc::new(Arena::create(ArenaLayout::new(bytes, 1 << 16, workers + 1), 0)?))
 }
 
-fn spawn_process(
-    engine: &mut Engine,
+fn spawn_process<C>(
+    driver: &mut Driver<C>,
     pool: &Arena,
     spawner: &Spawner,
     children: &mut HashMap<usize, Child>,
     slot: usize,
 ) -> Result<(), FlowError> {
     let index = pool.reserve_index().ok_or_else(|| FlowError::Start("too many worker processes".into()))?;
-    let child = match spawner.spawn(slot, engine.hub.slot_step(slot), index) {
+    let child = match spawner.spawn(slot, driver.engine().hub.slot_step(slot), index) {
         Ok(child) => child,
         Err(e) => {
             pool.release_index(index);
             return Err(e);
         }
     };
-    engine.worker_spawned(slot, child.id(), index)?;
+    driver.worker_spawned(slot, child.id(), index)?;
     children.insert(slot, child);
     Ok(())
 }
@@ -331,8 +335,7 @@ struct Shared<T> {
     commands: mpsc::UnboundedSender<Command>,
     codec: Arc<dyn Codec<T>>,
     conditions: Vec<Condition<T>>,
-    priorities: usize,
-    /// `true` while the flow accepts tasks; the driver sets it.
+    /// `true` while the flow accepts tasks; the runner sets it.
     running: watch::Receiver<bool>,
 }
 
@@ -364,7 +367,6 @@ impl<T: Send + 'static> Flow<T> {
                 commands,
                 codec: Arc::new(NoCodec),
                 conditions: Vec::new(),
-                priorities: builder.priorities,
                 running: watch::channel(false).1,
             }),
         }
@@ -391,22 +393,18 @@ impl<T: Send + 'static> Flow<T> {
         self.process_with(task, ProcessOptions::default()).await
     }
 
-    /// [`Flow::process`] with a priority and a timeout.
+    /// [`Flow::process`] with a priority and a timeout. The timeout is the driver's (on the
+    /// engine's timer, like the Python API's): the call fails with [`FlowError::Timeout`] and
+    /// the task is dropped wherever it is. A priority at or past the flow's levels is refused.
     pub async fn process_with(&self, task: T, options: ProcessOptions) -> Result<T, FlowError> {
         let shared = &self.shared;
         if !self.is_running() {
             return Err(FlowError::NotRunning);
         }
-        if options.priority as usize >= shared.priorities {
-            return Err(FlowError::Invalid(format!(
-                "priority must be below queue_priorities ({}), got {}",
-                shared.priorities, options.priority
-            )));
-        }
         let Some(step) = shared.conditions.iter().position(|condition| condition(&task)) else {
             return Ok(task); // no step takes it
         };
-        let deadline = options.timeout.map_or(Nanos::ZERO, |t| Nanos(Nanos::now().0 + t.as_nanos() as u64));
+        let deadline = options.timeout.map_or(Nanos::ZERO, |t| Nanos::now().saturating_add(t));
         let (ticket, body) = shared.codec.encode(task)?;
         let (answer, answered) = oneshot::channel();
         let submit = Command::Submit { ticket, step, priority: options.priority, deadline, body, answer };
@@ -416,26 +414,15 @@ impl<T: Send + 'static> Flow<T> {
         }
         // If this future is dropped (the caller's request was cancelled), the task is dropped too.
         let mut guard = CancelOnDrop { shared, ticket, armed: true };
-        let outcome = match options.timeout {
-            None => answered.await.map_err(|_| FlowError::NotRunning),
-            Some(timeout) => match tokio::time::timeout(timeout, answered).await {
-                Ok(answer) => answer.map_err(|_| FlowError::NotRunning),
-                Err(_) => Err(FlowError::Timeout), // the guard cancels it
-            },
-        };
-        let body = match outcome {
-            Ok(Ok(body)) => body,
-            Ok(Err(e)) | Err(e) => {
-                if e == FlowError::Timeout {
-                    return Err(e);
-                }
-                guard.armed = false;
-                shared.codec.discard(ticket);
-                return Err(e);
-            }
-        };
+        let outcome = answered.await.unwrap_or(Err(FlowError::NotRunning));
         guard.armed = false;
-        shared.codec.decode(ticket, &body)
+        match outcome {
+            Ok(body) => shared.codec.decode(ticket, &body),
+            Err(e) => {
+                shared.codec.discard(ticket);
+                Err(e)
+            }
+        }
     }
 
     /// A snapshot of the flow's metrics (histograms of handle time, batch size, batch wait,
@@ -446,8 +433,9 @@ impl<T: Send + 'static> Flow<T> {
         rx.await.map_err(|_| FlowError::NotRunning)
     }
 
-    /// Stops the flow gracefully: no new task is accepted, the tasks in flight finish, then the
-    /// workers exit. Returns once they have. Idempotent.
+    /// Stops the flow gracefully: no new task is accepted, the tasks in flight finish (within
+    /// the builder's `stop_grace`; past it they fail), then the workers exit. Returns once they
+    /// have. Idempotent.
     pub async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
         if self.shared.commands.send(Command::Stop(tx)).is_ok() {
@@ -483,80 +471,72 @@ impl<T> Drop for CancelOnDrop<'_, T> {
     }
 }
 
-// ------------------------------------------------------------------------------------ driver
+// ------------------------------------------------------------------------------------ runner
 
 enum Workers {
     Threads(Vec<std::thread::JoinHandle<()>>),
-    Processes {
-        spawner: Spawner,
-        pool: Arc<Arena>,
-        children: HashMap<usize, Child>,
-        /// Per step: times of recent restarts.
-        restarts: Vec<VecDeque<Instant>>,
-        restart: RestartPolicy,
-    },
+    Processes { spawner: Spawner, pool: Arc<Arena>, children: HashMap<usize, Child> },
 }
 
-struct Driver {
-    engine: Engine,
+/// A call as the driver knows it: the caller's ticket and where to answer.
+type Token = (u64, Answer);
+
+/// The tokio task that owns the driver: moves commands in and answers out, starts replacement
+/// processes when the driver asks. Every decision is the driver's.
+struct Runner {
+    driver: Driver<Token>,
     commands: mpsc::UnboundedReceiver<Command>,
     discard: Arc<dyn Fn(u64) + Send + Sync>,
     step_names: Vec<String>,
-    /// Hub id -> (ticket, answer).
-    pending: HashMap<u64, (u64, Answer)>,
-    /// Ticket -> hub id.
-    tickets: HashMap<u64, u64>,
+    /// Ticket -> the driver's call id, for cancels.
+    calls: HashMap<u64, u64>,
     workers: Workers,
     spin: Duration,
-    alive: Vec<bool>,
     stopping: Vec<oneshot::Sender<()>>,
     accepting: bool,
+    /// A stop has drained (or run out of grace): the runner ends.
+    drained: bool,
+    stop_grace: Duration,
     running: watch::Sender<bool>,
-    /// Per priority: submissions that found their queue full, in arrival order.
-    waiting: Vec<VecDeque<Waiting>>,
 }
-
-type Waiting = (u64, usize, u8, Nanos, Vec<u8>, Answer);
 
 async fn launch<T: Send + 'static>(
     builder: FlowBuilder<T>,
-    engine: Engine,
+    driver: Driver<Token>,
     codec: Arc<dyn Codec<T>>,
     workers: Workers,
 ) -> Result<Flow<T>, FlowError> {
     let (commands, receiver) = mpsc::unbounded_channel();
     let (running, running_rx) = watch::channel(false);
     let discard_codec = codec.clone();
-    let slots = engine.hub.slot_count();
-    let spin = engine.hub.spin().spin;
-    let mut driver = Driver {
-        engine,
+    let spin = driver.engine().hub.spin().spin;
+    let mut runner = Runner {
+        driver,
         commands: receiver,
         discard: Arc::new(move |ticket| discard_codec.discard(ticket)),
         step_names: builder.steps.iter().enumerate().map(|(i, s)| s.display_name(i)).collect(),
-        pending: HashMap::new(),
-        tickets: HashMap::new(),
+        calls: HashMap::new(),
         workers,
         spin,
-        alive: vec![true; slots],
         stopping: Vec::new(),
         accepting: true,
+        drained: false,
+        stop_grace: builder.stop_grace,
         running,
-        waiting: (0..builder.priorities).map(|_| VecDeque::new()).collect(),
     };
-    let fd = crate::readiness::watch(driver.engine.fd()).map_err(|e| {
+    let fd = crate::readiness::watch(runner.driver.engine().fd()).map_err(|e| {
         FlowError::Start(format!("cannot watch the engine (a tokio runtime with IO enabled is needed): {e}"))
     })?;
-    if let Err(e) = driver.wait_ready(&fd, builder.start_timeout).await {
-        driver.kill_all();
-        driver.shutdown().await;
+    if let Err(e) = runner.wait_ready(&fd, builder.start_timeout).await {
+        runner.kill_all();
+        runner.shutdown().await;
         return Err(e);
     }
-    driver.running.send_replace(true);
+    runner.running.send_replace(true);
     tokio::spawn(async move {
-        driver.run(&fd).await;
+        runner.run(&fd).await;
         drop(fd);
-        driver.shutdown().await;
+        runner.shutdown().await;
     });
     Ok(Flow {
         shared: Arc::new(Shared {
@@ -564,31 +544,26 @@ async fn launch<T: Send + 'static>(
             commands,
             codec,
             conditions: builder.steps.iter().map(|s| s.condition.clone()).collect(),
-            priorities: builder.priorities,
             running: running_rx,
         }),
     })
 }
 
-impl Driver {
-    fn step_name(&self, step: usize) -> String {
-        self.step_names.get(step).cloned().unwrap_or_default()
-    }
-
+impl Runner {
     /// Waits for every worker's `on_start`.
     async fn wait_ready(&mut self, fd: &AsyncFd<OwnedFd>, timeout: Option<Duration>) -> Result<(), FlowError> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut ready = 0;
-        let total = self.engine.hub.slot_count();
+        let total = self.driver.engine().hub.slot_count();
         while ready < total {
             let mut failure = None;
-            let names = self.step_names.clone();
-            self.engine.poll(&mut |o| match o {
-                Outcome::WorkerReady { .. } => ready += 1,
-                Outcome::WorkerStartFailed { step, message, .. } => {
+            let names = &self.step_names;
+            self.driver.poll(true, &mut |e| match e {
+                Event::Ready { .. } => ready += 1,
+                Event::StartFailed { step, message, .. } => {
                     failure.get_or_insert(format!("{} failed to start: {message}", names[step]));
                 }
-                Outcome::WorkerExited { step, pid, .. } => {
+                Event::Exited { step, pid, .. } => {
                     failure.get_or_insert(format!("{} worker (pid {pid}) exited during start-up", names[step]));
                 }
                 _ => {}
@@ -596,7 +571,7 @@ impl Driver {
             if let Some(message) = failure {
                 return Err(FlowError::Start(message));
             }
-            if ready >= total || !self.engine.prepare_sleep() {
+            if ready >= total || !self.driver.engine_mut().prepare_sleep() {
                 continue;
             }
             let readable = fd.readable();
@@ -617,7 +592,7 @@ impl Driver {
             tokio::select! {
                 command = self.commands.recv(), if self.accepting => match command {
                     Some(c) => self.command(c),
-                    None => self.begin_stop(), // every handle was dropped
+                    None => self.begin_stop(true), // every handle was dropped
                 },
                 ready = fd.readable() => match ready {
                     Ok(mut guard) => guard.clear_ready(),
@@ -629,23 +604,23 @@ impl Driver {
             }
             self.poll(true);
             self.spin().await;
-            while !self.engine.prepare_sleep() {
+            while !self.driver.engine_mut().prepare_sleep() {
                 self.poll(true);
             }
-            if !self.accepting && self.finished() {
+            if self.drained {
                 return;
             }
         }
     }
 
     /// Keeps polling (yielding to other tasks) while tasks are in flight and results keep
-    /// coming within the spin window: waking a sleeping driver costs more than a poll.
+    /// coming within the spin window: waking a sleeping runner costs more than a poll.
     async fn spin(&mut self) {
         if self.spin.is_zero() {
             return;
         }
         let mut last = Instant::now();
-        while self.engine.hub.in_flight() > 0 && last.elapsed() < self.spin {
+        while self.driver.engine().hub.in_flight() > 0 && last.elapsed() < self.spin {
             tokio::task::yield_now().await;
             while let Ok(c) = self.commands.try_recv() {
                 self.command(c);
@@ -659,205 +634,136 @@ impl Driver {
     fn command(&mut self, command: Command) {
         match command {
             Command::Submit { ticket, step, priority, deadline, body, answer } => {
-                match self.engine.hub.submit(step, priority, deadline, &body) {
+                match self.driver.submit((ticket, answer), step, priority, deadline, &body, Vec::new()) {
                     Ok(id) => {
-                        self.pending.insert(id, (ticket, answer));
-                        self.tickets.insert(ticket, id);
+                        self.calls.insert(ticket, id);
                     }
-                    Err(aqueduct_core::EngineError::QueueFull { .. }) => {
-                        // Wait for room: resubmitted when a completion frees the queue.
-                        self.waiting[priority as usize].push_back((ticket, step, priority, deadline, body, answer));
-                    }
-                    Err(e) => {
+                    Err(refused) => {
+                        let (ticket, answer) = refused.call;
                         (self.discard)(ticket);
-                        let _ = answer.send(Err(e.into()));
+                        let error = match refused.error {
+                            aqueduct_core::EngineError::Config(m) => FlowError::Invalid(m),
+                            e => e.into(),
+                        };
+                        let _ = answer.send(Err(error));
                     }
                 }
             }
             Command::Cancel { ticket } => {
-                if let Some(id) = self.tickets.remove(&ticket) {
-                    self.pending.remove(&id);
-                    self.engine.hub.cancel(id);
-                } else {
-                    for level in &mut self.waiting {
-                        level.retain(|w| w.0 != ticket);
-                    }
+                if let Some(id) = self.calls.remove(&ticket) {
+                    self.driver.cancel(id);
                 }
                 (self.discard)(ticket);
             }
             Command::Metrics(reply) => {
-                let _ = reply.send(self.engine.hub.metrics(false));
+                let _ = reply.send(self.driver.engine_mut().hub.metrics(false));
             }
             Command::Stop(done) => {
                 self.stopping.push(done);
-                self.begin_stop();
-            }
-        }
-    }
-}
-
-impl Driver {
-    /// Submits waiting tasks while their queues have room, most urgent first.
-    fn admit(&mut self) {
-        for level in (0..self.waiting.len()).rev() {
-            while let Some((ticket, step, priority, deadline, body, answer)) = self.waiting[level].pop_front() {
-                match self.engine.hub.submit(step, priority, deadline, &body) {
-                    Ok(id) => {
-                        self.pending.insert(id, (ticket, answer));
-                        self.tickets.insert(ticket, id);
-                    }
-                    Err(aqueduct_core::EngineError::QueueFull { .. }) => {
-                        self.waiting[level].push_front((ticket, step, priority, deadline, body, answer));
-                        break;
-                    }
-                    Err(e) => {
-                        (self.discard)(ticket);
-                        let _ = answer.send(Err(e.into()));
-                    }
-                }
+                self.begin_stop(true);
             }
         }
     }
 
-    /// Handles what the engine has ready; returns how many outcomes there were.
+    /// Polls the driver and acts on what it reports; returns how many engine outcomes there were.
     fn poll(&mut self, events: bool) -> usize {
-        let mut outcomes = Vec::new();
-        let arena = self.engine.hub.arena().clone();
-        let mut collect = |o: Outcome<'_>| outcomes.push(Owned::from(o, &arena));
-        let polled = if events { self.engine.poll(&mut collect) } else { self.engine.poll_rings(&mut collect) };
-        if let Err(e) = polled {
-            eprintln!("aqueduct: flow engine error: {e}");
-        }
-        let n = outcomes.len();
-        for outcome in outcomes {
-            self.outcome(outcome);
-        }
-        if self.waiting.iter().any(|w| !w.is_empty()) {
-            self.admit();
-        }
+        let mut owned = Vec::new();
+        let arena = self.driver.engine().hub.arena().clone();
+        let names = &self.step_names;
+        let polled = self.driver.poll(events, &mut |e| owned.push(Owned::from(e, &arena, names)));
+        let n = match polled {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("aqueduct: flow engine error: {e}");
+                0
+            }
+        };
+        self.act(owned);
         n
     }
 
-    fn outcome(&mut self, outcome: Owned) {
-        match outcome {
-            Owned::Done { id, body } => {
-                if let Some((ticket, answer)) = self.pending.remove(&id) {
-                    self.tickets.remove(&ticket);
-                    let _ = answer.send(Ok(body));
+    fn act(&mut self, events: Vec<Owned>) {
+        for event in events {
+            match event {
+                Owned::Answer { ticket, answer, result } => {
+                    self.calls.remove(&ticket);
+                    if result.is_err() {
+                        (self.discard)(ticket);
+                    }
+                    let _ = answer.send(result);
                 }
-            }
-            Owned::Failed { id, error } => {
-                if let Some((ticket, answer)) = self.pending.remove(&id) {
-                    self.tickets.remove(&ticket);
-                    (self.discard)(ticket);
-                    let error = match error {
-                        FailureKind::Handler(step, message) => {
-                            FlowError::Handler { step: self.step_name(step), message }
-                        }
-                        FailureKind::Expired(step) => FlowError::Expired { step: self.step_name(step) },
-                        FailureKind::Died(step, pid) => FlowError::WorkerDied { step: self.step_name(step), pid },
-                        FailureKind::Stopped => FlowError::NotRunning,
-                        FailureKind::Exhausted(step) => {
-                            FlowError::Engine(format!("no shared memory left for a task of {}", self.step_name(step)))
-                        }
-                    };
-                    let _ = answer.send(Err(error));
+                Owned::Died { step, pid } => {
+                    eprintln!("aqueduct: the process {pid} for {} is dead", self.step_names[step]);
                 }
+                Owned::Respawn { slot } => self.respawn(slot),
+                Owned::GiveUp(why) => {
+                    eprintln!("aqueduct: {why}; stopping the flow");
+                    self.begin_stop(false);
+                }
+                Owned::StartFailed { step, message } => {
+                    eprintln!("aqueduct: a replacement worker of {} failed to start: {message}", self.step_names[step]);
+                }
+                Owned::StopDone => self.drained = true,
+                Owned::Nothing => {}
             }
-            Owned::Exited { slot, step, pid } => self.exited(slot, step, pid),
-            Owned::StartFailed { step, message } => {
-                eprintln!("aqueduct: a replacement worker of {} failed to start: {message}", self.step_name(step));
-            }
-            Owned::Ready => {}
         }
     }
 
-    /// A worker process died (or exited when told to stop): reap it, and replace it if the flow
-    /// is running and the restart policy allows.
-    fn exited(&mut self, slot: usize, step: usize, pid: u32) {
-        self.alive[slot] = false;
-        let name = self.step_name(step);
-        let Workers::Processes { spawner, pool, children, restarts, restart } = &mut self.workers else { return };
+    /// Starts the replacement the driver asked for.
+    fn respawn(&mut self, slot: usize) {
+        let Workers::Processes { spawner, pool, children } = &mut self.workers else { return };
         if let Some(mut child) = children.remove(&slot) {
             let _ = child.wait();
         }
-        if !self.accepting {
-            return;
-        }
-        eprintln!("aqueduct: the process {pid} for {name} is dead");
-        let now = Instant::now();
-        let recent = &mut restarts[step];
-        while recent.front().is_some_and(|t| now.duration_since(*t) > restart.window) {
-            recent.pop_front();
-        }
-        if recent.len() >= restart.max_restarts {
+        if let Err(e) = spawn_process(&mut self.driver, pool, spawner, children, slot) {
             eprintln!(
-                "aqueduct: workers of {name} died {} times within {:?} (restart policy: {}): stopping the flow",
-                recent.len() + 1,
-                restart.window,
-                restart.max_restarts
+                "aqueduct: cannot replace a worker of {}: {e}",
+                self.step_names[self.driver.engine().hub.slot_step(slot)]
             );
-            self.fail_everything();
-            self.begin_stop();
-            return;
-        }
-        recent.push_back(now);
-        match spawn_process(&mut self.engine, pool, spawner, children, slot) {
-            Ok(()) => self.alive[slot] = true,
-            Err(e) => {
-                eprintln!("aqueduct: cannot replace a worker of {name}: {e}; stopping the flow");
-                self.fail_everything();
-                self.begin_stop();
-            }
+            let mut owned = Vec::new();
+            let arena = self.driver.engine().hub.arena().clone();
+            let names = &self.step_names;
+            self.driver.respawn_failed(slot, &mut |e| owned.push(Owned::from(e, &arena, names)));
+            self.act(owned);
         }
     }
 
-    fn fail_everything(&mut self) {
-        let mut outcomes = Vec::new();
-        let arena = self.engine.hub.arena().clone();
-        self.engine.hub.fail_all(&mut |o| outcomes.push(Owned::from(o, &arena)));
-        for outcome in outcomes {
-            self.outcome(outcome);
-        }
-        for level in &mut self.waiting {
-            for (ticket, .., answer) in level.drain(..) {
-                (self.discard)(ticket);
-                let _ = answer.send(Err(FlowError::NotRunning));
-            }
-        }
-    }
-
-    /// Stops taking tasks; the flow stops once those in flight are done.
-    fn begin_stop(&mut self) {
-        if !self.accepting {
-            return;
-        }
-        self.accepting = false;
-        self.running.send_replace(false);
-        self.engine.hub.stop_accepting();
-        for level in &mut self.waiting {
-            for (ticket, .., answer) in level.drain(..) {
-                (self.discard)(ticket);
-                let _ = answer.send(Err(FlowError::NotRunning));
-            }
-        }
-        while let Ok(command) = self.commands.try_recv() {
-            match command {
-                Command::Submit { ticket, answer, .. } => {
-                    (self.discard)(ticket);
-                    let _ = answer.send(Err(FlowError::NotRunning));
+    /// Stops taking tasks; the driver fails the calls waiting for room, and the flow stops once
+    /// those in flight are done (graceful, within the grace period) or at once.
+    fn begin_stop(&mut self, graceful: bool) {
+        if self.accepting {
+            self.accepting = false;
+            self.running.send_replace(false);
+            while let Ok(command) = self.commands.try_recv() {
+                match command {
+                    Command::Submit { ticket, answer, .. } => {
+                        (self.discard)(ticket);
+                        let _ = answer.send(Err(FlowError::NotRunning));
+                    }
+                    Command::Stop(done) => self.stopping.push(done),
+                    Command::Metrics(reply) => {
+                        let _ = reply.send(self.driver.engine_mut().hub.metrics(false));
+                    }
+                    Command::Cancel { ticket } => {
+                        if let Some(id) = self.calls.remove(&ticket) {
+                            self.driver.cancel(id);
+                        }
+                        (self.discard)(ticket);
+                    }
                 }
-                Command::Stop(done) => self.stopping.push(done),
-                Command::Metrics(reply) => {
-                    let _ = reply.send(self.engine.hub.metrics(false));
-                }
-                Command::Cancel { ticket } => (self.discard)(ticket),
             }
         }
-    }
-
-    fn finished(&self) -> bool {
-        self.engine.hub.in_flight() == 0
+        let mut owned = Vec::new();
+        let arena = self.driver.engine().hub.arena().clone();
+        let names = &self.step_names;
+        let grace = self.stop_grace;
+        if let Err(e) = self.driver.begin_stop(graceful, grace, &mut |e| owned.push(Owned::from(e, &arena, names))) {
+            eprintln!("aqueduct: flow engine error: {e}");
+        }
+        if !graceful {
+            owned.push(Owned::StopDone);
+        }
+        self.act(owned);
     }
 
     fn kill_all(&mut self) {
@@ -870,11 +776,7 @@ impl Driver {
 
     /// Asks every worker to exit and waits for them (killing processes that take too long).
     async fn shutdown(&mut self) {
-        for slot in 0..self.alive.len() {
-            if self.alive[slot] {
-                let _ = self.engine.hub.send_stop(slot);
-            }
-        }
+        self.driver.stop_workers(false);
         match std::mem::replace(&mut self.workers, Workers::Threads(Vec::new())) {
             Workers::Threads(threads) => {
                 let _ = tokio::task::spawn_blocking(move || {
@@ -907,22 +809,28 @@ impl Driver {
     }
 }
 
-/// Why a task failed, owned (outcomes borrow the engine's buffers).
-enum FailureKind {
-    Handler(usize, String),
-    Expired(usize),
-    Died(usize, u32),
-    Stopped,
-    Exhausted(usize),
-}
-
-/// An engine outcome with its bytes copied out of shared memory.
+/// A driver event with its bytes copied out of shared memory (events borrow the engine).
 enum Owned {
-    Done { id: u64, body: Vec<u8> },
-    Failed { id: u64, error: FailureKind },
-    Exited { slot: usize, step: usize, pid: u32 },
-    StartFailed { step: usize, message: String },
-    Ready,
+    Answer {
+        ticket: u64,
+        answer: Answer,
+        result: Result<Vec<u8>, FlowError>,
+    },
+    Died {
+        step: usize,
+        pid: u32,
+    },
+    Respawn {
+        slot: usize,
+    },
+    GiveUp(String),
+    StartFailed {
+        step: usize,
+        message: String,
+    },
+    /// A stop has nothing left in flight (drained, or failed past its grace).
+    StopDone,
+    Nothing,
 }
 
 fn bytes(arena: &Arena, payload: Payload<'_>) -> Vec<u8> {
@@ -938,32 +846,52 @@ fn bytes(arena: &Arena, payload: Payload<'_>) -> Vec<u8> {
 }
 
 impl Owned {
-    fn from(outcome: Outcome<'_>, arena: &Arena) -> Self {
-        match outcome {
-            Outcome::Done { task_id, body, bufs } => {
+    fn from(event: Event<'_, Token>, arena: &Arena, names: &[String]) -> Self {
+        let name = |step: usize| names.get(step).cloned().unwrap_or_default();
+        match event {
+            Event::Done { call: (ticket, answer), body, bufs } => {
                 for b in bufs {
                     let _ = arena.unhold(&b.extent());
                 }
-                Owned::Done { id: task_id, body: bytes(arena, body) }
+                Owned::Answer { ticket, answer, result: Ok(bytes(arena, body)) }
             }
-            Outcome::Failed { task_id, failure } => {
-                let error = match failure {
-                    Failure::Handler { step, body } => {
-                        FailureKind::Handler(step, String::from_utf8_lossy(&bytes(arena, body)).into_owned())
+            Event::Failed { call: (ticket, answer), step, fault } => {
+                let error = match fault {
+                    Fault::Engine(Failure::Handler { step, body }) => FlowError::Handler {
+                        step: name(step),
+                        message: String::from_utf8_lossy(&bytes(arena, body)).into_owned(),
+                    },
+                    Fault::Engine(Failure::Expired { step }) => FlowError::Expired { step: name(step) },
+                    Fault::Engine(Failure::WorkerDied { step, pid }) => FlowError::WorkerDied { step: name(step), pid },
+                    Fault::Engine(Failure::HandlerTimeout { step, pid }) => {
+                        FlowError::HandlerTimeout { step: name(step), pid }
                     }
-                    Failure::Expired { step } => FailureKind::Expired(step),
-                    // The Rust API sets no `handle_timeout` yet; a kill for one is still a death.
-                    Failure::WorkerDied { step, pid } | Failure::HandlerTimeout { step, pid } => {
-                        FailureKind::Died(step, pid)
+                    Fault::Engine(Failure::Stopped) | Fault::NotRunning => FlowError::NotRunning,
+                    Fault::Engine(Failure::ArenaExhausted { step }) => {
+                        FlowError::Engine(format!("no shared memory left for a task of {}", name(step)))
                     }
-                    Failure::Stopped => FailureKind::Stopped,
-                    Failure::ArenaExhausted { step } => FailureKind::Exhausted(step),
+                    Fault::Timeout | Fault::TimeoutWaiting => {
+                        let _ = step;
+                        FlowError::Timeout
+                    }
                 };
-                Owned::Failed { id: task_id, error }
+                Owned::Answer { ticket, answer, result: Err(error) }
             }
-            Outcome::WorkerExited { slot, step, pid } => Owned::Exited { slot, step, pid },
-            Outcome::WorkerStartFailed { step, message, .. } => Owned::StartFailed { step, message },
-            Outcome::WorkerReady { .. } => Owned::Ready,
+            Event::Exited { step, pid, expected: false, .. } => Owned::Died { step, pid },
+            Event::Respawn { slot, .. } => Owned::Respawn { slot },
+            Event::GiveUp(why) => Owned::GiveUp(match why {
+                GiveUp::TooManyDeaths { step, deaths, window, max_restarts } => format!(
+                    "workers of {} died {deaths} times within {window:?} (restart policy: {max_restarts})",
+                    name(step)
+                ),
+                GiveUp::HandlerError { step } => {
+                    format!("the handler of {} failed (stop_on_handler_error)", name(step))
+                }
+                GiveUp::CannotRestart { step } => format!("a worker of {} could not be replaced", name(step)),
+            }),
+            Event::StartFailed { step, message, .. } => Owned::StartFailed { step, message },
+            Event::Drained | Event::GraceExpired => Owned::StopDone,
+            Event::Ready { .. } | Event::Exited { .. } | Event::AllExited => Owned::Nothing,
         }
     }
 }

@@ -35,6 +35,7 @@ pub struct FlowStep<T> {
     pub(crate) nprocs: usize,
     pub(crate) batch_size: usize,
     pub(crate) batch_timeout: Duration,
+    pub(crate) handle_timeout: Option<Duration>,
     pub(crate) condition: Condition<T>,
 }
 
@@ -47,6 +48,7 @@ impl<T> Clone for FlowStep<T> {
             nprocs: self.nprocs,
             batch_size: self.batch_size,
             batch_timeout: self.batch_timeout,
+            handle_timeout: self.handle_timeout,
             condition: self.condition.clone(),
         }
     }
@@ -64,8 +66,18 @@ impl<T: 'static> FlowStep<T> {
             nprocs: 1,
             batch_size: 1,
             batch_timeout: Duration::ZERO,
+            handle_timeout: None,
             condition: Arc::new(|_| true),
         }
+    }
+
+    /// How long one batch may run in a worker *process* (`start_processes`); past it the
+    /// process is killed and replaced, and the batch's tasks fail with
+    /// [`crate::FlowError::HandlerTimeout`]. Default: no limit. (A thread cannot be killed: in
+    /// thread mode the limit only marks the batch as overdue in the metrics.)
+    pub fn handle_timeout(mut self, limit: Duration) -> Self {
+        self.handle_timeout = Some(limit);
+        self
     }
 
     /// The step's name in errors and metrics (default `step{n}_{HandlerType}`).

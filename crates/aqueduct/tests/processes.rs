@@ -174,7 +174,11 @@ fn a_worker_sigkilled_from_outside_fails_the_task_it_held() {
 fn past_the_restart_policy_the_flow_stops() {
     runtime().block_on(async {
         let flow = builder("past_the_restart_policy_the_flow_stops")
-            .restart_policy(RestartPolicy { max_restarts: 1, window: Duration::from_secs(60) })
+            .restart_policy(RestartPolicy {
+                max_restarts: 1,
+                window: Duration::from_secs(60),
+                ..RestartPolicy::default()
+            })
             .start_processes()
             .await
             .unwrap();
@@ -188,7 +192,43 @@ fn past_the_restart_policy_the_flow_stops() {
     });
 }
 
+fn a_batch_past_handle_timeout_kills_its_worker_and_fails_as_such() {
+    runtime().block_on(async {
+        let flow = Flow::builder("a_batch_past_handle_timeout_kills_its_worker_and_fails_as_such")
+            .step(FlowStep::new(Sum).handle_timeout(Duration::from_millis(300)))
+            .start_timeout(Duration::from_secs(30))
+            .start_processes()
+            .await
+            .unwrap();
+        let marker = std::env::temp_dir().join(format!("aqueduct-hung-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let data = marker.to_str().unwrap().as_bytes().to_vec();
+        // Task 77 hangs in its handler (it sleeps for two minutes).
+        match flow.process(Task { x: 77, data, ..Task::default() }).await {
+            Err(FlowError::HandlerTimeout { step, pid }) => {
+                assert_eq!(step, "step1_Sum");
+                let holder: u32 = std::fs::read_to_string(&marker).unwrap().parse().unwrap();
+                assert_eq!(pid, holder);
+                let until = Instant::now() + Duration::from_secs(10);
+                while alive(pid) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                assert!(!alive(pid), "the hung worker was killed");
+            }
+            other => panic!("expected a handle_timeout failure, got {other:?}"),
+        }
+        let _ = std::fs::remove_file(&marker);
+        let done = flow.process(Task { x: 3, data: vec![1, 2], ..Task::default() }).await.unwrap();
+        assert_eq!(done.sum, Some(3), "a replacement serves");
+        flow.stop().await;
+    });
+}
+
 const CASES: &[(&str, fn())] = &[
+    (
+        "a_batch_past_handle_timeout_kills_its_worker_and_fails_as_such",
+        a_batch_past_handle_timeout_kills_its_worker_and_fails_as_such,
+    ),
     ("round_trips_with_large_payloads", round_trips_with_large_payloads),
     ("a_panic_fails_only_its_batch", a_panic_fails_only_its_batch),
     ("a_killed_worker_fails_only_its_tasks_and_is_replaced", a_killed_worker_fails_only_its_tasks_and_is_replaced),

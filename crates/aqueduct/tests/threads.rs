@@ -222,6 +222,36 @@ impl Handler<Task> for Gate {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_step_never_holds_back_the_calls_of_another() {
+    within(async {
+        // Step 1 (x < 100) is held by a gate with room for one task; step 2 takes the rest.
+        let gate = Gate::new();
+        let flow = Flow::builder("no-head-of-line")
+            .step(FlowStep::new(gate.clone()).handle_condition(|t: &Task| t.x < 100))
+            .step(plus_one().handle_condition(|t: &Task| t.x >= 100))
+            .queue_size(1)
+            .start()
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        for x in [0, 1, 2, 3] {
+            let flow = flow.clone();
+            held.push(tokio::spawn(async move { flow.process(task(x)).await }));
+        }
+        gate.started.notified().await;
+        // Step 1 is full and two of its calls wait for room; step 2's call goes through.
+        let other = flow.process(task(100)).await.unwrap();
+        assert_eq!(other.plus_one, Some(101));
+        gate.open();
+        for call in held {
+            call.await.unwrap().unwrap();
+        }
+        flow.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn higher_priorities_are_served_first() {
     within(async {
         let gate = Gate::new();
