@@ -1,45 +1,78 @@
 #![forbid(unsafe_code)]
 //! `aqueduct._core.PortClient`: a web worker's end of a port into a flow served by another
-//! process, driven by `aqueduct.sockets`.
+//! process, driven by `aqueduct.sockets`, with its calls kept by [`aqueduct_core::caller`].
 //!
-//! The client's event loop watches `fileno()` (the port's bell) and calls `poll()` when it is
-//! readable, then `prepare_sleep()`; submissions are written with `submit()` and made visible,
-//! with at most one wake-up of the engine, by `flush()`. Responses have the engine's outcome
-//! shapes: `(0, task_id, body, bufs)` and `(1, task_id, kind, step, detail)`, where `kind` is one
-//! of `handler` (detail: the pickled error), `expired`, `died` (detail: pid), `stopped`,
-//! `shm_exhausted` and `rejected` (detail: the reason), and `step` is -1 when the failure
-//! belongs to no step.
+//! A call is submitted with its asyncio future; the client resolves every future exactly once,
+//! as the driver does: with `(body, bufs)` for a finished task or with a `Failure` whose `kind`
+//! is the engine's (`handler`, `expired`, `died`, `handler_timeout`, `stopped`,
+//! `shm_exhausted`, `rejected`), `timeout` (the deadline passed) or `lost` (the client closed
+//! first). The client's event loop watches `fileno()` (the port's bell) and calls `poll()` when
+//! it is readable and when the deadline of `next_deadline()` comes, then `prepare_sleep()`;
+//! submissions are made visible, with at most one wake-up of the engine, by `flush()`.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use aqueduct_core::caller::{Answer, Caller};
 use aqueduct_core::hub::Doorbell;
-use aqueduct_core::port::{FailureKind, PortClient as CorePortClient, Response, NO_STEP};
+use aqueduct_core::port::{FailureKind, PortClient as CorePortClient, NO_STEP};
 use aqueduct_core::shm::fd::adopt_inherited;
 use aqueduct_core::shm::{Arena, SharedRegion};
 use aqueduct_core::Nanos;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString};
+use pyo3::types::{PyString, PyTuple};
 
-use crate::driver::{buffers, payload_bytes};
+use crate::driver::{buffers, payload_bytes, resolve, Failure};
 use crate::errors::py_err;
 use crate::shm::{Pool, ShmBuffer};
+
+type PyCaller = Caller<Py<PyAny>>;
 
 #[pyclass(frozen, module = "aqueduct._core")]
 pub struct PortClient {
     /// `None` once closed.
-    inner: Mutex<Option<CorePortClient>>,
+    inner: Mutex<Option<PyCaller>>,
     arena: Arc<Arena>,
 }
 
 impl PortClient {
-    fn lock(&self) -> PyResult<MutexGuard<'_, Option<CorePortClient>>> {
+    fn lock(&self) -> PyResult<MutexGuard<'_, Option<PyCaller>>> {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             return Err(Python::attach(|py| crate::errors::to_py(py, aqueduct_core::EngineError::Stopped)));
         }
         Ok(guard)
     }
+}
+
+/// Resolves a call's future with its answer.
+fn answer(py: Python<'_>, arena: &Arc<Arena>, a: Answer<'_, Py<PyAny>>) -> PyResult<()> {
+    let failure = |kind: &'static str, step: i64, detail: Py<PyAny>| Failure::new(kind, step, detail);
+    match a {
+        Answer::Done { call, body, bufs } => {
+            let bufs = buffers(py, arena, bufs)?;
+            let body = payload_bytes(py, arena, body)?;
+            resolve(py, call, PyTuple::new(py, [body.into_any(), bufs.into_any()])?.into_any());
+        }
+        Answer::Failed { call, kind, step, pid, detail } => {
+            let detail: Py<PyAny> = match (kind, detail) {
+                (FailureKind::WorkerDied | FailureKind::HandlerTimeout, _) => {
+                    pid.into_pyobject(py)?.into_any().unbind()
+                }
+                (FailureKind::Rejected, Some(d)) => {
+                    let bytes = payload_bytes(py, arena, d)?;
+                    PyString::new(py, &String::from_utf8_lossy(bytes.as_bytes())).into_any().unbind()
+                }
+                (_, Some(d)) => payload_bytes(py, arena, d)?.into_any().unbind(),
+                (_, None) => py.None(),
+            };
+            let step = if step == NO_STEP { -1 } else { i64::from(step) };
+            resolve(py, call, Bound::new(py, failure(kind.name(), step, detail))?.into_any());
+        }
+        Answer::TimedOut { call } => resolve(py, call, Bound::new(py, failure("timeout", -1, py.None()))?.into_any()),
+        Answer::Lost { call } => resolve(py, call, Bound::new(py, failure("lost", -1, py.None()))?.into_any()),
+    }
+    Ok(())
 }
 
 #[pymethods]
@@ -53,94 +86,77 @@ impl PortClient {
         let bell = Doorbell::from_fd(adopt_inherited(bell_fd).map_err(py_err(py))?);
         let engine_bell = Doorbell::from_fd(adopt_inherited(engine_doorbell_fd).map_err(py_err(py))?);
         let client = CorePortClient::attach(region, pool.arena.clone(), engine_bell, bell).map_err(py_err(py))?;
-        Ok(Self { inner: Mutex::new(Some(client)), arena: pool.arena.clone() })
+        Ok(Self { inner: Mutex::new(Some(Caller::new(client))), arena: pool.arena.clone() })
     }
 
     /// The descriptor to watch for readability: responses arrived.
     fn fileno(&self) -> PyResult<i32> {
-        Ok(self.lock()?.as_ref().expect("checked open").bell().fd().as_fd().as_raw_fd())
+        Ok(self.lock()?.as_ref().expect("checked open").client().bell().fd().as_fd().as_raw_fd())
     }
 
-    /// Writes a pickled task for `step`. Returns `False` when the request ring is full (retry
-    /// after responses came back). On success the message takes over `bufs`' references.
-    #[pyo3(signature = (task_id, step, priority, deadline_ns, body, bufs=None))]
+    /// Submits a call: a pickled task for `step`, answered through `future` (see the module
+    /// documentation). Returns the call's id, for `cancel`. On success the call takes over
+    /// `bufs`' references (a full request ring keeps it in a backlog, sent as room frees up).
+    #[pyo3(signature = (future, step, priority, deadline_ns, body, bufs=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         py: Python<'_>,
-        task_id: u64,
+        future: Py<PyAny>,
         step: u16,
         priority: u8,
         deadline_ns: u64,
         body: &[u8],
         bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
-    ) -> PyResult<bool> {
+    ) -> PyResult<u64> {
         let bufs = bufs.unwrap_or_default();
         let refs: Vec<_> = bufs.iter().map(|b| b.get().buf()).collect();
         let mut guard = self.lock()?;
-        let client = guard.as_mut().expect("checked open");
-        let written = client.submit(task_id, step, priority, Nanos(deadline_ns), body, &refs).map_err(py_err(py))?;
-        if written {
-            for b in &bufs {
-                b.get().detach();
-            }
+        let caller = guard.as_mut().expect("checked open");
+        let id = caller.submit(future, step, priority, Nanos(deadline_ns), body, refs).map_err(py_err(py))?;
+        for b in &bufs {
+            b.get().detach();
         }
-        Ok(written)
+        Ok(id)
     }
 
-    /// Asks the engine to drop a task. `False` when the request ring is full.
-    fn cancel(&self, py: Python<'_>, task_id: u64) -> PyResult<bool> {
-        self.lock()?.as_mut().expect("checked open").cancel(task_id).map_err(py_err(py))
+    /// The caller gave up on a call: its future is never resolved and the engine drops it.
+    fn cancel(&self, call: u64) -> PyResult<bool> {
+        Ok(self.lock()?.as_mut().expect("checked open").cancel(call))
     }
 
-    /// Publishes what was written and wakes the engine if it sleeps.
+    /// Publishes what was submitted and wakes the engine if it sleeps.
     fn flush(&self) -> PyResult<()> {
         self.lock()?.as_mut().expect("checked open").flush();
         Ok(())
     }
 
-    /// Every response that arrived, as tuples (see the module documentation).
-    fn poll<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let out = PyList::empty(py);
+    /// Resolves the futures of every call whose response arrived or whose deadline passed, and
+    /// sends the backlog; returns how many calls were answered.
+    fn poll(&self, py: Python<'_>) -> PyResult<usize> {
         let arena = self.arena.clone();
         let mut err = None;
         let mut guard = self.lock()?;
-        let client = guard.as_mut().expect("checked open");
-        client
-            .poll(&mut |r| {
-                if err.is_some() {
-                    return;
-                }
-                let item = (|| -> PyResult<Bound<'py, PyAny>> {
-                    Ok(match r {
-                        Response::Done { task_id, body, bufs } => {
-                            let bufs = buffers(py, &arena, bufs)?;
-                            (0u8, task_id, payload_bytes(py, &arena, body)?, bufs).into_pyobject(py)?.into_any()
-                        }
-                        Response::Failed { task_id, kind, step, pid, detail } => {
-                            let detail: Bound<'py, PyAny> = match (kind, detail) {
-                                (FailureKind::WorkerDied | FailureKind::HandlerTimeout, _) => {
-                                    pid.into_pyobject(py)?.into_any()
-                                }
-                                (FailureKind::Rejected, Some(d)) => {
-                                    let bytes = payload_bytes(py, &arena, d)?;
-                                    PyString::new(py, &String::from_utf8_lossy(bytes.as_bytes())).into_any()
-                                }
-                                (_, Some(d)) => payload_bytes(py, &arena, d)?.into_any(),
-                                (_, None) => py.None().into_bound(py),
-                            };
-                            let step = if step == NO_STEP { -1 } else { i64::from(step) };
-                            (1u8, task_id, kind.name(), step, detail).into_pyobject(py)?.into_any()
-                        }
-                    })
-                })();
-                match item.and_then(|i| out.append(i)) {
-                    Ok(()) => {}
-                    Err(e) => err = Some(e),
+        let caller = guard.as_mut().expect("checked open");
+        let n = caller
+            .poll(Nanos::now(), &mut |a| {
+                if let Err(e) = answer(py, &arena, a) {
+                    err.get_or_insert(e);
                 }
             })
             .map_err(py_err(py))?;
-        err.map_or(Ok(out), Err)
+        err.map_or(Ok(n), Err)
+    }
+
+    /// When the earliest pending deadline comes (`time.monotonic()` seconds), or `None`.
+    fn next_deadline(&self) -> PyResult<Option<f64>> {
+        Ok(self.lock()?.as_ref().expect("checked open").next_deadline().map(Nanos::as_secs_f64))
+    }
+
+    /// Calls not yet answered.
+    #[getter]
+    fn pending(&self) -> PyResult<usize> {
+        Ok(self.lock()?.as_ref().expect("checked open").pending())
     }
 
     /// Raises the flag that makes the engine ring; `False` when responses arrived meanwhile
@@ -149,10 +165,16 @@ impl PortClient {
         Ok(self.lock()?.as_mut().expect("checked open").prepare_sleep())
     }
 
-    /// Unmaps the port and closes its descriptors now. Idempotent.
-    fn close(&self) {
-        let client = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
-        drop(client);
+    /// Answers every pending call with a `lost` failure, then unmaps the port and closes its
+    /// descriptors. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        let caller = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut caller) = caller {
+            let arena = self.arena.clone();
+            caller.lose_all(&mut |a| {
+                let _ = answer(py, &arena, a);
+            });
+        }
     }
 
     #[getter]

@@ -113,6 +113,12 @@ pub struct Failure {
     detail: Py<PyAny>,
 }
 
+impl Failure {
+    pub(crate) fn new(kind: &'static str, step: i64, detail: Py<PyAny>) -> Self {
+        Self { kind, step, detail }
+    }
+}
+
 #[pymethods]
 impl Failure {
     fn __repr__(&self) -> String {
@@ -265,7 +271,7 @@ impl<'py> Delivery<'py, '_> {
 
 /// Resolves a call's future. A future already done (its caller was cancelled and has not told
 /// the driver yet) or whose loop is closed refuses; the result is then nobody's.
-fn resolve(py: Python<'_>, future: Py<PyAny>, value: Bound<'_, PyAny>) {
+pub(crate) fn resolve(py: Python<'_>, future: Py<PyAny>, value: Bound<'_, PyAny>) {
     let _ = future.bind(py).call_method1(intern!(py, "set_result"), (value,));
 }
 

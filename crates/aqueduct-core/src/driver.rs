@@ -175,6 +175,45 @@ pub struct StepHealth {
     pub overdue: usize,
 }
 
+/// Calls' deadlines, earliest first: one heap for every caller (the driver's, a port client's),
+/// so that a call costs O(log n) to time and nothing to forget. Entries of calls that ended
+/// otherwise stay until they come up (or until they outnumber the live calls, when they are
+/// dropped in bulk).
+#[derive(Default)]
+pub struct Deadlines {
+    heap: BinaryHeap<Reverse<(Nanos, u64)>>,
+}
+
+impl Deadlines {
+    /// Adds call `id`'s deadline; `live` says which ids are still pending (for the clean-up).
+    pub fn push(&mut self, at: Nanos, id: u64, pending: usize, live: impl Fn(u64) -> bool) {
+        if self.heap.len() > 64 && self.heap.len() > 2 * pending {
+            self.heap.retain(|Reverse((_, id))| live(*id));
+        }
+        self.heap.push(Reverse((at, id)));
+    }
+
+    /// The earliest deadline still in the heap (perhaps of a call that has ended).
+    pub fn next(&self) -> Option<Nanos> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// The next id whose deadline is at or before `now`, if any (the caller checks it is live).
+    pub fn pop_due(&mut self, now: Nanos) -> Option<u64> {
+        match self.heap.peek() {
+            Some(&Reverse((at, id))) if at <= now => {
+                self.heap.pop();
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.heap.clear();
+    }
+}
+
 struct Call<C> {
     token: C,
     step: u16,
@@ -197,9 +236,7 @@ struct SlotBook {
 /// them while the engine is borrowed.
 struct Book<C> {
     calls: HashMap<u64, Call<C>>,
-    /// (deadline, call id) of every call with a deadline; entries of finished calls are
-    /// skipped when they come up (and dropped in bulk when they outnumber the live ones).
-    deadlines: BinaryHeap<Reverse<(Nanos, u64)>>,
+    deadlines: Deadlines,
     /// `[step][priority]`: ids of waiting calls, in arrival order (finished ones skipped).
     rooms: Vec<Vec<VecDeque<u64>>>,
     parked: usize,
@@ -351,7 +388,7 @@ impl<C> Driver<C> {
         let priorities = hub.priorities();
         let book = Book {
             calls: HashMap::new(),
-            deadlines: BinaryHeap::new(),
+            deadlines: Deadlines::default(),
             rooms: (0..steps).map(|_| (0..priorities).map(|_| VecDeque::new()).collect()).collect(),
             parked: 0,
             counts: OutcomeCounts::new(steps, priorities),
@@ -489,12 +526,8 @@ impl<C> Driver<C> {
 
     fn insert(&mut self, id: u64, call: Call<C>) {
         if call.deadline != Nanos::ZERO {
-            let heap = &mut self.book.deadlines;
-            if heap.len() > 64 && heap.len() > 2 * self.book.calls.len() {
-                let calls = &self.book.calls;
-                heap.retain(|Reverse((_, id))| calls.contains_key(id));
-            }
-            heap.push(Reverse((call.deadline, id)));
+            let calls = &self.book.calls;
+            self.book.deadlines.push(call.deadline, id, calls.len(), |id| calls.contains_key(&id));
         }
         self.book.calls.insert(id, call);
     }
@@ -603,7 +636,7 @@ impl<C> Driver<C> {
     }
 
     fn arm(&mut self, _now: Nanos) -> Result<()> {
-        let deadline = self.book.deadlines.peek().map(|Reverse((at, _))| *at);
+        let deadline = self.book.deadlines.next();
         let respawn = self.book.respawns.iter().map(|(at, _)| *at).min();
         let next = [deadline, respawn, self.book.grace_end].into_iter().flatten().min();
         self.engine.set_host_timer(next)
@@ -611,11 +644,7 @@ impl<C> Driver<C> {
 
     /// Fails every call whose deadline has passed.
     fn expire(&mut self, now: Nanos, out: &mut dyn FnMut(Event<'_, C>)) {
-        while let Some(&Reverse((at, id))) = self.book.deadlines.peek() {
-            if at > now {
-                break;
-            }
-            self.book.deadlines.pop();
+        while let Some(id) = self.book.deadlines.pop_due(now) {
             let Some(call) = self.book.calls.remove(&id) else { continue };
             self.book.end(&call, CallEnd::Timeout);
             let fault = match call.parked {

@@ -17,12 +17,13 @@
 //! - [`driver`]: the host's policy around the engine (calls, caller deadlines, the waiting
 //!   room, restarts, stopping, outcome counts, health), once for every front end.
 //! - [`port`]: how other processes (web workers sharing one flow) submit tasks straight into
-//!   the engine.
+//!   the engine; [`caller`]: the calls of such a client, with the driver's guarantees.
 //!
 //! ARCHITECTURE.md at the repository root records why the engine has this shape and the
 //! measurements that chose it.
 
 pub mod batch;
+pub mod caller;
 pub mod clock;
 pub mod driver;
 pub mod engine;

@@ -1,6 +1,7 @@
 //! Ports end to end in one process: the test plays the engine's owner, the workers and a port
 //! client (a web worker sharing the flow).
 
+use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,6 +148,9 @@ fn tasks_from_a_port_run_and_their_results_go_back_to_it_not_to_the_owner() {
         ]
     );
     assert_eq!(rig.engine.hub.in_flight(), 0);
+    // The engine counts a port's calls where the owner's driver counts its own.
+    let counts = rig.engine.port_counts().by_priority();
+    assert_eq!(counts[0][aqueduct_core::metrics::CallEnd::Complete as usize], 3);
 }
 
 #[test]
@@ -385,4 +389,66 @@ fn every_response_gets_out_when_each_side_only_runs_on_wake_ups() {
         })
         .collect();
     assert_eq!(ids, (0..total).collect::<Vec<_>>(), "every response, once, in order");
+}
+
+#[test]
+fn a_callers_calls_get_one_answer_each_through_a_full_ring_deadlines_and_cancels() {
+    use aqueduct_core::caller::{Answer, Caller};
+    // A small request ring: most submissions wait in the caller's backlog at first.
+    let Rig { mut engine, mut workers, client, .. } = Rig::new(vec![step(4, 20)], 4096);
+    let mut caller: Caller<u64> = Caller::new(client);
+    let far = Nanos::now().saturating_add(Duration::from_secs(3600));
+    let mut ids = Vec::new();
+    for token in 0..200u64 {
+        // Every fifth call's deadline has passed already: it must time out, never run twice.
+        let deadline = if token % 5 == 0 { Nanos(1) } else { far };
+        ids.push(caller.submit(token, 0, 0, deadline, &[token as u8; 64], Vec::new()).unwrap());
+    }
+    let mut cancelled = Vec::new();
+    for token in (3..200u64).step_by(7) {
+        if caller.cancel(ids[token as usize]) {
+            cancelled.push(token);
+        }
+    }
+    caller.flush();
+    let mut answered: HashMap<u64, &str> = HashMap::new();
+    for _ in 0..2000 {
+        if caller.pending() == 0 {
+            break;
+        }
+        caller
+            .poll(Nanos::now(), &mut |a| {
+                let (token, what) = match a {
+                    Answer::Done { call, .. } => (call, "done"),
+                    Answer::Failed { call, .. } => (call, "failed"),
+                    Answer::TimedOut { call } => (call, "timed out"),
+                    Answer::Lost { call } => (call, "lost"),
+                };
+                assert!(answered.insert(token, what).is_none(), "call {token} answered twice");
+            })
+            .unwrap();
+        engine.poll(&mut |_| {}).unwrap();
+        for w in &mut workers {
+            if let Received::Batch(n) = w.recv(Some(Duration::ZERO)).unwrap() {
+                for i in 0..n {
+                    let mut body = Vec::new();
+                    w.read_body(i, &mut body).unwrap();
+                    w.send_result(i, Status::Ok, ROUTE_DONE, &body).unwrap();
+                }
+                w.finish_batch().unwrap();
+            }
+        }
+        engine.poll(&mut |_| {}).unwrap();
+    }
+    assert_eq!(caller.pending(), 0);
+    for token in 0..200u64 {
+        let got = answered.get(&token).copied();
+        if cancelled.contains(&token) {
+            assert_eq!(got, None, "a cancelled call is never answered");
+        } else if token % 5 == 0 {
+            assert_eq!(got, Some("timed out"), "call {token}");
+        } else {
+            assert_eq!(got, Some("done"), "call {token}");
+        }
+    }
 }

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import itertools
 import json
 import os
 import pickle
@@ -43,8 +42,7 @@ import select
 import signal
 import socket
 import time
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from .. import _core, _unixsock, shm
 from ..exceptions import FlowError, NotRunningError, TaskTimeoutError
@@ -202,8 +200,6 @@ class SocketFlow:
     group serve this client, and a client of that group use the server :meth:`preload` starts;
     without it, both must run as the same user. ``socket_path`` overrides ``{name}_SOCKET_PATH``."""
 
-    _ids = itertools.count(1)
-
     def __init__(
         self, name: str = '', *, allowed_gid: Optional[int] = None, socket_path: Optional[str] = None
     ) -> None:
@@ -222,10 +218,11 @@ class SocketFlow:
         self._step_names: List[str] = []
         self._priorities = 1
         self._server_pid = 0
-        # Client task id -> (future, timer)
-        self._pending: Dict[int, Tuple[asyncio.Future, Optional[asyncio.TimerHandle]]] = {}
-        # Submissions that found the request ring full, in order.
-        self._backlog: Deque[Tuple[int, int, int, int, bytes, list]] = deque()
+        # One timer, at the earliest deadline of the client's calls (the client keeps them all).
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at = float('inf')
+        # Why the calls still pending fail when this process detaches.
+        self._lost_error: Exception = FlowError('the SocketFlow was stopped before the task finished')
 
     def _env(self, env: str, default: str) -> str:
         return os.getenv(get_env_with_prefix(self._name, env), default)
@@ -407,15 +404,12 @@ class SocketFlow:
         if self._sock is not None:
             self._sock.close()  # the server closes the port and cancels what is left
             self._sock = None
-        for future, timer in self._pending.values():
-            if timer is not None:
-                timer.cancel()
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
-        self._backlog.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, float('inf')
         if client is not None:
-            client.close()
+            self._lost_error = error
+            client.close()  # every call still pending is answered as lost
         if self._pool is not None:
             shm.detach_client_pool(self._pool, self._previous_pool)
             self._pool = self._previous_pool = None
@@ -453,27 +447,32 @@ class SocketFlow:
         if isinstance(tasks, BaseTask):
             tasks = [tasks]
         loop = self._loop
-        submitted: List[Tuple[BaseTask, asyncio.Future]] = []
+        submitted: List[Tuple[BaseTask, asyncio.Future, int]] = []
         try:
             for task in tasks:
-                future = self._submit(client, loop, task, timeout_sec)
-                if future is not None:
-                    submitted.append((task, future))
+                call = self._submit(client, loop, task, timeout_sec)
+                if call is not None:
+                    submitted.append((task, *call))
         finally:
             client.flush()
+            self._arm_timer(client)
         if not submitted:
             return True
-        if len(submitted) == 1:  # the usual call: no gather around a single future
-            try:
+        try:
+            if len(submitted) == 1:  # the usual call: no gather around a single future
                 results = [await submitted[0][1]]
-            except Exception as exc:
-                results = [exc]
-        else:
-            results = await asyncio.gather(*(f for _, f in submitted), return_exceptions=True)
+            else:
+                results = await asyncio.gather(*(f for _, f, _ in submitted))
+        except asyncio.CancelledError:
+            # The caller's request was cancelled: the tasks are dropped wherever they are.
+            if self._client is client:
+                for _, _future, call in submitted:
+                    client.cancel(call)
+            raise
         first_error = None
-        for (task, _), result in zip(submitted, results, strict=True):
-            if isinstance(result, BaseException):
-                first_error = first_error or result
+        for (task, _, _), result in zip(submitted, results, strict=True):
+            if result.__class__ is _core.Failure:
+                first_error = first_error or self._failed(result)
                 continue
             apply_result(task, result)
         if first_error is not None:
@@ -486,74 +485,52 @@ class SocketFlow:
                 first_error = results = submitted = client = None
         return True
 
+    def _failed(self, failure) -> Exception:
+        kind, step = failure.kind, failure.step
+        if kind == 'timeout':
+            return SocketTaskTimeoutError('Task timeout error')
+        if kind == 'lost':
+            return self._lost_error
+        name = self._step_names[step] if 0 <= step < len(self._step_names) else ''
+        return failure_exception(kind, name, failure.detail)
+
     def _submit(
         self, client: _core.PortClient, loop: asyncio.AbstractEventLoop, task: BaseTask, timeout_sec: float
-    ) -> Optional[asyncio.Future]:
+    ) -> Optional[Tuple[asyncio.Future, int]]:
         timeout_sec = check_call(task, self._priorities, timeout_sec)
-        priority = task.priority
         task.set_timeout(timeout_sec)
         step = entry_step(self._conditions, self._step_names, task)
         if step is None:
             return None
         body, bufs = encode_task(task, self._pool)
-        deadline_ns = int(task.expiration_time * 1e9)
-        task_id = next(self._ids)
         future = loop.create_future()
-        timer = loop.call_at(loop.time() + (task.expiration_time - time.monotonic()), self._expire, task_id)
-        self._pending[task_id] = (future, timer)
-        entry = (task_id, step, priority, deadline_ns, body, bufs)
-        if self._backlog or not client.submit(*entry):
-            self._backlog.append(entry)
-        return future
+        call = client.submit(future, step, task.priority, int(task.expiration_time * 1e9), body, bufs)
+        return future, call
 
-    def _expire(self, task_id: int) -> None:
-        entry = self._pending.pop(task_id, None)
-        if entry is None:
+    def _arm_timer(self, client: _core.PortClient) -> None:
+        """Keeps the one timer at the earliest deadline of the client's calls."""
+        at = client.next_deadline()
+        if at is None or at >= self._timer_at:
             return
-        if not entry[0].done():
-            entry[0].set_exception(SocketTaskTimeoutError('Task timeout error'))
-        for i, waiting in enumerate(self._backlog):
-            if waiting[0] == task_id:
-                del self._backlog[i]
-                return
-        client = self._client
-        if client is not None and client.cancel(task_id):
-            client.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self._loop
+        self._timer_at = at
+        self._timer = loop.call_at(loop.time() + (at - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, float('inf')
+        self._on_bell()
 
     def _on_bell(self) -> None:
         client = self._client
         if client is None:
             return
         while True:
-            pending = self._pending
-            for outcome in client.poll():
-                entry = pending.pop(outcome[1], None)
-                if entry is None:
-                    continue  # timed out meanwhile; its buffers are released with the tuple
-                future, timer = entry
-                if timer is not None:
-                    timer.cancel()
-                if future.done():
-                    continue
-                if outcome[0] == 0:
-                    future.set_result((outcome[2], outcome[3]))
-                else:
-                    kind, step, detail = outcome[2], outcome[3], outcome[4]
-                    name = self._step_names[step] if 0 <= step < len(self._step_names) else ''
-                    future.set_exception(failure_exception(kind, name, detail))
-            if self._backlog:
-                self._submit_backlog(client)
+            client.poll()  # resolves the futures of answered and expired calls
             if client.prepare_sleep():
-                return
-
-    def _submit_backlog(self, client: _core.PortClient) -> None:
-        backlog = self._backlog
-        sent = False
-        while backlog and client.submit(*backlog[0]):
-            backlog.popleft()
-            sent = True
-        if sent:
-            client.flush()
+                break
+        self._arm_timer(client)
 
     def _on_server_readable(self) -> None:
         try:

@@ -1,0 +1,201 @@
+#![forbid(unsafe_code)]
+//! The calls of a port client (a web worker submitting into a flow another process serves),
+//! with the same guarantees as the driver's: each call carries a token of the front end's
+//! choosing and gets exactly one [`Answer`], whatever happens (a response, its deadline, the
+//! server going away); a cancelled call gets none.
+//!
+//! - **Deadlines** in one heap ([`Deadlines`], shared with the driver), so a call costs
+//!   O(log n) to time: the owner arms one timer at [`Caller::next_deadline`] and calls
+//!   [`Caller::poll`] when it fires or the port's bell rings.
+//! - **Backlog**: a request that finds the request ring full waits here, in order, and is sent
+//!   as responses make room. The engine's waiting room and counts apply once it is in.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::clock::Nanos;
+use crate::driver::Deadlines;
+use crate::error::Result;
+use crate::hub::Payload;
+use crate::port::{FailureKind, PortClient, Response};
+use crate::shm::BufRef;
+
+/// What a call of a port client ended with.
+#[derive(Debug)]
+pub enum Answer<'a, C> {
+    /// The task is finished; the body and buffers carry this process's references.
+    Done { call: C, body: Payload<'a>, bufs: Vec<BufRef> },
+    /// The engine failed it (see [`FailureKind`]); `pid` for deaths, `detail` for handler
+    /// errors and refusals.
+    Failed { call: C, kind: FailureKind, step: u16, pid: u32, detail: Option<Payload<'a>> },
+    /// Its deadline passed before the response came.
+    TimedOut { call: C },
+    /// The client was closed (the server went away, or the owner detached) before it ended.
+    Lost { call: C },
+}
+
+struct Backlogged {
+    id: u64,
+    step: u16,
+    priority: u8,
+    deadline: Nanos,
+    body: Vec<u8>,
+    bufs: Vec<BufRef>,
+}
+
+/// A port client and the calls made through it.
+pub struct Caller<C> {
+    client: PortClient,
+    calls: HashMap<u64, C>,
+    deadlines: Deadlines,
+    backlog: VecDeque<Backlogged>,
+    next_id: u64,
+}
+
+impl<C> Caller<C> {
+    pub fn new(client: PortClient) -> Self {
+        Self { client, calls: HashMap::new(), deadlines: Deadlines::default(), backlog: VecDeque::new(), next_id: 1 }
+    }
+
+    pub fn client(&self) -> &PortClient {
+        &self.client
+    }
+
+    /// Calls not yet answered.
+    pub fn pending(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Sends a task for `step` (published by [`Caller::flush`]); returns the call's id. On
+    /// success the call owns `bufs`' references, whether sent or waiting in the backlog; on an
+    /// error (no shared memory for the body) they stay with the caller.
+    pub fn submit(
+        &mut self,
+        call: C,
+        step: u16,
+        priority: u8,
+        deadline: Nanos,
+        body: &[u8],
+        bufs: Vec<BufRef>,
+    ) -> Result<u64> {
+        let id = self.next_id;
+        if self.backlog.is_empty() && self.client.submit(id, step, priority, deadline, body, &bufs)? {
+            // Sent: the message holds the references now.
+        } else {
+            self.backlog.push_back(Backlogged { id, step, priority, deadline, body: body.to_vec(), bufs });
+        }
+        self.next_id += 1;
+        if deadline != Nanos::ZERO {
+            let calls = &self.calls;
+            self.deadlines.push(deadline, id, calls.len(), |id| calls.contains_key(&id));
+        }
+        self.calls.insert(id, call);
+        Ok(id)
+    }
+
+    /// The caller gave up on a call: no answer will come for it, and the engine is asked to
+    /// drop its task. Returns whether it was pending.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if self.calls.remove(&id).is_none() {
+            return false;
+        }
+        if let Some(i) = self.backlog.iter().position(|b| b.id == id) {
+            let dropped = self.backlog.remove(i).expect("found");
+            self.release(&dropped.bufs);
+        } else {
+            // A full request ring: the response will come anyway, for an id no longer pending.
+            let _ = self.client.cancel(id);
+        }
+        true
+    }
+
+    /// Publishes what was written (and wakes the engine if it sleeps).
+    pub fn flush(&mut self) {
+        self.client.flush();
+    }
+
+    /// The earliest deadline of a pending call (perhaps of one already answered: harmless).
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        self.deadlines.next()
+    }
+
+    /// Answers every call whose response arrived or whose deadline has passed, then sends what
+    /// the backlog holds while the ring has room. Returns how many calls were answered.
+    pub fn poll(&mut self, now: Nanos, out: &mut dyn FnMut(Answer<'_, C>)) -> Result<usize> {
+        let mut n = 0;
+        let (calls, arena) = (&mut self.calls, self.client.arena().clone());
+        self.client.poll(&mut |r| match r {
+            Response::Done { task_id, body, bufs } => match calls.remove(&task_id) {
+                Some(call) => {
+                    n += 1;
+                    out(Answer::Done { call, body, bufs })
+                }
+                None => {
+                    if let Payload::Extent(ext) = body {
+                        let _ = arena.unhold(&ext);
+                    }
+                    for b in bufs {
+                        let _ = arena.unhold(&b.extent());
+                    }
+                }
+            },
+            Response::Failed { task_id, kind, step, pid, detail } => match calls.remove(&task_id) {
+                Some(call) => {
+                    n += 1;
+                    out(Answer::Failed { call, kind, step, pid, detail })
+                }
+                None => {
+                    if let Some(Payload::Extent(ext)) = detail {
+                        let _ = arena.unhold(&ext);
+                    }
+                }
+            },
+        })?;
+        while let Some(id) = self.deadlines.pop_due(now) {
+            if let Some(call) = self.calls.remove(&id) {
+                n += 1;
+                if let Some(i) = self.backlog.iter().position(|b| b.id == id) {
+                    let dropped = self.backlog.remove(i).expect("found");
+                    self.release(&dropped.bufs);
+                } else {
+                    let _ = self.client.cancel(id);
+                }
+                out(Answer::TimedOut { call });
+            }
+        }
+        self.send_backlog()?;
+        self.client.flush();
+        Ok(n)
+    }
+
+    fn send_backlog(&mut self) -> Result<()> {
+        while let Some(b) = self.backlog.front() {
+            if !self.client.submit(b.id, b.step, b.priority, b.deadline, &b.body, &b.bufs)? {
+                break;
+            }
+            self.backlog.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Raises the flag that makes the engine ring; `false` when responses arrived meanwhile.
+    pub fn prepare_sleep(&mut self) -> bool {
+        self.client.prepare_sleep()
+    }
+
+    /// Answers every pending call with [`Answer::Lost`] (the client is closing).
+    pub fn lose_all(&mut self, out: &mut dyn FnMut(Answer<'_, C>)) {
+        for b in std::mem::take(&mut self.backlog) {
+            self.release(&b.bufs);
+        }
+        self.deadlines.clear();
+        for (_, call) in std::mem::take(&mut self.calls) {
+            out(Answer::Lost { call });
+        }
+    }
+
+    fn release(&self, bufs: &[BufRef]) {
+        for b in bufs {
+            let _ = self.client.arena().unhold(&b.extent());
+        }
+    }
+}
