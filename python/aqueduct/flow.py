@@ -32,7 +32,7 @@ import weakref
 from dataclasses import dataclass
 from enum import Enum
 from threading import get_ident
-from typing import Any, List, NamedTuple, Tuple, Union
+from typing import Any, List, Literal, NamedTuple, Tuple, Union, overload
 
 from . import _core, shm
 from ._codec import decode_state, encode
@@ -83,7 +83,11 @@ _KILLED_EXIT_WAIT = 2.0
 _bind_lock = threading.Lock()
 
 
-def seconds_arg(name: str, value, *, positive: bool = False, none_ok: bool = False) -> float | None:
+@overload
+def seconds_arg(name: str, value: Any, *, positive: bool = False, none_ok: Literal[False] = False) -> float: ...
+@overload
+def seconds_arg(name: str, value: Any, *, positive: bool = False, none_ok: bool) -> float | None: ...
+def seconds_arg(name: str, value: Any, *, positive: bool = False, none_ok: bool = False) -> float | None:
     """A number of seconds given by a user: a ``ValueError`` naming ``name`` for anything but
     a real number ``>= 0`` (``> 0`` if ``positive``; ``None`` too if ``none_ok``). ``inf``, and
     anything past :data:`NO_LIMIT_SECONDS`, means no limit: ``None`` where ``None`` is allowed,
@@ -491,7 +495,7 @@ class Flow:
         self._state = FlowState.RUNNING
         self._owner_pid = os.getpid()
         _running_flows.add(self)
-        self._driver.prepare_sleep()
+        self._live().prepare_sleep()
         try:
             # Started from inside an event loop (an app's startup hook): watch the workers and
             # serve stats from now on, not only from the first task.
@@ -594,15 +598,16 @@ class Flow:
                 raise failure
 
     def _spawn(self, slot: int) -> None:
-        driver = self._driver
+        driver, pool, launcher = self._live(), self._pool, self._launcher
+        assert pool is not None and launcher is not None, 'set together with the driver'
         step = driver.slot_step(slot)
-        index = self._pool.reserve_index()
+        index = pool.reserve_index()
         if index is None:
             raise FlowError(f'too many worker processes for the shared-memory pool (at most {shm.MAX_PROCESSES})')
         try:
-            pid = self._launcher.spawn(slot, step, index)
+            pid = launcher.spawn(slot, step, index)
         except BaseException:
-            self._pool.release_index(index)
+            pool.release_index(index)
             raise
         # From here the driver owns the index: the engine reaps the worker's references and
         # releases the index when the worker exits.
@@ -615,6 +620,13 @@ class Flow:
                 self._launcher.reap(pid)
             except FlowError:
                 pass
+
+    def _live(self) -> _core.Driver:
+        """The driver of a started flow (the callers run only while there is one)."""
+        driver = self._driver
+        if driver is None:
+            raise NotRunningError('the flow is not started')
+        return driver
 
     def _any_alive(self) -> bool:
         driver = self._driver
@@ -634,7 +646,7 @@ class Flow:
             raise NotRunningError('the flow is not running')
         if self._owner_pid != _process_id:
             raise self._foreign_process_error()
-        driver = self._driver
+        driver = self._live()
         loop = self._loop
         # `get_running_loop()` makes a getpid() system call; the bound loop, running in this
         # very thread, is necessarily the running one.
@@ -648,8 +660,8 @@ class Flow:
         if step is None:
             return True
         body, bufs = encode_task(task, self._pool)
-        deadline = task.expiration_time
-        future = loop.create_future()
+        deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
+        future: asyncio.Future | None = loop.create_future()
         # The driver times the call out at its deadline, waits for room if the queue is full
         # (or raises QueueFullError when the flow rejects), and resolves the future.
         call = driver.submit(future, step, task.priority, int(deadline * 1e9), body, bufs)
@@ -657,7 +669,7 @@ class Flow:
         if not self._polling:
             self._start_polling()
         try:
-            result = await future
+            result = await future  # type: ignore[misc]  # not None: created above
         except asyncio.CancelledError:
             # The caller's request was cancelled: drop the task wherever it is.
             future = None
@@ -714,7 +726,7 @@ class Flow:
         self._stop_watching()
         self._loop = loop
         self._loop_thread = get_ident()
-        self._reader_fd = self._driver.fileno()
+        self._reader_fd = self._live().fileno()
         loop.add_reader(self._reader_fd, self._on_readable)
         self._polling = False
         if self._export_timer is not None:
@@ -743,7 +755,13 @@ class Flow:
     def _start_polling(self) -> None:
         self._polling = True
         self._last_progress = time.perf_counter()
-        self._loop.call_soon(self._poll_tick)
+        self._bound_loop().call_soon(self._poll_tick)
+
+    def _bound_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the flow is watched from (every caller runs after `_bind`)."""
+        loop = self._loop
+        assert loop is not None, 'the flow is bound to a loop before it polls'
+        return loop
 
     def _poll_tick(self) -> None:
         driver = self._driver
@@ -757,12 +775,12 @@ class Flow:
         if resolved:
             self._last_progress = now
         if driver.in_flight and now - self._last_progress < self._spin_seconds:
-            self._loop.call_soon(self._poll_tick)
+            self._bound_loop().call_soon(self._poll_tick)
             return
         if driver.prepare_sleep():
             self._polling = False
         else:
-            self._loop.call_soon(self._poll_tick)
+            self._bound_loop().call_soon(self._poll_tick)
 
     def _on_events(self, events: list) -> None:
         """Acts on what the driver reports: workers that exited or are to be replaced, a flow
@@ -793,7 +811,7 @@ class Flow:
         """Stops the flow from inside the event loop (no caller to await it)."""
         if self._state is not FlowState.RUNNING:
             return
-        self._stopping = self._loop.create_task(self.stop(graceful=False))
+        self._stopping = self._bound_loop().create_task(self.stop(graceful=False))
 
     def _respawn(self, slot: int, step: int) -> None:
         if self._state is not FlowState.RUNNING:
@@ -802,22 +820,26 @@ class Flow:
             self._spawn(slot)
         except Exception:
             log.exception('could not start a replacement worker of %s', self._step_names[step])
-            self._on_events(self._driver.respawn_failed(slot))
+            self._on_events(self._live().respawn_failed(slot))
             return
-        log.info('Restarted a worker of %s (pid %s)', self._step_names[step], self._driver.worker(slot)[0])
+        log.info('Restarted a worker of %s (pid %s)', self._step_names[step], self._live().worker(slot)[0])
 
     # ------------------------------------------------------------------ metrics
 
     def _export_tick(self) -> None:
         self._export_timer = None
-        if self._driver is None:
+        exporter = self._metrics_exporter
+        if self._driver is None or exporter is None:
             return
         self._export_metrics()
-        self._export_timer = self._loop.call_later(self._metrics_exporter.export_period, self._export_tick)
+        self._export_timer = self._bound_loop().call_later(exporter.export_period, self._export_tick)
 
     def _export_metrics(self) -> None:
+        exporter = self._metrics_exporter
+        if exporter is None:
+            return
         try:
-            self._metrics_exporter.export(self._metrics.period())
+            exporter.export(self._metrics.period())
         except Exception:
             log.exception('the metrics exporter failed')
 
@@ -900,7 +922,7 @@ class Flow:
             return
         log.info('Flow is stopping')
         self._state = FlowState.STOPPING
-        driver = self._driver
+        driver = self._live()
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)

@@ -42,11 +42,11 @@ import select
 import signal
 import socket
 import time
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from .. import _core, _unixsock, shm
 from ..exceptions import FlowError, NotRunningError, TaskTimeoutError
-from ..flow import Flow, FlowState, apply_result, check_call, encode_task, entry_step, failure_exception
+from ..flow import Flow, FlowState, _resolve, apply_result, check_call, encode_task, entry_step, failure_exception
 from ..logger import log
 from ..task import BaseTask
 from ..utils import get_env_with_prefix
@@ -214,7 +214,7 @@ class SocketFlow:
         self._stopped_waiters: List[asyncio.Future] = []
         self._sock: Optional[socket.socket] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._conditions: Sequence[Any] = ()
+        self._conditions: List[Any] = []
         self._step_names: List[str] = []
         self._priorities = 1
         self._server_pid = 0
@@ -306,7 +306,9 @@ class SocketFlow:
             raise
         self._sock = sock
         self._loop = loop
-        loop.add_reader(self._client.fileno(), self._on_bell)
+        client = self._client
+        assert client is not None, '_attach set it'
+        loop.add_reader(client.fileno(), self._on_bell)
         loop.add_reader(sock.fileno(), self._on_server_readable)
         log.info('Attached to the flow server (pid %s) at %s', self._server_pid, path)
 
@@ -324,8 +326,8 @@ class SocketFlow:
             header = b''
             while not header:
                 remaining = deadline - time.monotonic()
-                readable = loop.create_future()
-                loop.add_reader(sock.fileno(), lambda f=readable: f.done() or f.set_result(None))
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(sock.fileno(), _resolve, readable)
                 try:
                     await asyncio.wait_for(readable, max(remaining, 0.0))
                 except TimeoutError:
@@ -447,12 +449,13 @@ class SocketFlow:
         if isinstance(tasks, BaseTask):
             tasks = [tasks]
         loop = self._loop
+        assert loop is not None, 'set with the client'
         submitted: List[Tuple[BaseTask, asyncio.Future, int]] = []
         try:
             for task in tasks:
-                call = self._submit(client, loop, task, timeout_sec)
-                if call is not None:
-                    submitted.append((task, *call))
+                entry = self._submit(client, loop, task, timeout_sec)
+                if entry is not None:
+                    submitted.append((task, *entry))
         finally:
             client.flush()
             self._arm_timer(client)
@@ -469,7 +472,7 @@ class SocketFlow:
                 for _, _future, call in submitted:
                     client.cancel(call)
             raise
-        first_error = None
+        first_error: Exception | None = None
         for (task, _, _), result in zip(submitted, results, strict=True):
             if result.__class__ is _core.Failure:
                 first_error = first_error or self._failed(result)
@@ -482,7 +485,7 @@ class SocketFlow:
                 # The error's traceback holds this frame: without this the frame, the error and
                 # the client (with the server's shared memory mapped) form a cycle only the
                 # cyclic GC would free.
-                first_error = results = submitted = client = None
+                del first_error, results, submitted, client
         return True
 
     def _failed(self, failure) -> Exception:
@@ -504,7 +507,8 @@ class SocketFlow:
             return None
         body, bufs = encode_task(task, self._pool)
         future = loop.create_future()
-        call = client.submit(future, step, task.priority, int(task.expiration_time * 1e9), body, bufs)
+        deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
+        call = client.submit(future, step, task.priority, int(deadline * 1e9), body, bufs)
         return future, call
 
     def _arm_timer(self, client: _core.PortClient) -> None:
@@ -515,6 +519,7 @@ class SocketFlow:
         if self._timer is not None:
             self._timer.cancel()
         loop = self._loop
+        assert loop is not None, 'set with the client'
         self._timer_at = at
         self._timer = loop.call_at(loop.time() + (at - time.monotonic()), self._on_timer)
 
