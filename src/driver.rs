@@ -163,6 +163,19 @@ pub struct StepHealth {
     overdue: usize,
 }
 
+/// Tells the flow, from any thread, that an executor's worker stopped serving its slot.
+#[pyclass(frozen, module = "aqueduct._core")]
+pub struct ExitNotifier {
+    inner: aqueduct_core::engine::ExitNotifier,
+}
+
+#[pymethods]
+impl ExitNotifier {
+    fn notify(&self) {
+        self.inner.notify();
+    }
+}
+
 fn worker_event(kind: &'static str, slot: usize, step: usize) -> WorkerEvent {
     WorkerEvent { kind, slot: slot as i64, step: step as i64, pid: 0, message: String::new(), expected: false }
 }
@@ -389,6 +402,24 @@ impl Driver {
         let mut driver = self.lock()?;
         check_slot(&driver, slot)?;
         driver.worker_spawned(slot, pid, pool_index).map_err(py_err(py))
+    }
+
+    /// Registers an executor's worker for `slot` (host code in this process serving the slot;
+    /// see `aqueduct.executors`): no pid, this process's row of the pool. It reports its end
+    /// with the notifier of `exit_notifier(slot)`.
+    fn executor_started(&self, slot: usize) -> PyResult<()> {
+        let mut driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        driver.executor_started(slot);
+        Ok(())
+    }
+
+    /// What an executor's worker for `slot` calls, from any thread, when it stops serving: the
+    /// flow handles it in its next poll like a worker process's exit.
+    fn exit_notifier(&self, py: Python<'_>, slot: usize) -> PyResult<ExitNotifier> {
+        let driver = self.lock()?;
+        check_slot(&driver, slot)?;
+        Ok(ExitNotifier { inner: driver.engine().exit_notifier(slot).map_err(py_err(py))? })
     }
 
     /// The replacement a `respawn` event asked for could not be started: the returned events

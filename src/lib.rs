@@ -56,6 +56,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Failure>()?;
     m.add_class::<driver::WorkerEvent>()?;
     m.add_class::<driver::StepHealth>()?;
+    m.add_class::<driver::ExitNotifier>()?;
     m.add_class::<worker::Worker>()?;
     m.add_class::<client::PortClient>()?;
     m.add_class::<shm::Pool>()?;

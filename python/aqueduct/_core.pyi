@@ -5,6 +5,7 @@ from typing import Any, Literal, final
 
 __all__ = [
     'Driver',
+    'ExitNotifier',
     'Failure',
     'Pool',
     'PortClient',
@@ -85,6 +86,10 @@ class StepHealth:
     def overdue(self) -> int: ...
 
 @final
+class ExitNotifier:
+    def notify(self) -> None: ...
+
+@final
 class Driver:
     def __new__(
         cls,
@@ -115,6 +120,8 @@ class Driver:
     def batch_running_for(self, slot: int) -> float | None: ...
     def worker_spawned(self, slot: int, pid: int, pool_index: int) -> None: ...
     def respawn_failed(self, slot: int) -> list[WorkerEvent]: ...
+    def executor_started(self, slot: int) -> None: ...
+    def exit_notifier(self, slot: int) -> ExitNotifier: ...
     def submit(
         self,
         future: Any,

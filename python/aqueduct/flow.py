@@ -38,6 +38,7 @@ from . import _core, shm
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
 from ._stats import StatsServer
+from .executors import Executor, ExecutorWorker
 from ._worker import logging_tasks
 from .exceptions import (
     FlowError,
@@ -117,6 +118,7 @@ class FlowStep:
         on_start_wait: float = 0,
         *,
         handle_timeout: float | None = None,
+        executor: Executor | None = None,
     ):
         if not isinstance(handler, BaseTaskHandler):
             raise TypeError(f'handler must be a BaseTaskHandler instance, got {type(handler).__name__}')
@@ -131,6 +133,10 @@ class FlowStep:
         self.handle_timeout = seconds_arg('handle_timeout', handle_timeout, positive=True, none_ok=True)
         if on_start_wait:
             warnings.warn('on_start_wait is ignored: workers report readiness themselves', DeprecationWarning, 2)
+        if executor is not None and not isinstance(executor, Executor):
+            raise TypeError(f'executor must be an aqueduct.executors.Executor, got {type(executor).__name__}')
+        #: Where the step's batches run (``None``: the flow's own worker processes).
+        self.executor = executor
         self.handler = handler
         self.handle_condition = handle_condition
         self.nprocs = nprocs
@@ -508,6 +514,9 @@ class Flow:
         """Starts the workers without declaring the flow running (aqueduct 1.15's first half of
         ``start()``, used to fork workers before a server forks its own): state
         ``STEPS_INITIALIZED`` until :meth:`start_inited`."""
+        if any(step.executor is not None for step in self._steps):
+            # The process that takes the flow over would not have the executor's workers.
+            raise FlowError('init_processes() cannot hand over a flow with executor steps: call start()')
         self.start(timeout)
         self._state = FlowState.STEPS_INITIALIZED
         # The process that calls start_inited() watches the workers: often one forked from this
@@ -567,10 +576,7 @@ class Flow:
         # How long the loop keeps polling after a completion while tasks are in flight: the
         # engine's choice (zero when the flow's processes outnumber the CPUs).
         self._spin_seconds = driver.spin_us / 1e6
-        plans = []
-        for i, step in enumerate(self._steps):
-            routes = [(j, s.handle_condition, self._handler_names[j]) for j, s in enumerate(self._steps) if j > i]
-            plans.append((step.handler, self._step_names[i], routes))
+        plans = [(step.handler, self._step_names[i], self._routes(i)) for i, step in enumerate(self._steps)]
         self._launcher = make_launcher(
             self._mp_start_method, driver.region_fd(), driver.doorbell_fd(), self._pool.fileno(), plans
         )
@@ -597,10 +603,29 @@ class Flow:
             if failure is not None:
                 raise failure
 
+    def _routes(self, step: int) -> list:
+        """Where results of ``step`` may go next: the later steps, with their conditions."""
+        return [(j, s.handle_condition, self._handler_names[j]) for j, s in enumerate(self._steps) if j > step]
+
     def _spawn(self, slot: int) -> None:
         driver, pool, launcher = self._live(), self._pool, self._launcher
         assert pool is not None and launcher is not None, 'set together with the driver'
         step = driver.slot_step(slot)
+        executor = self._steps[step].executor
+        if executor is not None:
+            # The slot's end of the rings, in this process, for the executor to serve.
+            endpoint = _core.Worker(os.dup(driver.region_fd()), os.dup(driver.doorbell_fd()), slot, pool)
+            exited = driver.exit_notifier(slot).notify
+            driver.executor_started(slot)
+            worker = ExecutorWorker(
+                slot, self._step_names[step], self._steps[step].handler, self._routes(step), endpoint, exited
+            )
+            try:
+                executor.start_worker(worker)
+            except BaseException:
+                exited()  # the slot is not served: the engine treats it as gone
+                raise
+            return
         index = pool.reserve_index()
         if index is None:
             raise FlowError(f'too many worker processes for the shared-memory pool (at most {shm.MAX_PROCESSES})')
@@ -627,6 +652,27 @@ class Flow:
         if driver is None:
             raise NotRunningError('the flow is not started')
         return driver
+
+    def _stop_workers(self, hard: bool) -> bool:
+        """Tells every live worker to stop (``hard``: now); returns whether any is alive."""
+        any_alive = self._live().stop_workers(hard)
+        if hard:
+            self._stop_executors()
+        return any_alive
+
+    def _stop_executors(self, close: bool = False) -> None:
+        """A hard stop of every executor-served slot (threads cannot be killed: they are asked)."""
+        driver = self._driver
+        for i, step in enumerate(self._steps):
+            executor = step.executor
+            if executor is None:
+                continue
+            if driver is not None:
+                for slot in range(driver.slot_count):
+                    if driver.slot_step(slot) == i:
+                        executor.stop_worker(slot, True)
+            if close:
+                executor.close()
 
     def _any_alive(self) -> bool:
         driver = self._driver
@@ -948,7 +994,7 @@ class Flow:
                 graceful = False
         if escalate.done():
             graceful = False
-        if driver.stop_workers(not graceful):
+        if self._stop_workers(not graceful):
             if not self._polling:
                 self._start_polling()
             # A worker finishing its last batch gets the rest of the grace period; a hard stop
@@ -957,7 +1003,7 @@ class Flow:
             waits = [exited, escalate] if graceful else [exited]
             await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done() and escalate.done():
-                driver.stop_workers(True)
+                self._stop_workers(True)
                 await asyncio.wait([exited], timeout=_KILLED_EXIT_WAIT)
             if not exited.done():
                 log.warning('workers did not exit in time; killing them')
@@ -1014,7 +1060,7 @@ class Flow:
                 # Every call still pending fails (FlowError: stopped) before its future goes.
                 driver.begin_stop(False, 0.0)
             if kill:
-                driver.stop_workers(True)
+                self._stop_workers(True)
             deadline = time.monotonic() + 5.0
             while read and self._any_alive() and time.monotonic() < deadline:
                 for event in driver.wait(0.1)[1]:
@@ -1024,6 +1070,7 @@ class Flow:
         if self._launcher is not None:
             self._launcher.close()
         self._launcher = None
+        self._stop_executors(close=True)
         if driver is not None:
             driver.close()  # shared memory and descriptors go now, not when the GC gets to it
         self._driver = None

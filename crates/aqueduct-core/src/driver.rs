@@ -444,6 +444,15 @@ impl<C> Driver<C> {
         Ok(())
     }
 
+    /// Registers an executor's worker for `slot`: host code in this process serving the slot's
+    /// rings (a thread pool, the local end of a remote actor). It acts as this process in the
+    /// pool (its buffers are the owner's), has no pid, and reports its end through
+    /// [`Engine::exit_notifier`]; everything else (batching, recall of batches not begun,
+    /// supervision, the restart policy) is as for a worker process.
+    pub fn executor_started(&mut self, slot: usize) {
+        self.thread_worker_started(slot, 0);
+    }
+
     /// Registers a worker thread for `slot` (see [`Engine::thread_worker_started`]).
     pub fn thread_worker_started(&mut self, slot: usize, pool_index: u32) {
         self.engine.thread_worker_started(slot, pool_index);
@@ -751,7 +760,8 @@ impl<C> Driver<C> {
         }
     }
 
-    /// Tells every live worker to exit after its batch (`hard`: kills worker processes now).
+    /// Tells every live worker to exit after its batch (`hard`: kills worker processes now;
+    /// other workers are told to stop, and their executor to hurry them).
     /// Returns whether any is alive; if so, [`Event::AllExited`] follows once they are gone.
     pub fn stop_workers(&mut self, hard: bool) -> bool {
         self.book.state = DriverState::Stopping;
@@ -762,10 +772,12 @@ impl<C> Driver<C> {
             }
             any = true;
             self.book.slots[slot].stopping = true;
-            if hard {
+            if hard && self.book.slots[slot].pid != 0 {
                 // A worker that exited meanwhile: its exit is on its way.
                 let _ = self.engine.reactor().signal(slot, rustix::process::Signal::KILL);
             } else {
+                // Graceful, or a worker that is not a process (it cannot be killed): it exits
+                // after its batch, whose tasks a hard stop has failed already.
                 let _ = self.engine.hub.send_stop(slot);
             }
         }

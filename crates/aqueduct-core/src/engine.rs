@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clock::Nanos;
@@ -36,6 +36,27 @@ pub struct Engine {
     port_counts: OutcomeCounts,
     /// The owner's next deadline (see [`Engine::set_host_timer`]).
     host_timer: Option<Nanos>,
+    /// Slots whose worker is not a watched process and has reported that it is gone (see
+    /// [`ExitNotifier`]); handled in the next poll like a process exit.
+    gone: Arc<Mutex<Vec<usize>>>,
+}
+
+/// How a worker that is not a process of the engine's (an executor's worker: a thread, a
+/// remote actor's local end) tells the engine it has stopped serving its slot: from any
+/// thread, at any time. The engine handles it in its next poll exactly as it handles a process
+/// exit seen through a pidfd (tasks failed or handed back, the restart policy applied).
+pub struct ExitNotifier {
+    slot: usize,
+    gone: Arc<Mutex<Vec<usize>>>,
+    doorbell: Doorbell,
+}
+
+impl ExitNotifier {
+    pub fn notify(&self) {
+        self.gone.lock().unwrap_or_else(|p| p.into_inner()).push(self.slot);
+        // Wake the owner whether or not it sleeps: the reactor clears the doorbell.
+        self.doorbell.ring();
+    }
 }
 
 /// Requests a port may hand over in one turn before the next port's turn.
@@ -85,6 +106,7 @@ impl Engine {
             first_port: 0,
             port_counts,
             host_timer: None,
+            gone: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -115,6 +137,12 @@ impl Engine {
     /// [`Engine::worker_spawned`], without a process to watch.
     pub fn thread_worker_started(&mut self, slot: usize, pool_index: u32) {
         self.hub.worker_spawned(slot, 0, pool_index);
+    }
+
+    /// A notifier for the worker of `slot` that is not a process (see [`ExitNotifier`]).
+    pub fn exit_notifier(&self, slot: usize) -> Result<ExitNotifier> {
+        let fd = self.doorbell_fd().try_clone_to_owned().map_err(|e| EngineError::Os("dup", e))?;
+        Ok(ExitNotifier { slot, gone: self.gone.clone(), doorbell: Doorbell::from_fd(fd) })
     }
 
     /// Opens a port (rings of `capacity` bytes) for a client acting as process `pool_index` of
@@ -222,7 +250,8 @@ impl Engine {
         let ready = self.reactor.wait(timeout)?;
         self.woke();
         let mut n = 0;
-        for slot in ready.exited {
+        let notified = std::mem::take(&mut *self.gone.lock().unwrap_or_else(|p| p.into_inner()));
+        for slot in ready.exited.into_iter().chain(notified) {
             self.worker_gone(slot, out)?;
             n += 1;
         }

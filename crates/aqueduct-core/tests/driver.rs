@@ -308,6 +308,31 @@ fn deaths_restart_with_backoff_until_the_policy_gives_up() {
 }
 
 #[test]
+fn a_worker_that_is_no_process_reports_its_end_from_any_thread_like_an_exit() {
+    let mut rig = Rig::new(vec![step(1, 1, 4)], 1, Admission::Wait, RestartPolicy::default());
+    let (begun, _) = rig.submit(0, 0, far()).unwrap();
+    let (ahead, _) = rig.submit(0, 0, far()).unwrap();
+    assert_eq!(rig.begin(0), 1);
+    let notifier = rig.driver.engine().exit_notifier(0).unwrap();
+    rig.driver.engine_mut().prepare_sleep();
+    std::thread::spawn(move || notifier.notify()).join().unwrap();
+    assert!(readable(&rig), "the notice woke the owner");
+    rig.workers[0] = None;
+    rig.driver.poll(true, &mut rig.seen.sink()).unwrap();
+    assert_eq!(rig.seen.got[&begun], Got::Died);
+    assert!(!rig.seen.got.contains_key(&ahead), "the batch it never began went back to the queue");
+    assert_eq!(rig.seen.respawn, vec![0]);
+    let replacement = std::mem::take(&mut rig.seen.respawn);
+    for slot in replacement {
+        rig.start_worker(slot);
+    }
+    rig.poll();
+    rig.work(0, Status::Ok, ROUTE_DONE);
+    rig.poll();
+    assert_eq!(rig.seen.got[&ahead], Got::Done);
+}
+
+#[test]
 fn a_graceful_stop_drains_then_reports_and_fails_what_waits() {
     let mut rig = Rig::new(vec![step(1, 1, 1)], 1, Admission::Wait, RestartPolicy::default());
     let (held, _) = rig.submit(0, 0, far()).unwrap();
