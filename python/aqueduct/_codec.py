@@ -166,7 +166,7 @@ def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
         wire.on = previous
 
 
-def _resolve(module: str, qualname: str) -> type:
+def _resolve(module: str, qualname: str) -> type[object]:
     cls = _classes.get((module, qualname))
     if cls is None:
         obj: Any = importlib.import_module(module)

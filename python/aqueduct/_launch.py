@@ -179,14 +179,14 @@ def _zygote_serve(
             io.write(f'{pid}\n'.encode())
         elif cmd == 'reap':
             pid = int(args[0])
-            code = ''
+            exit_code = ''
             try:
-                code = str(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+                exit_code = str(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
             except ChildProcessError:
                 pass
             if pid in children:
                 children.remove(pid)
-            io.write(f'ok {code}\n'.encode())
+            io.write(f'ok {exit_code}\n'.encode())
         elif cmd == 'exit':
             break
     # The main process is gone or closing: workers must not outlive it.
@@ -228,7 +228,10 @@ class MultiprocessingLauncher(Launcher):
             owner,
             self._method == 'spawn',
         )
-        proc = self._ctx.Process(target=_worker.spawn_entry, args=args, daemon=True, name=f'aqueduct-{step_name}')
+        # typeshed's get_context(str) is a BaseContext, without the Process every real context has
+        proc = self._ctx.Process(  # type: ignore[attr-defined]
+            target=_worker.spawn_entry, args=args, daemon=True, name=f'aqueduct-{step_name}'
+        )
         try:
             proc.start()
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -243,7 +246,7 @@ class MultiprocessingLauncher(Launcher):
     def _unpicklable(self, handler: BaseTaskHandler, routes: _worker.Routes) -> str:
         """Names what a worker of this step would receive and cannot: its handler, or the
         ``handle_condition`` of a later step (a step's worker routes its results onwards)."""
-        candidates = [('its handler', handler)]
+        candidates: List[Tuple[str, object]] = [('its handler', handler)]
         candidates += [(f'the handle_condition of {self._plans[j][1]}', condition) for j, condition, _ in routes]
         for what, value in candidates:
             try:

@@ -131,6 +131,7 @@ class StatsServer:
         if server is not None and not server.get_loop().is_closed():
             server.close()
         sock.close()
+        assert self.path is not None  # serve() binds a socket only when there is a path
         try:
             os.unlink(self.path)
         except OSError:

@@ -165,7 +165,7 @@ class HandlerError(FlowError):
         remote_type = f'{module}.{qualname}' if module not in ('builtins', '') else qualname
         message = f'{remote_type}: {text}\n\nHandler {step_name} raised; remote traceback:\n{tb}'
         base = type(cause) if cause is not None else _lookup_type(module, qualname)
-        candidates = [base] if base is not None else []
+        candidates: list[type | None] = [base] if base is not None else []
         candidates += [getattr(builtins, name, None) for name in builtin_bases]
         if cause is not None:
             args = _constructor_args(cause)
@@ -244,7 +244,7 @@ def _dual_class(base: type) -> type | None:
     return cls
 
 
-def _native_base(cls: type) -> type:
+def _native_base(cls: type) -> type[BaseException]:
     """The built-in (C-level) exception class nearest ``cls``: whose ``__new__`` and
     ``__init__`` fill the C fields (``StopIteration.value``, ``OSError.errno``, ...)."""
     return next(c for c in cls.__mro__ if c.__module__ == 'builtins' and issubclass(c, BaseException))
@@ -255,7 +255,9 @@ def _static_base(cls: type) -> type:
     ``__base__`` chain (for ``(HandlerError, MemoryError)`` that is ``Exception``, for
     ``(HandlerError, OSError)`` it is ``OSError``, whichever lays out the instance)."""
     while cls.__flags__ & _HEAPTYPE:
-        cls = cls.__base__
+        base = cls.__base__
+        assert base is not None  # only ``object`` has no base, and it is not a heap type
+        cls = base
     return cls
 
 
@@ -306,8 +308,9 @@ def remote_error_payload(exc: BaseException, step_name: str, where: str = '') ->
     import traceback
 
     tb = ''.join(traceback.format_exception(exc))
+    exc_bytes: bytes | None
     try:
-        exc_bytes: bytes | None = pickle.dumps(exc, protocol=5)
+        exc_bytes = pickle.dumps(exc, protocol=5)
         pickle.loads(exc_bytes)
     except Exception:
         exc_bytes = None

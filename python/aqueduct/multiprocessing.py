@@ -23,7 +23,7 @@ import time
 import traceback
 import types
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, cast
 
 from .exceptions import AqueductError
 from .logger import log
@@ -105,7 +105,7 @@ class ProcessContext:
             return True
         failed = None
         for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=timeout):
-            index = sentinels.pop(sentinel)
+            index = sentinels.pop(cast(int, sentinel))  # wait() returns some of the sentinels given: ints
             process = self.processes[index]
             process.join()
             if process.exitcode != 0:
@@ -172,7 +172,8 @@ def start_processes(
     processes, queues = [], []
     for i in range(nprocs):
         queue = ctx.SimpleQueue()
-        process = ctx.Process(target=_run, args=(fn, i, args, queue), daemon=daemon)
+        # typeshed's get_context(str) is a BaseContext, without the Process every real context has
+        process = ctx.Process(target=_run, args=(fn, i, args, queue), daemon=daemon)  # type: ignore[attr-defined]
         process.start()
         processes.append(process)
         queues.append(queue)

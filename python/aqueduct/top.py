@@ -23,7 +23,7 @@ import re
 import socket
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from . import _unixsock
 from ._stats import default_socket_path, find_sockets, remove_stale_sockets  # noqa: F401 (re-exported)
@@ -97,7 +97,7 @@ def render(snap: dict, previous: Optional[dict], dt: float) -> str:
             f'{rate:>10,.0f}{_us(quantile(handle, 0.5)):>10}{_us(quantile(handle, 0.99)):>10}{mean_batch:>7}'
             f"{step['deaths']:>8}{step['restarts']:>9}{snap['rss'].get(step['name'], 0) / 2**20:>9.0f}"
         )
-    totals = {}
+    totals: Dict[str, int] = {}
     for counts in snap['outcomes'].values():
         for k, n in counts.items():
             totals[k] = totals.get(k, 0) + n

@@ -12,7 +12,7 @@ import asyncio
 import os
 import signal
 import traceback
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .. import shm
 from ..exceptions import (
@@ -130,7 +130,7 @@ def drop_frames(exc: BaseException) -> None:
     ran. Cleared, the task goes when the handler returns, as after a success.
     """
     seen = set()
-    pending = [exc]
+    pending: List[Optional[BaseException]] = [exc]
     while pending:
         err = pending.pop()
         if err is None or id(err) in seen:

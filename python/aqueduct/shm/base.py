@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, SupportsIndex
 
 from . import _portable
 
@@ -114,14 +114,14 @@ class SharedValue(SharedData):
             f'a value of type {type(data).__name__} cannot be shared: use a numpy array, bytes or bytearray'
         )
 
-    def __reduce_ex__(self, protocol: int):
+    def __reduce_ex__(self, protocol: SupportsIndex):
         return (_rebuild, (type(self), _portable.reduce_buffer(self.buf), self.kind, self.meta))
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {self.kind} {self.nbytes} bytes at {self.buf.desc}>'
 
 
-def _rebuild(cls: type, buf: Any, kind: str, meta: tuple) -> SharedValue:
+def _rebuild(cls: type[SharedValue], buf: Any, kind: str, meta: tuple) -> SharedValue:
     value = cls.__new__(cls)
     value.buf = buf
     value.kind = kind
@@ -168,7 +168,8 @@ class SharedMemoryWrapper:
     @property
     def buf(self) -> memoryview:
         """The bytes, writable, as a ``memoryview`` of the shared memory."""
-        return memoryview(self._buffer)[: self._size]
+        # ShmBuffer exports the buffer protocol from Rust; its stub cannot declare it (see _core.pyi)
+        return memoryview(self._buffer)[: self._size]  # type: ignore[arg-type]
 
     @property
     def ref_count(self) -> int:

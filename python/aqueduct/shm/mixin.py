@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import types
 import warnings
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Mapping, Optional, Protocol
 
 from .base import SharedData, SharedValue
 from .bytes import BytesSharedData
@@ -29,7 +29,7 @@ DEFAULT_MAX_PAYLOAD = 1 << 20
 
 #: What ``task._shared_fields`` reads as before anything is shared (read-only: the real dict is
 #: made on first use).
-_NOTHING_SHARED = types.MappingProxyType({})
+_NOTHING_SHARED: Mapping[str, SharedData] = types.MappingProxyType({})
 
 
 #: class -> whether its instances are ``SharedData`` (what assigning one to a field does)
@@ -162,7 +162,8 @@ class SharedFieldsMixin:
                         # Reserved on the first bytes of the body, not on the headers: a client
                         # that declares a size and sends nothing holds no memory.
                         buf = shm.pool().alloc(max(size, 1))
-                        view = memoryview(buf)
+                        # ShmBuffer exports the buffer protocol from Rust; its stub cannot declare it
+                        view = memoryview(buf)  # type: ignore[arg-type]
                     view[offset:end] = chunk
                     offset = end
             if offset != size:

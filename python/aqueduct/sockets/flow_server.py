@@ -216,6 +216,7 @@ class FlowSocketServer(SocketProtocol):
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             self.bind()  # in the try: if it fails, the flow just started is stopped again
+            assert self._listener is not None  # bind() made it
             loop.add_reader(self._listener.fileno(), self._accept)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal)
@@ -238,15 +239,18 @@ class FlowSocketServer(SocketProtocol):
 
     def _on_signal(self) -> None:
         # The first signal stops the server gracefully; a second one stops it at once.
-        if self._closing.is_set():
-            self._hurry.set()
-        self._closing.set()
+        closing, hurry = self._closing, self._hurry
+        assert closing is not None and hurry is not None  # serve() made them before handling signals
+        if closing.is_set():
+            hurry.set()
+        closing.set()
 
     async def _drain_clients(self, flow_gone: asyncio.Future) -> None:
         """Stops taking connections and lets connected clients detach first: a web server that
         shuts down (all its processes got the signal) finishes its requests before its web
         workers detach, and those requests still need the flow. Waits at most
         ``shutdown_grace`` seconds, or until a second signal."""
+        assert self._detached is not None and self._hurry is not None  # only serve() calls this, once it made them
         self._close_listener()
         if not self._clients:
             return
@@ -272,6 +276,7 @@ class FlowSocketServer(SocketProtocol):
         if self._stopped:
             return
         self._stopped = True
+        assert self._hurry is not None  # only serve() calls this, once it made it
         loop = asyncio.get_running_loop()
         self._close_listener()
         # Clients' tasks in flight finish first (within the flow's stop grace), unless a second
