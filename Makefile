@@ -85,10 +85,11 @@ test-3.%: wheel .venv-py3%/.installed $(REFERENCE)
 	AQUEDUCT_WHEEL="$$(ls $(WHEEL_DIR)/aqueduct_rs-*.whl)" VIRTUAL_ENV=$(CURDIR)/.venv-py3$* \
 		PATH=$(CURDIR)/.venv-py3$*/bin:$(HOST_PATH) .venv-py3$*/bin/python -m pytest -q
 
-lint: build ## rustfmt, clippy -D warnings, ruff, and the _core stubs checked against the extension
+lint: build ## rustfmt, clippy -D warnings, ruff, mypy over the package, and the _core stubs checked against the extension
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests bench examples
+	$(PY) -m mypy
 	$(PY) -m mypy.stubtest aqueduct._core
 
 bench: build ## Benchmarks: the Rust engine (criterion, transport table), the Rust API, and the suite against aqueduct 1.15

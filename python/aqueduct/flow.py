@@ -38,7 +38,6 @@ from . import _core, shm
 from ._codec import decode_state, encode
 from ._launch import Launcher, make_launcher
 from ._stats import StatsServer
-from .executors import Executor, ExecutorWorker
 from ._worker import logging_tasks
 from .exceptions import (
     FlowError,
@@ -52,6 +51,7 @@ from .exceptions import (
     WorkerDiedError,
     WorkerStartError,
 )
+from .executors import Executor, ExecutorWorker
 from .handler import BaseTaskHandler, HandleConditionType
 from .logger import log
 from .metrics import Collector, Exporter, MetricsTypes

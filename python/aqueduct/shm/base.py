@@ -69,7 +69,7 @@ class SharedValue(SharedData):
         return self.buf.desc
 
     @property
-    def shm_wrapper(self) -> SharedMemoryWrapper:  # type: ignore[override]
+    def shm_wrapper(self) -> SharedMemoryWrapper:
         """1.15's handle on the value's memory: ``shm_wrapper.buf`` is a view of its bytes."""
         return SharedMemoryWrapper._wrap(self.buf, self.nbytes)
 
