@@ -74,10 +74,7 @@ impl Worker {
                     for i in 0..n {
                         let t = &w.tasks()[i];
                         let body = PyBytes::new_with(py, t.body.len, |buf| {
-                            let mut v = Vec::new();
-                            w.read_body(i, &mut v).map_err(|e| crate::errors::to_py(py, e))?;
-                            buf.copy_from_slice(&v);
-                            Ok(())
+                            w.read_body_into(i, buf).map_err(|e| crate::errors::to_py(py, e))
                         })?;
                         let bufs = PyList::empty(py);
                         for b in &t.bufs {

@@ -247,8 +247,17 @@ impl WorkerEndpoint {
 
     /// Copies the body of task `i` of the current batch.
     pub fn read_body(&self, i: usize, dst: &mut Vec<u8>) -> Result<()> {
+        dst.resize(self.batch[i].body.len, 0);
+        self.read_body_into(i, dst)
+    }
+
+    /// Copies the body of task `i` of the current batch into `dst`, which is exactly its length
+    /// (`tasks()[i].body.len`): one copy, straight into the caller's buffer (a Python `bytes`).
+    pub fn read_body_into(&self, i: usize, dst: &mut [u8]) -> Result<()> {
         let t = &self.batch[i];
-        dst.resize(t.body.len, 0);
+        if dst.len() != t.body.len {
+            return Err(EngineError::Protocol("a body read into a buffer of another length"));
+        }
         match t.header.extent {
             Some(ext) => self.arena.read(&ext, 0, dst),
             None => self.region.read(t.body.offset, dst),
