@@ -400,7 +400,8 @@ proptest! {
 
     /// Under random submits, cancels, deadlines, full queues, handler errors, deaths and stops,
     /// every call the driver accepted gets exactly one answer unless its caller cancelled it,
-    /// and the counts agree with what the callers saw.
+    /// the counts agree with what the callers saw, and after every poll no step with room has
+    /// calls waiting for it.
     #[test]
     fn every_call_gets_exactly_one_outcome(ops in prop::collection::vec(op(), 1..80), reject in any::<bool>()) {
         let admission = if reject { Admission::Reject } else { Admission::Wait };
@@ -431,7 +432,20 @@ proptest! {
                     rig.work(slot, status, route);
                 }
                 Op::Kill(slot) => rig.kill(slot),
-                Op::Poll => rig.poll(),
+                Op::Poll => {
+                    rig.poll();
+                    // The waiting room never holds a call back for a step that has room: not
+                    // for a full step elsewhere, nor behind calls of another step.
+                    if rig.driver.state() == DriverState::Running {
+                        for (s, h) in rig.driver.health().iter().enumerate() {
+                            let capacity = rig.driver.engine().hub.queue_capacity(s);
+                            prop_assert!(
+                                h.waiting_room == 0 || h.waiting >= capacity,
+                                "step {} has room ({} of {}) but {} calls wait", s, h.waiting, capacity, h.waiting_room
+                            );
+                        }
+                    }
+                }
                 Op::Stop { graceful } => {
                     rig.driver.begin_stop(graceful, Duration::from_millis(1), &mut rig.seen.sink()).unwrap();
                 }
