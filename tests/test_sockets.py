@@ -6,8 +6,10 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -335,6 +337,71 @@ async def test_a_second_sigterm_hurries_the_server_out_and_it_still_cleans_up(so
             server.kill()
             server.wait()
         server.stderr.close()
+
+
+def _remote_client() -> str:
+    """The Rust API's example client (`crates/aqueduct/examples/remote_client.rs`), built now."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        ['cargo', 'build', '--quiet', '-p', 'aqueduct', '--example', 'remote_client'],
+        cwd=root,
+        check=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    return os.path.join(root, 'target', 'debug', 'examples', 'remote_client')
+
+
+async def test_the_rust_api_submits_into_a_flow_served_by_python(socket_path, servers):
+    """The handshake is binary and JSON and the tasks travel as the codec's bytes: a Rust program
+    (`aqueduct::RemoteFlow`) submits into this Python flow, errors included, and the flow server
+    never unpickles anything on the way."""
+    client = await asyncio.to_thread(_remote_client)
+    flow = Flow(FlowStep(Raise()), FlowStep(Add(100)))
+    servers.append(SocketFlow().preload(flow, timeout=30))
+    args = [client, socket_path, 'tests.handlers', 'Task', '1', '2', '-3', '4']
+    done = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == 'steps step1_Raise,step2_Add'
+    # Raise fails negative inputs; the others get x + 100 from the second step.
+    assert lines[1:3] == ['result 101', 'result 102']
+    assert lines[3].startswith('error the handler of step1_Raise failed: ') and 'negative input -3' in lines[3]
+    assert lines[4] == 'result 104'
+
+
+@pytest.mark.parametrize(
+    ('answer', 'expected'),
+    [
+        (b'HTTP/1.1 200 OK\r\n\r\n' + b'x' * 40, 'is not an aqueduct flow server'),
+        (b'AQFS\x00\x01' + bytes(22), 'speaks handshake version 1'),
+        (b'AQFS\x00\x02\x00\x04' + bytes(12) + (1 << 30).to_bytes(4, 'big') + bytes(4), 'malformed handshake'),
+        (b'AQFS', 'closed the connection during the handshake'),
+    ],
+)
+async def test_the_rust_client_refuses_what_a_flow_server_does_not_send(tmp_path, answer, expected):
+    client = await asyncio.to_thread(_remote_client)
+    path = str(tmp_path / 'fake.sock')
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(answer)
+
+    fake = threading.Thread(target=serve_once, daemon=True)
+    fake.start()
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run, [client, path, 'm', 'C', '1'], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        fake.join(10)
+        listener.close()
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert expected in done.stdout, done.stdout
 
 
 async def test_start_without_a_server_names_the_socket(tmp_path, monkeypatch):
