@@ -71,7 +71,16 @@ struct Router<'a> {
     err: Option<EngineError>,
 }
 
-impl Router<'_> {
+impl<'a> Router<'a> {
+    fn new(
+        ports: &'a mut [Option<EnginePort>],
+        remote: &'a mut HashMap<u64, Remote>,
+        counts: &'a mut OutcomeCounts,
+        arena: &'a Arena,
+    ) -> Self {
+        Self { ports, remote, counts, arena, err: None }
+    }
+
     fn route(&mut self, out: &mut dyn FnMut(Outcome<'_>), o: Outcome<'_>) {
         let (task_id, end) = match &o {
             Outcome::Done { task_id, .. } => (Some(*task_id), CallEnd::Complete),
@@ -225,13 +234,7 @@ impl Engine {
     /// process exit would be, its tasks failed or handed back.
     pub fn worker_gone(&mut self, slot: usize, out: &mut dyn FnMut(Outcome<'_>)) -> Result<()> {
         let arena = self.hub.arena().clone();
-        let mut router = Router {
-            ports: &mut self.ports,
-            remote: &mut self.remote,
-            counts: &mut self.port_counts,
-            arena: &arena,
-            err: None,
-        };
+        let mut router = Router::new(&mut self.ports, &mut self.remote, &mut self.port_counts, &arena);
         self.hub.worker_exited(slot, &mut |o| router.route(out, o))?;
         router.err.map_or(Ok(()), Err)
     }
@@ -273,13 +276,7 @@ impl Engine {
     /// One round: workers' results, then ports' requests, then the ports' responses published.
     fn poll_hub_and_ports(&mut self, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
         let arena = self.hub.arena().clone();
-        let mut router = Router {
-            ports: &mut self.ports,
-            remote: &mut self.remote,
-            counts: &mut self.port_counts,
-            arena: &arena,
-            err: None,
-        };
+        let mut router = Router::new(&mut self.ports, &mut self.remote, &mut self.port_counts, &arena);
         let mut n = self.hub.poll(Nanos::now(), &mut |o| router.route(out, o))?;
         let mut err = router.err.take();
         if self.ports.is_empty() {
@@ -307,13 +304,7 @@ impl Engine {
         }
         if took > 0 {
             // Failures found while dispatching the new tasks (expired on arrival) go out now.
-            let mut router = Router {
-                ports: &mut self.ports,
-                remote: &mut self.remote,
-                counts: &mut self.port_counts,
-                arena: &arena,
-                err: None,
-            };
+            let mut router = Router::new(&mut self.ports, &mut self.remote, &mut self.port_counts, &arena);
             n += self.hub.poll(Nanos::now(), &mut |o| router.route(out, o))?;
             if let Some(e) = router.err {
                 err.get_or_insert(e);

@@ -154,6 +154,22 @@ pub enum Payload<'a> {
     Extent(Extent),
 }
 
+impl Payload<'_> {
+    /// The bytes, copied out; an extent's reference is released (`arena`: the receiver's handle
+    /// on the pool).
+    pub fn into_vec(self, arena: &Arena) -> Vec<u8> {
+        match self {
+            Payload::Inline(b) => b.to_vec(),
+            Payload::Extent(ext) => {
+                let mut out = vec![0; ext.len as usize];
+                let _ = arena.read(&ext, 0, &mut out);
+                let _ = arena.unhold(&ext);
+                out
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Failure<'a> {
     /// The handler of `step` raised; the body is the worker's description of the exception.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aqueduct_core::driver::{Admission, Driver, Event, Fault, GiveUp};
-use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, Payload, StepSpec};
+use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, StepSpec};
 use aqueduct_core::shm::{Arena, ArenaLayout};
 use aqueduct_core::{Engine, Nanos, WorkerEndpoint};
 use serde::de::DeserializeOwned;
@@ -833,18 +833,6 @@ enum Owned {
     Nothing,
 }
 
-fn bytes(arena: &Arena, payload: Payload<'_>) -> Vec<u8> {
-    match payload {
-        Payload::Inline(b) => b.to_vec(),
-        Payload::Extent(ext) => {
-            let mut out = vec![0; ext.len as usize];
-            let _ = arena.read(&ext, 0, &mut out);
-            let _ = arena.unhold(&ext);
-            out
-        }
-    }
-}
-
 impl Owned {
     fn from(event: Event<'_, Token>, arena: &Arena, names: &[String]) -> Self {
         let name = |step: usize| names.get(step).cloned().unwrap_or_default();
@@ -853,13 +841,13 @@ impl Owned {
                 for b in bufs {
                     let _ = arena.unhold(&b.extent());
                 }
-                Owned::Answer { ticket, answer, result: Ok(bytes(arena, body)) }
+                Owned::Answer { ticket, answer, result: Ok(body.into_vec(arena)) }
             }
             Event::Failed { call: (ticket, answer), step, fault } => {
                 let error = match fault {
                     Fault::Engine(Failure::Handler { step, body }) => FlowError::Handler {
                         step: name(step),
-                        message: String::from_utf8_lossy(&bytes(arena, body)).into_owned(),
+                        message: String::from_utf8_lossy(&body.into_vec(arena)).into_owned(),
                     },
                     Fault::Engine(Failure::Expired { step }) => FlowError::Expired { step: name(step) },
                     Fault::Engine(Failure::WorkerDied { step, pid }) => FlowError::WorkerDied { step: name(step), pid },

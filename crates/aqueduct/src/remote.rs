@@ -268,18 +268,6 @@ fn remote_error(detail: &[u8]) -> String {
     }
 }
 
-fn bytes_of(arena: &Arena, payload: Payload<'_>) -> Vec<u8> {
-    match payload {
-        Payload::Inline(b) => b.to_vec(),
-        Payload::Extent(ext) => {
-            let mut out = vec![0; ext.len as usize];
-            let _ = arena.read(&ext, 0, &mut out);
-            let _ = arena.unhold(&ext);
-            out
-        }
-    }
-}
-
 /// The connection's task: submissions in, answers out; the port's bell, the next deadline and
 /// the server's socket (closed: the server has gone) wake it.
 async fn run(
@@ -294,9 +282,11 @@ async fn run(
     let mut answer = |a: Answer<'_, Reply>| match a {
         Answer::Done { call, body, bufs } => {
             let result = if bufs.is_empty() {
-                Ok(bytes_of(&arena, body))
+                Ok(body.into_vec(&arena))
             } else {
-                let _ = bytes_of(&arena, body);
+                if let Payload::Extent(ext) = body {
+                    let _ = arena.unhold(&ext);
+                }
                 for b in bufs {
                     let _ = arena.unhold(&b.extent());
                 }
@@ -307,7 +297,7 @@ async fn run(
             let _ = call.send(result);
         }
         Answer::Failed { call, kind, step, pid, detail } => {
-            let detail = detail.map(|d| bytes_of(&arena, d)).unwrap_or_default();
+            let detail = detail.map(|d| d.into_vec(&arena)).unwrap_or_default();
             let error = match kind {
                 FailureKind::Handler => FlowError::Handler { step: name(step), message: remote_error(&detail) },
                 FailureKind::Expired => FlowError::Expired { step: name(step) },
