@@ -343,3 +343,39 @@ async def test_start_without_a_server_names_the_socket(tmp_path, monkeypatch):
     monkeypatch.setenv('_SOCKET_CONNECT_TIMEOUT', '0.2')
     with pytest.raises(FlowError, match='no flow server at .*nobody.sock'):
         await SocketFlow().start()
+
+
+async def test_calls_lost_to_a_stop_leave_no_reference_holding_their_tasks(socket_path, servers):
+    """Every call the client answers 'lost' (stop(), a dead server) raises an exception of its
+    own: one shared error would collect the tracebacks of all those calls, their frames and
+    tasks (with their shared memory) for as long as the SocketFlow lives."""
+    import gc
+    import weakref
+
+    client = SocketFlow()
+    servers.append(client.preload(Flow(FlowStep(Sleep())), timeout=30))
+    await client.start()
+    tasks = [Task(i, sleep=2) for i in range(2)]
+    alive = [weakref.ref(t) for t in tasks]
+    errors = []
+
+    async def call(task):
+        try:
+            await client.process([task], timeout_sec=60)
+        except FlowError as exc:
+            errors.append(type(exc))
+
+    gc.collect()
+    gc.disable()
+    try:
+        calls = [asyncio.ensure_future(call(t)) for t in tasks]
+        del tasks
+        await asyncio.sleep(0)  # one turn of the loop: both tasks are submitted
+        await client.stop()
+        await asyncio.wait_for(asyncio.gather(*calls), 10)
+        del calls
+        await asyncio.sleep(0)
+        assert errors == [FlowError, FlowError]
+        assert [a() for a in alive] == [None, None], 'the lost calls\' tasks are freed'
+    finally:
+        gc.enable()

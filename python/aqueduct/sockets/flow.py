@@ -493,7 +493,10 @@ class SocketFlow:
         if kind == 'timeout':
             return SocketTaskTimeoutError('Task timeout error')
         if kind == 'lost':
-            return self._lost_error
+            # One exception per call: raising a shared one would chain every call's traceback
+            # (frames, tasks) onto it, kept as long as this SocketFlow.
+            lost = self._lost_error
+            return type(lost)(*lost.args)
         name = self._step_names[step] if 0 <= step < len(self._step_names) else ''
         return failure_exception(kind, name, failure.detail)
 
