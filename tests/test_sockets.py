@@ -24,6 +24,7 @@ from aqueduct.exceptions import (
 )
 from aqueduct.sockets import SocketFlow, SocketTaskTimeoutError
 
+from .conftest import python_script
 from .handlers import Add, ArrayTask, Die, Double, Raise, Sleep, Task, Triple, is_even
 
 
@@ -379,3 +380,50 @@ async def test_calls_lost_to_a_stop_leave_no_reference_holding_their_tasks(socke
         assert [a() for a in alive] == [None, None], 'the lost calls\' tasks are freed'
     finally:
         gc.enable()
+
+
+def test_a_call_too_large_to_send_from_the_backlog_fails_alone(tmp_path):
+    """A request that waited in the client's backlog (the request ring was full) and then finds
+    no shared memory for its body fails with SharedMemoryExhaustedError; the calls behind it,
+    and the client's event loop, go on."""
+    with python_script(
+        f"""
+        import os
+        os.environ['AQUEDUCT_SHM_POOL_SIZE'] = str(4 << 20)
+        import asyncio
+        from aqueduct import Flow, FlowStep
+        from aqueduct.exceptions import FlowError
+        from aqueduct.sockets import SocketFlow
+        from tests.handlers import Sleep, Task
+        async def main():
+            client = SocketFlow(socket_path={str(tmp_path / 'flow.sock')!r})
+            server = client.preload(Flow(FlowStep(Sleep()), queue_size=1), timeout=30)
+            await client.start()
+            async def call(task):
+                try:
+                    await client.process([task], timeout_sec=60)
+                    return 'ok'
+                except FlowError as exc:
+                    return type(exc).__name__
+            try:
+                # ~60 KB bodies: a few fill the request ring, the rest wait in the backlog...
+                ahead = [asyncio.ensure_future(call(Task(i, sleep=0.01, pad='x' * 60_000))) for i in range(40)]
+                await asyncio.sleep(0)
+                # ...then one larger than the whole pool, and small ones behind it.
+                big = asyncio.ensure_future(call(Task(99, pad='y' * (16 << 20))))
+                await asyncio.sleep(0)
+                behind = [asyncio.ensure_future(call(Task(i))) for i in range(3)]
+                got = await asyncio.wait_for(asyncio.gather(*ahead, big, *behind), 20)
+                print(got.count('ok'), got[40], flush=True)
+            finally:
+                await client.stop()
+                server.stop(timeout=10)
+        asyncio.run(main())
+        """
+    ) as proc:
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError('the client did not finish') from None
+        assert proc.returncode == 0
+        assert out.split() == ['43', 'SharedMemoryExhaustedError']
