@@ -427,3 +427,24 @@ def test_a_call_too_large_to_send_from_the_backlog_fails_alone(tmp_path):
             raise AssertionError('the client did not finish') from None
         assert proc.returncode == 0
         assert out.split() == ['43', 'SharedMemoryExhaustedError']
+
+
+async def test_a_cancelled_call_is_dropped_at_once_not_at_the_next_wake_up(socket_path, servers):
+    """Cancelling a process() call tells the engine now: a task sent ahead to a busy worker is
+    taken back before the worker gets to it (the cancel must not wait, unpublished, for this
+    client's next flush)."""
+    client = SocketFlow()
+    servers.append(client.preload(Flow(FlowStep(Sleep())), timeout=30))  # one worker, batches of 1
+    await client.start()
+    try:
+        running = asyncio.ensure_future(client.process([Task(1, sleep=1.0)], timeout_sec=30))
+        behind = asyncio.ensure_future(client.process([Task(2)], timeout_sec=30))
+        await asyncio.sleep(0)  # one turn of the loop: both submitted
+        behind.cancel()
+        assert (await asyncio.gather(behind, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+        await running
+        after = Task(3)
+        await client.process([after], timeout_sec=30)
+        assert after.seen_so_far == [1, 3], 'the cancelled task never ran'
+    finally:
+        await client.stop()

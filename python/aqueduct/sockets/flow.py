@@ -471,6 +471,7 @@ class SocketFlow:
             if self._client is client:
                 for _, _future, call in submitted:
                     client.cancel(call)
+                client.flush()  # the engine drops them now, not at this client's next flush
             raise
         first_error: Exception | None = None
         for (task, _, _), result in zip(submitted, results, strict=True):
