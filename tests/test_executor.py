@@ -218,3 +218,38 @@ def test_a_dead_executor_worker_next_to_forked_workers_does_not_block_the_loop()
                 proc.wait(timeout=2)
             raise AssertionError('the event loop is blocked') from None
         assert proc.stdout.read().strip().endswith('done')
+
+
+def test_results_that_overflow_the_ring_do_not_deadlock_an_executor_thread():
+    """An executor's worker in this process whose batch's results fill its ring waits for the
+    engine to read them: it must not hold the GIL while it waits, the event loop's thread reads."""
+    with python_script(
+        """
+        import asyncio, faulthandler, signal
+        from aqueduct import BaseTaskHandler, Flow, FlowStep
+        from tests.handlers import Task
+        from tests.test_executor import ThreadExecutor
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+        class Large(BaseTaskHandler):
+            def handle(self, *tasks):
+                for t in tasks:
+                    t.result = 'x' * 60_000  # in the ring, not the pool: 32 of them overflow it
+        async def main():
+            flow = Flow(FlowStep(Large(), batch_size=32, batch_timeout=0.5, executor=ThreadExecutor()))
+            flow.start(timeout=30)
+            tasks = [Task(i) for i in range(32)]
+            await asyncio.gather(*(flow.process(t, timeout_sec=20) for t in tasks))
+            assert all(len(t.result) == 60_000 for t in tasks)
+            await flow.stop()
+            print('done', flush=True)
+        asyncio.run(main())
+        """
+    ) as proc:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            raise AssertionError('deadlocked: the executor thread waits for ring space holding the GIL') from None
+        assert proc.stdout.read().strip().endswith('done')
