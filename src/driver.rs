@@ -11,7 +11,7 @@
 //! exited, to be replaced; the flow to give up; a stop's progress).
 
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use aqueduct_core::driver::{Admission, DriverState, Event, Fault, GiveUp, RestartPolicy};
@@ -56,9 +56,21 @@ impl std::ops::DerefMut for Open<'_> {
 }
 
 impl Driver {
+    /// The lock, waited for without the GIL: its holder may be resolving futures, which runs
+    /// Python code (`set_result` calls the loop's `call_soon`) and so may wait for the GIL.
+    fn guard(&self) -> MutexGuard<'_, Option<PyDriver>> {
+        loop {
+            match self.inner.try_lock() {
+                Ok(guard) => return guard,
+                // A panic while holding the lock is a bug already reported; keep serving.
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => Python::attach(|py| py.detach(|| drop(self.inner.lock()))),
+            }
+        }
+    }
+
     fn lock(&self) -> PyResult<Open<'_>> {
-        // A panic while holding the lock is a bug already reported; keep serving.
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.guard();
         if guard.is_none() {
             return Err(Python::attach(|py| crate::errors::to_py(py, aqueduct_core::EngineError::Stopped)));
         }
@@ -706,17 +718,17 @@ impl Driver {
     /// Releases the shared memory and every descriptor now. Idempotent; any later call raises
     /// `NotRunningError`.
     fn close(&self) {
-        let engine = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let engine = self.guard().take();
         drop(engine);
     }
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.guard().is_none()
     }
 
     fn __repr__(&self) -> String {
-        match &*self.inner.lock().unwrap_or_else(|p| p.into_inner()) {
+        match &*self.guard() {
             Some(d) => format!(
                 "<aqueduct._core.Driver steps={} workers={} pending={}>",
                 d.engine().hub.step_count(),

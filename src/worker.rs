@@ -114,13 +114,20 @@ impl Worker {
             2 => Status::Expired,
             other => return Err(PyValueError::new_err(format!("unknown status {other}"))),
         };
-        let mut w = self.lock();
-        if index >= w.tasks().len() {
-            return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
-        }
         let bufs = bufs.unwrap_or_default();
         let refs: Vec<_> = bufs.iter().map(|b| b.get().buf()).collect();
-        w.send_result_with_bufs(index, status, route, body, &refs).map_err(py_err(py))?;
+        // Without the GIL: a full ring waits for the engine to read it, and an executor's worker
+        // shares this process (and its GIL) with the event loop that reads it.
+        let sent = py.detach(|| {
+            let mut w = self.lock();
+            if index >= w.tasks().len() {
+                return Ok(false);
+            }
+            w.send_result_with_bufs(index, status, route, body, &refs).map(|()| true)
+        });
+        if !sent.map_err(py_err(py))? {
+            return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
+        }
         for b in &bufs {
             b.get().detach();
         }
@@ -131,10 +138,13 @@ impl Worker {
     /// handler took (recorded in the metrics).
     #[pyo3(signature = (handle_seconds=None))]
     fn finish_batch(&self, py: Python<'_>, handle_seconds: Option<f64>) -> PyResult<()> {
-        let mut w = self.lock();
-        if let Some(s) = handle_seconds {
-            w.record_handle_time(Duration::try_from_secs_f64(s).unwrap_or_default());
-        }
-        w.finish_batch().map_err(py_err(py))
+        py.detach(|| {
+            let mut w = self.lock();
+            if let Some(s) = handle_seconds {
+                w.record_handle_time(Duration::try_from_secs_f64(s).unwrap_or_default());
+            }
+            w.finish_batch()
+        })
+        .map_err(py_err(py))
     }
 }

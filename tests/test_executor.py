@@ -10,8 +10,11 @@ the faults the seam must survive are tested below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
+import signal
+import subprocess
 import threading
 
 import pytest
@@ -20,7 +23,7 @@ from aqueduct._worker import serve
 from aqueduct.exceptions import FlowError, WorkerDiedError
 from aqueduct.executors import Executor, ExecutorWorker
 
-from .conftest import children
+from .conftest import children, python_script
 from .handlers import Add, Double, Mark, Sleep, Task
 from .test_flow import (  # noqa: F401 (collected here, with this module's make_flow)
     test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped,
@@ -174,3 +177,79 @@ def test_a_step_needs_an_executor_that_is_one_and_a_flow_with_one_is_not_handed_
         FlowStep(Add(), executor=object())
     with pytest.raises(FlowError, match='executor steps'):
         Flow(FlowStep(Add(), executor=ThreadExecutor())).init_processes()
+
+
+def test_a_dead_executor_worker_next_to_forked_workers_does_not_block_the_loop():
+    """An executor's worker has no pid: its exit must not make the fork launcher reap "pid 0"
+    (any of its children, waiting until one exits) while the event loop waits for the answer."""
+    with python_script(
+        """
+        import asyncio, faulthandler, signal
+        from aqueduct import Flow, FlowStep, RestartPolicy
+        from aqueduct.exceptions import WorkerDiedError
+        from tests.handlers import Add, Sleep, Task
+        from tests.test_executor import CrashingOnce
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+        async def main():
+            crashing = CrashingOnce()
+            steps = (FlowStep(Sleep(), executor=crashing), FlowStep(Add(1)))  # the second: a forked worker
+            flow = Flow(*steps, mp_start_method='fork', restart_policy=RestartPolicy(max_restarts=3))
+            flow.start(timeout=30)
+            begun = asyncio.ensure_future(flow.process(Task(1), timeout_sec=30))
+            await asyncio.sleep(0)  # one loop pass: submitted, and begun by the crashing worker
+            crashing.crashing.set()
+            try:
+                await begun
+            except WorkerDiedError:
+                pass
+            after = Task(2)
+            await flow.process(after, timeout_sec=10)
+            assert after.result == 3, after.result
+            await flow.stop()
+            print('done', flush=True)
+        asyncio.run(main())
+        """
+    ) as proc:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            raise AssertionError('the event loop is blocked') from None
+        assert proc.stdout.read().strip().endswith('done')
+
+
+def test_results_that_overflow_the_ring_do_not_deadlock_an_executor_thread():
+    """An executor's worker in this process whose batch's results fill its ring waits for the
+    engine to read them: it must not hold the GIL while it waits, the event loop's thread reads."""
+    with python_script(
+        """
+        import asyncio, faulthandler, signal
+        from aqueduct import BaseTaskHandler, Flow, FlowStep
+        from tests.handlers import Task
+        from tests.test_executor import ThreadExecutor
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+        class Large(BaseTaskHandler):
+            def handle(self, *tasks):
+                for t in tasks:
+                    t.result = 'x' * 60_000  # in the ring, not the pool: 32 of them overflow it
+        async def main():
+            flow = Flow(FlowStep(Large(), batch_size=32, batch_timeout=0.5, executor=ThreadExecutor()))
+            flow.start(timeout=30)
+            tasks = [Task(i) for i in range(32)]
+            await asyncio.gather(*(flow.process(t, timeout_sec=20) for t in tasks))
+            assert all(len(t.result) == 60_000 for t in tasks)
+            await flow.stop()
+            print('done', flush=True)
+        asyncio.run(main())
+        """
+    ) as proc:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            raise AssertionError('deadlocked: the executor thread waits for ring space holding the GIL') from None
+        assert proc.stdout.read().strip().endswith('done')

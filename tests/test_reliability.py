@@ -365,3 +365,43 @@ async def test_a_failed_call_leaves_no_reference_cycle_holding_the_task(make_flo
         assert alive() is None, 'the failed task is freed without the cyclic GC'
     finally:
         gc.enable()
+
+
+def test_health_read_from_another_thread_while_calls_complete_does_not_deadlock():
+    """A sync /healthz route runs in a thread pool: reading the flow from there must not wait
+    for the driver's lock while holding the GIL, which the loop's thread, resolving futures
+    under that lock, needs to go on."""
+    with python_script(
+        """
+        import asyncio, faulthandler, signal, sys, threading, time
+        from aqueduct import Flow, FlowStep
+        from tests.handlers import Add, Task
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+        sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+        async def main():
+            flow = Flow(FlowStep(Add(1), nprocs=2, batch_size=8), metrics_enabled=False)
+            flow.start(timeout=30)
+            done = threading.Event()
+            def probe():
+                while not done.is_set():
+                    flow.health()
+            thread = threading.Thread(target=probe, daemon=True)
+            thread.start()
+            ends = time.monotonic() + 3
+            while time.monotonic() < ends:
+                await asyncio.gather(*(flow.process(Task(i), timeout_sec=30) for i in range(200)))
+            done.set()
+            thread.join(10)
+            await flow.stop()
+            print('done', flush=True)
+        asyncio.run(main())
+        """
+    ) as proc:
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+            raise AssertionError('deadlocked: the loop waits for the GIL, the probe for the driver') from None
+        assert proc.stdout.read().strip().endswith('done')

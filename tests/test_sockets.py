@@ -26,6 +26,7 @@ from aqueduct.exceptions import (
 )
 from aqueduct.sockets import SocketFlow, SocketTaskTimeoutError
 
+from .conftest import python_script
 from .handlers import Add, ArrayTask, Die, Double, Raise, Sleep, Task, Triple, is_even
 
 
@@ -410,3 +411,107 @@ async def test_start_without_a_server_names_the_socket(tmp_path, monkeypatch):
     monkeypatch.setenv('_SOCKET_CONNECT_TIMEOUT', '0.2')
     with pytest.raises(FlowError, match='no flow server at .*nobody.sock'):
         await SocketFlow().start()
+
+
+async def test_calls_lost_to_a_stop_leave_no_reference_holding_their_tasks(socket_path, servers):
+    """Every call the client answers 'lost' (stop(), a dead server) raises an exception of its
+    own: one shared error would collect the tracebacks of all those calls, their frames and
+    tasks (with their shared memory) for as long as the SocketFlow lives."""
+    import gc
+    import weakref
+
+    client = SocketFlow()
+    servers.append(client.preload(Flow(FlowStep(Sleep())), timeout=30))
+    await client.start()
+    tasks = [Task(i, sleep=2) for i in range(2)]
+    alive = [weakref.ref(t) for t in tasks]
+    errors = []
+
+    async def call(task):
+        try:
+            await client.process([task], timeout_sec=60)
+        except FlowError as exc:
+            errors.append(type(exc))
+
+    gc.collect()
+    gc.disable()
+    try:
+        calls = [asyncio.ensure_future(call(t)) for t in tasks]
+        del tasks
+        await asyncio.sleep(0)  # one turn of the loop: both tasks are submitted
+        await client.stop()
+        await asyncio.wait_for(asyncio.gather(*calls), 10)
+        del calls
+        await asyncio.sleep(0)
+        assert errors == [FlowError, FlowError]
+        assert [a() for a in alive] == [None, None], 'the lost calls\' tasks are freed'
+    finally:
+        gc.enable()
+
+
+def test_a_call_too_large_to_send_from_the_backlog_fails_alone(tmp_path):
+    """A request that waited in the client's backlog (the request ring was full) and then finds
+    no shared memory for its body fails with SharedMemoryExhaustedError; the calls behind it,
+    and the client's event loop, go on."""
+    with python_script(
+        f"""
+        import os
+        os.environ['AQUEDUCT_SHM_POOL_SIZE'] = str(4 << 20)
+        import asyncio
+        from aqueduct import Flow, FlowStep
+        from aqueduct.exceptions import FlowError
+        from aqueduct.sockets import SocketFlow
+        from tests.handlers import Sleep, Task
+        async def main():
+            client = SocketFlow(socket_path={str(tmp_path / 'flow.sock')!r})
+            server = client.preload(Flow(FlowStep(Sleep()), queue_size=1), timeout=30)
+            await client.start()
+            async def call(task):
+                try:
+                    await client.process([task], timeout_sec=60)
+                    return 'ok'
+                except FlowError as exc:
+                    return type(exc).__name__
+            try:
+                # ~60 KB bodies: a few fill the request ring, the rest wait in the backlog...
+                ahead = [asyncio.ensure_future(call(Task(i, sleep=0.01, pad='x' * 60_000))) for i in range(40)]
+                await asyncio.sleep(0)
+                # ...then one larger than the whole pool, and small ones behind it.
+                big = asyncio.ensure_future(call(Task(99, pad='y' * (16 << 20))))
+                await asyncio.sleep(0)
+                behind = [asyncio.ensure_future(call(Task(i))) for i in range(3)]
+                got = await asyncio.wait_for(asyncio.gather(*ahead, big, *behind), 20)
+                print(got.count('ok'), got[40], flush=True)
+            finally:
+                await client.stop()
+                server.stop(timeout=10)
+        asyncio.run(main())
+        """
+    ) as proc:
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError('the client did not finish') from None
+        assert proc.returncode == 0
+        assert out.split() == ['43', 'SharedMemoryExhaustedError']
+
+
+async def test_a_cancelled_call_is_dropped_at_once_not_at_the_next_wake_up(socket_path, servers):
+    """Cancelling a process() call tells the engine now: a task sent ahead to a busy worker is
+    taken back before the worker gets to it (the cancel must not wait, unpublished, for this
+    client's next flush)."""
+    client = SocketFlow()
+    servers.append(client.preload(Flow(FlowStep(Sleep())), timeout=30))  # one worker, batches of 1
+    await client.start()
+    try:
+        running = asyncio.ensure_future(client.process([Task(1, sleep=1.0)], timeout_sec=30))
+        behind = asyncio.ensure_future(client.process([Task(2)], timeout_sec=30))
+        await asyncio.sleep(0)  # one turn of the loop: both submitted
+        behind.cancel()
+        assert (await asyncio.gather(behind, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+        await running
+        after = Task(3)
+        await client.process([after], timeout_sec=30)
+        assert after.seen_so_far == [1, 3], 'the cancelled task never ran'
+    finally:
+        await client.stop()

@@ -640,7 +640,8 @@ class Flow:
 
     def _reap(self, pid: int) -> None:
         """Collects a worker process the engine has seen exit."""
-        if self._launcher is not None:
+        # An executor's worker has no pid (0): the fork launcher would wait for any child.
+        if self._launcher is not None and pid > 0:
             try:
                 self._launcher.reap(pid)
             except FlowError:

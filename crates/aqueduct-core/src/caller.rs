@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::clock::Nanos;
 use crate::driver::Deadlines;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::hub::Payload;
 use crate::port::{FailureKind, PortClient, Response};
 use crate::shm::BufRef;
@@ -162,19 +162,41 @@ impl<C> Caller<C> {
                 out(Answer::TimedOut { call });
             }
         }
-        self.send_backlog()?;
+        n += self.send_backlog(out);
         self.client.flush();
         Ok(n)
     }
 
-    fn send_backlog(&mut self) -> Result<()> {
+    /// Sends the backlog in order while the ring has room. A request that cannot be sent at all
+    /// (no shared memory for its body) fails, as the driver fails a waiting call that cannot
+    /// enter: left at the head, it would hold back every call behind it and fail every poll.
+    fn send_backlog(&mut self, out: &mut dyn FnMut(Answer<'_, C>)) -> usize {
+        let mut n = 0;
         while let Some(b) = self.backlog.front() {
-            if !self.client.submit(b.id, b.step, b.priority, b.deadline, &b.body, &b.bufs)? {
-                break;
+            let error = match self.client.submit(b.id, b.step, b.priority, b.deadline, &b.body, &b.bufs) {
+                Ok(true) => {
+                    self.backlog.pop_front();
+                    continue;
+                }
+                Ok(false) => break,
+                Err(error) => error,
+            };
+            let b = self.backlog.pop_front().expect("looked at above");
+            self.release(&b.bufs);
+            let Some(call) = self.calls.remove(&b.id) else { continue };
+            n += 1;
+            match error {
+                EngineError::ArenaExhausted { .. } => {
+                    out(Answer::Failed { call, kind: FailureKind::ArenaExhausted, step: b.step, pid: 0, detail: None })
+                }
+                error => {
+                    let why = error.to_string();
+                    let detail = Some(Payload::Inline(why.as_bytes()));
+                    out(Answer::Failed { call, kind: FailureKind::Rejected, step: b.step, pid: 0, detail })
+                }
             }
-            self.backlog.pop_front();
         }
-        Ok(())
+        n
     }
 
     /// Raises the flag that makes the engine ring; `false` when responses arrived meanwhile.

@@ -452,3 +452,56 @@ fn a_callers_calls_get_one_answer_each_through_a_full_ring_deadlines_and_cancels
         }
     }
 }
+
+#[test]
+fn a_backlogged_call_that_cannot_be_sent_fails_alone_and_the_others_go_on() {
+    use aqueduct_core::caller::{Answer, Caller};
+    // A small request ring: most submissions wait in the caller's backlog.
+    let Rig { mut engine, mut workers, client, .. } = Rig::new(vec![step(4, 20)], 4096);
+    let mut caller: Caller<u64> = Caller::new(client);
+    let far = Nanos::now().saturating_add(Duration::from_secs(3600));
+    for token in 0..100u64 {
+        caller.submit(token, 0, 0, far, &[token as u8; 64], Vec::new()).unwrap();
+    }
+    // Larger than the whole pool (8 MiB): accepted into the backlog, it can never be sent.
+    caller.submit(100, 0, 0, far, &vec![7u8; 16 << 20], Vec::new()).unwrap();
+    for token in 101..120u64 {
+        caller.submit(token, 0, 0, far, &[token as u8; 64], Vec::new()).unwrap();
+    }
+    caller.flush();
+    let mut answered: HashMap<u64, &str> = HashMap::new();
+    for _ in 0..2000 {
+        if caller.pending() == 0 {
+            break;
+        }
+        caller
+            .poll(Nanos::now(), &mut |a| {
+                let (token, what) = match a {
+                    Answer::Done { call, .. } => (call, "done"),
+                    Answer::Failed { call, kind: FailureKind::ArenaExhausted, .. } => (call, "no memory"),
+                    Answer::Failed { call, .. } => (call, "failed"),
+                    Answer::TimedOut { call } => (call, "timed out"),
+                    Answer::Lost { call } => (call, "lost"),
+                };
+                assert!(answered.insert(token, what).is_none(), "call {token} answered twice");
+            })
+            .expect("a call that cannot be sent fails that call, not the poll");
+        engine.poll(&mut |_| {}).unwrap();
+        for w in &mut workers {
+            if let Received::Batch(n) = w.recv(Some(Duration::ZERO)).unwrap() {
+                for i in 0..n {
+                    let mut body = Vec::new();
+                    w.read_body(i, &mut body).unwrap();
+                    w.send_result(i, Status::Ok, ROUTE_DONE, &body).unwrap();
+                }
+                w.finish_batch().unwrap();
+            }
+        }
+        engine.poll(&mut |_| {}).unwrap();
+    }
+    assert_eq!(caller.pending(), 0, "every call answered");
+    for token in 0..120u64 {
+        let expected = if token == 100 { "no memory" } else { "done" };
+        assert_eq!(answered.get(&token).copied(), Some(expected), "call {token}");
+    }
+}

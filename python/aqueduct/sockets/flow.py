@@ -471,6 +471,7 @@ class SocketFlow:
             if self._client is client:
                 for _, _future, call in submitted:
                     client.cancel(call)
+                client.flush()  # the engine drops them now, not at this client's next flush
             raise
         first_error: Exception | None = None
         for (task, _, _), result in zip(submitted, results, strict=True):
@@ -493,7 +494,10 @@ class SocketFlow:
         if kind == 'timeout':
             return SocketTaskTimeoutError('Task timeout error')
         if kind == 'lost':
-            return self._lost_error
+            # One exception per call: raising a shared one would chain every call's traceback
+            # (frames, tasks) onto it, kept as long as this SocketFlow.
+            lost = self._lost_error
+            return type(lost)(*lost.args)
         name = self._step_names[step] if 0 <= step < len(self._step_names) else ''
         return failure_exception(kind, name, failure.detail)
 
