@@ -311,7 +311,9 @@ impl<C> Book<C> {
     fn on_exit<'a>(&mut self, slot: usize, step: usize, pid: u32, out: &mut dyn FnMut(Event<'a, C>)) {
         let book = &mut self.slots[slot];
         let was_alive = std::mem::take(&mut book.alive);
-        let expected = self.state != DriverState::Running || book.stopping;
+        // While a graceful stop drains, a death is still a death: its replacement serves the
+        // tasks the dead worker never began (the step's only worker, perhaps).
+        let expected = self.state == DriverState::Stopping || book.stopping;
         out(Event::Exited { slot, step, pid, expected });
         if was_alive && !expected {
             self.deaths[step] += 1;
@@ -623,7 +625,7 @@ impl<C> Driver<C> {
                 self.book.respawns.iter().filter(|(at, _)| *at <= now).map(|&(_, slot)| slot).collect();
             self.book.respawns.retain(|(at, _)| *at > now);
             for slot in due {
-                if self.book.state == DriverState::Running && !self.book.gave_up {
+                if self.book.state != DriverState::Stopping && !self.book.gave_up {
                     out(Event::Respawn { slot, step: self.book.slot_step[slot] });
                 }
             }
@@ -719,7 +721,9 @@ impl<C> Driver<C> {
             _ => return Ok(()),
         }
         self.engine.hub.stop_accepting();
-        self.book.respawns.clear();
+        if !graceful {
+            self.book.respawns.clear();
+        }
         self.fail_waiting(out);
         let now = Nanos::now();
         if graceful {

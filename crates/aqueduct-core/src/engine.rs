@@ -254,9 +254,16 @@ impl Engine {
         self.woke();
         let mut n = 0;
         let notified = std::mem::take(&mut *self.gone.lock().unwrap_or_else(|p| p.into_inner()));
+        // Every exit is handled even if one fails (its error is reported after the others).
+        let mut failed = None;
         for slot in ready.exited.into_iter().chain(notified) {
-            self.worker_gone(slot, out)?;
+            if let Err(e) = self.worker_gone(slot, out) {
+                failed.get_or_insert(e);
+            }
             n += 1;
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         n += self.poll_hub_and_ports(out)?;
         self.kill_overdue();

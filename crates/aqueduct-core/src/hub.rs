@@ -63,6 +63,7 @@ use crate::message::*;
 use crate::metrics::{Histogram, Series};
 use crate::prio::PriorityQueue;
 use crate::shm::event::SpinPolicy;
+use crate::shm::ring::RECORD_HEADER;
 use crate::shm::{Arena, BufRef, Consumer, Extent, Producer, SharedRegion};
 
 /// One step as the hub sees it.
@@ -288,6 +289,8 @@ struct Slot {
     unpublished: bool,
     /// The worker was reported overdue (its batch ran past `handle_timeout`) and is to be killed.
     overran: bool,
+    /// Told to stop while its inbound ring was full: the stop record goes out once there is room.
+    stop_pending: bool,
 }
 
 impl Slot {
@@ -445,11 +448,18 @@ impl Hub {
                     sent: 0,
                     unpublished: false,
                     overran: false,
+                    stop_pending: false,
                 });
             }
-            // Every outstanding batch of inline bodies must fit in the inbound ring at once.
-            let per_task = (layout.ring_capacity - 64) / (spec.batch_size * pipeline_depth(spec.batch_size));
-            let inline_max = per_task.saturating_sub(8 + HEADER_LEN + 8) / 8 * 8;
+            // Every outstanding batch of inline bodies must fit in the inbound ring at once: each
+            // batch's own record, a stop record, and one task record's worth of padding where
+            // the ring wraps (a record never straddles the end). Found by a test writing bodies
+            // of exactly this size: without the batch records and the wrap, the last batch could
+            // be cut off mid-way.
+            let depth = pipeline_depth(spec.batch_size);
+            let reserved = 64 + depth * (RECORD_HEADER + 16) + RECORD_HEADER;
+            let per_task = layout.ring_capacity.saturating_sub(reserved) / (spec.batch_size * depth + 1);
+            let inline_max = per_task.saturating_sub(RECORD_HEADER + HEADER_LEN + 8) / 8 * 8;
             steps.push(Step {
                 spec: spec.clone(),
                 queue: PriorityQueue::new(cfg.priorities, spec.queue_capacity, cfg.fair_every),
@@ -601,6 +611,7 @@ impl Hub {
         s.state = SlotState::Starting;
         s.pid = pid;
         s.pool_index = pool_index;
+        s.stop_pending = false;
         self.layout.slot_pid(&self.region, slot).store(pid, Ordering::Release);
     }
 
@@ -930,6 +941,9 @@ impl Hub {
         }
         for slot in 0..self.slots.len() {
             reported += self.drain_slot(slot, now, out)?;
+            if self.slots[slot].stop_pending {
+                self.send_stop(slot)?;
+            }
         }
         self.dispatch_all(now)?;
         for (task_id, failure) in std::mem::take(&mut self.deferred) {
@@ -1347,10 +1361,13 @@ impl Hub {
         if matches!(s.state, SlotState::Vacant | SlotState::Dead) {
             return Ok(());
         }
-        if !s.inbound.try_write(TAG_STOP, &[])? {
-            return Err(EngineError::Protocol("no room for a stop record"));
+        if s.inbound.try_write(TAG_STOP, &[])? {
+            s.inbound.publish();
+            s.stop_pending = false;
+        } else {
+            // Batches sent ahead fill the ring; as the worker takes them, `poll` sends the stop.
+            s.stop_pending = true;
         }
-        s.inbound.publish();
         if s.state == SlotState::Idle {
             let step = s.step;
             self.steps[step].idle.retain(|&i| i != slot);

@@ -352,6 +352,23 @@ fn a_graceful_stop_drains_then_reports_and_fails_what_waits() {
 }
 
 #[test]
+fn a_death_while_a_graceful_stop_drains_is_replaced_and_the_tasks_it_never_began_finish() {
+    let mut rig = Rig::new(vec![step(1, 1, 4)], 1, Admission::Wait, RestartPolicy::default());
+    let (begun, _) = rig.submit(0, 0, far()).unwrap();
+    let (ahead, _) = rig.submit(0, 0, far()).unwrap();
+    assert_eq!(rig.begin(0), 1);
+    rig.driver.begin_stop(true, Duration::from_secs(60), &mut rig.seen.sink()).unwrap();
+    rig.kill(0); // the step's only worker dies mid-drain: replaced at once
+    assert_eq!(rig.seen.got[&begun], Got::Died);
+    assert!(rig.workers[0].is_some(), "a replacement serves the drain");
+    rig.poll();
+    rig.work(0, Status::Ok, ROUTE_DONE);
+    rig.poll();
+    assert_eq!(rig.seen.got[&ahead], Got::Done, "not failed at the end of the grace period");
+    assert_eq!(rig.seen.events, vec!["Drained".to_string()]);
+}
+
+#[test]
 fn a_hard_stop_escalates_a_graceful_one() {
     let mut rig = Rig::new(vec![step(1, 1, 4)], 1, Admission::Wait, RestartPolicy::default());
     let (held, _) = rig.submit(0, 0, far()).unwrap();

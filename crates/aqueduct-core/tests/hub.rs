@@ -576,6 +576,47 @@ fn batches_failed_by_a_hard_stop_are_not_run_again_when_their_worker_dies() {
 }
 
 #[test]
+fn a_stop_behind_a_full_window_of_the_largest_inline_batches_reaches_the_worker() {
+    // A worker that is not a process is stopped by its stop record alone. With bodies of
+    // exactly the inline limit, the batches sent ahead did not fit the ring (their own records
+    // and the padding at the wrap were not budgeted): the last one was cut off mid-way and the
+    // worker read the stop record where a task should be. A stop that finds no room waits
+    // (`stop_pending`) rather than failing.
+    let cfg = HubConfig { steps: vec![step(1, 1, 0, 10_000)], ring_capacity: 4096, ..HubConfig::default() };
+    let mut rig = Rig::new(cfg);
+    let mut sent = 0;
+    // Bodies as large as the ring allows inline, so that the batches sent ahead fill it.
+    let body = vec![7u8; rig.hub.inline_max(0)];
+    while rig.hub.submit(0, 0, Nanos::ZERO, &body).is_ok() && sent < 200 {
+        sent += 1;
+        if rig.hub.batches_outstanding(0) >= pipeline_depth(1) {
+            break;
+        }
+    }
+    assert!(rig.hub.batches_outstanding(0) >= pipeline_depth(1), "a full window sent ahead");
+    rig.hub.send_stop(0).unwrap();
+    let mut stopped = false;
+    for _ in 0..64 {
+        let w = &mut rig.workers[0];
+        match w.recv(Some(Duration::ZERO)).unwrap() {
+            Received::Batch(n) => {
+                for i in 0..n {
+                    w.send_result(i, Status::Ok, ROUTE_DONE, b"").unwrap();
+                }
+                w.finish_batch().unwrap();
+            }
+            Received::Stop => {
+                stopped = true;
+                break;
+            }
+            Received::Timeout => {}
+        }
+        rig.poll();
+    }
+    assert!(stopped, "the worker got its stop record once it had made room");
+}
+
+#[test]
 fn config_errors_name_the_problem() {
     let cases = [
         (config(vec![step(0, 1, 0, 1)]), "nprocs"),

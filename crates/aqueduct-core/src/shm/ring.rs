@@ -40,7 +40,8 @@ use crate::error::{EngineError, Result};
 pub const HEADER_BYTES: usize = 192;
 const MAGIC: u32 = 0x4151_5249; // "AQRI"
 const VERSION: u32 = 1;
-const RECORD_HEADER: usize = 8;
+/// Bytes each record takes before its payload (payloads are padded to 8 bytes).
+pub const RECORD_HEADER: usize = 8;
 /// Tag of the padding record that skips to the start of the buffer.
 pub const TAG_PAD: u32 = 0;
 
