@@ -22,7 +22,7 @@ use aqueduct_core::Nanos;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
-use crate::driver::{buffers, payload_bytes, resolve, Failure};
+use crate::driver::{buffers, payload_bytes, resolve, undeliverable, Failure};
 use crate::errors::py_err;
 use crate::shm::{Pool, ShmBuffer};
 
@@ -45,34 +45,46 @@ impl PortClient {
     }
 }
 
-/// Resolves a call's future with its answer.
-fn answer(py: Python<'_>, arena: &Arc<Arena>, a: Answer<'_, Py<PyAny>>) -> PyResult<()> {
-    let failure = |kind: &'static str, step: i64, detail: Py<PyAny>| Failure::new(kind, step, detail);
-    match a {
+/// Resolves a call's future with its answer (a `rejected` failure if the answer cannot be
+/// turned into Python objects: every call is answered).
+fn answer(py: Python<'_>, arena: &Arc<Arena>, a: Answer<'_, Py<PyAny>>) {
+    let failure = |kind: &'static str, step: i64, detail: Py<PyAny>| -> PyResult<Bound<'_, PyAny>> {
+        Ok(Bound::new(py, Failure::new(kind, step, detail))?.into_any())
+    };
+    let (call, value) = match a {
         Answer::Done { call, body, bufs } => {
-            let bufs = buffers(py, arena, bufs)?;
-            let body = payload_bytes(py, arena, body)?;
-            resolve(py, call, PyTuple::new(py, [body.into_any(), bufs.into_any()])?.into_any());
+            let value = (|| {
+                let bufs = buffers(py, arena, bufs)?;
+                let body = payload_bytes(py, arena, body)?;
+                Ok(PyTuple::new(py, [body.into_any(), bufs.into_any()])?.into_any())
+            })();
+            (call, value)
         }
         Answer::Failed { call, kind, step, pid, detail } => {
-            let detail: Py<PyAny> = match (kind, detail) {
-                (FailureKind::WorkerDied | FailureKind::HandlerTimeout, _) => {
-                    pid.into_pyobject(py)?.into_any().unbind()
-                }
-                (FailureKind::Rejected, Some(d)) => {
-                    let bytes = payload_bytes(py, arena, d)?;
-                    PyString::new(py, &String::from_utf8_lossy(bytes.as_bytes())).into_any().unbind()
-                }
-                (_, Some(d)) => payload_bytes(py, arena, d)?.into_any().unbind(),
-                (_, None) => py.None(),
-            };
-            let step = if step == NO_STEP { -1 } else { i64::from(step) };
-            resolve(py, call, Bound::new(py, failure(kind.name(), step, detail))?.into_any());
+            let value = (|| {
+                let detail: Py<PyAny> = match (kind, detail) {
+                    (FailureKind::WorkerDied | FailureKind::HandlerTimeout, _) => {
+                        pid.into_pyobject(py)?.into_any().unbind()
+                    }
+                    (FailureKind::Rejected, Some(d)) => {
+                        let bytes = payload_bytes(py, arena, d)?;
+                        PyString::new(py, &String::from_utf8_lossy(bytes.as_bytes())).into_any().unbind()
+                    }
+                    (_, Some(d)) => payload_bytes(py, arena, d)?.into_any().unbind(),
+                    (_, None) => py.None(),
+                };
+                let step = if step == NO_STEP { -1 } else { i64::from(step) };
+                failure(kind.name(), step, detail)
+            })();
+            (call, value)
         }
-        Answer::TimedOut { call } => resolve(py, call, Bound::new(py, failure("timeout", -1, py.None()))?.into_any()),
-        Answer::Lost { call } => resolve(py, call, Bound::new(py, failure("lost", -1, py.None()))?.into_any()),
+        Answer::TimedOut { call } => (call, failure("timeout", -1, py.None())),
+        Answer::Lost { call } => (call, failure("lost", -1, py.None())),
+    };
+    match value {
+        Ok(value) => resolve(py, call, value),
+        Err(err) => undeliverable(py, call, err),
     }
-    Ok(())
 }
 
 #[pymethods]
@@ -135,17 +147,9 @@ impl PortClient {
     /// sends the backlog; returns how many calls were answered.
     fn poll(&self, py: Python<'_>) -> PyResult<usize> {
         let arena = self.arena.clone();
-        let mut err = None;
         let mut guard = self.lock()?;
         let caller = guard.as_mut().expect("checked open");
-        let n = caller
-            .poll(Nanos::now(), &mut |a| {
-                if let Err(e) = answer(py, &arena, a) {
-                    err.get_or_insert(e);
-                }
-            })
-            .map_err(py_err(py))?;
-        err.map_or(Ok(n), Err)
+        caller.poll(Nanos::now(), &mut |a| answer(py, &arena, a)).map_err(py_err(py))
     }
 
     /// When the earliest pending deadline comes (`time.monotonic()` seconds), or `None`.
@@ -171,9 +175,7 @@ impl PortClient {
         let caller = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut caller) = caller {
             let arena = self.arena.clone();
-            caller.lose_all(&mut |a| {
-                let _ = answer(py, &arena, a);
-            });
+            caller.lose_all(&mut |a| answer(py, &arena, a));
         }
     }
 

@@ -21,7 +21,7 @@ use aqueduct_core::shm::{Arena, BufRef};
 use aqueduct_core::{Driver as CoreDriver, Engine as CoreEngine, Nanos};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::args;
 use crate::errors::py_err;
@@ -224,32 +224,46 @@ impl<'py> Delivery<'py, '_> {
         let py = self.py;
         match e {
             Event::Done { call, body, bufs } => {
-                let bufs = buffers(py, &self.arena, bufs)?;
-                let body = payload_bytes(py, &self.arena, body)?;
-                resolve(py, call, PyTuple::new(py, [body.into_any(), bufs.into_any()])?.into_any());
+                let result = (|| -> PyResult<Bound<'_, PyAny>> {
+                    let bufs = buffers(py, &self.arena, bufs)?;
+                    let body = payload_bytes(py, &self.arena, body)?;
+                    Ok(PyTuple::new(py, [body.into_any(), bufs.into_any()])?.into_any())
+                })();
+                match result {
+                    Ok(value) => resolve(py, call, value),
+                    Err(err) => undeliverable(py, call, err),
+                }
             }
             Event::Failed { call, step, fault } => {
-                let none = || py.None();
-                let (kind, step, detail): (&'static str, i64, Py<PyAny>) = match fault {
-                    Fault::Engine(f) => match f {
-                        HubFailure::Handler { step, body } => {
-                            ("handler", step as i64, payload_bytes(py, &self.arena, body)?.into_any().unbind())
-                        }
-                        HubFailure::Expired { step } => ("expired", step as i64, none()),
-                        HubFailure::WorkerDied { step, pid } => {
-                            ("died", step as i64, pid.into_pyobject(py)?.into_any().unbind())
-                        }
-                        HubFailure::HandlerTimeout { step, pid } => {
-                            ("handler_timeout", step as i64, pid.into_pyobject(py)?.into_any().unbind())
-                        }
-                        HubFailure::Stopped => ("stopped", -1, none()),
-                        HubFailure::ArenaExhausted { step } => ("shm_exhausted", step as i64, none()),
-                    },
-                    Fault::Timeout => ("timeout", step as i64, none()),
-                    Fault::TimeoutWaiting => ("timeout_waiting", step as i64, none()),
-                    Fault::NotRunning => ("not_running", step as i64, none()),
-                };
-                resolve(py, call, Bound::new(py, Failure { kind, step, detail })?.into_any());
+                // Building the failure can fail (no memory for a huge error report): the call
+                // is answered all the same.
+                let failure = (|| -> PyResult<Bound<'_, Failure>> {
+                    let none = || py.None();
+                    let (kind, step, detail): (&'static str, i64, Py<PyAny>) = match fault {
+                        Fault::Engine(f) => match f {
+                            HubFailure::Handler { step, body } => {
+                                ("handler", step as i64, payload_bytes(py, &self.arena, body)?.into_any().unbind())
+                            }
+                            HubFailure::Expired { step } => ("expired", step as i64, none()),
+                            HubFailure::WorkerDied { step, pid } => {
+                                ("died", step as i64, pid.into_pyobject(py)?.into_any().unbind())
+                            }
+                            HubFailure::HandlerTimeout { step, pid } => {
+                                ("handler_timeout", step as i64, pid.into_pyobject(py)?.into_any().unbind())
+                            }
+                            HubFailure::Stopped => ("stopped", -1, none()),
+                            HubFailure::ArenaExhausted { step } => ("shm_exhausted", step as i64, none()),
+                        },
+                        Fault::Timeout => ("timeout", step as i64, none()),
+                        Fault::TimeoutWaiting => ("timeout_waiting", step as i64, none()),
+                        Fault::NotRunning => ("not_running", step as i64, none()),
+                    };
+                    Bound::new(py, Failure { kind, step, detail })
+                })();
+                match failure {
+                    Ok(failure) => resolve(py, call, failure.into_any()),
+                    Err(err) => undeliverable(py, call, err),
+                }
             }
             Event::Ready { slot, step, pid } => {
                 self.push(WorkerEvent { pid, ..worker_event("ready", slot, step) })?;
@@ -291,6 +305,16 @@ impl<'py> Delivery<'py, '_> {
 
     fn finish(self) -> PyResult<Bound<'py, PyList>> {
         self.err.map_or(Ok(self.events), Err)
+    }
+}
+
+/// Answers a call whose outcome could not be turned into Python objects (no memory for a large
+/// result, say): its future gets a `rejected` failure naming the error, rather than no answer.
+pub(crate) fn undeliverable(py: Python<'_>, call: Py<PyAny>, err: PyErr) {
+    let detail = format!("the outcome could not be delivered: {err}");
+    let detail = PyString::new(py, &detail).into_any().unbind();
+    if let Ok(failure) = Bound::new(py, Failure { kind: "rejected", step: -1, detail }) {
+        resolve(py, call, failure.into_any());
     }
 }
 

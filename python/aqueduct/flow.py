@@ -861,7 +861,9 @@ class Flow:
         self._stopping = self._bound_loop().create_task(self.stop(graceful=False))
 
     def _respawn(self, slot: int, step: int) -> None:
-        if self._state is not FlowState.RUNNING:
+        # The driver asks while the flow runs or a graceful stop drains (a replacement serves
+        # what the dead worker never began), never once the workers are being stopped.
+        if self._driver is None or self._state not in (FlowState.RUNNING, FlowState.STOPPING):
             return
         try:
             self._spawn(slot)

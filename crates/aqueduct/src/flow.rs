@@ -18,6 +18,7 @@ use std::os::fd::OwnedFd;
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aqueduct_core::driver::{Admission, Driver, Event, Fault, GiveUp};
@@ -188,8 +189,18 @@ impl<T: Send + 'static> FlowBuilder<T> {
         let pool = pool_for(&cfg, 64 << 10)?;
         let mut driver = Driver::new(Engine::new(&cfg, pool.clone())?, Admission::Wait, self.restart);
         let store = Arc::new(Store::new());
-        let mut threads = Vec::new();
-        for slot in 0..driver.engine().hub.slot_count() {
+        let factories: Vec<_> = self.steps.iter().map(|s| s.factory.clone()).collect();
+        let routes: Vec<_> = (0..self.steps.len()).map(|i| self.routes(i)).collect();
+        let names: Vec<String> = (0..self.steps.len())
+            .map(|i| {
+                format!("aqueduct-{}-{}", self.name, self.steps[i].display_name(i)).chars().take(15).collect::<String>()
+            })
+            .collect();
+        let thread_store = store.clone();
+        // Starts the worker thread of `slot`: the first ones, and a replacement for one that
+        // ended while the flow ran (a panic outside the handler's guard, in a `handle_condition`
+        // for instance), which the engine treats as a dead worker.
+        let spawn = move |driver: &mut Driver<Token>, slot: usize| -> Result<JoinHandle<()>, FlowError> {
             let engine = driver.engine();
             let step = engine.hub.slot_step(slot);
             let index = pool.reserve_index().ok_or_else(|| FlowError::Start("too many workers".into()))?;
@@ -198,19 +209,29 @@ impl<T: Send + 'static> FlowBuilder<T> {
             );
             let endpoint =
                 WorkerEndpoint::attach(engine.hub.region().clone(), Arc::new(pool.as_process(index)), slot, doorbell)?;
-            let handler = (self.steps[step].factory)();
-            let routes = self.routes(step);
-            let store = store.clone();
-            let name = format!("aqueduct-{}-{}", self.name, self.steps[step].display_name(step));
+            let gone = engine.exit_notifier(slot)?;
+            let (handler, routes, store) = ((factories[step])(), routes[step].clone(), thread_store.clone());
             let thread = std::thread::Builder::new()
-                .name(name.chars().take(15).collect())
-                .spawn(move || thread_worker(endpoint, handler, routes, store))
-                .map_err(|e| FlowError::Start(format!("cannot start a worker thread: {e}")))?;
+                .name(names[step].clone())
+                .spawn(move || {
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        thread_worker(endpoint, handler, routes, store)
+                    }));
+                    gone.notify();
+                })
+                .map_err(|e| {
+                    pool.release_index(index);
+                    FlowError::Start(format!("cannot start a worker thread: {e}"))
+                })?;
             driver.thread_worker_started(slot, index);
-            threads.push(thread);
+            Ok(thread)
+        };
+        let mut threads = Vec::new();
+        for slot in 0..driver.engine().hub.slot_count() {
+            threads.push(spawn(&mut driver, slot)?);
         }
         let codec: Arc<dyn Codec<T>> = Arc::new(ThreadCodec { store });
-        launch(self, driver, codec, Workers::Threads(threads)).await
+        launch(self, driver, codec, Workers::Threads { threads, spawn: Box::new(spawn) }).await
     }
 }
 
@@ -473,13 +494,20 @@ impl<T> Drop for CancelOnDrop<'_, T> {
 
 // ------------------------------------------------------------------------------------ runner
 
+/// Starts the worker thread of a slot (see `FlowBuilder::start`).
+type SpawnThread = Box<dyn FnMut(&mut Driver<Token>, usize) -> Result<JoinHandle<()>, FlowError> + Send>;
+
 enum Workers {
-    Threads(Vec<std::thread::JoinHandle<()>>),
+    Threads { threads: Vec<JoinHandle<()>>, spawn: SpawnThread },
     Processes { spawner: Spawner, pool: Arc<Arena>, children: HashMap<usize, Child> },
 }
 
 /// A call as the driver knows it: the caller's ticket and where to answer.
 type Token = (u64, Answer);
+
+fn no_spawn(_: &mut Driver<Token>, _: usize) -> Result<JoinHandle<()>, FlowError> {
+    Err(FlowError::NotRunning)
+}
 
 /// The tokio task that owns the driver: moves commands in and answers out, starts replacement
 /// processes when the driver asks. Every decision is the driver's.
@@ -494,6 +522,8 @@ struct Runner {
     spin: Duration,
     stopping: Vec<oneshot::Sender<()>>,
     accepting: bool,
+    /// Some `Flow` handle still exists (the command channel is open).
+    handles: bool,
     /// A stop has drained (or run out of grace): the runner ends.
     drained: bool,
     stop_grace: Duration,
@@ -520,6 +550,7 @@ async fn launch<T: Send + 'static>(
         spin,
         stopping: Vec::new(),
         accepting: true,
+        handles: true,
         drained: false,
         stop_grace: builder.stop_grace,
         running,
@@ -590,9 +621,14 @@ impl Runner {
     async fn run(&mut self, fd: &AsyncFd<OwnedFd>) {
         loop {
             tokio::select! {
-                command = self.commands.recv(), if self.accepting => match command {
+                // Read while a stop drains too: a cancel must still drop its task (a submission
+                // then is refused by the driver).
+                command = self.commands.recv(), if self.handles => match command {
                     Some(c) => self.command(c),
-                    None => self.begin_stop(true), // every handle was dropped
+                    None => {
+                        self.handles = false; // every handle was dropped
+                        self.begin_stop(true);
+                    }
                 },
                 ready = fd.readable() => match ready {
                     Ok(mut guard) => guard.clear_ready(),
@@ -711,11 +747,16 @@ impl Runner {
 
     /// Starts the replacement the driver asked for.
     fn respawn(&mut self, slot: usize) {
-        let Workers::Processes { spawner, pool, children } = &mut self.workers else { return };
-        if let Some(mut child) = children.remove(&slot) {
-            let _ = child.wait();
-        }
-        if let Err(e) = spawn_process(&mut self.driver, pool, spawner, children, slot) {
+        let started = match &mut self.workers {
+            Workers::Threads { threads, spawn } => spawn(&mut self.driver, slot).map(|t| threads.push(t)),
+            Workers::Processes { spawner, pool, children } => {
+                if let Some(mut child) = children.remove(&slot) {
+                    let _ = child.wait();
+                }
+                spawn_process(&mut self.driver, pool, spawner, children, slot)
+            }
+        };
+        if let Err(e) = started {
             eprintln!(
                 "aqueduct: cannot replace a worker of {}: {e}",
                 self.step_names[self.driver.engine().hub.slot_step(slot)]
@@ -731,27 +772,11 @@ impl Runner {
     /// Stops taking tasks; the driver fails the calls waiting for room, and the flow stops once
     /// those in flight are done (graceful, within the grace period) or at once.
     fn begin_stop(&mut self, graceful: bool) {
+        // Commands keep being read: the driver refuses submissions from now on, and cancels
+        // still drop their tasks.
         if self.accepting {
             self.accepting = false;
             self.running.send_replace(false);
-            while let Ok(command) = self.commands.try_recv() {
-                match command {
-                    Command::Submit { ticket, answer, .. } => {
-                        (self.discard)(ticket);
-                        let _ = answer.send(Err(FlowError::NotRunning));
-                    }
-                    Command::Stop(done) => self.stopping.push(done),
-                    Command::Metrics(reply) => {
-                        let _ = reply.send(self.driver.engine_mut().hub.metrics(false));
-                    }
-                    Command::Cancel { ticket } => {
-                        if let Some(id) = self.calls.remove(&ticket) {
-                            self.driver.cancel(id);
-                        }
-                        (self.discard)(ticket);
-                    }
-                }
-            }
         }
         let mut owned = Vec::new();
         let arena = self.driver.engine().hub.arena().clone();
@@ -777,8 +802,9 @@ impl Runner {
     /// Asks every worker to exit and waits for them (killing processes that take too long).
     async fn shutdown(&mut self) {
         self.driver.stop_workers(false);
-        match std::mem::replace(&mut self.workers, Workers::Threads(Vec::new())) {
-            Workers::Threads(threads) => {
+        match std::mem::replace(&mut self.workers, Workers::Threads { threads: Vec::new(), spawn: Box::new(no_spawn) })
+        {
+            Workers::Threads { threads, .. } => {
                 let _ = tokio::task::spawn_blocking(move || {
                     for thread in threads {
                         let _ = thread.join();

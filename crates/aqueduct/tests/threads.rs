@@ -222,6 +222,24 @@ impl Handler<Task> for Gate {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_thread_that_panics_outside_the_handler_fails_its_tasks_and_is_replaced() {
+    within(async {
+        // The second step's condition runs in the first step's worker, after its handler:
+        // a panic there ends the thread itself.
+        let flow = start(vec![
+            FlowStep::new(Double::default()),
+            plus_one().handle_condition(|t: &Task| if t.x == 21 { panic!("no 21") } else { true }),
+        ])
+        .await;
+        assert!(matches!(flow.process(task(21)).await, Err(FlowError::WorkerDied { .. })));
+        let done = flow.process(task(2)).await.unwrap();
+        assert_eq!((done.doubled, done.plus_one), (Some(4), Some(5)), "a replacement thread serves");
+        flow.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_step_never_holds_back_the_calls_of_another() {
     within(async {
         // Step 1 (x < 100) is held by a gate with room for one task; step 2 takes the rest.
