@@ -427,3 +427,25 @@ async def test_an_on_start_failure_fails_start_naming_the_step_and_leaves_no_chi
     assert 'the model file is missing' in str(info.value)
     assert flow.state is FlowState.STOPPED
     assert children() == []
+
+
+async def test_a_worker_killed_while_a_graceful_stop_drains_is_replaced_and_the_queue_finishes(make_flow, tmp_path):
+    """The step's only worker hangs, a graceful stop begins, and the worker is killed for its
+    handle_timeout: a replacement runs the task queued behind the hung one (before, it waited out
+    the whole grace period and failed as stopped)."""
+    flow = make_flow(FlowStep(Block(), handle_timeout=0.5))
+    hung = asyncio.ensure_future(
+        flow.process(Task(1, forever=True, pid_file=str(tmp_path / 'hung')), timeout_sec=30)
+    )
+    hung_pid = int(await _read_when_written(tmp_path / 'hung'))
+    second = Task(2)
+    queued = asyncio.ensure_future(flow.process(second, timeout_sec=30))
+    await _until(lambda: flow.health()['steps'][0]['queued'] == 1, what='the second task queued')
+    stopping = asyncio.ensure_future(flow.stop(graceful=True, grace_sec=20))
+    with pytest.raises(HandlerTimeoutError):
+        await asyncio.wait_for(hung, 20)
+    await asyncio.wait_for(queued, 15)
+    assert second.result == 2 and second.pid != hung_pid
+    await asyncio.wait_for(stopping, 20)
+    assert flow.state is FlowState.STOPPED
+    assert not psutil.pid_exists(hung_pid) or psutil.Process(hung_pid).status() == psutil.STATUS_ZOMBIE
