@@ -1,7 +1,7 @@
 """The flow's side of metrics: the :class:`Collector` each export period is gathered in, the
 once-a-second and ``qsize_collect_period`` gauge samples, and turning engine snapshots and the
 driver's outcome counts into exporter periods, Prometheus families and ``top`` frames. Everything
-is read through the flow's public :class:`aqueduct.flow.FlowView`.
+is read through the flow's public :class:`aqueduct.view.FlowView`.
 
 Histograms from the engine are ``(buckets, count, sum)`` with the log-linear buckets of
 ``aqueduct_core::metrics`` (two per octave; bucket ``2k + 1`` starts at ``2**k``).
@@ -21,7 +21,7 @@ from .collect import AqueductMetricsStorage, Collector, ProcessesStats, TasksSta
 from .task import TasksMetricsStorage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..flow import FlowView
+    from ..view import FlowView
 
 #: Outcome counters, in this order, per priority.
 OUTCOMES = ('complete', 'timeout', 'cancel', 'error')
