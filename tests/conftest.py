@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,20 @@ def python_script(code: str) -> Iterator[subprocess.Popen]:
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def finish_or_dump(proc: subprocess.Popen, timeout: float, hung: str) -> str:
+    """Waits for a ``python_script`` that registered ``faulthandler`` on SIGUSR1; if it does not
+    finish in time, has it dump every thread's stack to stderr and fails with ``hung``.
+    Returns its stdout."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGUSR1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+        raise AssertionError(hung) from None
+    return proc.stdout.read()
 
 
 @pytest.fixture(params=['fork', 'spawn'])

@@ -10,11 +10,8 @@ the faults the seam must survive are tested below.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import os
-import signal
-import subprocess
 import threading
 
 import pytest
@@ -23,7 +20,7 @@ from aqueduct._worker import serve
 from aqueduct.exceptions import FlowError, WorkerDiedError
 from aqueduct.executors import Executor, ExecutorWorker
 
-from .conftest import children, python_script
+from .conftest import children, finish_or_dump, python_script
 from .handlers import Add, Double, Mark, Sleep, Task
 from .test_flow import (  # noqa: F401 (collected here, with this module's make_flow)
     test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped,
@@ -210,14 +207,8 @@ def test_a_dead_executor_worker_next_to_forked_workers_does_not_block_the_loop()
         asyncio.run(main())
         """
     ) as proc:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
-            raise AssertionError('the event loop is blocked') from None
-        assert proc.stdout.read().strip().endswith('done')
+        out = finish_or_dump(proc, 30, 'the event loop is blocked')
+        assert out.strip().endswith('done')
 
 
 def test_results_that_overflow_the_ring_do_not_deadlock_an_executor_thread():
@@ -245,11 +236,5 @@ def test_results_that_overflow_the_ring_do_not_deadlock_an_executor_thread():
         asyncio.run(main())
         """
     ) as proc:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
-            raise AssertionError('deadlocked: the executor thread waits for ring space holding the GIL') from None
-        assert proc.stdout.read().strip().endswith('done')
+        out = finish_or_dump(proc, 30, 'deadlocked: the executor thread waits for ring space holding the GIL')
+        assert out.strip().endswith('done')

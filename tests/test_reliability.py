@@ -23,7 +23,7 @@ from aqueduct.exceptions import (
 )
 from aqueduct.flow import RestartPolicy
 
-from .conftest import children, python_script
+from .conftest import children, finish_or_dump, python_script
 from .handlers import Add, Die, NeedsTwoArgs, RaiseOdd, Sleep, Task, Unpicklable, explode, is_seven
 
 
@@ -397,11 +397,5 @@ def test_health_read_from_another_thread_while_calls_complete_does_not_deadlock(
         asyncio.run(main())
         """
     ) as proc:
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGUSR1)  # where it is stuck goes to the captured stderr
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)
-            raise AssertionError('deadlocked: the loop waits for the GIL, the probe for the driver') from None
-        assert proc.stdout.read().strip().endswith('done')
+        out = finish_or_dump(proc, 40, 'deadlocked: the loop waits for the GIL, the probe for the driver')
+        assert out.strip().endswith('done')
