@@ -638,7 +638,9 @@ class Flow:
         try:
             result = await future  # type: ignore[misc]  # not None: created above
         except asyncio.CancelledError:
-            # The caller's request was cancelled: drop the task wherever it is.
+            # The caller's request was cancelled: drop the task wherever it is. The cancelled
+            # future holds the error, whose traceback holds this frame: let go of it, so that no
+            # cycle keeps the task (and its shared memory) alive until the cyclic GC runs.
             future = None
             if self._driver is driver:
                 driver.cancel(call)
