@@ -391,6 +391,23 @@ fn every_response_gets_out_when_each_side_only_runs_on_wake_ups() {
     assert_eq!(ids, (0..total).collect::<Vec<_>>(), "every response, once, in order");
 }
 
+/// One round of a caller's test: the engine takes what the port sent, every worker answers its
+/// batch with the bodies unchanged, the engine sends the results to the port.
+fn echo_round(engine: &mut Engine, workers: &mut [WorkerEndpoint]) {
+    engine.poll(&mut |_| {}).unwrap();
+    for w in workers.iter_mut() {
+        if let Received::Batch(n) = w.recv(Some(Duration::ZERO)).unwrap() {
+            for i in 0..n {
+                let mut body = Vec::new();
+                w.read_body(i, &mut body).unwrap();
+                w.send_result(i, Status::Ok, ROUTE_DONE, &body).unwrap();
+            }
+            w.finish_batch().unwrap();
+        }
+    }
+    engine.poll(&mut |_| {}).unwrap();
+}
+
 #[test]
 fn a_callers_calls_get_one_answer_each_through_a_full_ring_deadlines_and_cancels() {
     use aqueduct_core::caller::{Answer, Caller};
@@ -427,18 +444,7 @@ fn a_callers_calls_get_one_answer_each_through_a_full_ring_deadlines_and_cancels
                 assert!(answered.insert(token, what).is_none(), "call {token} answered twice");
             })
             .unwrap();
-        engine.poll(&mut |_| {}).unwrap();
-        for w in &mut workers {
-            if let Received::Batch(n) = w.recv(Some(Duration::ZERO)).unwrap() {
-                for i in 0..n {
-                    let mut body = Vec::new();
-                    w.read_body(i, &mut body).unwrap();
-                    w.send_result(i, Status::Ok, ROUTE_DONE, &body).unwrap();
-                }
-                w.finish_batch().unwrap();
-            }
-        }
-        engine.poll(&mut |_| {}).unwrap();
+        echo_round(&mut engine, &mut workers);
     }
     assert_eq!(caller.pending(), 0);
     for token in 0..200u64 {
@@ -486,18 +492,7 @@ fn a_backlogged_call_that_cannot_be_sent_fails_alone_and_the_others_go_on() {
                 assert!(answered.insert(token, what).is_none(), "call {token} answered twice");
             })
             .expect("a call that cannot be sent fails that call, not the poll");
-        engine.poll(&mut |_| {}).unwrap();
-        for w in &mut workers {
-            if let Received::Batch(n) = w.recv(Some(Duration::ZERO)).unwrap() {
-                for i in 0..n {
-                    let mut body = Vec::new();
-                    w.read_body(i, &mut body).unwrap();
-                    w.send_result(i, Status::Ok, ROUTE_DONE, &body).unwrap();
-                }
-                w.finish_batch().unwrap();
-            }
-        }
-        engine.poll(&mut |_| {}).unwrap();
+        echo_round(&mut engine, &mut workers);
     }
     assert_eq!(caller.pending(), 0, "every call answered");
     for token in 0..120u64 {
