@@ -7,7 +7,7 @@ import asyncio
 import math
 
 import pytest
-from aqueduct import BaseTask, FlowStep, _core, shm
+from aqueduct import BaseTask, FlowStep, RestartPolicy, _core, shm
 from aqueduct.exceptions import FlowError, TaskSerializationError
 
 from .conftest import python_script
@@ -47,6 +47,17 @@ async def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused_by_
     flow = make_flow(Add())
     with pytest.raises(ValueError, match='timeout_sec'):
         await flow.process(Task(1), timeout_sec=value)
+    ok = Task(1)
+    await flow.process(ok)
+    assert ok.result == 2
+
+
+async def test_a_restart_window_of_nan_is_refused_and_one_of_inf_means_any_time(make_flow):
+    for bad in (math.nan, -1.0, 0, 'a minute', True):
+        with pytest.raises(ValueError, match='window'):
+            RestartPolicy(window=bad)
+    # Found in review: `inf` passed the policy's check and then failed `start()` ("too large").
+    flow = make_flow(Add(), restart_policy=RestartPolicy(max_restarts=1, window=math.inf))
     ok = Task(1)
     await flow.process(ok)
     assert ok.result == 2

@@ -171,8 +171,13 @@ class RestartPolicy:
 
     def __post_init__(self) -> None:
         _check_int('max_restarts', self.max_restarts, 0)
-        if not isinstance(self.window, (int, float)) or isinstance(self.window, bool) or self.window <= 0:
-            raise ValueError(f'window must be a number of seconds > 0, got {self.window!r}')
+        # A number of seconds > 0 (nan refused); `inf` means "within any time" (see `_window`).
+        seconds_arg('window', self.window, positive=True)
+
+    @property
+    def _window(self) -> float:
+        """The window in seconds as the driver takes it (``inf`` and huge ones: no limit)."""
+        return seconds_arg('window', self.window, positive=True)
 
 
 class FlowState(Enum):
@@ -489,7 +494,7 @@ class Flow:
             self._queue_priorities,
             reject_when_full=self._reject_when_full,
             max_restarts=policy.max_restarts,
-            restart_window=float(policy.window),
+            restart_window=policy._window,
             stop_on_handler_error=policy.stop_on_handler_error,
             metrics=self._metrics_enabled,
         )
