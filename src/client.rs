@@ -125,7 +125,9 @@ impl PortClient {
         let refs: Vec<_> = bufs.iter().map(|b| b.get().buf()).collect();
         let mut guard = self.lock()?;
         let caller = guard.as_mut().expect("checked open");
-        let id = caller.submit(future, step, priority, Nanos(deadline_ns), body, refs).map_err(py_err(py))?;
+        let id = caller
+            .submit(future, step, priority, Nanos(deadline_ns), body, refs)
+            .map_err(|refused| crate::errors::to_py(py, refused.error))?;
         for b in &bufs {
             b.get().detach();
         }

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::clock::Nanos;
-use crate::driver::Deadlines;
+use crate::driver::{Deadlines, Refused};
 use crate::error::{EngineError, Result};
 use crate::hub::Payload;
 use crate::port::{FailureKind, PortClient, Response};
@@ -66,8 +66,8 @@ impl<C> Caller<C> {
     }
 
     /// Sends a task for `step` (published by [`Caller::flush`]); returns the call's id. On
-    /// success the call owns `bufs`' references, whether sent or waiting in the backlog; on an
-    /// error (no shared memory for the body) they stay with the caller.
+    /// success the call owns `bufs`' references, whether sent or waiting in the backlog; when it
+    /// is refused (no shared memory for the body) they, and the token, are the caller's again.
     pub fn submit(
         &mut self,
         call: C,
@@ -76,11 +76,17 @@ impl<C> Caller<C> {
         deadline: Nanos,
         body: &[u8],
         bufs: Vec<BufRef>,
-    ) -> Result<u64> {
+    ) -> std::result::Result<u64, Refused<C>> {
         let id = self.next_id;
-        if self.backlog.is_empty() && self.client.submit(id, step, priority, deadline, body, &bufs)? {
-            // Sent: the message holds the references now.
+        let sent = if self.backlog.is_empty() {
+            match self.client.submit(id, step, priority, deadline, body, &bufs) {
+                Ok(sent) => sent,
+                Err(error) => return Err(Refused { call, error }),
+            }
         } else {
+            false
+        };
+        if !sent {
             self.backlog.push_back(Backlogged { id, step, priority, deadline, body: body.to_vec(), bufs });
         }
         self.next_id += 1;

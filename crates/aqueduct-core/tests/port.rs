@@ -500,3 +500,17 @@ fn a_backlogged_call_that_cannot_be_sent_fails_alone_and_the_others_go_on() {
         assert_eq!(answered.get(&token).copied(), Some(expected), "call {token}");
     }
 }
+
+#[test]
+fn a_call_refused_by_the_caller_gives_its_token_back_with_the_reason() {
+    use aqueduct_core::caller::Caller;
+    // Found in review: the Rust client dropped the token of a call it could not send, and its
+    // caller saw "not running" instead of "no shared memory".
+    let Rig { client, .. } = Rig::new(vec![step(4, 20)], 64 << 10);
+    let mut caller: Caller<&str> = Caller::new(client);
+    let too_big = vec![0u8; 16 << 20]; // the rig's pool holds 8 MiB
+    let refused = caller.submit("mine", 0, 0, Nanos::ZERO, &too_big, Vec::new()).unwrap_err();
+    assert_eq!(refused.call, "mine");
+    assert!(matches!(refused.error, aqueduct_core::EngineError::ArenaExhausted { .. }), "{:?}", refused.error);
+    assert_eq!(caller.pending(), 0);
+}

@@ -329,12 +329,15 @@ async fn run(
         };
         tokio::select! {
             command = commands.recv() => match command {
-                Some(Command::Submit { step, priority, deadline, body, reply }) => {
-                    if let Err(e) = caller.submit(reply, step, priority, deadline, &body, Vec::new()) {
-                        eprintln!("aqueduct: a remote call could not be sent: {e}");
-                    }
-                    while let Ok(Command::Submit { step, priority, deadline, body, reply }) = commands.try_recv() {
-                        let _ = caller.submit(reply, step, priority, deadline, &body, Vec::new());
+                Some(first) => {
+                    // This command and every other already queued, then one flush.
+                    let mut next = Some(first);
+                    while let Some(Command::Submit { step, priority, deadline, body, reply }) = next {
+                        if let Err(refused) = caller.submit(reply, step, priority, deadline, &body, Vec::new()) {
+                            // No shared memory for the body: this call fails, with why.
+                            let _ = refused.call.send(Err(refused.error.into()));
+                        }
+                        next = commands.try_recv().ok();
                     }
                     caller.flush();
                 }
