@@ -587,7 +587,7 @@ impl Driver {
     /// How long (µs) this flow's processes spin before they sleep; the event loop uses it too.
     #[getter]
     fn spin_us(&self) -> PyResult<u64> {
-        Ok(self.lock()?.engine().hub.spin().spin.as_micros() as u64)
+        Ok(self.lock()?.engine().hub.spin().budget().as_micros() as u64)
     }
 
     /// Tasks in the engine (this process's calls and port clients').

@@ -50,6 +50,28 @@ fn exit_with_process(pid: i32) -> PyResult<()> {
     Ok(())
 }
 
+/// What waiting costs on this host (`aqueduct_core::calibrate`), and the spin budget a flow
+/// of `processes` busy processes would choose from it: a dict of microseconds.
+#[pyfunction]
+#[pyo3(signature = (rounds = 1000, processes = 2))]
+fn measure_host(py: Python<'_>, rounds: usize, processes: usize) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    if !(10..=1_000_000).contains(&rounds) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("rounds must be 10..=1000000, not {rounds}")));
+    }
+    let costs = py.detach(|| aqueduct_core::calibrate::measure(rounds));
+    let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
+    let spin = aqueduct_core::shm::event::SpinPolicy::for_wake_cost(costs.wake_p50);
+    let cpus_suffice = processes <= costs.cpus;
+    let out = pyo3::types::PyDict::new(py);
+    out.set_item("cpus", costs.cpus)?;
+    out.set_item("wake_p50_us", us(costs.wake_p50))?;
+    out.set_item("wake_p99_us", us(costs.wake_p99))?;
+    out.set_item("spin_hop_p50_us", us(costs.spin_hop_p50))?;
+    out.set_item("spin_hop_p99_us", us(costs.spin_hop_p99))?;
+    out.set_item("spin_budget_us", if cpus_suffice { us(spin.spin) } else { 0.0 })?;
+    Ok(out)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
@@ -63,6 +85,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shm::ShmBuffer>()?;
     m.add_function(wrap_pyfunction!(die_with_parent, m)?)?;
     m.add_function(wrap_pyfunction!(exit_with_process, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_host, m)?)?;
     m.add("ROUTE_DONE", aqueduct_core::message::ROUTE_DONE)?;
     Ok(())
 }

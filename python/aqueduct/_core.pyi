@@ -16,6 +16,7 @@ __all__ = [
     'WorkerEvent',
     'die_with_parent',
     'exit_with_process',
+    'measure_host',
 ]
 
 ROUTE_DONE: int
@@ -37,6 +38,7 @@ _EventKind = Literal['ready', 'start_failed', 'exited', 'respawn', 'give_up', 'd
 
 def die_with_parent(signum: int = 9) -> int: ...
 def exit_with_process(pid: int) -> None: ...
+def measure_host(rounds: int = 1000, processes: int = 2) -> dict[str, float]: ...
 
 @final
 class Failure:

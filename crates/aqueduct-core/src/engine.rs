@@ -252,6 +252,9 @@ impl Engine {
     fn poll_with(&mut self, timeout: Option<Duration>, out: &mut dyn FnMut(Outcome<'_>)) -> Result<usize> {
         let ready = self.reactor.wait(timeout)?;
         self.woke();
+        if ready.doorbell {
+            self.hub.woken_by_doorbell();
+        }
         let mut n = 0;
         let notified = std::mem::take(&mut *self.gone.lock().unwrap_or_else(|p| p.into_inner()));
         // Every exit is handled even if one fails (its error is reported after the others).

@@ -428,8 +428,8 @@ impl Hub {
         }
         let layout = cfg.layout();
         layout.init(&region)?;
-        let spin = SpinPolicy::for_processes(layout.nslots + 1);
-        layout.spin_us(&region).store(spin.spin.as_micros() as u32, Ordering::Release);
+        let spin = SpinPolicy::for_host(layout.nslots + 1);
+        layout.spin_us(&region).store(spin.to_word(), Ordering::Release);
         layout.metrics_enabled(&region).store(u32::from(cfg.metrics), Ordering::Release);
         let mut slots = Vec::with_capacity(layout.nslots);
         let mut steps = Vec::with_capacity(cfg.steps.len());
@@ -498,9 +498,9 @@ impl Hub {
     pub fn layout(&self) -> &FlowLayout {
         &self.layout
     }
-    /// How long this flow's processes spin before they park (see [`SpinPolicy::for_processes`]).
+    /// How long this flow's processes spin before they park (see [`SpinPolicy::for_host`]).
     pub fn spin(&self) -> SpinPolicy {
-        SpinPolicy { spin: Duration::from_micros(self.layout.spin_us(&self.region).load(Ordering::Acquire) as u64) }
+        SpinPolicy::from_word(self.layout.spin_us(&self.region).load(Ordering::Acquire))
     }
     pub fn arena(&self) -> &Arc<Arena> {
         &self.arena
@@ -929,6 +929,15 @@ impl Hub {
     /// Lowers the doorbell flag after waking: workers stop ringing while the hub is awake.
     pub fn woke(&self) {
         self.layout.doorbell_waiting(&self.region).store(0, Ordering::SeqCst);
+    }
+
+    /// After the doorbell woke the owner: records what the wake-up cost, when a worker's ring
+    /// did it (a port client's ring carries no stamp).
+    pub fn woken_by_doorbell(&self) {
+        let rung_at = self.layout.doorbell_rung_at(&self.region).swap(0, Ordering::Relaxed);
+        if rung_at != 0 {
+            crate::shm::event::record_wake_up(Nanos::now().saturating_sub(Nanos(rung_at)));
+        }
     }
 
     /// Reads every worker's published records, routes results, forms and sends due batches,

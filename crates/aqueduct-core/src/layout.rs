@@ -4,13 +4,13 @@
 //!
 //! | offset | content |
 //! |---|---|
-//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32`, `spin_us u32` at 28, `metrics_enabled u32` at 32; at 64 the hub's doorbell flag |
+//! | 0 | flow header: `magic u32, version u32, nslots u32, ring_capacity u32`, `spin_us u32` at 28 (`u32::MAX`: adaptive), `metrics_enabled u32` at 32; at 64 the hub's doorbell flag, at 72 when a worker last rang the doorbell (`u64` ns) |
 //! | 4096 + i * stride | slot `i`: a 4096-byte slot header (`pid: u32` at 0, the batch gate `u64` at 8, the worker's metrics at 256), the inbound ring (hub to worker), the outbound ring (worker to hub) |
 //!
 //! A process that attaches to a region it did not create reads the parameters from the header
 //! and recomputes the same layout, then checks every magic number.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::error::{EngineError, Result};
 use crate::gate::BatchGate;
@@ -18,10 +18,11 @@ use crate::metrics::{WorkerMetrics, WORKER_BLOCK};
 use crate::shm::{RingLayout, SharedRegion};
 
 const MAGIC: u32 = 0x4151_464c; // "AQFL"
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const FLOW_HEADER: usize = 4096;
 const SLOT_HEADER: usize = 4096;
 const OFF_DOORBELL_WAITING: usize = 64;
+const OFF_DOORBELL_RUNG_AT: usize = 72;
 const OFF_SPIN_US: usize = 28;
 const OFF_METRICS_ENABLED: usize = 32;
 const SLOT_METRICS: usize = 256;
@@ -119,7 +120,8 @@ impl FlowLayout {
         Ok(layout)
     }
 
-    /// The spin budget (µs) the hub chose for this flow's processes, written once at creation.
+    /// The spin policy the hub chose for this flow's processes ([`crate::shm::event::SpinPolicy::to_word`]),
+    /// written once at creation.
     pub fn spin_us<'a>(&self, region: &'a SharedRegion) -> &'a AtomicU32 {
         region.atomic_u32(OFF_SPIN_US)
     }
@@ -127,6 +129,12 @@ impl FlowLayout {
     /// The flag the hub raises before it sleeps; workers ring the doorbell only when it is up.
     pub fn doorbell_waiting<'a>(&self, region: &'a SharedRegion) -> &'a AtomicU32 {
         region.atomic_u32(OFF_DOORBELL_WAITING)
+    }
+
+    /// When a worker last rang the doorbell (`CLOCK_MONOTONIC` ns, 0 once the hub has read it):
+    /// the hub learns what waking it costs.
+    pub fn doorbell_rung_at<'a>(&self, region: &'a SharedRegion) -> &'a AtomicU64 {
+        region.atomic_u64(OFF_DOORBELL_RUNG_AT)
     }
 }
 

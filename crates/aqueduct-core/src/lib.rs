@@ -23,6 +23,7 @@
 //! measurements that chose it.
 
 pub mod batch;
+pub mod calibrate;
 pub mod caller;
 pub mod clock;
 pub mod driver;

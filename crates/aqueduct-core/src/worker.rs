@@ -74,7 +74,7 @@ impl WorkerEndpoint {
         let inbound = Consumer::attach(region.clone(), layout.inbound(slot))?;
         let outbound = Producer::attach(region.clone(), layout.outbound(slot))?;
         let inline_max = (outbound.max_payload() - HEADER_LEN).min(64 << 10);
-        let spin = SpinPolicy { spin: Duration::from_micros(layout.spin_us(&region).load(Ordering::Acquire) as u64) };
+        let spin = SpinPolicy::from_word(layout.spin_us(&region).load(Ordering::Acquire));
         let metrics = layout.metrics_enabled(&region).load(Ordering::Acquire) != 0;
         Ok(Self {
             region,
@@ -128,6 +128,7 @@ impl WorkerEndpoint {
         std::sync::atomic::fence(Ordering::SeqCst);
         let waiting = self.layout.doorbell_waiting(&self.region);
         if waiting.load(Ordering::SeqCst) != 0 && waiting.swap(0, Ordering::SeqCst) != 0 {
+            self.layout.doorbell_rung_at(&self.region).store(crate::clock::Nanos::now().0, Ordering::Relaxed);
             self.doorbell.ring();
         }
     }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use aqueduct_core::driver::{Admission, Driver, Event, Fault, GiveUp};
 use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, StepSpec};
+use aqueduct_core::shm::event::SpinPolicy;
 use aqueduct_core::shm::{Arena, ArenaLayout};
 use aqueduct_core::{Engine, Nanos, WorkerEndpoint};
 use serde::de::DeserializeOwned;
@@ -519,7 +520,7 @@ struct Runner {
     /// Ticket -> the driver's call id, for cancels.
     calls: HashMap<u64, u64>,
     workers: Workers,
-    spin: Duration,
+    spin: SpinPolicy,
     stopping: Vec<oneshot::Sender<()>>,
     accepting: bool,
     /// Some `Flow` handle still exists (the command channel is open).
@@ -539,7 +540,7 @@ async fn launch<T: Send + 'static>(
     let (commands, receiver) = mpsc::unbounded_channel();
     let (running, running_rx) = watch::channel(false);
     let discard_codec = codec.clone();
-    let spin = driver.engine().hub.spin().spin;
+    let spin = driver.engine().hub.spin();
     let mut runner = Runner {
         driver,
         commands: receiver,
@@ -652,11 +653,13 @@ impl Runner {
     /// Keeps polling (yielding to other tasks) while tasks are in flight and results keep
     /// coming within the spin window: waking a sleeping runner costs more than a poll.
     async fn spin(&mut self) {
-        if self.spin.is_zero() {
+        // Re-read each time: an adaptive budget follows the wake-ups this process measures.
+        let budget = self.spin.budget();
+        if budget.is_zero() {
             return;
         }
         let mut last = Instant::now();
-        while self.driver.engine().hub.in_flight() > 0 && last.elapsed() < self.spin {
+        while self.driver.engine().hub.in_flight() > 0 && last.elapsed() < budget {
             tokio::task::yield_now().await;
             while let Ok(c) = self.commands.try_recv() {
                 self.command(c);

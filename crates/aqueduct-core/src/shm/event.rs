@@ -2,7 +2,9 @@
 //! when somebody is parked.
 //!
 //! Layout: two `AtomicU32` side by side, `waiters` (how many processes are parked or about to
-//! park) and `seq` (bumped by every notification that found a waiter; the futex word).
+//! park) and `seq` (bumped by every notification that found a waiter; the futex word), then an
+//! `AtomicU64` stamp: when the last such notification was sent (`CLOCK_MONOTONIC` ns). A waiter
+//! that was woken reads the stamp and learns what its wake-up cost ([`record_wake_up`]).
 //!
 //! Protocol, with the condition being for example "the ring is not empty":
 //! - waiter: `let t = ev.prepare()`; re-check the condition; if it holds, `ev.cancel()`,
@@ -14,26 +16,29 @@
 //! that lands between `prepare` and `park` changes `seq`, and `FUTEX_WAIT` then returns at once.
 //! The futex is process-shared (no `FUTEX_PRIVATE_FLAG`) because the word lives in a memfd.
 
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::clock::Nanos;
 
 /// A view on the two words of an event inside a shared region.
 #[derive(Clone, Copy)]
 pub struct FutexEvent<'a> {
     waiters: &'a AtomicU32,
     seq: &'a AtomicU32,
+    stamp: &'a AtomicU64,
 }
 
 /// Bytes an event occupies in a layout.
-pub const EVENT_BYTES: usize = 8;
+pub const EVENT_BYTES: usize = 16;
 
 /// What `prepare` observed; pass it to `park`.
 #[derive(Clone, Copy, Debug)]
 pub struct ParkToken(u32);
 
 impl<'a> FutexEvent<'a> {
-    pub fn new(waiters: &'a AtomicU32, seq: &'a AtomicU32) -> Self {
-        Self { waiters, seq }
+    pub fn new(waiters: &'a AtomicU32, seq: &'a AtomicU32, stamp: &'a AtomicU64) -> Self {
+        Self { waiters, seq, stamp }
     }
 
     /// Announces an intent to park. The caller must re-check its condition afterwards and then
@@ -60,15 +65,36 @@ impl<'a> FutexEvent<'a> {
     pub fn notify(&self) {
         fence(Ordering::SeqCst);
         if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.stamp.store(Nanos::now().0, Ordering::Relaxed);
             self.seq.fetch_add(1, Ordering::SeqCst);
             futex_wake(self.seq);
         }
+    }
+
+    /// When the last notification that found a waiter was sent.
+    pub fn notified_at(&self) -> Nanos {
+        Nanos(self.stamp.load(Ordering::Relaxed))
     }
 
     /// Whether a waiter is parked or about to park.
     pub fn has_waiters(&self) -> bool {
         fence(Ordering::SeqCst);
         self.waiters.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// An event's words in ordinary memory, for waiters that are threads of one process (tests, the
+/// host calibration); flows keep theirs in ring headers.
+#[derive(Debug, Default)]
+pub struct EventWords {
+    pub waiters: AtomicU32,
+    pub seq: AtomicU32,
+    pub stamp: AtomicU64,
+}
+
+impl EventWords {
+    pub fn event(&self) -> FutexEvent<'_> {
+        FutexEvent::new(&self.waiters, &self.seq, &self.stamp)
     }
 }
 
@@ -102,44 +128,102 @@ fn futex_wake(_word: &AtomicU32) {}
 
 /// How long a consumer spins before it parks, and the loop that does it.
 ///
-/// On the virtual machines this engine targets, waking a parked process costs 20-30 µs of
-/// scheduler and hypervisor latency, while a message hop through a ring costs well under 1 µs.
-/// Spinning briefly after going idle keeps back-to-back messages at ring speed; parking after
-/// the budget keeps an idle flow at ~0% CPU. The budget is small and bounded, and the spin
-/// yields the CPU between probes once it has lasted a few microseconds, so a busy sibling
-/// process on the same core is not starved.
+/// Waking a parked process costs 2-60 µs depending on the host (on a VM whose idle vCPUs halt,
+/// the hypervisor must run the vCPU again; on a busy host the woken process just preempts
+/// whatever runs), while a message hop through a ring costs well under 1 µs. Spinning briefly
+/// after going idle keeps back-to-back messages at ring speed; parking after the budget keeps
+/// an idle flow at ~0% CPU. A flow's policy is normally [`SpinPolicy::ADAPTIVE`]: the budget is
+/// worth a few wake-ups as this process has measured them ([`wake_up_cost`]), and a [`Spinner`]
+/// stops spinning as soon as the scheduler shows that its CPU is wanted by someone else.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpinPolicy {
+    /// The budget; `Duration::MAX` stands for [`SpinPolicy::ADAPTIVE`].
     pub spin: Duration,
 }
 
 /// The environment variable that overrides the spin budget, in microseconds.
 pub const SPIN_ENV: &str = "AQUEDUCT_SPIN_US";
 
+/// How many wake-ups a spin budget is worth. The peer's turnaround between two messages (its
+/// Python work, a few tens of µs) has to fit in the budget for spinning to pay; 8 wake-ups
+/// covered it on every host measured (see ARCHITECTURE.md, "Waiting").
+pub const WAKE_UPS_PER_BUDGET: u32 = 8;
+/// The budget never exceeds this, whatever a wake-up costs: beyond it an idle gap, not a
+/// turnaround, is what is being waited for.
+pub const MAX_SPIN: Duration = Duration::from_micros(250);
+/// Below this a wake-up is too cheap to be worth spinning for (a busy host, where the woken
+/// process preempts whatever runs on its CPU).
+pub const MIN_WORTHWHILE_WAKE: Duration = Duration::from_micros(4);
+/// A measured wake-up longer than this counts as this long: beyond it the woken process waited
+/// for a CPU, which says the host is busy, not what waking costs.
+pub const MAX_WAKE_SAMPLE: Duration = Duration::from_micros(500);
+
 impl Default for SpinPolicy {
     /// 50 µs, or `AQUEDUCT_SPIN_US` when it is set.
     fn default() -> Self {
-        let us = std::env::var(SPIN_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-        Self { spin: Duration::from_micros(us) }
+        Self::from_env().unwrap_or(Self { spin: Duration::from_micros(50) })
     }
 }
 
 impl SpinPolicy {
     pub const NONE: SpinPolicy = SpinPolicy { spin: Duration::ZERO };
+    /// Spin for [`SpinPolicy::for_wake_cost`] of this process's measured wake-up cost; not at
+    /// all until one wake-up has been measured.
+    pub const ADAPTIVE: SpinPolicy = SpinPolicy { spin: Duration::MAX };
+
+    fn from_env() -> Option<Self> {
+        let us: u64 = std::env::var(SPIN_ENV).ok()?.trim().parse().ok()?;
+        Some(Self { spin: Duration::from_micros(us.min(1_000_000)) })
+    }
+
+    /// The budget worth spinning when one wake-up costs `wake`: [`WAKE_UPS_PER_BUDGET`] of them,
+    /// at most [`MAX_SPIN`], nothing when a wake-up is cheaper than [`MIN_WORTHWHILE_WAKE`].
+    pub fn for_wake_cost(wake: Duration) -> Self {
+        if wake < MIN_WORTHWHILE_WAKE {
+            return Self::NONE;
+        }
+        Self { spin: (wake * WAKE_UPS_PER_BUDGET).min(MAX_SPIN) }
+    }
 
     /// The policy for a flow of `processes` busy processes (workers and the main one): spin
-    /// only when each can have a CPU of its own. When they outnumber the CPUs, a spinning
-    /// process takes the CPU that the process it waits for needs, and parking is cheaper.
-    /// `AQUEDUCT_SPIN_US` overrides the choice.
-    pub fn for_processes(processes: usize) -> Self {
-        if std::env::var_os(SPIN_ENV).is_some() {
-            return Self::default();
+    /// only when each can have a CPU of its own (when they outnumber the CPUs, a spinning
+    /// process takes the CPU that the process it waits for needs), and then adaptively.
+    /// `AQUEDUCT_SPIN_US` overrides both.
+    pub fn for_host(processes: usize) -> Self {
+        if let Some(policy) = Self::from_env() {
+            return policy;
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if processes <= cpus {
-            Self::default()
-        } else {
+        if processes > cpus {
             Self::NONE
+        } else {
+            Self::ADAPTIVE
+        }
+    }
+
+    /// The budget to spin now.
+    pub fn budget(&self) -> Duration {
+        if *self == Self::ADAPTIVE {
+            wake_up_cost().map_or(Duration::ZERO, |w| Self::for_wake_cost(w).spin)
+        } else {
+            self.spin
+        }
+    }
+
+    /// The policy as a flow header stores it: microseconds, `u32::MAX` for adaptive.
+    pub fn to_word(self) -> u32 {
+        if self == Self::ADAPTIVE {
+            u32::MAX
+        } else {
+            self.spin.as_micros().min(u32::MAX as u128 - 1) as u32
+        }
+    }
+
+    pub fn from_word(word: u32) -> Self {
+        if word == u32::MAX {
+            Self::ADAPTIVE
+        } else {
+            Self { spin: Duration::from_micros(word as u64) }
         }
     }
 
@@ -156,26 +240,53 @@ impl SpinPolicy {
     }
 }
 
+/// This process's estimate of one wake-up's cost (ns; 0 until one was measured): a moving
+/// average over the wake-ups its waits actually paid, so it follows the host as its load
+/// changes (on a VM an idle host wakes slowest, a busy one fast).
+static WAKE_UP_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Records one measured wake-up: a notification's stamp to the moment the woken process ran.
+pub fn record_wake_up(cost: Duration) {
+    let sample = cost.min(MAX_WAKE_SAMPLE).as_nanos().max(1) as u64;
+    let old = WAKE_UP_NS.load(Ordering::Relaxed);
+    // Racing updates from several threads may lose a sample; the average is all that matters.
+    let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+    WAKE_UP_NS.store(new.max(1), Ordering::Relaxed);
+}
+
+/// What a wake-up costs this process, as far as it has measured ([`record_wake_up`]).
+pub fn wake_up_cost() -> Option<Duration> {
+    match WAKE_UP_NS.load(Ordering::Relaxed) {
+        0 => None,
+        ns => Some(Duration::from_nanos(ns)),
+    }
+}
+
 /// Spinning that backs off when it hurts.
 ///
-/// Spinning pays only when the process being waited for runs on another CPU. When the scheduler
-/// has put both on the same CPU (a futex wake-up tends to place the woken process next to its
-/// waker), the waiter's spin keeps the other process from running, and the wait ends just after
-/// the spin budget runs out and the waiter parks. A `Spinner` notices waits that end within a
-/// few budgets of parking, which is that signature, and then parks at once for the next
-/// `COOLDOWN` waits before it tries spinning again. A long wait (an idle flow) is not counted.
+/// Spinning pays only when the process being waited for runs on another CPU and nobody else
+/// wants the spinner's. The sign that this is not so is that the scheduler took the CPU away
+/// mid-spin: two probes of the clock far apart, and the kernel counting an involuntary context
+/// switch of this thread since the spin began. Whoever ran meanwhile (the process being waited
+/// for, placed on this CPU, or a CPU hog beside the flow) would lose the CPU again to more
+/// spinning, so the `Spinner` parks at once and for the next `COOLDOWN` waits. A gap alone is
+/// not enough: on a VM the hypervisor deschedules whole vCPUs, which nobody in the guest asked
+/// for, and that is no reason to stop.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Spinner {
-    failures: u8,
     cooldown: u16,
 }
 
+/// Two clock probes of a spin this far apart mean the spinner was descheduled (a probe itself
+/// takes well under a microsecond).
+pub const PREEMPTED_GAP: Duration = Duration::from_micros(20);
+
 impl Spinner {
-    const FAILURES_BEFORE_COOLDOWN: u8 = 2;
-    const COOLDOWN: u16 = 256;
+    const COOLDOWN: u16 = 64;
 
     /// Polls `ready` until it returns `Some`, spinning for the policy's budget (unless cooling
-    /// down) and then parking on `ev`. Returns `None` if `deadline` passes first.
+    /// down) and then parking on `ev`. Returns `None` if `deadline` passes first. A wait that
+    /// parked and was notified records what its wake-up cost ([`record_wake_up`]).
     pub fn wait<T>(
         &mut self,
         policy: SpinPolicy,
@@ -190,23 +301,15 @@ impl Spinner {
             self.cooldown -= 1;
             Duration::ZERO
         } else {
-            policy.spin
+            policy.budget()
         };
-        let start = std::time::Instant::now();
-        let mut probes: u32 = 0;
-        while start.elapsed() < budget {
-            for _ in 0..32 {
-                std::hint::spin_loop();
-            }
-            probes += 1;
-            if probes > 64 {
-                std::thread::yield_now();
-            }
-            if let Some(v) = ready() {
-                self.failures = 0;
+        if !budget.is_zero() {
+            if let Some(v) = self.spin(budget, &mut ready) {
                 return Some(v);
             }
         }
+        let parking_since = Nanos::now();
+        let mut parked = false;
         let got = loop {
             let token = ev.prepare();
             if let Some(v) = ready() {
@@ -225,19 +328,71 @@ impl Spinner {
                 None => None,
             };
             ev.park(token, timeout);
+            parked = true;
             if let Some(v) = ready() {
                 break Some(v);
             }
         };
-        if got.is_some() && !budget.is_zero() && start.elapsed() < budget * 3 {
-            self.failures += 1;
-            if self.failures >= Self::FAILURES_BEFORE_COOLDOWN {
-                self.failures = 0;
-                self.cooldown = Self::COOLDOWN;
+        if parked && got.is_some() {
+            let sent = ev.notified_at();
+            if sent >= parking_since {
+                record_wake_up(Nanos::now().saturating_sub(sent));
             }
         }
         got
     }
+
+    /// Spins for up to `budget`, unless the scheduler shows the CPU is wanted elsewhere.
+    fn spin<T>(&mut self, budget: Duration, ready: &mut impl FnMut() -> Option<T>) -> Option<T> {
+        let start = std::time::Instant::now();
+        let mut probe = start;
+        let mut switches_before = None;
+        loop {
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
+            if let Some(v) = ready() {
+                return Some(v);
+            }
+            let now = std::time::Instant::now();
+            if now - probe > PREEMPTED_GAP {
+                // Read lazily: most spins see no gap and make no system call at all. A first
+                // gap only takes the count; the next one compares.
+                let switches = involuntary_switches();
+                match switches_before {
+                    Some(before) if switches > before => {
+                        self.cooldown = Self::COOLDOWN;
+                        return None;
+                    }
+                    _ => switches_before = Some(switches),
+                }
+            }
+            probe = now;
+            if now - start >= budget {
+                return None;
+            }
+        }
+    }
+}
+
+/// This thread's involuntary context switches (`ru_nivcsw`), or 0 if the kernel will not say.
+#[cfg(not(miri))]
+fn involuntary_switches() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole `rusage` into the pointer it is given, which points to
+    // one we own; RUSAGE_THREAD is a valid `who` on Linux. On error nothing is read back.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } == 0;
+    if !ok {
+        return 0;
+    }
+    // SAFETY: the call succeeded, so the struct is initialised (and it was zeroed before).
+    let usage = unsafe { usage.assume_init() };
+    usage.ru_nivcsw.max(0) as u64
+}
+
+#[cfg(miri)]
+fn involuntary_switches() -> u64 {
+    0
 }
 
 #[cfg(test)]
@@ -248,25 +403,66 @@ mod tests {
 
     #[test]
     fn notify_wakes_a_parked_thread() {
-        let words = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+        let words = Arc::new(EventWords::default());
         let flag = Arc::new(AtomicBool::new(false));
         let (w2, f2) = (words.clone(), flag.clone());
         let t = std::thread::spawn(move || {
-            let ev = FutexEvent::new(&w2[0], &w2[1]);
+            let ev = w2.event();
             SpinPolicy::NONE.wait_until(ev, None, || f2.load(Ordering::Acquire).then_some(()))
         });
         flag.store(true, Ordering::Release);
-        FutexEvent::new(&words[0], &words[1]).notify();
+        words.event().notify();
         assert_eq!(t.join().unwrap(), Some(()));
     }
 
     #[test]
     fn wait_until_times_out() {
-        let words = [AtomicU32::new(0), AtomicU32::new(0)];
-        let ev = FutexEvent::new(&words[0], &words[1]);
+        let words = EventWords::default();
+        let ev = words.event();
         let deadline = std::time::Instant::now() + Duration::from_millis(5);
         let r: Option<()> = SpinPolicy::NONE.wait_until(ev, Some(deadline), || None);
         assert!(r.is_none());
-        assert_eq!(words[0].load(Ordering::SeqCst), 0, "waiter count restored");
+        assert_eq!(words.waiters.load(Ordering::SeqCst), 0, "waiter count restored");
+    }
+
+    #[test]
+    fn a_parked_wait_that_was_notified_measures_its_wake_up() {
+        let words = Arc::new(EventWords::default());
+        let flag = Arc::new(AtomicBool::new(false));
+        let (w2, f2) = (words.clone(), flag.clone());
+        let t = std::thread::spawn(move || {
+            SpinPolicy::NONE.wait_until(w2.event(), None, || f2.load(Ordering::Acquire).then_some(()))
+        });
+        while !words.event().has_waiters() {
+            std::thread::yield_now();
+        }
+        flag.store(true, Ordering::Release);
+        words.event().notify();
+        t.join().unwrap();
+        assert!(words.event().notified_at() > Nanos::ZERO, "the notifier stamped the event");
+        assert!(wake_up_cost().is_some(), "the woken waiter recorded what its wake-up cost");
+    }
+
+    #[test]
+    fn the_budget_is_worth_a_few_wake_ups_within_bounds() {
+        assert_eq!(SpinPolicy::for_wake_cost(Duration::from_micros(2)), SpinPolicy::NONE, "too cheap to spin for");
+        assert_eq!(SpinPolicy::for_wake_cost(Duration::from_micros(20)).spin, Duration::from_micros(160));
+        assert_eq!(SpinPolicy::for_wake_cost(Duration::from_millis(3)).spin, MAX_SPIN);
+        for policy in [SpinPolicy::NONE, SpinPolicy::ADAPTIVE, SpinPolicy { spin: Duration::from_micros(75) }] {
+            assert_eq!(SpinPolicy::from_word(policy.to_word()), policy);
+        }
+        let fixed = SpinPolicy { spin: Duration::from_micros(75) };
+        assert_eq!(fixed.budget(), Duration::from_micros(75), "a fixed budget ignores measurements");
+    }
+
+    #[test]
+    fn the_average_follows_the_samples_and_caps_outliers() {
+        // The estimate is process-wide; other tests may add samples, so only bounds are checked.
+        for _ in 0..200 {
+            record_wake_up(Duration::from_secs(5));
+        }
+        let cost = wake_up_cost().unwrap();
+        assert!(cost <= MAX_WAKE_SAMPLE && cost > MAX_WAKE_SAMPLE / 2, "{cost:?}");
+        assert_eq!(SpinPolicy::ADAPTIVE.budget(), MAX_SPIN);
     }
 }

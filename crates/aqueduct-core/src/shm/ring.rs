@@ -6,8 +6,8 @@
 //! | offset | field | written by |
 //! |---|---|---|
 //! | 0 | `magic: u32`, `version: u32`, `capacity: u64` | creator, once |
-//! | 64 | `tail: u64` (bytes ever written), producer-space event (`waiters`, `seq`) | producer |
-//! | 128 | `head: u64` (bytes ever consumed), consumer-data event (`waiters`, `seq`) | consumer |
+//! | 64 | `tail: u64` (bytes ever written), producer-space event (`waiters`, `seq`, `stamp`) | producer |
+//! | 128 | `head: u64` (bytes ever consumed), consumer-data event (`waiters`, `seq`, `stamp`) | consumer |
 //! | 192 | `capacity` bytes of records | producer, then consumer reads |
 //!
 //! `head` and `tail` only grow; the byte position of a counter `c` is `c % capacity`. The
@@ -39,7 +39,7 @@ use crate::error::{EngineError, Result};
 
 pub const HEADER_BYTES: usize = 192;
 const MAGIC: u32 = 0x4151_5249; // "AQRI"
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Bytes each record takes before its payload (payloads are padded to 8 bytes).
 pub const RECORD_HEADER: usize = 8;
 /// Tag of the padding record that skips to the start of the buffer.
@@ -51,9 +51,11 @@ const OFF_CAPACITY: usize = 8;
 const OFF_TAIL: usize = 64;
 const OFF_SPACE_WAITERS: usize = 72;
 const OFF_SPACE_SEQ: usize = 76;
+const OFF_SPACE_STAMP: usize = 80;
 const OFF_HEAD: usize = 128;
 const OFF_DATA_WAITERS: usize = 136;
 const OFF_DATA_SEQ: usize = 140;
+const OFF_DATA_STAMP: usize = 144;
 
 const fn pad8(n: usize) -> usize {
     (n + 7) & !7
@@ -88,7 +90,7 @@ impl RingLayout {
         region.atomic_u32(self.offset + OFF_MAGIC).store(MAGIC, Ordering::Relaxed);
         region.atomic_u32(self.offset + OFF_VERSION).store(VERSION, Ordering::Relaxed);
         region.atomic_u64(self.offset + OFF_CAPACITY).store(self.capacity as u64, Ordering::Relaxed);
-        for off in [OFF_TAIL, OFF_HEAD] {
+        for off in [OFF_TAIL, OFF_HEAD, OFF_SPACE_STAMP, OFF_DATA_STAMP] {
             region.atomic_u64(self.offset + off).store(0, Ordering::Relaxed);
         }
         for off in [OFF_SPACE_WAITERS, OFF_SPACE_SEQ, OFF_DATA_WAITERS, OFF_DATA_SEQ] {
@@ -118,6 +120,7 @@ impl RingLayout {
         FutexEvent::new(
             region.atomic_u32(self.offset + OFF_DATA_WAITERS),
             region.atomic_u32(self.offset + OFF_DATA_SEQ),
+            region.atomic_u64(self.offset + OFF_DATA_STAMP),
         )
     }
 
@@ -125,6 +128,7 @@ impl RingLayout {
         FutexEvent::new(
             region.atomic_u32(self.offset + OFF_SPACE_WAITERS),
             region.atomic_u32(self.offset + OFF_SPACE_SEQ),
+            region.atomic_u64(self.offset + OFF_SPACE_STAMP),
         )
     }
 }
