@@ -590,6 +590,13 @@ impl Driver {
         Ok(self.lock()?.engine().hub.spin().budget().as_micros() as u64)
     }
 
+    /// Whether worker exits are watched by polling `/proc` (every 50 ms) rather than through
+    /// pidfds: the kernel refused `pidfd_open`, or `AQUEDUCT_EXIT_WATCH=poll` asked for it.
+    #[getter]
+    fn polls_exits(&self) -> PyResult<bool> {
+        Ok(self.lock()?.engine().reactor().polls_exits())
+    }
+
     /// Tasks in the engine (this process's calls and port clients').
     #[getter]
     fn in_flight(&self) -> PyResult<usize> {
@@ -639,7 +646,8 @@ impl Driver {
         Ok(self.lock()?.stop_workers(hard))
     }
 
-    /// Sends a signal to the worker of `slot` (through its pidfd).
+    /// Sends a signal to the worker of `slot` (through its pidfd, or by pid once its identity
+    /// is checked where exits are polled).
     fn signal_worker(&self, py: Python<'_>, slot: usize, signum: i32) -> PyResult<()> {
         let sig = rustix::process::Signal::from_named_raw(signum)
             .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("unknown signal {signum}")))?;

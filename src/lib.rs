@@ -32,18 +32,34 @@ fn die_with_parent(signum: i32) -> PyResult<i32> {
 /// Kills the calling process (SIGKILL) as soon as the process `pid` exits, from a thread that
 /// waits on a pidfd. For a worker whose parent is not the flow's owner (a `forkserver` child),
 /// where `die_with_parent` would watch the wrong process. Fails if `pid` is already gone.
+///
+/// Where the kernel refuses pidfds (see `aqueduct_core::proc_watch`) the thread instead checks
+/// the process's identity every 100 ms: a worker then outlives its owner by up to that long.
 #[pyfunction]
-fn exit_with_process(pid: i32) -> PyResult<()> {
+fn exit_with_process(py: Python<'_>, pid: i32) -> PyResult<()> {
+    use aqueduct_core::proc_watch::{ExitWatch, ProcessWatch};
     let target = rustix::process::Pid::from_raw(pid)
         .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("not a process id: {pid}")))?;
-    let pidfd = rustix::process::pidfd_open(target, rustix::process::PidfdFlags::empty())
+    let how = ExitWatch::from_env().map_err(errors::py_err(py))?;
+    let watch = ProcessWatch::open(target, how)
         .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot watch process {pid}: {e}")))?;
     std::thread::Builder::new()
         .name("aqueduct-owner-watch".into())
         .spawn(move || {
-            let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
-            // A pidfd becomes readable when its process exits; only EINTR interrupts the wait.
-            while let Ok(0) | Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+            match watch {
+                ProcessWatch::Pidfd(pidfd) => {
+                    let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+                    // A pidfd becomes readable when its process exits; only EINTR interrupts the wait.
+                    while let Ok(0) | Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+                }
+                // Longer than the engine's 50 ms: this thread runs in every worker, and only
+                // bounds how long an orphan lingers.
+                ProcessWatch::Polled(owner) => {
+                    while owner.is_alive() {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            }
             let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
         })
         .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the watch thread: {e}")))?;

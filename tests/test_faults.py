@@ -449,3 +449,38 @@ async def test_a_worker_killed_while_a_graceful_stop_drains_is_replaced_and_the_
     await asyncio.wait_for(stopping, 20)
     assert flow.state is FlowState.STOPPED
     assert not psutil.pid_exists(hung_pid) or psutil.Process(hung_pid).status() == psutil.STATUS_ZOMBIE
+
+
+# ---------------------------------------------------------------------------- 9. no pidfds
+
+
+async def test_without_pidfds_a_sigkilled_worker_is_seen_and_replaced(make_flow, tmp_path, monkeypatch, caplog):
+    """Where the kernel refuses pidfd_open (before 5.3, valgrind, an old seccomp profile) the
+    engine watches its workers by polling /proc; AQUEDUCT_EXIT_WATCH=poll forces that here. A
+    killed worker must still fail exactly its task and be replaced."""
+    monkeypatch.setenv('AQUEDUCT_EXIT_WATCH', 'poll')
+    caplog.set_level(logging.INFO, logger='aqueduct')
+    flow = make_flow(FlowStep(Block(), nprocs=2, batch_size=1), restart_policy=RestartPolicy(max_restarts=10))
+    assert flow._live().polls_exits
+    assert 'watched by polling' in caplog.text
+    before = {w.pid for w in flow.view.workers()}
+
+    pid_file = tmp_path / 'pid'
+    held = asyncio.ensure_future(
+        flow.process(Task(1, marker=str(tmp_path / 'never'), pid_file=str(pid_file)), timeout_sec=30)
+    )
+    victim = int(await _read_when_written(pid_file))
+    assert victim in before
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(WorkerDiedError) as info:
+        await asyncio.wait_for(held, 20)
+    assert info.value.pid == victim
+
+    await _until(lambda: flow.health()['ready'], what='health ready')
+    after = {w.pid for w in flow.view.workers()}
+    assert victim not in after and len(after) == 2 and before - {victim} <= after
+    tasks = [Task(i) for i in range(10)]
+    results = await asyncio.wait_for(asyncio.gather(*(flow.process(t, timeout_sec=20) for t in tasks)), 20)
+    assert results == [True] * 10 and [t.result for t in tasks] == list(range(10))
+    step = flow.health()['steps'][0]
+    assert step['alive'] == step['ready'] == 2 and step['deaths'] == 1 and step['restarts'] == 1, step

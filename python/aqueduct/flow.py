@@ -423,6 +423,9 @@ class Flow:
         except BaseException:
             self._teardown(kill=True)
             raise
+        if self._live().polls_exits:
+            # Not an error, but it costs wake-ups, and whoever profiles the flow should know.
+            log.info('Worker exits are watched by polling every 50 ms (no pidfd_open, or AQUEDUCT_EXIT_WATCH=poll)')
         self._state = FlowState.RUNNING
         self._owner_pid = os.getpid()
         _running_flows.add(self)

@@ -275,7 +275,7 @@ impl Engine {
     }
 
     /// Kills the workers whose batch ran past their step's `handle_timeout` (see the hub's
-    /// "Hung workers"); their exit, seen through the pidfd, fails the batch.
+    /// "Hung workers"); their exit, seen by the reactor, fails the batch.
     fn kill_overdue(&mut self) {
         for slot in self.hub.take_overdue() {
             // A worker that exited meanwhile is already gone: nothing to kill.

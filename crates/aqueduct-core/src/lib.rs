@@ -13,7 +13,8 @@
 //! - [`metrics`]: histograms, counters and sample rings, recorded without messages.
 //! - [`hub`], [`worker`]: the two ends of the protocol.
 //! - [`reactor`], [`engine`]: what the main process sleeps on (epoll over the doorbell eventfd,
-//!   a timerfd and worker pidfds), combined with the hub.
+//!   a timerfd and worker pidfds), combined with the hub; [`proc_watch`]: how a worker is
+//!   watched where the kernel refuses pidfds (its identity in `/proc`, polled).
 //! - [`driver`]: the host's policy around the engine (calls, caller deadlines, the waiting
 //!   room, restarts, stopping, outcome counts, health), once for every front end.
 //! - [`port`]: how other processes (web workers sharing one flow) submit tasks straight into
@@ -36,6 +37,7 @@ pub mod message;
 pub mod metrics;
 pub mod port;
 pub mod prio;
+pub mod proc_watch;
 pub mod reactor;
 pub mod shm;
 pub mod worker;
