@@ -100,6 +100,21 @@ SPECS: list[Spec] = [
     ),
     Spec("socketflow_latency", "`SocketFlow` (one flow shared by processes): 1 trivial step, sequential calls; p50"),
     Spec("socketflow_throughput_64", "`SocketFlow`: 1 trivial step, 64 tasks in flight from one client process"),
+    Spec(
+        "host_calibration",
+        "what a wake-up of a parked process and a spinning hop cost on this host (`python -m aqueduct calibrate`)",
+        (OURS,),
+    ),
+    *[
+        Spec(f"{name}+burner", f"`{name}` with one CPU-bound process beside it (`while True: pass`)", impls)
+        for name, impls in (
+            ("latency_1step", (OURS, BASELINE)),
+            ("throughput_1step_64", (OURS, BASELINE)),
+            ("throughput_2step_64", (OURS, BASELINE)),
+            ("payload_16mb_2step", (OURS, BASELINE)),
+            ("host_calibration", (OURS,)),
+        )
+    ],
     # Diagnostics (only with --only): check that broken scenarios are recorded, not fatal.
     Spec("selftest_raise", "diagnostic: always raises", timeout_quick_s=30.0),
     Spec("selftest_hang", "diagnostic: hangs forever with a running flow", timeout_quick_s=20.0, timeout_full_s=20.0),
@@ -218,6 +233,23 @@ def aim_metrics_overhead(limit: float) -> Callable[[Medians, Row], AimResult]:
     return evaluate
 
 
+def aim_within_wake_ups(factor: float, wake_ups: int, calibration: str) -> Callable[[Medians, Row], AimResult]:
+    """Ours must take at most ``factor`` times ``wake_ups`` cross-process wake-ups, as the
+    ``calibration`` scenario measured them on the same host in the same run."""
+
+    def evaluate(med: Medians, row: Row) -> AimResult:
+        ours = med.get(row.scenario, OURS, row.key)
+        base = med.get(row.scenario, BASELINE, row.key)
+        wake = med.get(calibration, OURS, "value")
+        if ours is None or wake is None or wake <= 0:
+            return AimResult(None, "n/a", None)
+        limit = factor * wake_ups * wake
+        detail = f"{ours / (wake_ups * wake):.2f}x {wake_ups} wake-ups"
+        return AimResult(ours <= limit, detail, speedup(limit, base, "lower"))
+
+    return evaluate
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the results table: a metric of a scenario."""
@@ -233,7 +265,20 @@ class Row:
 
 IDEAL_BATCH_RATE = 1600.0
 ROWS: list[Row] = [
+    Row("host_calibration", "value", "wake-up of a parked process, p50", "us", "lower", chart=False),
+    Row("host_calibration", "wake_p99_us", "wake-up, p99", "us", "lower", chart=False),
+    Row("host_calibration", "spin_hop_p50_us", "hop between spinning processes, p50", "us", "lower", chart=False),
+    Row("host_calibration", "spin_budget_us", "spin budget chosen for a 1-step flow", "us", "lower", chart=False),
     Row("latency_1step", "value", "p50 latency", "us", "lower", Aim("≥10x lower than 1.15", aim_speedup(10))),
+    Row(
+        "latency_1step",
+        "value",
+        "p50 latency vs the host's wake-ups",
+        "us",
+        "lower",
+        Aim("≤2x two wake-ups (host_calibration)", aim_within_wake_ups(2.0, 2, "host_calibration")),
+        chart=False,
+    ),
     Row("latency_1step", "p99_us", "p99 latency", "us", "lower"),
     Row("throughput_1step_64", "value", "throughput", "tasks/s", "higher", Aim("≥10x 1.15", aim_speedup(10))),
     Row(
@@ -328,6 +373,14 @@ ROWS: list[Row] = [
         Aim("no growth (< 3 MB)", aim_threshold(3.0, "lower", lambda v: f"{v:+.1f} MB")),
         chart=False,
     ),
+    # The same scenarios with a CPU-bound process beside them: the ratios, no separate aims.
+    Row("host_calibration+burner", "value", "wake-up, p50, host busy", "us", "lower", chart=False),
+    Row("host_calibration+burner", "spin_budget_us", "spin budget, host busy", "us", "lower", chart=False),
+    Row("latency_1step+burner", "value", "p50 latency, CPU hog beside", "us", "lower"),
+    Row("latency_1step+burner", "p99_us", "p99 latency, CPU hog beside", "us", "lower", chart=False),
+    Row("throughput_1step_64+burner", "value", "throughput, CPU hog beside", "tasks/s", "higher"),
+    Row("throughput_2step_64+burner", "value", "throughput, CPU hog beside", "tasks/s", "higher"),
+    Row("payload_16mb_2step+burner", "value", "throughput, CPU hog beside", "tasks/s", "higher"),
 ]
 
 

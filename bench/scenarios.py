@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -889,6 +890,31 @@ AROUND_LOOP: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
 }
 
 
+async def host_calibration(quick: bool) -> dict[str, Any]:
+    """What a wake-up and a spin cost on this host (``python -m aqueduct calibrate``), and the
+    spin budget a 1-step flow would choose: aqueduct-rs only."""
+    from aqueduct import calibrate
+
+    costs = calibrate.measure(rounds=scaled(quick, 300, 2000))
+    return result("wake_p50", round(costs["wake_p50_us"], 2), "us", "lower", **costs)
+
+
+# A CPU-bound process beside the benchmark: one core of a small host taken by somebody else, as
+# in production, where a flow shares its machine. It also changes what a wake-up costs (a busy
+# vCPU does not halt), which is what these variants show.
+BURNER = "+burner"
+BURNED = ("latency_1step", "throughput_1step_64", "throughput_2step_64", "payload_16mb_2step", "host_calibration")
+
+
+def start_burner() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+
+
+def stop_burner(burner: subprocess.Popen) -> None:
+    burner.kill()
+    burner.wait()
+
+
 SCENARIOS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
     fn.__name__: fn
     for fn in (
@@ -914,8 +940,11 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
         socketflow_throughput_64,
         selftest_raise,
         selftest_hang,
+        host_calibration,
     )
 }
+for _name in BURNED:
+    SCENARIOS[_name + BURNER] = SCENARIOS[_name]
 
 
 def implementation_info() -> dict[str, Any]:
@@ -947,12 +976,15 @@ def main() -> int:
         parser.error(f"unknown scenario {args.scenario!r}; choose from: {', '.join(SCENARIOS)}")
 
     t0 = time.perf_counter()
-    setup, teardown = AROUND_LOOP.get(args.scenario, (lambda: None, lambda: None))
+    setup, teardown = AROUND_LOOP.get(args.scenario.removesuffix(BURNER), (lambda: None, lambda: None))
+    burner = start_burner() if args.scenario.endswith(BURNER) else None
     setup()
     try:
         outcome = asyncio.run(SCENARIOS[args.scenario](args.quick))
     finally:
         teardown()
+        if burner is not None:
+            stop_burner(burner)
     outcome = {
         "scenario": args.scenario,
         **outcome,

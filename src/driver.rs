@@ -584,10 +584,22 @@ impl Driver {
         Ok(self.lock()?.engine_mut().prepare_sleep())
     }
 
-    /// How long (µs) this flow's processes spin before they sleep; the event loop uses it too.
+    /// How long (µs) this flow's processes spin before they sleep, as of now.
     #[getter]
     fn spin_us(&self) -> PyResult<u64> {
         Ok(self.lock()?.engine().hub.spin().budget().as_micros() as u64)
+    }
+
+    /// The event loop starts polling the engine (after a sleep or a submit): a new spin window.
+    fn open_spin_window(&self) -> PyResult<()> {
+        self.lock()?.open_spin_window();
+        Ok(())
+    }
+
+    /// Whether the event loop should poll again soon rather than sleep: tasks are in flight and
+    /// results keep coming within the spin budget, and nobody else wants this CPU.
+    fn keep_polling(&self) -> PyResult<bool> {
+        Ok(self.lock()?.keep_polling())
     }
 
     /// Whether worker exits are watched by polling `/proc` (every 50 ms) rather than through

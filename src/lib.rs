@@ -70,10 +70,14 @@ fn exit_with_process(py: Python<'_>, pid: i32) -> PyResult<()> {
 /// of `processes` busy processes would choose from it: a dict of microseconds.
 #[pyfunction]
 #[pyo3(signature = (rounds = 1000, processes = 2))]
-fn measure_host(py: Python<'_>, rounds: usize, processes: usize) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+fn measure_host(py: Python<'_>, rounds: i64, processes: i64) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     if !(10..=1_000_000).contains(&rounds) {
         return Err(pyo3::exceptions::PyValueError::new_err(format!("rounds must be 10..=1000000, not {rounds}")));
     }
+    if processes < 1 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("processes must be at least 1, not {processes}")));
+    }
+    let (rounds, processes) = (rounds as usize, processes as usize);
     let costs = py.detach(|| aqueduct_core::calibrate::measure(rounds));
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
     let spin = aqueduct_core::shm::event::SpinPolicy::for_wake_cost(costs.wake_p50);

@@ -4,6 +4,7 @@ tasks, a process forked after start()."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import shutil
@@ -216,3 +217,37 @@ def test_a_flow_runs_under_valgrind():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'result 2' in done.stdout
+
+
+def test_calibrate_reports_the_hosts_costs_and_refuses_nonsense():
+    """`python -m aqueduct calibrate`: the host's wake-up and spin costs as JSON, and a clear
+    usage error (exit 2), not a traceback, for a number of rounds it cannot use."""
+    done = subprocess.run(
+        [sys.executable, '-m', 'aqueduct', 'calibrate', '--json', '--rounds', '20'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    costs = json.loads(done.stdout)
+    assert costs['cpus'] >= 1
+    for key in ('wake_p50_us', 'wake_p99_us', 'spin_hop_p50_us', 'spin_hop_p99_us', 'spin_budget_us'):
+        assert math.isfinite(costs[key]) and costs[key] >= 0, key
+    assert costs['wake_p50_us'] <= costs['wake_p99_us']
+    for rounds in ('3', '-1', 'many', '10000000'):
+        bad = subprocess.run(
+            [sys.executable, '-m', 'aqueduct', 'calibrate', '--rounds', rounds],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 2, (rounds, bad.stderr)
+        assert 'rounds' in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize(('rounds', 'processes'), [(5, 2), (-1, 2), (2**70, 2), (20, 0), (20, -3)])
+def test_measure_host_refuses_out_of_range_arguments_by_name(rounds, processes):
+    from aqueduct import calibrate
+
+    with pytest.raises((ValueError, OverflowError), match='rounds|processes|int'):
+        calibrate.measure(rounds, processes)

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f'CPUs: {costs["cpus"]}')
     print(f'wake-up of a parked process: p50 {costs["wake_p50_us"]:.1f} µs, p99 {costs["wake_p99_us"]:.1f} µs')
-    print(f'hop between spinning processes: p50 {costs["spin_hop_p50_us"]:.2f} µs, p99 {costs["spin_hop_p99_us"]:.2f} µs')
+    hop_p50, hop_p99 = costs['spin_hop_p50_us'], costs['spin_hop_p99_us']
+    print(f'hop between spinning processes: p50 {hop_p50:.2f} µs, p99 {hop_p99:.2f} µs')
     print(f'spin budget for {args.processes} busy processes: {costs["spin_budget_us"]:.0f} µs')
     return 0

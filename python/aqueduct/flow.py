@@ -366,8 +366,6 @@ class Flow:
         self._steps_conditions = [s.handle_condition for s in self._steps]
         self._handler_names = [type(s.handler).__name__ for s in self._steps]
         self._polling = False
-        self._last_progress = 0.0
-        self._spin_seconds = 0.0
         self._stopping: asyncio.Task | None = None
         self._stopped_waiters: List[asyncio.Future] = []
         # While a stop is under way: resolved with the driver's 'drained' / 'grace_expired',
@@ -501,9 +499,6 @@ class Flow:
             stop_on_handler_error=policy.stop_on_handler_error,
             metrics=self._metrics_enabled,
         )
-        # How long the loop keeps polling after a completion while tasks are in flight: the
-        # engine's choice (zero when the flow's processes outnumber the CPUs).
-        self._spin_seconds = driver.spin_us / 1e6
         plans = [(step.handler, self._step_names[i], self._routes(i)) for i, step in enumerate(self._steps)]
         self._launcher = make_launcher(
             self._mp_start_method, driver.region_fd(), driver.doorbell_fd(), self._pool.fileno(), plans
@@ -721,17 +716,17 @@ class Flow:
         driver = self._driver
         if driver is None:
             return
-        resolved, events = driver.poll()
+        _, events = driver.poll()
         if events:
             self._on_events(events)
-        if resolved:
-            self._last_progress = time.perf_counter()
         if not self._polling:
             self._start_polling()
 
     def _start_polling(self) -> None:
         self._polling = True
-        self._last_progress = time.perf_counter()
+        driver = self._driver
+        if driver is not None:
+            driver.open_spin_window()
         self._bound_loop().call_soon(self._poll_tick)
 
     def _bound_loop(self) -> asyncio.AbstractEventLoop:
@@ -745,13 +740,11 @@ class Flow:
         if driver is None:
             self._polling = False
             return
-        resolved, events = driver.poll(False)
-        now = time.perf_counter()
+        _, events = driver.poll(False)
         if events:
             self._on_events(events)
-        if resolved:
-            self._last_progress = now
-        if driver.in_flight and now - self._last_progress < self._spin_seconds:
+        # The driver decides (the spin budget, results still coming, nobody else wanting the CPU).
+        if driver.keep_polling():
             self._bound_loop().call_soon(self._poll_tick)
             return
         if driver.prepare_sleep():

@@ -39,6 +39,7 @@ use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::hub::{Failure, Outcome, Payload, SlotState};
 use crate::metrics::{CallEnd, OutcomeCounts};
+use crate::shm::event::SpinWindow;
 use crate::shm::BufRef;
 
 /// What a submission that finds its step's queue full does.
@@ -381,6 +382,7 @@ pub struct Driver<C> {
     book: Book<C>,
     admission: Admission,
     priorities: usize,
+    spin: SpinWindow,
 }
 
 impl<C> Driver<C> {
@@ -406,7 +408,21 @@ impl<C> Driver<C> {
             grace_end: None,
             awaiting_exits: false,
         };
-        Self { engine, book, admission, priorities }
+        let spin = SpinWindow::new(engine.hub.spin());
+        Self { engine, book, admission, priorities, spin }
+    }
+
+    /// The owner's spin: [`SpinWindow::open`] when it starts polling, then
+    /// [`Driver::keep_polling`] after each poll.
+    pub fn open_spin_window(&mut self) {
+        self.spin.open();
+    }
+
+    /// Whether the owner should poll again rather than sleep: tasks are in flight and results
+    /// keep coming within the spin budget (see [`SpinWindow`]).
+    pub fn keep_polling(&mut self) -> bool {
+        let in_flight = self.engine.hub.in_flight() > 0;
+        self.spin.keep_polling(in_flight)
     }
 
     pub fn engine(&self) -> &Engine {
@@ -590,6 +606,9 @@ impl<C> Driver<C> {
         };
         let polled = if events { self.engine.poll(&mut sink) } else { self.engine.poll_rings(&mut sink) };
         polled?;
+        if n > 0 {
+            self.spin.progressed();
+        }
         self.after_poll(Nanos::now(), out)?;
         Ok(n)
     }

@@ -31,6 +31,7 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod gate;
+pub mod host;
 pub mod hub;
 pub mod layout;
 pub mod message;

@@ -19,11 +19,10 @@ use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aqueduct_core::driver::{Admission, Driver, Event, Fault, GiveUp};
 use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, StepSpec};
-use aqueduct_core::shm::event::SpinPolicy;
 use aqueduct_core::shm::{Arena, ArenaLayout};
 use aqueduct_core::{Engine, Nanos, WorkerEndpoint};
 use serde::de::DeserializeOwned;
@@ -520,7 +519,6 @@ struct Runner {
     /// Ticket -> the driver's call id, for cancels.
     calls: HashMap<u64, u64>,
     workers: Workers,
-    spin: SpinPolicy,
     stopping: Vec<oneshot::Sender<()>>,
     accepting: bool,
     /// Some `Flow` handle still exists (the command channel is open).
@@ -540,7 +538,6 @@ async fn launch<T: Send + 'static>(
     let (commands, receiver) = mpsc::unbounded_channel();
     let (running, running_rx) = watch::channel(false);
     let discard_codec = codec.clone();
-    let spin = driver.engine().hub.spin();
     let mut runner = Runner {
         driver,
         commands: receiver,
@@ -548,7 +545,6 @@ async fn launch<T: Send + 'static>(
         step_names: builder.steps.iter().enumerate().map(|(i, s)| s.display_name(i)).collect(),
         calls: HashMap::new(),
         workers,
-        spin,
         stopping: Vec::new(),
         accepting: true,
         handles: true,
@@ -653,20 +649,13 @@ impl Runner {
     /// Keeps polling (yielding to other tasks) while tasks are in flight and results keep
     /// coming within the spin window: waking a sleeping runner costs more than a poll.
     async fn spin(&mut self) {
-        // Re-read each time: an adaptive budget follows the wake-ups this process measures.
-        let budget = self.spin.budget();
-        if budget.is_zero() {
-            return;
-        }
-        let mut last = Instant::now();
-        while self.driver.engine().hub.in_flight() > 0 && last.elapsed() < budget {
+        self.driver.open_spin_window();
+        while self.driver.keep_polling() {
             tokio::task::yield_now().await;
             while let Ok(c) = self.commands.try_recv() {
                 self.command(c);
             }
-            if self.poll(false) > 0 {
-                last = Instant::now();
-            }
+            self.poll(false);
         }
     }
 

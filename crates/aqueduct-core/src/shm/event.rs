@@ -201,12 +201,15 @@ impl SpinPolicy {
         }
     }
 
-    /// The budget to spin now.
+    /// The budget to spin now: for an adaptive policy, nothing while the host's CPUs are
+    /// contended ([`crate::host::cpus_contended`]) or before a wake-up has been measured.
     pub fn budget(&self) -> Duration {
-        if *self == Self::ADAPTIVE {
-            wake_up_cost().map_or(Duration::ZERO, |w| Self::for_wake_cost(w).spin)
-        } else {
-            self.spin
+        if *self != Self::ADAPTIVE {
+            return self.spin;
+        }
+        match wake_up_cost() {
+            Some(w) if !crate::host::cpus_contended() => Self::for_wake_cost(w).spin,
+            _ => Duration::ZERO,
         }
     }
 
@@ -269,12 +272,46 @@ pub fn wake_up_cost() -> Option<Duration> {
 /// mid-spin: two probes of the clock far apart, and the kernel counting an involuntary context
 /// switch of this thread since the spin began. Whoever ran meanwhile (the process being waited
 /// for, placed on this CPU, or a CPU hog beside the flow) would lose the CPU again to more
-/// spinning, so the `Spinner` parks at once and for the next `COOLDOWN` waits. A gap alone is
+/// spinning, so the `Spinner` parks at once, and without spinning for a while (see `Backoff`). A gap alone is
 /// not enough: on a VM the hypervisor deschedules whole vCPUs, which nobody in the guest asked
 /// for, and that is no reason to stop.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Spinner {
-    cooldown: u16,
+    backoff: Backoff,
+}
+
+/// How long spinning stays off after the scheduler showed the CPU is wanted: `BASE` waits (or
+/// windows) the first time, twice as many each time it happens again before a spin has paid,
+/// up to `MAX`. Under a CPU hog that stays, a retry (which costs the hog a slice) becomes rare.
+#[derive(Clone, Copy, Debug, Default)]
+struct Backoff {
+    cooldown: u32,
+    next: u32,
+}
+
+impl Backoff {
+    const BASE: u32 = 64;
+    const MAX: u32 = 16 * 1024;
+
+    /// Whether spinning is off for this wait (counting it).
+    fn cooling(&mut self) -> bool {
+        if self.cooldown > 0 {
+            self.cooldown -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn preempted(&mut self) {
+        self.cooldown = self.next.max(Self::BASE);
+        self.next = (self.cooldown * 2).min(Self::MAX);
+    }
+
+    /// A spin ended with what it waited for, undisturbed.
+    fn paid(&mut self) {
+        self.next = Self::BASE;
+    }
 }
 
 /// Two clock probes of a spin this far apart mean the spinner was descheduled (a probe itself
@@ -282,8 +319,6 @@ pub struct Spinner {
 pub const PREEMPTED_GAP: Duration = Duration::from_micros(20);
 
 impl Spinner {
-    const COOLDOWN: u16 = 64;
-
     /// Polls `ready` until it returns `Some`, spinning for the policy's budget (unless cooling
     /// down) and then parking on `ev`. Returns `None` if `deadline` passes first. A wait that
     /// parked and was notified records what its wake-up cost ([`record_wake_up`]).
@@ -297,12 +332,7 @@ impl Spinner {
         if let Some(v) = ready() {
             return Some(v);
         }
-        let budget = if self.cooldown > 0 {
-            self.cooldown -= 1;
-            Duration::ZERO
-        } else {
-            policy.budget()
-        };
+        let budget = if self.backoff.cooling() { Duration::ZERO } else { policy.budget() };
         if !budget.is_zero() {
             if let Some(v) = self.spin(budget, &mut ready) {
                 return Some(v);
@@ -346,32 +376,114 @@ impl Spinner {
     fn spin<T>(&mut self, budget: Duration, ready: &mut impl FnMut() -> Option<T>) -> Option<T> {
         let start = std::time::Instant::now();
         let mut probe = start;
-        let mut switches_before = None;
+        let watch = PreemptionWatch::begin();
         loop {
             for _ in 0..32 {
                 std::hint::spin_loop();
             }
             if let Some(v) = ready() {
+                self.backoff.paid();
                 return Some(v);
             }
             let now = std::time::Instant::now();
-            if now - probe > PREEMPTED_GAP {
-                // Read lazily: most spins see no gap and make no system call at all. A first
-                // gap only takes the count; the next one compares.
-                let switches = involuntary_switches();
-                match switches_before {
-                    Some(before) if switches > before => {
-                        self.cooldown = Self::COOLDOWN;
-                        return None;
-                    }
-                    _ => switches_before = Some(switches),
-                }
+            if now - probe > PREEMPTED_GAP && watch.preempted() {
+                self.backoff.preempted();
+                return None;
             }
             probe = now;
             if now - start >= budget {
                 return None;
             }
         }
+    }
+}
+
+/// Whether the scheduler has taken this thread's CPU for another since a spin began: one
+/// system call at the start (~0.5 µs) and one after each suspicious gap.
+struct PreemptionWatch {
+    switches: u64,
+}
+
+impl PreemptionWatch {
+    fn begin() -> Self {
+        Self { switches: involuntary_switches() }
+    }
+
+    fn preempted(&self) -> bool {
+        involuntary_switches() > self.switches
+    }
+}
+
+/// The owner's spin (the main process polling the engine from its event loop instead of
+/// sleeping): the same budget and the same back-off as a [`Spinner`], for a loop that polls
+/// between other work rather than in a tight loop. The window lasts while tasks are in flight
+/// and results keep coming within the budget of each other; it closes early, and stays shut for
+/// a while (see `Backoff`), when the scheduler took the CPU from this thread meanwhile (the
+/// event loop sharing its CPU with a worker or a CPU hog: spinning on would take it again).
+#[derive(Debug)]
+pub struct SpinWindow {
+    policy: SpinPolicy,
+    budget: Duration,
+    last_progress: std::time::Instant,
+    last_tick: std::time::Instant,
+    watch: Option<PreemptionWatch>,
+    backoff: Backoff,
+}
+
+impl std::fmt::Debug for PreemptionWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreemptionWatch").field("switches", &self.switches).finish()
+    }
+}
+
+impl SpinWindow {
+    pub fn new(policy: SpinPolicy) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            policy,
+            budget: Duration::ZERO,
+            last_progress: now,
+            last_tick: now,
+            watch: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// The owner starts polling (it was asleep, or idle): a new window.
+    pub fn open(&mut self) {
+        let now = std::time::Instant::now();
+        self.last_progress = now;
+        self.last_tick = now;
+        self.budget = if self.backoff.cooling() { Duration::ZERO } else { self.policy.budget() };
+        self.watch = (!self.budget.is_zero()).then(PreemptionWatch::begin);
+    }
+
+    /// Results arrived: the window runs on from now.
+    pub fn progressed(&mut self) {
+        self.last_progress = std::time::Instant::now();
+        if !self.budget.is_zero() {
+            self.backoff.paid();
+        }
+    }
+
+    /// Whether the owner should poll again rather than sleep, with `in_flight` tasks out.
+    pub fn keep_polling(&mut self, in_flight: bool) -> bool {
+        if !in_flight || self.budget.is_zero() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let gap = now - std::mem::replace(&mut self.last_tick, now);
+        if gap > PREEMPTED_GAP && self.watch.as_ref().is_some_and(PreemptionWatch::preempted) {
+            self.budget = Duration::ZERO;
+            self.backoff.preempted();
+            return false;
+        }
+        now - self.last_progress < self.budget
+    }
+
+    /// The budget of the current window.
+    pub fn budget(&self) -> Duration {
+        self.budget
     }
 }
 
@@ -463,6 +575,5 @@ mod tests {
         }
         let cost = wake_up_cost().unwrap();
         assert!(cost <= MAX_WAKE_SAMPLE && cost > MAX_WAKE_SAMPLE / 2, "{cost:?}");
-        assert_eq!(SpinPolicy::ADAPTIVE.budget(), MAX_SPIN);
     }
 }
