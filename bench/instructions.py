@@ -39,11 +39,11 @@ SCENARIOS = {"1step_sequential": (1, 1), "1step_64": (1, 64), "2step_64": (2, 64
 CHILD = r'''
 import asyncio, sys
 sys.path.insert(0, {bench!r})
-from scenarios import IncHandler, NumTask
+from scenarios import AddOneHandler, IncHandler, NumTask
 from aqueduct import Flow, FlowStep
 
 async def main(steps, in_flight, total):
-    flow = Flow(*[FlowStep(IncHandler()) for _ in range(steps)])
+    flow = Flow(*[FlowStep(IncHandler() if i == 0 else AddOneHandler()) for i in range(steps)])
     started = flow.start()
     if started is not None:  # 1.15's start() is a coroutine
         await started
@@ -53,7 +53,7 @@ async def main(steps, in_flight, total):
         for i in todo:
             task = NumTask(i)
             await flow.process(task, timeout_sec=600)
-            assert task.x == i + steps, (task.x, i)
+            assert task.result == i + steps, (task.result, i)
 
     await asyncio.gather(*(client() for _ in range(in_flight)))
     stopped = flow.stop()
