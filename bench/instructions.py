@@ -30,6 +30,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from run import ensure_baseline  # noqa: E402  (the suite's set-up of the 1.15 venv)
+
 OURS = ROOT / ".venv" / "bin" / "python"
 BASELINE = BENCH / ".venv-aqueduct115" / "bin" / "python"
 
@@ -115,7 +119,10 @@ def main() -> int:
     if args.before:
         before = str(Path(args.before).resolve() / "python")
         sides.append(("aqueduct-rs before", args.ours, {**base_env, "PYTHONPATH": before}))
-    if args.baseline and Path(args.baseline).exists():
+    if args.baseline:
+        error = ensure_baseline(args.baseline)
+        if error or not Path(args.baseline).exists():
+            parser.error(f"aqueduct 1.15's interpreter {args.baseline}: {error or 'missing'} (--baseline '' skips it)")
         sides.append(("aqueduct 1.15", args.baseline, base_env))
 
     figures: dict[str, dict[str, float]] = {}

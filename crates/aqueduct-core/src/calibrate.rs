@@ -118,6 +118,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "times thousands of spinning rounds: runs in `cargo test`, not under the interpreter")]
     fn both_costs_are_measured_and_ordered_by_percentile() {
         let costs = measure(50);
         assert!(costs.cpus >= 1);

@@ -127,6 +127,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads /proc: runs in `cargo test`")]
     fn linux_says_one_way_or_the_other() {
         assert!(!matches!(probe().source, Source::Nothing), "/proc/pressure/cpu or /proc/loadavg is readable");
         let _ = cpus_contended();
