@@ -399,3 +399,38 @@ def test_health_read_from_another_thread_while_calls_complete_does_not_deadlock(
     ) as proc:
         out = finish_or_dump(proc, 40, 'deadlocked: the loop waits for the GIL, the probe for the driver')
         assert out.strip().endswith('done')
+
+
+async def test_an_error_while_polling_the_engine_does_not_stop_the_polling(make_flow):
+    """Found in review: an exception out of the event loop's poll left the flow believing it
+    was polling, with the doorbell down, so a result already in the ring waited for its caller's
+    deadline. Now polling starts again at once."""
+    flow = make_flow(Add())
+    real = flow._driver
+
+    class FailsOnce:
+        failed = False
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def poll(self, events=True):
+            if not events and not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError('injected poll failure')
+            return real.poll(events)
+
+    loop = asyncio.get_running_loop()
+    reported = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context.get('exception')))
+    flow._driver = FailsOnce()
+    try:
+        task = Task(1)
+        # The deadline is far away: only polling that resumes answers within the wait.
+        await asyncio.wait_for(flow.process(task, timeout_sec=120), timeout=20)
+    finally:
+        flow._driver = real
+        loop.set_exception_handler(previous)
+    assert task.result == 2
+    assert FailsOnce.failed and any(isinstance(e, RuntimeError) for e in reported), 'the failure was reported'

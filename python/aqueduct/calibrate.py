@@ -3,9 +3,9 @@ chooses from it.
 
 A flow's processes spin briefly before they sleep, when a wake-up costs much more than a spin
 (see ARCHITECTURE.md, "Waiting"). Both costs depend on the host (a VM whose idle vCPUs halt
-wakes far slower than bare metal, and a busy host faster than an idle one), so a flow measures
-its host when it starts; this command shows the same measurement, longer, for a person or a
-benchmark report.
+wakes far slower than bare metal, and a busy host faster than an idle one), so each process of a
+flow measures the wake-ups it pays as it runs; this command measures the same costs on purpose,
+for a person or a benchmark report.
 """
 
 from __future__ import annotations

@@ -106,6 +106,10 @@ def seconds_arg(name: str, value: Any, *, positive: bool = False, none_ok: bool 
     return value
 
 
+# After an error in a poll of the engine, how soon polling starts again.
+_POLL_RETRY_S = 0.001
+
+
 class FlowStep:
     """One step of a flow: a handler, the processes that run it, and its batching."""
 
@@ -723,11 +727,11 @@ class Flow:
             self._start_polling()
 
     def _start_polling(self) -> None:
-        self._polling = True
         driver = self._driver
         if driver is not None:
             driver.open_spin_window()
         self._bound_loop().call_soon(self._poll_tick)
+        self._polling = True
 
     def _bound_loop(self) -> asyncio.AbstractEventLoop:
         """The loop the flow is watched from (every caller runs after `_bind`)."""
@@ -740,17 +744,30 @@ class Flow:
         if driver is None:
             self._polling = False
             return
-        _, events = driver.poll(False)
-        if events:
-            self._on_events(events)
-        # The driver decides (the spin budget, results still coming, nobody else wanting the CPU).
-        if driver.keep_polling():
-            self._bound_loop().call_soon(self._poll_tick)
-            return
-        if driver.prepare_sleep():
+        try:
+            _, events = driver.poll(False)
+            if events:
+                self._on_events(events)
+            # The driver decides (the spin budget, results still coming, nobody else wanting
+            # the CPU).
+            if driver.keep_polling():
+                self._bound_loop().call_soon(self._poll_tick)
+                return
+            if driver.prepare_sleep():
+                self._polling = False
+            else:
+                self._bound_loop().call_soon(self._poll_tick)
+        except BaseException:
+            # The loop reports it. Polling starts again shortly: left as it was, nothing would
+            # poll (the doorbell flag is down, so workers would not ring) and callers would wait
+            # for their deadlines.
             self._polling = False
-        else:
-            self._bound_loop().call_soon(self._poll_tick)
+            self._bound_loop().call_later(_POLL_RETRY_S, self._poll_again)
+            raise
+
+    def _poll_again(self) -> None:
+        if not self._polling and self._driver is not None:
+            self._start_polling()
 
     def _on_events(self, events: list) -> None:
         """Acts on what the driver reports: workers that exited or are to be replaced, a flow

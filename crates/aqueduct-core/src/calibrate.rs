@@ -14,6 +14,8 @@
 //! flow never pays: the scheduler would run the woken peer on the caller's own CPU.
 //!
 //! `python -m aqueduct calibrate` prints it; the benchmark suite records it beside its numbers.
+//! A flow does not run it: each process measures the wake-ups it actually pays as it goes
+//! ([`crate::shm::event::record_wake_up`]), which follows the host's load as it changes.
 //! Threads and processes wake through the same kernel path (a futex wake of a task on another
 //! CPU), so two threads measure what two processes of a flow pay, without forking.
 
@@ -42,20 +44,18 @@ impl HostCosts {
     }
 }
 
-/// Rounds a flow's start spends on it (see [`crate::shm::event::host_wake_cost`]): ~5 ms.
-pub const QUICK_ROUNDS: usize = 40;
-
 /// Plays `rounds` parked and `rounds * 10` spinning round trips between two threads (a few
 /// milliseconds on a host where a wake-up costs 20-60 µs) and returns the percentiles.
 pub fn measure(rounds: usize) -> HostCosts {
     let rounds = rounds.max(10);
-    // Long enough that a spinning side never parks: the other answers within nanoseconds.
-    let spin = SpinPolicy { spin: Duration::from_millis(50) };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Long enough that a spinning side never parks: the other answers within nanoseconds. On
+    // one CPU a spinner only keeps its peer from running, so there both sides park.
+    let spin = if cpus > 1 { SpinPolicy { spin: Duration::from_millis(50) } } else { SpinPolicy::NONE };
     let spinning = ping_pong(rounds * 10, spin, spin, Duration::ZERO);
     let hop = percentile(&spinning, 50) / 2;
     // The gap lets the parked peer's CPU go idle (halt, on a VM) before it is woken.
     let parked = ping_pong(rounds, spin, SpinPolicy::NONE, Duration::from_micros(100));
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     HostCosts {
         cpus,
         wake_p50: percentile(&parked, 50).saturating_sub(hop),

@@ -415,6 +415,7 @@ impl<C> Driver<C> {
     /// The owner's spin: [`SpinWindow::open`] when it starts polling, then
     /// [`Driver::keep_polling`] after each poll.
     pub fn open_spin_window(&mut self) {
+        self.engine.resumed();
         self.spin.open();
     }
 

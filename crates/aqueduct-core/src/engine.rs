@@ -348,6 +348,12 @@ impl Engine {
         true
     }
 
+    /// The owner polls again without having been woken (see [`Hub::resumed`]).
+    pub fn resumed(&mut self) {
+        self.hub.resumed();
+        self.woke();
+    }
+
     /// Lowers the doorbell flags: nobody rings while the engine is awake.
     fn woke(&self) {
         self.hub.woke();

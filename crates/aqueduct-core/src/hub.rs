@@ -403,6 +403,9 @@ pub struct Hub {
     /// Slots whose batch ran past the step's `handle_timeout`, for the owner to kill.
     overdue: Vec<usize>,
     priorities: usize,
+    /// When the owner last announced it would sleep (`prepare_sleep`), until it polls again: a
+    /// doorbell stamp from before it is not a wake-up of this sleep.
+    slept_at: Option<Nanos>,
 }
 
 impl Hub {
@@ -481,6 +484,7 @@ impl Hub {
             in_flight: 0,
             cancelled: HashSet::new(),
             deferred: Vec::new(),
+            slept_at: None,
             scratch: Vec::new(),
             accepting: true,
             unpublished: Vec::new(),
@@ -923,6 +927,7 @@ impl Hub {
             flag.store(0, Ordering::SeqCst);
             return false;
         }
+        self.slept_at = Some(Nanos::now());
         true
     }
 
@@ -932,12 +937,21 @@ impl Hub {
     }
 
     /// After the doorbell woke the owner: records what the wake-up cost, when a worker's ring
-    /// did it (a port client's ring carries no stamp).
-    pub fn woken_by_doorbell(&self) {
-        let rung_at = self.layout.doorbell_rung_at(&self.region).swap(0, Ordering::Relaxed);
-        if rung_at != 0 {
+    /// did it while the owner slept (a port client's ring carries no stamp).
+    pub fn woken_by_doorbell(&mut self) {
+        let rung_at = self.layout.doorbell_rung_at(&self.region).swap(0, Ordering::Acquire);
+        let slept_at = self.slept_at.take();
+        if rung_at != 0 && slept_at.is_some_and(|slept| rung_at >= slept.0) {
             crate::shm::event::record_wake_up(Nanos::now().saturating_sub(Nanos(rung_at)));
         }
+    }
+
+    /// The owner polls again without having been woken (a submit, its spin): workers stop
+    /// ringing, and a ring meanwhile measured nothing about a wake-up.
+    pub fn resumed(&mut self) {
+        self.woke();
+        self.slept_at = None;
+        self.layout.doorbell_rung_at(&self.region).store(0, Ordering::Relaxed);
     }
 
     /// Reads every worker's published records, routes results, forms and sends due batches,

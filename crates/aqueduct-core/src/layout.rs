@@ -18,7 +18,7 @@ use crate::metrics::{WorkerMetrics, WORKER_BLOCK};
 use crate::shm::{RingLayout, SharedRegion};
 
 const MAGIC: u32 = 0x4151_464c; // "AQFL"
-const VERSION: u32 = 2;
+const VERSION: u32 = 1;
 const FLOW_HEADER: usize = 4096;
 const SLOT_HEADER: usize = 4096;
 const OFF_DOORBELL_WAITING: usize = 64;

@@ -96,8 +96,10 @@ struct Stat {
 }
 
 impl ProcIdentity {
-    /// The identity of the process `pid` now; fails if there is none.
+    /// The identity of the process `pid` now; fails if there is none, or if `/proc` is not
+    /// this process's pid namespace (then its entries are other processes').
     pub fn of(pid: Pid) -> Result<Self> {
+        proc_is_ours()?;
         let stat = read_stat(pid).map_err(|e| EngineError::Os("reading /proc/<pid>/stat", e))?.ok_or_else(|| {
             EngineError::Os("reading /proc/<pid>/stat", io::Error::new(io::ErrorKind::InvalidData, "unexpected format"))
         })?;
@@ -137,6 +139,21 @@ impl ProcIdentity {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Checks that `/proc` shows this process's pid namespace: `/proc/self` names our own pid.
+/// A sandbox that unshares the pid namespace without mounting a new `/proc` would otherwise
+/// have every pid looked up in somebody else's process table.
+fn proc_is_ours() -> Result<()> {
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let seen = std::fs::read_link("/proc/self").ok().and_then(|p| p.to_str().and_then(|s| s.parse::<i32>().ok()));
+    if seen == Some(me) {
+        return Ok(());
+    }
+    Err(EngineError::Config(format!(
+        "cannot watch worker processes: pidfd_open is refused and /proc does not show this process's pid namespace \
+         (/proc/self is {seen:?}, this process is {me}); mount /proc for the namespace or allow pidfd_open"
+    )))
 }
 
 /// `/proc/<pid>/stat` parsed; `Ok(None)` if its text is not in the expected format.

@@ -128,7 +128,7 @@ impl WorkerEndpoint {
         std::sync::atomic::fence(Ordering::SeqCst);
         let waiting = self.layout.doorbell_waiting(&self.region);
         if waiting.load(Ordering::SeqCst) != 0 && waiting.swap(0, Ordering::SeqCst) != 0 {
-            self.layout.doorbell_rung_at(&self.region).store(crate::clock::Nanos::now().0, Ordering::Relaxed);
+            self.layout.doorbell_rung_at(&self.region).store(crate::clock::Nanos::now().0, Ordering::Release);
             self.doorbell.ring();
         }
     }

@@ -780,3 +780,23 @@ fn every_batch_sent_ahead_to_a_hung_worker_goes_to_one_that_falls_idle() {
     assert!(ids.iter().all(|id| rig.got.contains_key(id)), "{} of 20 done", rig.got.len());
     assert_eq!(rig.hub.held_by(hung), vec![first], "the hung worker keeps only the batch it runs");
 }
+
+/// Found in review: the doorbell's stamp of a ring made while the owner was polling (not asleep)
+/// was later read as a wake-up of hundreds of µs, and the owner's spin budget grew to its cap on
+/// any host. Resuming polling drops the stamp and lowers the flag.
+#[test]
+fn the_owner_resuming_drops_a_doorbell_stamp_and_lowers_the_flag() {
+    let mut hub = Hub::create_in_heap(&config(vec![step(1, 1, 0, 16)]), pool()).unwrap();
+    assert!(hub.prepare_sleep(), "nothing pending: the owner may sleep");
+    let region = hub.region().clone();
+    let layout = *hub.layout();
+    assert_eq!(layout.doorbell_waiting(&region).load(std::sync::atomic::Ordering::SeqCst), 1);
+    layout.doorbell_rung_at(&region).store(Nanos::now().0, std::sync::atomic::Ordering::Release);
+    hub.resumed();
+    assert_eq!(layout.doorbell_waiting(&region).load(std::sync::atomic::Ordering::SeqCst), 0, "workers stop ringing");
+    assert_eq!(
+        layout.doorbell_rung_at(&region).load(std::sync::atomic::Ordering::Acquire),
+        0,
+        "the stamp measured no wake-up"
+    );
+}

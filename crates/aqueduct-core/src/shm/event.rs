@@ -55,10 +55,12 @@ impl<'a> FutexEvent<'a> {
     }
 
     /// Parks until notified, the timeout passes, or a signal arrives (spurious wake-ups are
-    /// allowed: callers loop on their condition).
-    pub fn park(&self, token: ParkToken, timeout: Option<Duration>) {
-        futex_wait(self.seq, token.0, timeout);
+    /// allowed: callers loop on their condition). Returns whether it slept and was woken (not
+    /// when the word had already changed, nor on a timeout or a signal).
+    pub fn park(&self, token: ParkToken, timeout: Option<Duration>) -> bool {
+        let woken = futex_wait(self.seq, token.0, timeout);
         self.waiters.fetch_sub(1, Ordering::SeqCst);
+        woken
     }
 
     /// Wakes every parked waiter, if there is one. Call after publishing the condition.
@@ -99,14 +101,14 @@ impl EventWords {
 }
 
 #[cfg(not(miri))]
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> bool {
     use rustix::thread::futex;
     let ts = timeout.map(|d| rustix::time::Timespec {
         tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
         tv_nsec: d.subsec_nanos() as _,
     });
     // EAGAIN (the word changed), EINTR and ETIMEDOUT all mean "re-check the condition".
-    let _ = futex::wait(word, futex::Flags::empty(), expected, ts.as_ref());
+    futex::wait(word, futex::Flags::empty(), expected, ts.as_ref()).is_ok()
 }
 
 #[cfg(not(miri))]
@@ -117,10 +119,11 @@ fn futex_wake(word: &AtomicU32) {
 
 // Miri runs the ring logic over heap memory in one process; a yield stands in for the futex.
 #[cfg(miri)]
-fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Option<Duration>) {
+fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Option<Duration>) -> bool {
     if word.load(Ordering::Acquire) == expected {
         std::thread::yield_now();
     }
+    false
 }
 
 #[cfg(miri)]
@@ -182,7 +185,7 @@ impl SpinPolicy {
         if wake < MIN_WORTHWHILE_WAKE {
             return Self::NONE;
         }
-        Self { spin: (wake * WAKE_UPS_PER_BUDGET).min(MAX_SPIN) }
+        Self { spin: wake.saturating_mul(WAKE_UPS_PER_BUDGET).min(MAX_SPIN) }
     }
 
     /// The policy for a flow of `processes` busy processes (workers and the main one): spin
@@ -278,6 +281,9 @@ pub fn wake_up_cost() -> Option<Duration> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Spinner {
     backoff: Backoff,
+    /// The last wait ran out (an idle consumer waiting in slices, as a worker does to check
+    /// for signals): the next one parks at once instead of spinning again every slice.
+    idle: bool,
 }
 
 /// How long spinning stays off after the scheduler showed the CPU is wanted: `BASE` waits (or
@@ -330,16 +336,17 @@ impl Spinner {
         mut ready: impl FnMut() -> Option<T>,
     ) -> Option<T> {
         if let Some(v) = ready() {
+            self.idle = false;
             return Some(v);
         }
-        let budget = if self.backoff.cooling() { Duration::ZERO } else { policy.budget() };
+        let budget = if self.idle || self.backoff.cooling() { Duration::ZERO } else { policy.budget() };
         if !budget.is_zero() {
             if let Some(v) = self.spin(budget, &mut ready) {
                 return Some(v);
             }
         }
         let parking_since = Nanos::now();
-        let mut parked = false;
+        let mut woken = false;
         let got = loop {
             let token = ev.prepare();
             if let Some(v) = ready() {
@@ -357,13 +364,13 @@ impl Spinner {
                 }
                 None => None,
             };
-            ev.park(token, timeout);
-            parked = true;
+            woken |= ev.park(token, timeout);
             if let Some(v) = ready() {
                 break Some(v);
             }
         };
-        if parked && got.is_some() {
+        self.idle = got.is_none();
+        if woken && got.is_some() {
             let sent = ev.notified_at();
             if sent >= parking_since {
                 record_wake_up(Nanos::now().saturating_sub(sent));
@@ -376,7 +383,7 @@ impl Spinner {
     fn spin<T>(&mut self, budget: Duration, ready: &mut impl FnMut() -> Option<T>) -> Option<T> {
         let start = std::time::Instant::now();
         let mut probe = start;
-        let watch = PreemptionWatch::begin();
+        let mut watch = PreemptionWatch::begin();
         loop {
             for _ in 0..32 {
                 std::hint::spin_loop();
@@ -409,8 +416,10 @@ impl PreemptionWatch {
         Self { switches: involuntary_switches() }
     }
 
-    fn preempted(&self) -> bool {
-        involuntary_switches() > self.switches
+    /// Whether an involuntary switch happened since the last look (or the start).
+    fn preempted(&mut self) -> bool {
+        let now = involuntary_switches();
+        std::mem::replace(&mut self.switches, now) < now
     }
 }
 
@@ -473,7 +482,7 @@ impl SpinWindow {
         }
         let now = std::time::Instant::now();
         let gap = now - std::mem::replace(&mut self.last_tick, now);
-        if gap > PREEMPTED_GAP && self.watch.as_ref().is_some_and(PreemptionWatch::preempted) {
+        if gap > PREEMPTED_GAP && self.watch.as_mut().is_some_and(PreemptionWatch::preempted) {
             self.budget = Duration::ZERO;
             self.backoff.preempted();
             return false;
@@ -583,5 +592,17 @@ mod tests {
         // (Whether it says "poll again" with tasks in flight also depends on the scheduler: a
         // preempted window closes, so that is not asserted here.)
         assert!(!long.keep_polling(false), "nothing in flight: nothing to poll for");
+    }
+
+    #[test]
+    fn a_wait_that_ran_out_makes_the_next_one_park_at_once_until_data_comes() {
+        let words = EventWords::default();
+        let mut spinner = Spinner::default();
+        let policy = SpinPolicy { spin: Duration::from_micros(100) };
+        let soon = || Some(std::time::Instant::now() + Duration::from_millis(1));
+        let nothing: Option<()> = spinner.wait(policy, words.event(), soon(), || None);
+        assert!(nothing.is_none() && spinner.idle, "an idle consumer waiting in slices stops spinning each slice");
+        assert_eq!(spinner.wait(policy, words.event(), soon(), || Some(7)), Some(7));
+        assert!(!spinner.idle, "data came: the next wait spins again");
     }
 }

@@ -39,7 +39,9 @@ use crate::error::{EngineError, Result};
 
 pub const HEADER_BYTES: usize = 192;
 const MAGIC: u32 = 0x4151_5249; // "AQRI"
-const VERSION: u32 = 2;
+                                // The wake-up stamps (offsets 80 and 144) live in what was zeroed padding before: a peer that
+                                // does not write them is still understood (its wake-ups are simply not measured).
+const VERSION: u32 = 1;
 /// Bytes each record takes before its payload (payloads are padded to 8 bytes).
 pub const RECORD_HEADER: usize = 8;
 /// Tag of the padding record that skips to the start of the buffer.
