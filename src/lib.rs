@@ -67,7 +67,8 @@ fn exit_with_process(py: Python<'_>, pid: i32) -> PyResult<()> {
 }
 
 /// What waiting costs on this host (`aqueduct_core::calibrate`), and the spin budget a flow
-/// of `processes` busy processes would choose from it: a dict of microseconds.
+/// of `processes` busy processes would choose from it with its CPUs free (`AQUEDUCT_SPIN_US`
+/// included): a dict of microseconds.
 #[pyfunction]
 #[pyo3(signature = (rounds = 1000, processes = 2))]
 fn measure_host(py: Python<'_>, rounds: i64, processes: i64) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
@@ -80,15 +81,14 @@ fn measure_host(py: Python<'_>, rounds: i64, processes: i64) -> PyResult<Bound<'
     let (rounds, processes) = (rounds as usize, processes as usize);
     let costs = py.detach(|| aqueduct_core::calibrate::measure(rounds));
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
-    let spin = aqueduct_core::shm::event::SpinPolicy::for_wake_cost(costs.wake_p50);
-    let cpus_suffice = processes <= costs.cpus;
+    let budget = aqueduct_core::shm::event::SpinPolicy::for_host(processes).budget_for(costs.wake_p50);
     let out = pyo3::types::PyDict::new(py);
     out.set_item("cpus", costs.cpus)?;
     out.set_item("wake_p50_us", us(costs.wake_p50))?;
     out.set_item("wake_p99_us", us(costs.wake_p99))?;
     out.set_item("spin_hop_p50_us", us(costs.spin_hop_p50))?;
     out.set_item("spin_hop_p99_us", us(costs.spin_hop_p99))?;
-    out.set_item("spin_budget_us", if cpus_suffice { us(spin.spin) } else { 0.0 })?;
+    out.set_item("spin_budget_us", us(budget))?;
     Ok(out)
 }
 

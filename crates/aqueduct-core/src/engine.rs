@@ -351,12 +351,16 @@ impl Engine {
     /// The owner polls again without having been woken (see [`Hub::resumed`]).
     pub fn resumed(&mut self) {
         self.hub.resumed();
-        self.woke();
+        self.lower_port_flags();
     }
 
     /// Lowers the doorbell flags: nobody rings while the engine is awake.
     fn woke(&self) {
         self.hub.woke();
+        self.lower_port_flags();
+    }
+
+    fn lower_port_flags(&self) {
         for p in self.ports.iter().flatten() {
             p.set_engine_sleeping(false);
         }

@@ -148,8 +148,8 @@ pub struct SpinPolicy {
 pub const SPIN_ENV: &str = "AQUEDUCT_SPIN_US";
 
 /// How many wake-ups a spin budget is worth. The peer's turnaround between two messages (its
-/// Python work, a few tens of µs) has to fit in the budget for spinning to pay; 8 wake-ups
-/// covered it on every host measured (see ARCHITECTURE.md, "Waiting").
+/// Python work, a few tens of µs) has to fit in the budget for spinning to pay; 8 is a judgement
+/// that lands where fixed budgets covered it on the hosts measured (ARCHITECTURE.md, "Waiting").
 pub const WAKE_UPS_PER_BUDGET: u32 = 8;
 /// The budget never exceeds this, whatever a wake-up costs: beyond it an idle gap, not a
 /// turnaround, is what is being waited for.
@@ -204,6 +204,16 @@ impl SpinPolicy {
         }
     }
 
+    /// The budget this policy gives when a wake-up costs `wake` and the CPUs are free: what
+    /// `python -m aqueduct calibrate` reports a flow would choose.
+    pub fn budget_for(&self, wake: Duration) -> Duration {
+        if *self == Self::ADAPTIVE {
+            Self::for_wake_cost(wake).spin
+        } else {
+            self.spin
+        }
+    }
+
     /// The budget to spin now: for an adaptive policy, nothing while the host's CPUs are
     /// contended ([`crate::host::cpus_contended`]) or before a wake-up has been measured.
     pub fn budget(&self) -> Duration {
@@ -211,7 +221,7 @@ impl SpinPolicy {
             return self.spin;
         }
         match wake_up_cost() {
-            Some(w) if !crate::host::cpus_contended() => Self::for_wake_cost(w).spin,
+            Some(w) if !crate::host::cpus_contended() => self.budget_for(w),
             _ => Duration::ZERO,
         }
     }
@@ -275,9 +285,9 @@ pub fn wake_up_cost() -> Option<Duration> {
 /// mid-spin: two probes of the clock far apart, and the kernel counting an involuntary context
 /// switch of this thread since the spin began. Whoever ran meanwhile (the process being waited
 /// for, placed on this CPU, or a CPU hog beside the flow) would lose the CPU again to more
-/// spinning, so the `Spinner` parks at once, and without spinning for a while (see `Backoff`). A gap alone is
-/// not enough: on a VM the hypervisor deschedules whole vCPUs, which nobody in the guest asked
-/// for, and that is no reason to stop.
+/// spinning, so the `Spinner` parks at once, and does not spin for a while (see `Backoff`). A
+/// gap alone is not enough: on a VM the hypervisor deschedules whole vCPUs, which nobody in the
+/// guest asked for, and that is no reason to stop.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Spinner {
     backoff: Backoff,
@@ -382,8 +392,7 @@ impl Spinner {
     /// Spins for up to `budget`, unless the scheduler shows the CPU is wanted elsewhere.
     fn spin<T>(&mut self, budget: Duration, ready: &mut impl FnMut() -> Option<T>) -> Option<T> {
         let start = std::time::Instant::now();
-        let mut probe = start;
-        let mut watch = PreemptionWatch::begin();
+        let mut watch = PreemptionWatch::begin(start);
         loop {
             for _ in 0..32 {
                 std::hint::spin_loop();
@@ -393,11 +402,10 @@ impl Spinner {
                 return Some(v);
             }
             let now = std::time::Instant::now();
-            if now - probe > PREEMPTED_GAP && watch.preempted() {
+            if watch.preempted(now) {
                 self.backoff.preempted();
                 return None;
             }
-            probe = now;
             if now - start >= budget {
                 return None;
             }
@@ -405,21 +413,29 @@ impl Spinner {
     }
 }
 
-/// Whether the scheduler has taken this thread's CPU for another since a spin began: one
-/// system call at the start (~0.5 µs) and one after each suspicious gap.
+/// Whether the scheduler has taken this thread's CPU for another during a spin, for the
+/// [`Spinner`] and the [`SpinWindow`] alike: one system call at the start (~0.5 µs) and one
+/// after each suspicious gap between two probes of the clock.
+#[derive(Debug)]
 struct PreemptionWatch {
     switches: u64,
+    last_probe: std::time::Instant,
 }
 
 impl PreemptionWatch {
-    fn begin() -> Self {
-        Self { switches: involuntary_switches() }
+    fn begin(now: std::time::Instant) -> Self {
+        Self { switches: involuntary_switches(), last_probe: now }
     }
 
-    /// Whether an involuntary switch happened since the last look (or the start).
-    fn preempted(&mut self) -> bool {
-        let now = involuntary_switches();
-        std::mem::replace(&mut self.switches, now) < now
+    /// A probe at `now`: whether it came [`PREEMPTED_GAP`] or more after the previous one and
+    /// the kernel counted an involuntary switch since the last look.
+    fn preempted(&mut self, now: std::time::Instant) -> bool {
+        let gap = now - std::mem::replace(&mut self.last_probe, now);
+        if gap <= PREEMPTED_GAP {
+            return false;
+        }
+        let switches = involuntary_switches();
+        std::mem::replace(&mut self.switches, switches) < switches
     }
 }
 
@@ -434,37 +450,23 @@ pub struct SpinWindow {
     policy: SpinPolicy,
     budget: Duration,
     last_progress: std::time::Instant,
-    last_tick: std::time::Instant,
+    /// Set while the window has a budget.
     watch: Option<PreemptionWatch>,
     backoff: Backoff,
-}
-
-impl std::fmt::Debug for PreemptionWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreemptionWatch").field("switches", &self.switches).finish()
-    }
 }
 
 impl SpinWindow {
     pub fn new(policy: SpinPolicy) -> Self {
         let now = std::time::Instant::now();
-        Self {
-            policy,
-            budget: Duration::ZERO,
-            last_progress: now,
-            last_tick: now,
-            watch: None,
-            backoff: Backoff::default(),
-        }
+        Self { policy, budget: Duration::ZERO, last_progress: now, watch: None, backoff: Backoff::default() }
     }
 
     /// The owner starts polling (it was asleep, or idle): a new window.
     pub fn open(&mut self) {
         let now = std::time::Instant::now();
         self.last_progress = now;
-        self.last_tick = now;
         self.budget = if self.backoff.cooling() { Duration::ZERO } else { self.policy.budget() };
-        self.watch = (!self.budget.is_zero()).then(PreemptionWatch::begin);
+        self.watch = (!self.budget.is_zero()).then(|| PreemptionWatch::begin(now));
     }
 
     /// Results arrived: the window runs on from now.
@@ -481,8 +483,7 @@ impl SpinWindow {
             return false;
         }
         let now = std::time::Instant::now();
-        let gap = now - std::mem::replace(&mut self.last_tick, now);
-        if gap > PREEMPTED_GAP && self.watch.as_mut().is_some_and(PreemptionWatch::preempted) {
+        if self.watch.as_mut().is_some_and(|w| w.preempted(now)) {
             self.budget = Duration::ZERO;
             self.backoff.preempted();
             return false;
@@ -569,6 +570,9 @@ mod tests {
         }
         let fixed = SpinPolicy { spin: Duration::from_micros(75) };
         assert_eq!(fixed.budget(), Duration::from_micros(75), "a fixed budget ignores measurements");
+        assert_eq!(fixed.budget_for(Duration::from_micros(20)), Duration::from_micros(75));
+        assert_eq!(SpinPolicy::ADAPTIVE.budget_for(Duration::from_micros(20)), Duration::from_micros(160));
+        assert_eq!(SpinPolicy::NONE.budget_for(Duration::from_micros(20)), Duration::ZERO);
     }
 
     #[test]
