@@ -92,6 +92,15 @@ fn measure_host(py: Python<'_>, rounds: i64, processes: i64) -> PyResult<Bound<'
     Ok(out)
 }
 
+/// A random UUID (version 4) string, like `str(uuid.uuid4())`, for `BaseTask.task_id`: a tenth of
+/// what making it in Python costs, and never one a forked parent or child also makes
+/// (`aqueduct_core::ids`).
+#[pyfunction]
+fn new_task_id(py: Python<'_>) -> Bound<'_, pyo3::types::PyString> {
+    let id = aqueduct_core::ids::uuid4();
+    pyo3::types::PyString::new(py, std::str::from_utf8(&id).expect("a UUID string is ASCII"))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
@@ -106,6 +115,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(die_with_parent, m)?)?;
     m.add_function(wrap_pyfunction!(exit_with_process, m)?)?;
     m.add_function(wrap_pyfunction!(measure_host, m)?)?;
+    m.add_function(wrap_pyfunction!(new_task_id, m)?)?;
     m.add("ROUTE_DONE", aqueduct_core::message::ROUTE_DONE)?;
     Ok(())
 }

@@ -7,6 +7,8 @@ import concurrent.futures
 import logging
 import operator
 import pickle
+import subprocess
+import sys
 import threading
 import time
 
@@ -296,6 +298,58 @@ def test_base_task_api():
     assert t.result == 81
     assert repr(t).startswith('<Task ') and 'result=81' in repr(t)
     assert pickle.loads(pickle.dumps(t)).__dict__ == t.__dict__
+
+
+def test_task_ids_are_uuid4_strings_and_a_forked_child_makes_its_own():
+    import uuid
+
+    ids = {Task(i).task_id for i in range(2000)}  # past one buffer of random bytes
+    assert len(ids) == 2000
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids)
+    # In a fresh interpreter: forking this one, with the suite's threads, would warn.
+    script = (
+        'import os\n'
+        'from aqueduct import BaseTask\n'
+        'ids = lambda: " ".join(BaseTask().task_id for _ in range(8))\n'
+        'read, write = os.pipe()\n'
+        'pid = os.fork()\n'
+        'if pid == 0:\n'
+        '    os.write(write, ids().encode())\n'
+        '    os._exit(0)\n'
+        'os.close(write)\n'
+        'print(os.read(read, 4096).decode())\n'
+        'print(ids())\n'
+        'os.waitpid(pid, 0)\n'
+    )
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=60, check=True)
+    child_ids, parent_ids = (set(line.split()) for line in out.stdout.splitlines())
+    assert len(child_ids) == len(parent_ids) == 8
+    assert not child_ids & parent_ids, 'a forked child made the ids its parent made'
+
+
+class _Tagged:
+    """A cooperative mixin with an ``__init__`` of its own, after ``BaseTask`` in the MRO."""
+
+    def __init__(self, *args, tag='default', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tag = tag
+
+
+def test_base_task_init_calls_a_mixins_init_after_it_and_refuses_stray_arguments():
+    class Tagged(BaseTask, _Tagged):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    assert Tagged().tag == 'default'
+    assert Tagged(tag='x').tag == 'x'
+    assert len(Tagged().task_id) == 36
+
+    class Stray(BaseTask):
+        def __init__(self):
+            super().__init__(1)
+
+    with pytest.raises(TypeError):  # object.__init__ takes no arguments, as in 1.15
+        Stray()
 
 
 def test_step_names():

@@ -6,10 +6,10 @@ Shared fields (``share_value``, ``share_value_with_data``) come from its base cl
 
 from __future__ import annotations
 
-from random import getrandbits
 from time import monotonic
 from typing import Any, Dict, Optional, Set
 
+from . import _core
 from .shm.base import SharedValue
 from .shm.mixin import DEFAULT_MAX_PAYLOAD, HasReadany, SharedFieldsMixin
 
@@ -48,7 +48,9 @@ class BaseTask(SharedFieldsMixin):
     metrics = _TaskMetricsField()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        if args or kwargs or _has_later_init[type(self)]:
+            super().__init__(*args, **kwargs)
+        # else the next __init__ is object's, which does nothing: a call saved per task.
         # Straight into the instance dict: these are never shared fields, and `__setattr__`
         # would cost a Python call each.
         own = self.__dict__
@@ -133,6 +135,20 @@ class BaseTask(SharedFieldsMixin):
         own['_shared_fields'] = mine
 
 
+class _LaterInits(dict):
+    """task class -> whether a class after ``BaseTask`` in its MRO (a mixin) defines
+    ``__init__``, which ``BaseTask.__init__`` must then call (cooperative inheritance)."""
+
+    def __missing__(self, cls: type) -> bool:
+        mro = cls.__mro__
+        later = mro[mro.index(BaseTask) + 1 : -1]
+        found = self[cls] = any('__init__' in vars(klass) for klass in later)
+        return found
+
+
+_has_later_init = _LaterInits()
+
+
 _descriptor_cache: Dict[type, frozenset] = {}
 
 
@@ -170,20 +186,9 @@ def _data_descriptors(cls: type) -> frozenset:
     return names
 
 
-def new_task_id() -> str:
-    """A random (version 4) UUID string, like ``str(uuid.uuid4())``.
-
-    Drawn from ``random`` rather than ``os.urandom``: a task id needs uniqueness, not secrecy,
-    and this avoids a system call per task. The ``random`` module reseeds itself in every forked
-    child, so processes never share a sequence.
-    """
-    h = '%032x' % ((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
-    return f'{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}'
-
-
-# Version 4 in bits 76-79 and the RFC 4122 variant (0b10) in bits 62-63.
-_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+#: ``new_task_id()``: a random (version 4) UUID string, like ``str(uuid.uuid4())``, made by the
+#: engine from kernel randomness, fresh in every forked process (``aqueduct_core::ids``).
+new_task_id = _core.new_task_id
 
 _BASE_FIELDS = frozenset({'task_id', 'priority', 'expiration_time', 'metrics'})
 

@@ -33,6 +33,7 @@ pub mod error;
 pub mod gate;
 pub mod host;
 pub mod hub;
+pub mod ids;
 pub mod layout;
 pub mod message;
 pub mod metrics;

@@ -32,8 +32,17 @@ DEFAULT_MAX_PAYLOAD = 1 << 20
 _NOTHING_SHARED: Mapping[str, SharedData] = types.MappingProxyType({})
 
 
-#: class -> whether its instances are ``SharedData`` (what assigning one to a field does)
-_shared_classes: Dict[type, bool] = {}
+class _SharedClasses(dict):
+    """class -> whether its instances are ``SharedData`` (what assigning one to a field does),
+    looked up once per class: an ABC's ``isinstance`` costs more than the rest of an assignment."""
+
+    def __missing__(self, cls: type) -> bool:
+        shared = self[cls] = issubclass(cls, SharedData)
+        return shared
+
+
+_shared_classes = _SharedClasses()
+_object_setattr = object.__setattr__
 
 
 class HasReadany(Protocol):
@@ -68,22 +77,18 @@ class SharedFieldsMixin:
     _shared_fields = _NOTHING_SHARED
 
     def __setattr__(self, key: str, value: Any) -> None:
-        cls = value.__class__
-        is_shared = _shared_classes.get(cls)
-        if is_shared is None:
-            # Looked up once per class: an ABC's isinstance costs more than the rest of this.
-            is_shared = _shared_classes[cls] = issubclass(cls, SharedData)
-        if is_shared:
+        # Runs for every field a task's constructor sets: kept to a few cheap lookups.
+        if _shared_classes[value.__class__]:
             # 1.15: assigning a shared value shares the field (``task.arr = NPArraySharedData...``).
             self._set_shared_value(key, value)
             return
-        shared = self.__dict__.get('_shared_fields')
+        shared = self._shared_fields
         if shared and key in shared and value is not self.__dict__.get(key):
             # A new value replaces the shared one (as in 1.15). `task.arr *= 3` assigns the very
             # same array back, and stays shared.
             del shared[key]
             warnings.warn(f'The {key} field value is not shared anymore', stacklevel=2)
-        object.__setattr__(self, key, value)
+        _object_setattr(self, key, value)
 
     def _set_shared_value(self, field_name: str, shared_value: SharedData) -> None:
         shared = self.__dict__.setdefault('_shared_fields', {})
