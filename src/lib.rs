@@ -8,6 +8,7 @@
 
 mod args;
 mod client;
+mod codec;
 mod driver;
 mod errors;
 mod shm;
@@ -116,6 +117,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exit_with_process, m)?)?;
     m.add_function(wrap_pyfunction!(measure_host, m)?)?;
     m.add_function(wrap_pyfunction!(new_task_id, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::encode_state, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::decode_state, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::decode_into, m)?)?;
+    m.add("COMPACT_BODY", aqueduct_core::task_state::FORMAT)?;
     m.add("ROUTE_DONE", aqueduct_core::message::ROUTE_DONE)?;
     Ok(())
 }

@@ -12,6 +12,13 @@ caller's task is updated straight from the state. Any other task (custom ``__red
 ``__getstate__``/``__setstate__`` are for pickles made outside the flow, see
 :mod:`aqueduct.shm.mixin`; the codec writes the state itself.)
 
+**No pickle for plain values.** When that state holds nothing but ``None``, ``bool``, ``int``,
+``float``, ``str``, small ``bytes`` and tuples, lists and dicts of them (the common tiny task),
+the engine writes it in a compact form of its own (``_core.encode_state``, documented in the
+bindings' ``codec.rs``): a fraction of what setting up a pickler and an unpickler costs per
+task, and decoding it constructs no object of anyone's class. Anything else in the state falls
+back to pickling, so the choice never changes what arrives.
+
 **Buffers by reference.** Pickle protocol 5 hands contiguous buffers (numpy arrays,
 ``bytearray``) to a callback instead of copying them into the stream. One that already lives in
 the pool (an array received from another step, a shared field) travels as a new reference;
@@ -30,13 +37,17 @@ import importlib
 import pickle
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import shm
+from . import _core, shm
 from .shm import _portable
 from .shm.mixin import SharedFieldsMixin
 
 _dumps = pickle.dumps
 _loads = pickle.loads
 _PickleBuffer = pickle.PickleBuffer
+_encode_state = _core.encode_state
+_decode_state = _core.decode_state
+#: The first byte of a body in the compact form (a pickle's is 0x80).
+COMPACT_BODY = _COMPACT = _core.COMPACT_BODY
 
 #: class -> its wire key, or None when it needs full pickling
 _plain: Dict[type, Any] = {}
@@ -130,8 +141,13 @@ def _state_for_wire(state: dict, big: int) -> dict:
 def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
     """The pickled task and its out-of-band buffers (``ShmBuffer``s in ``pool``, default the
     process's, each owning a reference that passes to the message when it is sent)."""
-    bufs: List[Any] = []
     big = shm._threshold
+    key = _wire_key(type(task))
+    if key is not None:
+        body = _encode_state(key[0], key[1], task.__dict__, big)
+        if body is not None:
+            return body, []
+    bufs: List[Any] = []
 
     def place(pb: pickle.PickleBuffer) -> bool:
         nonlocal pool
@@ -149,7 +165,6 @@ def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
         bufs.append(buf)
         return False
 
-    key = _wire_key(type(task))
     if key is not None:
         state = _state_for_wire(task.__dict__, big)
         if not state.get('_shared_fields'):
@@ -178,6 +193,12 @@ def _resolve(module: str, qualname: str) -> type[object]:
 
 def decode(data, bufs: Optional[List[Any]] = None) -> Any:
     """The task object carried by ``data`` and its buffers (a new instance)."""
+    if data and data[0] == _COMPACT:
+        module, qualname, state = _decode_state(data)
+        cls = _resolve(module, qualname)
+        task = cls.__new__(cls)
+        task.__dict__ = state
+        return task
     obj = _loads(data, buffers=bufs)
     if obj.__class__ is tuple:
         module, qualname, state = obj
@@ -196,6 +217,8 @@ def decode(data, bufs: Optional[List[Any]] = None) -> Any:
 def decode_state(data, bufs: Optional[List[Any]] = None) -> Tuple[Any, Optional[Dict[str, Any]]]:
     """``(task, None)`` or ``(None, state)``: the caller updates its own task from the state
     (markers included) without building a second object."""
+    if data and data[0] == _COMPACT:
+        return None, _decode_state(data)[2]
     obj = _loads(data, buffers=bufs)
     if obj.__class__ is tuple:
         return None, obj[2]

@@ -17,6 +17,11 @@ __all__ = [
     'die_with_parent',
     'exit_with_process',
     'measure_host',
+    'new_task_id',
+    'encode_state',
+    'decode_state',
+    'decode_into',
+    'COMPACT_BODY',
 ]
 
 ROUTE_DONE: int
@@ -40,6 +45,11 @@ def die_with_parent(signum: int = 9) -> int: ...
 def exit_with_process(pid: int) -> None: ...
 def measure_host(rounds: int = 1000, processes: int = 2) -> dict[str, float]: ...
 def new_task_id() -> str: ...  # a random (version 4) UUID string, fresh in every forked process
+def encode_state(module: str, qualname: str, state: dict[str, Any], big: int) -> bytes | None: ...
+def decode_state(data: bytes) -> tuple[str, str, dict[str, Any]]: ...
+def decode_into(data: bytes, target: dict[str, Any], skip: frozenset[str]) -> None: ...
+
+COMPACT_BODY: int
 
 
 @final

@@ -35,7 +35,7 @@ from threading import get_ident
 from typing import Any, List, Literal, Tuple, Union, overload
 
 from . import _core, shm
-from ._codec import decode_state, encode
+from ._codec import COMPACT_BODY, decode, decode_state, encode
 from ._launch import Launcher, make_launcher
 from ._stats import StatsServer
 from ._worker import logging_tasks
@@ -56,7 +56,7 @@ from .handler import BaseTaskHandler, HandleConditionType
 from .logger import log
 from .metrics import Collector, Exporter, MetricsTypes
 from .metrics._flow import FlowMetrics
-from .task import BaseTask
+from .task import BASE_FIELDS, BaseTask, plain_update
 from .view import FlowView
 
 _START_METHODS = ('fork', 'spawn', 'forkserver')
@@ -280,7 +280,21 @@ def encode_task(task: BaseTask, pool) -> Tuple[bytes, list]:
 
 def apply_result(task: BaseTask, result: tuple) -> Any:
     """Writes a finished task's ``(body, bufs)`` into the caller's task object; returns the
-    processed copy's own ``task.metrics``, if it has any (they are not copied back)."""
+    processed copy's own ``task.metrics``, if it has any (they are not copied back).
+
+    A class that overrides ``update`` (or ``update_from_state``) gets its processed copy
+    through it, as in 1.15; for the others the fields are written in directly."""
+    body = result[0]
+    cls = task.__class__
+    if not plain_update[cls]:
+        done = decode(*result)
+        task.update(done)
+        return getattr(done, '__dict__', {}).get('metrics')
+    own = task.__dict__
+    if body and body[0] == COMPACT_BODY and not own.get('_shared_fields'):
+        # A state of plain values: no metrics object in it, no shared fields on either side.
+        _core.decode_into(body, own, BASE_FIELDS)
+        return None
     done, state = decode_state(*result)
     if state is None:
         task.update(done)

@@ -101,7 +101,7 @@ class BaseTask(SharedFieldsMixin):
 
     def update_from_state(self, state: Dict[str, Any], excluded_fields: Optional[Set[str]] = None) -> None:
         """:meth:`update` from the fields of a processed copy, given as its ``__dict__``."""
-        immutable = _BASE_FIELDS if not excluded_fields else _BASE_FIELDS | set(excluded_fields)
+        immutable = BASE_FIELDS if not excluded_fields else BASE_FIELDS | set(excluded_fields)
         theirs = state.get('_shared_fields')
         mine = self.__dict__.get('_shared_fields')
         if not theirs and not mine:
@@ -149,6 +149,23 @@ class _LaterInits(dict):
 _has_later_init = _LaterInits()
 
 
+class _PlainUpdates(dict):
+    """task class -> whether ``process()`` may write a result's fields straight into the
+    caller's task: the class keeps ``BaseTask``'s ``update`` and ``update_from_state`` and
+    defines no data descriptor (a property with a setter must be assigned through)."""
+
+    def __missing__(self, cls: type) -> bool:
+        plain = self[cls] = (
+            getattr(cls, 'update', None) is BaseTask.update
+            and getattr(cls, 'update_from_state', None) is BaseTask.update_from_state
+            and not _data_descriptors(cls)
+        )
+        return plain
+
+
+plain_update = _PlainUpdates()
+
+
 _descriptor_cache: Dict[type, frozenset] = {}
 
 
@@ -190,7 +207,8 @@ def _data_descriptors(cls: type) -> frozenset:
 #: engine from kernel randomness, fresh in every forked process (``aqueduct_core::ids``).
 new_task_id = _core.new_task_id
 
-_BASE_FIELDS = frozenset({'task_id', 'priority', 'expiration_time', 'metrics'})
+#: The bookkeeping fields of ``BaseTask`` a result never overwrites.
+BASE_FIELDS = frozenset({'task_id', 'priority', 'expiration_time', 'metrics'})
 
 
 class StopTask(BaseTask):

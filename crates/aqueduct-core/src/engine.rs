@@ -172,14 +172,18 @@ impl Engine {
     }
 
     pub fn port(&self, id: usize) -> Result<&EnginePort> {
-        self.ports.get(id).and_then(Option::as_ref).ok_or(EngineError::Config(format!("no port {id}")))
+        self.ports.get(id).and_then(Option::as_ref).ok_or_else(|| EngineError::Config(format!("no port {id}")))
     }
 
     /// Closes a port whose client is gone or disconnected: its tasks are cancelled (their
     /// references released by the hub) and the region is unmapped. Returns the client's pool
     /// index, which the caller reaps once the client process is dead.
     pub fn close_port(&mut self, id: usize) -> Result<u32> {
-        let port = self.ports.get_mut(id).and_then(Option::take).ok_or(EngineError::Config(format!("no port {id}")))?;
+        let port = self
+            .ports
+            .get_mut(id)
+            .and_then(Option::take)
+            .ok_or_else(|| EngineError::Config(format!("no port {id}")))?;
         for hub_id in port.hub_ids() {
             if let Some(r) = self.remote.remove(&hub_id) {
                 self.port_counts.add(r.step as usize, r.priority, CallEnd::Cancel);

@@ -680,17 +680,16 @@ impl Hub {
         if !self.accepting {
             return Err(EngineError::Stopped);
         }
-        let st = self.steps.get(step).ok_or(EngineError::Config(format!("no step {step}")))?;
+        let st = self.steps.get(step).ok_or_else(|| EngineError::Config(format!("no step {step}")))?;
         if self.step_full(step) {
             return Err(EngineError::QueueFull { step, capacity: st.spec.queue_capacity });
         }
         for b in bufs {
             self.arena.check_buf(b)?;
         }
-        st.inline_max.checked_sub(bufs.len() * BufRef::WIRE_LEN).ok_or(EngineError::Config(format!(
-            "a task with {} out-of-band buffers does not fit in a ring record",
-            bufs.len()
-        )))
+        st.inline_max.checked_sub(bufs.len() * BufRef::WIRE_LEN).ok_or_else(|| {
+            EngineError::Config(format!("a task with {} out-of-band buffers does not fit in a ring record", bufs.len()))
+        })
     }
 
     /// An owned body: inline when small enough, else copied into the pool.

@@ -17,6 +17,8 @@
 //!   watched where the kernel refuses pidfds (its identity in `/proc`, polled).
 //! - [`driver`]: the host's policy around the engine (calls, caller deadlines, the waiting
 //!   room, restarts, stopping, outcome counts, health), once for every front end.
+//! - [`task_state`]: the compact wire form of a Python task's state, read and written by both
+//!   front ends.
 //! - [`port`]: how other processes (web workers sharing one flow) submit tasks straight into
 //!   the engine; [`caller`]: the calls of such a client, with the driver's guarantees.
 //!
@@ -42,6 +44,7 @@ pub mod prio;
 pub mod proc_watch;
 pub mod reactor;
 pub mod shm;
+pub mod task_state;
 pub mod worker;
 
 pub use clock::Nanos;

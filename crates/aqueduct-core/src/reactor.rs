@@ -103,7 +103,7 @@ impl Reactor {
     /// Starts watching the process `pid` as the worker of `slot`, in place of any process
     /// watched for it before.
     pub fn watch(&mut self, slot: usize, pid: u32) -> Result<()> {
-        let pid = rustix::process::Pid::from_raw(pid as i32).ok_or(EngineError::Config("pid 0".into()))?;
+        let pid = rustix::process::Pid::from_raw(pid as i32).ok_or_else(|| EngineError::Config("pid 0".into()))?;
         match ProcessWatch::open(pid, self.exit_watch)? {
             ProcessWatch::Pidfd(fd) => {
                 epoll::add(&self.epoll, &fd, epoll::EventData::new_u64(slot as u64), epoll::EventFlags::IN)

@@ -9,11 +9,12 @@
 //! it, calls go through shared memory, with the guarantees of [`aqueduct_core::caller`]: one
 //! answer per call, deadlines on one heap, a backlog when the request ring is full.
 //!
-//! A flow served by Python decodes every task with its codec: a pickle of
-//! `(module, qualname, state)` for a plain `BaseTask` subclass. [`RemoteFlow::process`] writes
-//! and reads that form for any serde type (its fields are the task's attributes), with
-//! `serde-pickle`, which builds values and never runs code; [`RemoteFlow::process_bytes`] takes
-//! and returns the bytes as they are. Out-of-band buffers (fields of 64 KiB and more) are not
+//! A flow served by Python decodes every task with its codec: for a plain `BaseTask` subclass,
+//! `(module, qualname, state)`, pickled, or in the compact form of
+//! [`aqueduct_core::task_state`] when the state holds only plain values. [`RemoteFlow::process`]
+//! writes the pickle for any serde type (its fields are the task's attributes) with
+//! `serde-pickle`, which builds values and never runs code, and reads the answer in either
+//! form; [`RemoteFlow::process_bytes`] takes and returns the bytes as they are. Out-of-band buffers (fields of 64 KiB and more) are not
 //! supported by this client: such a result fails with [`FlowError::Serialization`].
 
 use std::io::IoSliceMut;
@@ -28,6 +29,7 @@ use aqueduct_core::caller::{Answer, Caller};
 use aqueduct_core::hub::{Doorbell, Payload};
 use aqueduct_core::port::{FailureKind, PortClient};
 use aqueduct_core::shm::{Arena, SharedRegion};
+use aqueduct_core::task_state;
 use aqueduct_core::Nanos;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -141,10 +143,42 @@ impl RemoteFlow {
         let body = serde_pickle::to_vec(&(class.0, class.1, task), ser)
             .map_err(|e| FlowError::Serialization(e.to_string()))?;
         let done = self.process_bytes(step, 0, timeout, body).await?;
+        let wrong = |e: &dyn std::fmt::Display| FlowError::Serialization(e.to_string());
+        if done.first() == Some(&task_state::FORMAT) {
+            // The compact form the flow's workers use for a state of plain values.
+            let state = task_state::decode(&done).map_err(|e| wrong(&e))?;
+            let fields = state
+                .fields
+                .into_iter()
+                .map(|(name, value)| (serde_pickle::HashableValue::String(name), pickle_value(value)));
+            return serde_pickle::from_value(serde_pickle::Value::Dict(fields.collect())).map_err(|e| wrong(&e));
+        }
         let de = serde_pickle::DeOptions::new();
-        let (_, _, state): (String, String, T) =
-            serde_pickle::from_slice(&done, de).map_err(|e| FlowError::Serialization(e.to_string()))?;
+        let (_, _, state): (String, String, T) = serde_pickle::from_slice(&done, de).map_err(|e| wrong(&e))?;
         Ok(state)
+    }
+}
+
+/// A value of the compact form as the pickle value it stands for, for serde to read.
+fn pickle_value(value: task_state::Value) -> serde_pickle::Value {
+    use serde_pickle::Value as P;
+    use task_state::Value as V;
+    match value {
+        V::None => P::None,
+        V::Bool(b) => P::Bool(b),
+        V::Int(n) => P::I64(n),
+        V::Float(f) => P::F64(f),
+        V::Str(s) => P::String(s),
+        V::Bytes(b) => P::Bytes(b),
+        V::Tuple(items) => P::Tuple(items.into_iter().map(pickle_value).collect()),
+        V::List(items) => P::List(items.into_iter().map(pickle_value).collect()),
+        V::Dict(pairs) => P::Dict(
+            pairs
+                .into_iter()
+                // The reader refused unhashable keys, so every key converts.
+                .filter_map(|(key, item)| pickle_value(key).into_hashable().ok().map(|key| (key, pickle_value(item))))
+                .collect(),
+        ),
     }
 }
 

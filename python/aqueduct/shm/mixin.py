@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import types
 import warnings
-from typing import Any, Dict, Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional, Protocol
 
 from .base import SharedData, SharedValue
 from .bytes import BytesSharedData
@@ -86,7 +86,8 @@ class SharedFieldsMixin:
         if shared and key in shared and value is not self.__dict__.get(key):
             # A new value replaces the shared one (as in 1.15). `task.arr *= 3` assigns the very
             # same array back, and stays shared.
-            del shared[key]
+            # Not empty, so the instance's own dict, not the read-only class default.
+            del shared[key]  # type: ignore[attr-defined]
             warnings.warn(f'The {key} field value is not shared anymore', stacklevel=2)
         _object_setattr(self, key, value)
 

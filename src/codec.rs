@@ -1,0 +1,249 @@
+//! Python objects to and from the compact wire form of a task's state
+//! (`aqueduct_core::task_state`, which owns the format and its bounds checks), without an
+//! intermediate tree: what most tasks cross a process boundary as, instead of a pickle.
+//!
+//! `aqueduct._codec` offers a plain task's class name and `__dict__` to [`encode_state`]; it
+//! gets `None` back when some value is not one the form carries (exact `None`, `bool`, 64-bit
+//! `int`, `float`, `str`, `bytes` below the out-of-band threshold, `tuple`, `list`, `dict`; no
+//! list or dict reached twice, since it would come back as two; no nesting past
+//! `MAX_DEPTH`), and pickles the state as before. So the choice never changes what arrives.
+
+use aqueduct_core::task_state::{self as form, Malformed, Reader, TooLong, Writer};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PyString, PyTuple};
+use std::sync::Mutex;
+
+fn value_error(e: Malformed) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// Why a state cannot take the form: the caller pickles it instead.
+struct NotPlain;
+
+impl From<TooLong> for NotPlain {
+    fn from(_: TooLong) -> Self {
+        NotPlain
+    }
+}
+
+struct Encoder {
+    w: Writer,
+    /// Bytes values of this size or more travel out of band (pickled), not inline.
+    big: usize,
+    /// The lists and dicts written so far.
+    seen: Vec<*mut pyo3::ffi::PyObject>,
+}
+
+impl Encoder {
+    fn text(&mut self, s: &Bound<'_, PyString>) -> Result<(), NotPlain> {
+        // Fails for a str holding lone surrogates, which UTF-8 cannot carry: pickled instead.
+        let text = s.to_str().map_err(|_| NotPlain)?;
+        Ok(self.w.str(text)?)
+    }
+
+    fn once(&mut self, container: &Bound<'_, PyAny>) -> Result<(), NotPlain> {
+        let ptr = container.as_ptr();
+        if self.seen.contains(&ptr) {
+            return Err(NotPlain);
+        }
+        self.seen.push(ptr);
+        Ok(())
+    }
+
+    /// No Python code runs in here (only exact built-in types are read), so nothing can change
+    /// a container while it is walked.
+    fn value(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Result<(), NotPlain> {
+        if v.is_none() {
+            self.w.tag(form::NONE);
+        } else if let Ok(b) = v.cast_exact::<PyBool>() {
+            self.w.tag(if b.is_true() { form::TRUE } else { form::FALSE });
+        } else if v.is_exact_instance_of::<PyInt>() {
+            // Past 64 bits: pickled.
+            self.w.int(v.extract().map_err(|_| NotPlain)?);
+        } else if let Ok(f) = v.cast_exact::<PyFloat>() {
+            self.w.float(f.value());
+        } else if let Ok(s) = v.cast_exact::<PyString>() {
+            self.w.tag(form::STR);
+            self.text(s)?;
+        } else if let Ok(b) = v.cast_exact::<PyBytes>() {
+            let bytes = b.as_bytes();
+            if bytes.len() >= self.big {
+                return Err(NotPlain);
+            }
+            self.w.tag(form::BYTES);
+            self.w.bytes(bytes)?;
+        } else if depth >= form::MAX_DEPTH {
+            return Err(NotPlain);
+        } else if let Ok(t) = v.cast_exact::<PyTuple>() {
+            self.w.tag(form::TUPLE);
+            self.w.len(t.len())?;
+            for item in t.iter() {
+                self.value(&item, depth + 1)?;
+            }
+        } else if let Ok(l) = v.cast_exact::<PyList>() {
+            self.once(v)?;
+            self.w.tag(form::LIST);
+            self.w.len(l.len())?;
+            for item in l.iter() {
+                self.value(&item, depth + 1)?;
+            }
+        } else if let Ok(d) = v.cast_exact::<PyDict>() {
+            self.once(v)?;
+            self.w.tag(form::DICT);
+            self.w.len(d.len())?;
+            for (key, item) in d.iter() {
+                self.value(&key, depth + 1)?;
+                self.value(&item, depth + 1)?;
+            }
+        } else {
+            return Err(NotPlain);
+        }
+        Ok(())
+    }
+}
+
+/// The state of a task of class `module.qualname` in the compact form, or `None` when some
+/// value needs pickling. `big` is the size from which `bytes` values travel out of band.
+#[pyfunction]
+pub fn encode_state<'py>(
+    py: Python<'py>,
+    module: &Bound<'py, PyString>,
+    qualname: &Bound<'py, PyString>,
+    state: &Bound<'py, PyDict>,
+    big: usize,
+) -> Option<Bound<'py, PyBytes>> {
+    let written: Result<Writer, NotPlain> = (|| {
+        let w =
+            Writer::new(module.to_str().map_err(|_| NotPlain)?, qualname.to_str().map_err(|_| NotPlain)?, state.len())?;
+        let mut e = Encoder { w, big, seen: Vec::new() };
+        for (key, value) in state.iter() {
+            let key = key.cast_exact::<PyString>().map_err(|_| NotPlain)?;
+            e.text(key)?;
+            e.value(&value, 0)?;
+        }
+        Ok(e.w)
+    })();
+    written.ok().map(|w| PyBytes::new(py, &w.finish()))
+}
+
+/// The attribute names of the states decoded last, by position: a task class's fields come
+/// in the same order every time, so most names are found here and not made again (nor hashed,
+/// nor looked up in the interpreter's table of interned strings). Bounded by
+/// [`CACHED_NAMES`]; names past that are interned each time.
+static NAMES: Mutex<Names> = Mutex::new(Vec::new());
+const CACHED_NAMES: usize = 64;
+type Names = Vec<(Box<[u8]>, Py<PyString>)>;
+
+/// The cache, unless this thread already holds it: making objects can run the cyclic GC, and a
+/// finalizer that decodes a body would then find it locked (it decodes without it instead).
+fn cached_names() -> Option<std::sync::MutexGuard<'static, Names>> {
+    match NAMES.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// The attribute name at position `index` of a state, interned.
+fn name<'py>(py: Python<'py>, r: &mut Reader<'_>, index: usize, names: &mut Names) -> PyResult<Bound<'py, PyString>> {
+    let text = r.str().map_err(value_error)?;
+    if let Some((bytes, name)) = names.get(index) {
+        if **bytes == *text.as_bytes() {
+            return Ok(name.bind(py).clone());
+        }
+    }
+    let name = PyString::intern(py, text);
+    if index < names.len() {
+        names[index] = (text.as_bytes().into(), name.clone().unbind());
+    } else if index == names.len() && index < CACHED_NAMES {
+        names.push((text.as_bytes().into(), name.clone().unbind()));
+    }
+    Ok(name)
+}
+
+fn value<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> PyResult<Bound<'py, PyAny>> {
+    let e = value_error;
+    Ok(match r.tag(depth).map_err(e)? {
+        form::NONE => py.None().into_bound(py),
+        form::FALSE => PyBool::new(py, false).to_owned().into_any(),
+        form::TRUE => PyBool::new(py, true).to_owned().into_any(),
+        form::INT => r.int().map_err(e)?.into_pyobject(py)?.into_any(),
+        form::FLOAT => PyFloat::new(py, r.float().map_err(e)?).into_any(),
+        form::STR => PyString::new(py, r.str().map_err(e)?).into_any(),
+        form::BYTES => PyBytes::new(py, r.bytes().map_err(e)?).into_any(),
+        tag @ (form::TUPLE | form::LIST) => {
+            let n = r.sequence_len().map_err(e)?;
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push(value(py, r, depth + 1)?);
+            }
+            if tag == form::TUPLE {
+                PyTuple::new(py, items)?.into_any()
+            } else {
+                PyList::new(py, items)?.into_any()
+            }
+        }
+        _ => {
+            let n = r.dict_len().map_err(e)?;
+            let dict = PyDict::new(py);
+            for _ in 0..n {
+                let at = r.position();
+                let key = value(py, r, depth + 1)?;
+                let item = value(py, r, depth + 1)?;
+                dict.set_item(key, item).map_err(|_| e(r.unhashable_key(at)))?;
+            }
+            dict.into_any()
+        }
+    })
+}
+
+/// `(module, qualname, state)` from a body in the compact form (`ValueError` if malformed).
+/// The state's keys are interned strings, as attribute names in a `__dict__` are.
+#[pyfunction]
+pub fn decode_state<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
+    let (mut r, module, qualname) = Reader::new(data).map_err(value_error)?;
+    let (module, qualname) = (PyString::new(py, module), PyString::new(py, qualname));
+    let n = r.field_count().map_err(value_error)?;
+    let state = PyDict::new(py);
+    let (mut cached, mut uncached) = (cached_names(), Names::new());
+    let names = cached.as_deref_mut().unwrap_or(&mut uncached);
+    for i in 0..n {
+        let key = name(py, &mut r, i, names)?;
+        state.set_item(key, value(py, &mut r, 0)?)?;
+    }
+    r.finished().map_err(value_error)?;
+    PyTuple::new(py, [module.into_any(), qualname.into_any(), state.into_any()])
+}
+
+/// Writes the fields of the state in `data` into `target` (a task's `__dict__`), all or none
+/// of them (`ValueError` if malformed), leaving out the names in `skip`: the caller's task
+/// updated from a processed copy without building the copy or its state.
+#[pyfunction]
+pub fn decode_into(
+    py: Python<'_>,
+    data: &[u8],
+    target: &Bound<'_, PyDict>,
+    skip: &Bound<'_, PyFrozenSet>,
+) -> PyResult<()> {
+    let (mut r, _, _) = Reader::new(data).map_err(value_error)?; // the caller's task is of the class
+    let n = r.field_count().map_err(value_error)?;
+    let mut fields = Vec::with_capacity(n.min(CACHED_NAMES));
+    {
+        let (mut cached, mut uncached) = (cached_names(), Names::new());
+        let names = cached.as_deref_mut().unwrap_or(&mut uncached);
+        for i in 0..n {
+            let key = name(py, &mut r, i, names)?;
+            if skip.contains(&key)? {
+                r.skip_value(0).map_err(value_error)?;
+            } else {
+                fields.push((key, value(py, &mut r, 0)?));
+            }
+        }
+    }
+    r.finished().map_err(value_error)?;
+    for (key, value) in fields {
+        target.set_item(key, value)?;
+    }
+    Ok(())
+}
