@@ -4,9 +4,11 @@
 //!
 //! `aqueduct._codec` offers a plain task's class name and `__dict__` to [`encode_state`]; it
 //! gets `None` back when some value is not one the form carries (exact `None`, `bool`, 64-bit
-//! `int`, `float`, `str`, `bytes` below the out-of-band threshold, `tuple`, `list`, `dict`; no
-//! list or dict reached twice, since it would come back as two; no nesting past
-//! `MAX_DEPTH`), and pickles the state as before. So the choice never changes what arrives.
+//! `int`, `float`, `str`, `bytes` below the out-of-band threshold, `tuple`, `list`, `dict`;
+//! nothing nested past `MAX_DEPTH`; no container, nor `str`/`bytes` of [`SHARED_TEXT`] bytes or
+//! more, reached twice, as it would come back as two), and pickles the state as before. So the
+//! choice does not change what arrives, except that a short string reached twice arrives as two
+//! equal strings, which Python never promised were one.
 
 use aqueduct_core::task_state::{self as form, Malformed, Reader, TooLong, Writer};
 use pyo3::exceptions::PyValueError;
@@ -31,9 +33,14 @@ struct Encoder {
     w: Writer,
     /// Bytes values of this size or more travel out of band (pickled), not inline.
     big: usize,
-    /// The lists and dicts written so far.
-    seen: Vec<*mut pyo3::ffi::PyObject>,
+    /// The containers and long strings written so far that something else also refers to.
+    seen: rustc_hash::FxHashSet<usize>,
 }
+
+/// A `str` or `bytes` at least this long keeps its identity (reached twice, it is pickled);
+/// a shorter one reached twice is written twice and comes back as two equal objects, as
+/// Python never promises that equal strings are one object.
+const SHARED_TEXT: usize = 64;
 
 impl Encoder {
     fn text(&mut self, s: &Bound<'_, PyString>) -> Result<(), NotPlain> {
@@ -42,12 +49,21 @@ impl Encoder {
         Ok(self.w.str(text)?)
     }
 
-    fn once(&mut self, container: &Bound<'_, PyAny>) -> Result<(), NotPlain> {
-        let ptr = container.as_ptr();
-        if self.seen.contains(&ptr) {
+    /// Refuses an object reached a second time: it would come back as two objects (and a
+    /// tuple holding itself twice, nested, would be written exponentially many times), where a
+    /// pickle refers back to the first. An object only its container refers to (the container
+    /// and this walk's own reference) cannot be reached again, and is not recorded.
+    fn once(&mut self, obj: &Bound<'_, PyAny>) -> Result<(), NotPlain> {
+        // Deprecated for free-threaded builds, where a count read by another thread may be
+        // stale; this module is built for the GIL (abi3), where it is exact while it runs.
+        #[allow(deprecated)]
+        let referrers = obj.get_refcnt();
+        if referrers <= 2 {
+            return Ok(());
+        }
+        if !self.seen.insert(obj.as_ptr() as usize) {
             return Err(NotPlain);
         }
-        self.seen.push(ptr);
         Ok(())
     }
 
@@ -64,6 +80,9 @@ impl Encoder {
         } else if let Ok(f) = v.cast_exact::<PyFloat>() {
             self.w.float(f.value());
         } else if let Ok(s) = v.cast_exact::<PyString>() {
+            if s.len().map_err(|_| NotPlain)? >= SHARED_TEXT {
+                self.once(v)?;
+            }
             self.w.tag(form::STR);
             self.text(s)?;
         } else if let Ok(b) = v.cast_exact::<PyBytes>() {
@@ -71,11 +90,15 @@ impl Encoder {
             if bytes.len() >= self.big {
                 return Err(NotPlain);
             }
+            if bytes.len() >= SHARED_TEXT {
+                self.once(v)?;
+            }
             self.w.tag(form::BYTES);
             self.w.bytes(bytes)?;
         } else if depth >= form::MAX_DEPTH {
             return Err(NotPlain);
         } else if let Ok(t) = v.cast_exact::<PyTuple>() {
+            self.once(v)?;
             self.w.tag(form::TUPLE);
             self.w.len(t.len())?;
             for item in t.iter() {
@@ -116,7 +139,7 @@ pub fn encode_state<'py>(
     let written: Result<Writer, NotPlain> = (|| {
         let w =
             Writer::new(module.to_str().map_err(|_| NotPlain)?, qualname.to_str().map_err(|_| NotPlain)?, state.len())?;
-        let mut e = Encoder { w, big, seen: Vec::new() };
+        let mut e = Encoder { w, big, seen: Default::default() };
         for (key, value) in state.iter() {
             let key = key.cast_exact::<PyString>().map_err(|_| NotPlain)?;
             e.text(key)?;
@@ -128,11 +151,13 @@ pub fn encode_state<'py>(
 }
 
 /// The attribute names of the states decoded last, by position: a task class's fields come
-/// in the same order every time, so most names are found here and not made again (nor hashed,
-/// nor looked up in the interpreter's table of interned strings). Bounded by
-/// [`CACHED_NAMES`]; names past that are interned each time.
+/// in the same order every time, so most names are found here and not made again (nor hashed).
+/// Bounded by [`CACHED_NAMES`]. Not interned: on Python 3.12 an interned string is immortal, and
+/// a stream of bodies with new names (from a socket client) would grow the process for ever.
 static NAMES: Mutex<Names> = Mutex::new(Vec::new());
 const CACHED_NAMES: usize = 64;
+/// Items reserved for a container before they are read.
+const PREALLOCATED: usize = 64;
 type Names = Vec<(Box<[u8]>, Py<PyString>)>;
 
 /// The cache, unless this thread already holds it: making objects can run the cyclic GC, and a
@@ -145,7 +170,7 @@ fn cached_names() -> Option<std::sync::MutexGuard<'static, Names>> {
     }
 }
 
-/// The attribute name at position `index` of a state, interned.
+/// The attribute name at position `index` of a state.
 fn name<'py>(py: Python<'py>, r: &mut Reader<'_>, index: usize, names: &mut Names) -> PyResult<Bound<'py, PyString>> {
     let text = r.str().map_err(value_error)?;
     if let Some((bytes, name)) = names.get(index) {
@@ -153,7 +178,7 @@ fn name<'py>(py: Python<'py>, r: &mut Reader<'_>, index: usize, names: &mut Name
             return Ok(name.bind(py).clone());
         }
     }
-    let name = PyString::intern(py, text);
+    let name = PyString::new(py, text);
     if index < names.len() {
         names[index] = (text.as_bytes().into(), name.clone().unbind());
     } else if index == names.len() && index < CACHED_NAMES {
@@ -174,7 +199,8 @@ fn value<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> PyResult<Bou
         form::BYTES => PyBytes::new(py, r.bytes().map_err(e)?).into_any(),
         tag @ (form::TUPLE | form::LIST) => {
             let n = r.sequence_len().map_err(e)?;
-            let mut items = Vec::with_capacity(n);
+            // Grown, not reserved up front: nested containers may each claim most of the body.
+            let mut items = Vec::with_capacity(n.min(PREALLOCATED));
             for _ in 0..n {
                 items.push(value(py, r, depth + 1)?);
             }
@@ -199,7 +225,6 @@ fn value<'py>(py: Python<'py>, r: &mut Reader<'_>, depth: usize) -> PyResult<Bou
 }
 
 /// `(module, qualname, state)` from a body in the compact form (`ValueError` if malformed).
-/// The state's keys are interned strings, as attribute names in a `__dict__` are.
 #[pyfunction]
 pub fn decode_state<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
     let (mut r, module, qualname) = Reader::new(data).map_err(value_error)?;

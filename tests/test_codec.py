@@ -7,6 +7,8 @@ import enum
 import math
 import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 from aqueduct import BaseTask, _core, shm
@@ -274,3 +276,59 @@ def test_bytes_at_the_threshold_travel_out_of_band():
     data, bufs = encode(Task(1, blob=b'x' * big))
     assert data[0] != COMPACT_BODY
     assert decode(data, bufs).blob == b'x' * big
+
+
+def test_an_object_reached_twice_keeps_its_identity_and_the_body_stays_small():
+    # Each level refers twice to the one below: written out in full it would double per level.
+    nested: tuple = ()
+    for _ in range(20):
+        nested = (nested, nested)
+    long_text = 'x' * 60_000
+    for fields in ({'nested': nested}, {'texts': [long_text] * 1000}, {'blob': (b'y' * 1000, b'y' * 1000)}):
+        task = Task(1, **fields)
+        data, bufs = encode(task)
+        assert len(data) < 2 * len(pickle.dumps(task.__dict__)) + 200, f'{list(fields)}: {len(data)} bytes'
+    back = decode(*encode(Task(1, nested=nested))).nested
+    assert back[0] is back[1]
+    back = decode(*encode(Task(1, texts=[long_text, long_text]))).texts
+    assert back[0] is back[1]
+
+
+@pytest.mark.timeout(60)
+def test_many_containers_encode_in_linear_time():
+    # 300k rows: a quadratic check of which containers were seen would take minutes here.
+    rows = [[i, i + 1] for i in range(300_000)]
+    data, bufs = encode(Task(1, rows=rows))
+    assert data[0] == COMPACT_BODY
+    assert decode(data, bufs).rows == rows
+
+
+def test_claimed_counts_do_not_reserve_memory_the_body_does_not_hold():
+    # Nested lists each claiming (nearly) the whole body: reserving what they claim would take
+    # gigabytes for a 10 MB body. Run apart, to read this process's peak memory alone.
+    script = (
+        'import resource, struct, sys\n'
+        'from aqueduct import _core\n'
+        's = lambda t: struct.pack("<I", len(t)) + t\n'
+        'size = 10_000_000\n'
+        'head = bytes([_core.COMPACT_BODY]) + s(b"m") + s(b"Q") + struct.pack("<I", 1) + s(b"a")\n'
+        'body = head + (b"\\x08" + struct.pack("<I", size // 2)) * 32 + b"\\x63" * size\n'
+        'before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n'
+        'try:\n'
+        '    _core.decode_state(body)\n'
+        'except ValueError as exc:\n'
+        '    print(exc)\n'
+        'print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n'
+    )
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=60, check=True)
+    error, grown_mb = out.stdout.splitlines()
+    assert 'malformed task body' in error
+    assert int(grown_mb) < 100, f'decoding a 10 MB body grew the process by {grown_mb} MB'
+
+
+def test_decoded_attribute_names_are_not_interned():
+    # On Python 3.12 an interned string lives for ever: names from a stream of bodies must not be.
+    known = sys.intern('zq_' + 'never_seen_name')
+    body = _core.encode_state('m', 'Q', {'zq_never_seen_name': 1}, 1 << 20)
+    (name,) = _core.decode_state(body)[2]
+    assert name == known and name is not known

@@ -660,6 +660,10 @@ HOSTILE = {
     'an older version': (
         lambda b: sends(header(version=1, nfds=0, pickle_len=len(b)) + b), 'speaks handshake version 1; this'
     ),
+    # version 2 pickled every task body: its workers cannot read this client's compact bodies
+    'the version before the compact bodies': (
+        lambda b: sends(header(version=2, nfds=0, pickle_len=len(b)) + b), 'speaks handshake version 2; this'
+    ),
     'oversized lengths': (lambda b: sends(header(json_len=1 << 30) + b), 'more than the'),
     'descriptors announced, none passed': (
         lambda b: sends(header(json_len=2, pickle_len=len(b)) + b'{}' + b), 'passed 0 descriptors, not 4'

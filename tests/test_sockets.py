@@ -376,7 +376,8 @@ async def test_the_rust_api_submits_into_a_flow_served_by_python(socket_path, se
     [
         (b'HTTP/1.1 200 OK\r\n\r\n' + b'x' * 40, 'is not an aqueduct flow server'),
         (b'AQFS\x00\x01' + bytes(22), 'speaks handshake version 1'),
-        (b'AQFS\x00\x02\x00\x04' + bytes(12) + (1 << 30).to_bytes(4, 'big') + bytes(4), 'malformed handshake'),
+        (b'AQFS\x00\x03\x00\x04' + bytes(12) + (1 << 30).to_bytes(4, 'big') + bytes(4), 'malformed handshake'),
+        (b'AQFS\x00\x02' + bytes(22), 'speaks handshake version 2'),
         (b'AQFS', 'closed the connection during the handshake'),
     ],
 )

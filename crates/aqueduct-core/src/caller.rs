@@ -10,7 +10,8 @@
 //! - **Backlog**: a request that finds the request ring full waits here, in order, and is sent
 //!   as responses make room. The engine's waiting room and counts apply once it is in.
 
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
 
 use crate::clock::Nanos;
 use crate::driver::{Deadlines, Refused};
@@ -53,7 +54,13 @@ pub struct Caller<C> {
 
 impl<C> Caller<C> {
     pub fn new(client: PortClient) -> Self {
-        Self { client, calls: HashMap::new(), deadlines: Deadlines::default(), backlog: VecDeque::new(), next_id: 1 }
+        Self {
+            client,
+            calls: HashMap::default(),
+            deadlines: Deadlines::default(),
+            backlog: VecDeque::new(),
+            next_id: 1,
+        }
     }
 
     pub fn client(&self) -> &PortClient {

@@ -30,8 +30,9 @@
 //! The driver has no thread and does no I/O of its own: its owner calls [`Driver::poll`] when
 //! the engine's descriptor is readable, exactly as for the engine.
 
+use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use crate::clock::Nanos;
@@ -391,7 +392,7 @@ impl<C> Driver<C> {
         let steps = hub.step_count();
         let priorities = hub.priorities();
         let book = Book {
-            calls: HashMap::new(),
+            calls: HashMap::default(),
             deadlines: Deadlines::default(),
             rooms: (0..steps).map(|_| (0..priorities).map(|_| VecDeque::new()).collect()).collect(),
             parked: 0,

@@ -10,7 +10,7 @@
 //! Outcomes of tasks that came through a port never reach the owner: the engine writes them to
 //! the port's response ring in the same poll.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -111,7 +111,7 @@ impl Engine {
             hub,
             reactor,
             ports: Vec::new(),
-            remote: HashMap::new(),
+            remote: HashMap::default(),
             first_port: 0,
             port_counts,
             host_timer: None,

@@ -48,7 +48,8 @@
 //! already outstanding upstream, plus those a dead worker hands back: at most
 //! [`pipeline_depth`] batches per worker.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -482,14 +483,14 @@ impl Hub {
             slots,
             next_id: 1,
             in_flight: 0,
-            cancelled: HashSet::new(),
+            cancelled: HashSet::default(),
             deferred: Vec::new(),
             slept_at: None,
             scratch: Vec::new(),
             accepting: true,
             unpublished: Vec::new(),
             metrics: cfg.metrics,
-            routes: HashMap::new(),
+            routes: HashMap::default(),
             worker_seen: vec![[0; 3]; layout.nslots],
             overdue: Vec::new(),
             priorities: cfg.priorities,

@@ -35,7 +35,8 @@
 //! [`TAG_FAILED`] (header, then `kind u8, 0u8, step u16, pid u32`, then for `handler` the
 //! pickled exception and for `rejected` a UTF-8 reason, inline or as the header's extent).
 
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -253,7 +254,7 @@ impl EnginePort {
             region,
             bell: Doorbell::new()?,
             pool_index,
-            tasks: HashMap::new(),
+            tasks: HashMap::default(),
             overflow: VecDeque::new(),
             waiting_for_room: None,
             wrote: false,

@@ -29,6 +29,10 @@ use std::fmt;
 pub const FORMAT: u8 = 0xA1;
 /// Containers nested deeper than this are not written in this form (and refused when read).
 pub const MAX_DEPTH: usize = 32;
+/// Items a reader reserves room for before reading them. A count is checked against the whole
+/// body that is left, and each of the nested containers may claim most of it: reserving what
+/// they claim would let a small body reserve hundreds of times its size.
+pub const PREALLOCATED: usize = 64;
 
 pub const NONE: u8 = 0;
 pub const FALSE: u8 = 1;
@@ -232,7 +236,10 @@ impl<'b> Reader<'b> {
             BYTES => Value::Bytes(self.bytes()?.to_vec()),
             tag @ (TUPLE | LIST) => {
                 let n = self.sequence_len()?;
-                let items = (0..n).map(|_| self.value(depth + 1)).collect::<Result<Vec<_>, _>>()?;
+                let mut items = Vec::with_capacity(n.min(PREALLOCATED));
+                for _ in 0..n {
+                    items.push(self.value(depth + 1)?);
+                }
                 if tag == TUPLE {
                     Value::Tuple(items)
                 } else {
@@ -241,7 +248,7 @@ impl<'b> Reader<'b> {
             }
             _ => {
                 let n = self.dict_len()?;
-                let mut pairs = Vec::with_capacity(n);
+                let mut pairs = Vec::with_capacity(n.min(PREALLOCATED));
                 for _ in 0..n {
                     let at = self.at;
                     let key = self.value(depth + 1)?;
@@ -279,7 +286,7 @@ impl Value {
 pub fn decode(data: &[u8]) -> Result<TaskState, Malformed> {
     let (mut r, module, qualname) = Reader::new(data)?;
     let n = r.field_count()?;
-    let mut fields = Vec::with_capacity(n);
+    let mut fields = Vec::with_capacity(n.min(PREALLOCATED));
     for _ in 0..n {
         let name = r.str()?.to_owned();
         fields.push((name, r.value(0)?));

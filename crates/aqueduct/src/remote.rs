@@ -39,7 +39,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::FlowError;
 
 const MAGIC: &[u8; 4] = b"AQFS";
-const PROTOCOL_VERSION: u16 = 2;
+/// The flow server's handshake, and the task bodies after it (3: states of plain values in the
+/// compact form; 2 pickled every body).
+const PROTOCOL_VERSION: u16 = 3;
 const HEADER_LEN: usize = 28;
 const ACCEPTED: u8 = 0;
 const REFUSED: u8 = 1;

@@ -36,9 +36,11 @@ from ..flow import Flow, FlowState
 from ..logger import log
 from .protocol import SocketProtocol
 
-#: Version of the connection handshake (the message that carries the descriptors). Version 1 was
-#: a length-prefixed pickle, which let whoever listened at the path run code in the client.
-PROTOCOL_VERSION = 2
+#: Version of the connection handshake (the message that carries the descriptors), and of the
+#: task bodies that follow it. Version 1 was a length-prefixed pickle, which let whoever listened
+#: at the path run code in the client; version 2 had every task body pickled (version 3 sends a
+#: state of plain values in the compact form of ``aqueduct_core::task_state``).
+PROTOCOL_VERSION = 3
 #: The handshake's first bytes: what tells an aqueduct flow server from anything else at the path.
 MAGIC = b'AQFS'
 #: The handshake header, big-endian: magic, version, status (ACCEPTED or REFUSED), number of
