@@ -50,8 +50,6 @@ _decode_state = _core.decode_state
 #: The first byte of a body in the compact form (a pickle's is 0x80).
 COMPACT_BODY = _COMPACT = _core.COMPACT_BODY
 
-#: class -> its wire key, or None when it needs full pickling
-_plain: Dict[type, Any] = {}
 #: wire key -> class
 _classes: Dict[Tuple[str, str], type] = {}
 
@@ -64,25 +62,28 @@ _STATE_SETTERS = (None, SharedFieldsMixin.__setstate__)
 _MARKED_KINDS = frozenset({'bytes', 'bytearray'})
 
 
-def _wire_key(cls: type):
-    key = _plain.get(cls, _plain)
-    if key is not _plain:
+class _WireKeys(dict):
+    """class -> its wire key ``(module, qualname)``, or None when it needs full pickling; worked
+    out once per class (``_wire_keys[cls]``: no call per task)."""
+
+    def __missing__(self, cls: type):
+        plain = (
+            cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ in _STATE_GETTERS
+            and getattr(cls, '__setstate__', None) in _STATE_SETTERS
+            and '__slots__' not in cls.__dict__
+            and all('__slots__' not in base.__dict__ for base in cls.__mro__[1:-1])
+            and cls not in copyreg.dispatch_table
+            and '<locals>' not in cls.__qualname__
+        )
+        key = self[cls] = (cls.__module__, cls.__qualname__) if plain else None
+        if key is not None:
+            _classes.setdefault(key, cls)
         return key
-    plain = (
-        cls.__reduce_ex__ is object.__reduce_ex__
-        and cls.__reduce__ is object.__reduce__
-        and cls.__getstate__ in _STATE_GETTERS
-        and getattr(cls, '__setstate__', None) in _STATE_SETTERS
-        and '__slots__' not in cls.__dict__
-        and all('__slots__' not in base.__dict__ for base in cls.__mro__[1:-1])
-        and cls not in copyreg.dispatch_table
-        and '<locals>' not in cls.__qualname__
-    )
-    key = (cls.__module__, cls.__qualname__) if plain else None
-    _plain[cls] = key
-    if key is not None:
-        _classes.setdefault(key, cls)
-    return key
+
+
+_wire_keys = _WireKeys()
 
 
 class _OutOfBandBytes:
@@ -143,7 +144,7 @@ def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
     """The pickled task and its out-of-band buffers (``ShmBuffer``s in ``pool``, default the
     process's, each owning a reference that passes to the message when it is sent)."""
     big = shm._threshold
-    key = _wire_key(type(task))
+    key = _wire_keys[type(task)]
     if key is not None:
         body = _encode_state(key[0], key[1], task.__dict__, big)
         if body is not None:

@@ -255,6 +255,18 @@ def check_call(task, priorities: int, timeout_sec) -> float:
     return seconds_arg('timeout_sec', timeout_sec, positive=True)
 
 
+class _AlwaysTrue(dict):
+    """task class -> whether its instances are always true (it defines neither ``__bool__`` nor
+    ``__len__``), so that the default ``handle_condition``, ``operator.truth``, takes them all."""
+
+    def __missing__(self, cls: type) -> bool:
+        found = self[cls] = not hasattr(cls, '__bool__') and not hasattr(cls, '__len__')
+        return found
+
+
+_always_true = _AlwaysTrue()
+
+
 def entry_step(conditions: List, step_names: List[str], task: BaseTask) -> int | None:
     """The first step whose ``handle_condition`` takes ``task``, or ``None``."""
     for i, condition in enumerate(conditions):
@@ -382,6 +394,8 @@ class Flow:
         self._reader_fd: int | None = None
         self._step_names = [s.handler.get_step_name(i) for i, s in enumerate(self._steps, 1)]
         self._steps_conditions = [s.handle_condition for s in self._steps]
+        #: The first step takes every task whose truth value is True (1.15's default condition).
+        self._enters_first_step = bool(self._steps) and self._steps_conditions[0] is operator.truth
         self._handler_names = [type(s.handler).__name__ for s in self._steps]
         self._polling = False
         self._stopping: asyncio.Task | None = None
@@ -634,7 +648,9 @@ class Flow:
             raise NotRunningError('the flow is not running')
         if self._owner_pid != _process_id:
             raise self._foreign_process_error()
-        driver = self._live()
+        driver = self._driver
+        if driver is None:
+            raise NotRunningError('the flow is not started')
         loop = self._loop
         # `get_running_loop()` makes a getpid() system call; the bound loop, running in this
         # very thread, is necessarily the running one.
@@ -644,9 +660,12 @@ class Flow:
                 self._bind_checked(loop)
         timeout_sec = check_call(task, self._queue_priorities, timeout_sec)
         task.set_timeout(timeout_sec)
-        step = entry_step(self._steps_conditions, self._step_names, task)
-        if step is None:
-            return True
+        step = 0
+        if not (self._enters_first_step and _always_true[type(task)]):  # else step 0, as found
+            entered = entry_step(self._steps_conditions, self._step_names, task)
+            if entered is None:
+                return True
+            step = entered
         body, bufs = encode_task(task, self._pool)
         deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
         future: asyncio.Future | None = loop.create_future()
