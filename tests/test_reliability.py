@@ -414,11 +414,11 @@ async def test_an_error_while_polling_the_engine_does_not_stop_the_polling(make_
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def poll(self, events=True):
-            if not events and not FailsOnce.failed:
+        def poll_pass(self):
+            if not FailsOnce.failed:
                 FailsOnce.failed = True
                 raise RuntimeError('injected poll failure')
-            return real.poll(events)
+            return real.poll_pass()
 
     loop = asyncio.get_running_loop()
     reported = []

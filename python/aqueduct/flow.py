@@ -778,18 +778,15 @@ class Flow:
             self._polling = False
             return
         try:
-            _, events = driver.poll(False)
+            # The driver decides whether to pass again (the spin budget, results still coming,
+            # nobody else wanting the CPU) or to sleep until the descriptor is readable.
+            events, again = driver.poll_pass()
             if events:
                 self._on_events(events)
-            # The driver decides (the spin budget, results still coming, nobody else wanting
-            # the CPU).
-            if driver.keep_polling():
+            if again:
                 self._bound_loop().call_soon(self._poll_tick)
-                return
-            if driver.prepare_sleep():
-                self._polling = False
             else:
-                self._bound_loop().call_soon(self._poll_tick)
+                self._polling = False
         except BaseException:
             # The loop reports it. Polling starts again shortly: left as it was, nothing would
             # poll (the doorbell flag is down, so workers would not ring) and callers would wait

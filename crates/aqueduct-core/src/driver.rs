@@ -615,6 +615,17 @@ impl<C> Driver<C> {
         Ok(n)
     }
 
+    /// One pass of an owner that polls from its event loop rather than blocking here: handles
+    /// the rings, then says whether to pass again soon (`true`: results are still coming within
+    /// the spin budget, or records arrived since) or to sleep until the engine's descriptor is
+    /// readable (`false`: the doorbell flags are down, so a worker that finishes rings it). One
+    /// call where an event loop made three (poll, `keep_polling`, `prepare_sleep`).
+    pub fn poll_pass(&mut self, out: &mut dyn FnMut(Event<'_, C>)) -> Result<(usize, bool)> {
+        let n = self.poll(false, out)?;
+        let again = self.keep_polling() || !self.engine.prepare_sleep();
+        Ok((n, again))
+    }
+
     /// Waits up to `timeout` for something to happen (see [`Engine::wait`]), then handles it.
     pub fn wait(&mut self, timeout: Option<Duration>, out: &mut dyn FnMut(Event<'_, C>)) -> Result<usize> {
         let arena = self.engine.hub.arena().clone();
