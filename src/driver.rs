@@ -543,13 +543,15 @@ impl Driver {
     }
 
     /// A pass of the event loop's polling (`aqueduct_core::Driver::poll_pass`): handles the
-    /// rings; returns the events to act on and whether to pass again soon rather than sleep on
+    /// rings (and with `events` the reactor: doorbell, timers, exits); returns how many outcomes
+    /// it handled, the events to act on, and whether to pass again soon rather than sleep on
     /// the descriptor.
-    fn poll_pass<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, bool)> {
+    #[pyo3(signature = (events=false))]
+    fn poll_pass<'py>(&self, py: Python<'py>, events: bool) -> PyResult<(usize, Bound<'py, PyList>, bool)> {
         let mut driver = self.lock()?;
         let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
-        let (_, again) = driver.poll_pass(&mut |e| delivery.take(e)).map_err(py_err(py))?;
-        Ok((delivery.finish()?, again))
+        let (n, again) = driver.poll_pass(events, &mut |e| delivery.take(e)).map_err(py_err(py))?;
+        Ok((n, delivery.finish()?, again))
     }
 
     /// Blocks (without the GIL) until something happens or `timeout` seconds pass, then

@@ -414,11 +414,11 @@ async def test_an_error_while_polling_the_engine_does_not_stop_the_polling(make_
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def poll_pass(self):
+        def poll_pass(self, events=False):
             if not FailsOnce.failed:
                 FailsOnce.failed = True
                 raise RuntimeError('injected poll failure')
-            return real.poll_pass()
+            return real.poll_pass(events)
 
     loop = asyncio.get_running_loop()
     reported = []

@@ -753,11 +753,27 @@ class Flow:
         driver = self._driver
         if driver is None:
             return
-        _, events = driver.poll()
-        if events:
-            self._on_events(events)
-        if not self._polling:
-            self._start_polling()
+        if self._polling:  # a pass is scheduled, and decides what comes next
+            _, events = driver.poll()
+            if events:
+                self._on_events(events)
+            return
+        try:
+            # The first pass of a new spin window, here rather than one loop iteration later:
+            # when it finds nothing more coming (no spin budget: more processes than CPUs) the
+            # loop goes back to sleep without another pass.
+            driver.open_spin_window()
+            _, events, again = driver.poll_pass(True)
+            if events:
+                self._on_events(events)
+        except BaseException:
+            # As in `_poll_tick`: the window is open (workers do not ring), so polling must
+            # start again shortly, or callers would wait for their deadlines.
+            self._bound_loop().call_later(_POLL_RETRY_S, self._poll_again)
+            raise
+        if again and not self._polling:
+            self._polling = True
+            self._bound_loop().call_soon(self._poll_tick)
 
     def _start_polling(self) -> None:
         driver = self._driver
@@ -780,7 +796,7 @@ class Flow:
         try:
             # The driver decides whether to pass again (the spin budget, results still coming,
             # nobody else wanting the CPU) or to sleep until the descriptor is readable.
-            events, again = driver.poll_pass()
+            _, events, again = driver.poll_pass()
             if events:
                 self._on_events(events)
             if again:

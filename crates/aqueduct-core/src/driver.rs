@@ -620,8 +620,10 @@ impl<C> Driver<C> {
     /// the spin budget, or records arrived since) or to sleep until the engine's descriptor is
     /// readable (`false`: the doorbell flags are down, so a worker that finishes rings it). One
     /// call where an event loop made three (poll, `keep_polling`, `prepare_sleep`).
-    pub fn poll_pass(&mut self, out: &mut dyn FnMut(Event<'_, C>)) -> Result<(usize, bool)> {
-        let n = self.poll(false, out)?;
+    /// `events`: also read the reactor (the doorbell, timers, worker exits), as when the loop
+    /// found the engine's descriptor readable.
+    pub fn poll_pass(&mut self, events: bool, out: &mut dyn FnMut(Event<'_, C>)) -> Result<(usize, bool)> {
+        let n = self.poll(events, out)?;
         let again = self.keep_polling() || !self.engine.prepare_sleep();
         Ok((n, again))
     }

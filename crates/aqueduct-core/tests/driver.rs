@@ -502,16 +502,16 @@ fn a_pass_that_says_sleep_leaves_the_owner_woken_by_the_next_result() {
     let mut rig = Rig::new(vec![step(1, 1, 4)], 1, Admission::Wait, RestartPolicy::default());
     let (token, _) = rig.submit(0, 0, far()).unwrap();
     // No wake-up measured yet, so no spin budget: the pass says sleep, and lowers the flags.
-    let (_, again) = rig.driver.poll_pass(&mut rig.seen.sink()).unwrap();
+    let (_, again) = rig.driver.poll_pass(false, &mut rig.seen.sink()).unwrap();
     assert!(!again, "with no budget and nothing arrived, the owner sleeps");
     while readable(&rig) {
         // The submit's own doorbell, if any, from before the pass.
         rig.driver.poll(true, &mut rig.seen.sink()).unwrap();
-        rig.driver.poll_pass(&mut rig.seen.sink()).unwrap();
+        rig.driver.poll_pass(false, &mut rig.seen.sink()).unwrap();
     }
     assert_eq!(rig.work(0, Status::Ok, ROUTE_DONE), 1);
     assert!(readable(&rig), "a worker answering a sleeping owner rings its doorbell");
-    let (n, _) = rig.driver.poll_pass(&mut rig.seen.sink()).unwrap();
+    let (n, _) = rig.driver.poll_pass(false, &mut rig.seen.sink()).unwrap();
     assert_eq!(n, 1);
     assert_eq!(rig.seen.got[&token], Got::Done);
 }
