@@ -23,7 +23,7 @@ WHEEL_DIR := dist
 WHEEL_FLAGS ?= --zig --compatibility manylinux2014
 WHEEL_STAMP := $(VENV)/.wheel-tools
 
-.PHONY: help setup build wheel test test-rust test-python test-pythons check-pythons miri lint bench bench-instructions bench-quick bench-http demo soak clean \
+.PHONY: help setup build wheel test test-rust test-python test-pythons check-pythons miri lint bench bench-peers bench-instructions bench-quick bench-http demo soak clean \
 	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum
 
 help: ## Show this help
@@ -99,6 +99,10 @@ bench: build ## Benchmarks: the Rust engine (criterion, transport table), the Ru
 	$(PY) bench/http_compare.py
 	$(PY) bench/run.py
 	$(PY) bench/instructions.py
+
+bench-peers: build ## The same model (and an echo handler) over HTTP: ours and each peer framework, loaded with wrk
+	$(PY) bench/peers/setup.py
+	$(PY) bench/peers/run.py
 
 bench-instructions: build ## Main-process instructions per task (callgrind), ours against aqueduct 1.15
 	$(PY) bench/instructions.py

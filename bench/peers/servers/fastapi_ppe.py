@@ -1,0 +1,66 @@
+"""The model (or the echo handler) behind FastAPI with a ``ProcessPoolExecutor(2)``: what a
+service without a pipeline framework does. No batching: one request, one call in a worker.
+
+    POST /embed {"text": ...} -> {"embedding": [384 floats]}
+    POST /echo  {"text": ...} -> {"length": n}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import Embedder, echo  # noqa: E402
+
+_model: Embedder | None = None
+
+
+def _load() -> None:
+    global _model
+    _model = Embedder()
+
+
+def _embed(text: str) -> list:
+    assert _model is not None, 'the worker loaded the model at start'
+    return _model.embed([text])[0]
+
+
+def _echo(text: str) -> int:
+    return echo([text])[0]
+
+
+class Request(BaseModel):
+    text: str
+
+
+def create_app(handler: str) -> FastAPI:
+    pool = ProcessPoolExecutor(2, initializer=_load if handler == 'embed' else None)
+    work, key = (_embed, 'embedding') if handler == 'embed' else (_echo, 'length')
+    app = FastAPI()
+
+    @app.post(f'/{handler}')
+    async def serve(request: Request) -> dict:
+        return {key: await asyncio.get_running_loop().run_in_executor(pool, work, request.text)}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
+    parser.add_argument('--port', type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(create_app(args.handler), host='127.0.0.1', port=args.port, log_level='warning')
+
+
+if __name__ == '__main__':
+    main()
