@@ -53,7 +53,7 @@ def ours_wheel() -> Path:
     out = CACHE / 'wheel'
     shutil.rmtree(out, ignore_errors=True)
     maturin = ROOT / '.venv' / 'bin' / 'maturin'
-    run(maturin, 'build', '--release', '--quiet', '--out', out, '-m', ROOT / 'pyproject.toml')
+    run(maturin, 'build', '--release', '--quiet', '--out', out, '-m', ROOT / 'Cargo.toml')
     (wheel,) = out.glob('*.whl')
     return wheel
 
