@@ -8,11 +8,13 @@ sentence-transformers does for this model. A batch is padded to its longest text
 padding out of the average, so a text's vector does not depend on its batch beyond float
 rounding (``run.py`` checks every framework's answers against one text per call).
 
-``echo`` is the framework-overhead handler: the text's length, no model.
+``echo`` is the framework-overhead handler: the text's length, no model. ``server_args`` is the
+command line every server in ``servers/`` takes.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import List, Sequence
@@ -63,3 +65,11 @@ class Embedder:
 
 def echo(texts: Sequence[str]) -> List[int]:
     return [len(t) for t in texts]
+
+
+def server_args() -> argparse.Namespace:
+    """``--handler embed|echo --port N``: what ``run.py`` starts every server with."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
+    parser.add_argument('--port', type=int, required=True)
+    return parser.parse_args()

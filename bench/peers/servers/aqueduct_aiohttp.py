@@ -8,7 +8,6 @@ of up to 16 collected for at most 5 ms.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -19,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aqueduct import BaseTask, BaseTaskHandler, Flow, FlowStep  # noqa: E402
 from aqueduct.integrations.aiohttp import AppIntegrator  # noqa: E402
-from model import Embedder, echo  # noqa: E402
+from model import Embedder, echo, server_args  # noqa: E402
 
 
 class TextTask(BaseTask):
@@ -62,10 +61,7 @@ def create_app(handler: str) -> web.Application:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
-    parser.add_argument('--port', type=int, required=True)
-    args = parser.parse_args()
+    args = server_args()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     web.run_app(create_app(args.handler), host='127.0.0.1', port=args.port, loop=loop, print=None)

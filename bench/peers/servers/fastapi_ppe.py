@@ -7,7 +7,6 @@ service without a pipeline framework does. No batching: one request, one call in
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -19,7 +18,7 @@ from pydantic import BaseModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import Embedder, echo  # noqa: E402
+from model import Embedder, echo, server_args  # noqa: E402
 
 _model: Embedder | None = None
 
@@ -55,10 +54,7 @@ def create_app(handler: str) -> FastAPI:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
-    parser.add_argument('--port', type=int, required=True)
-    args = parser.parse_args()
+    args = server_args()
     uvicorn.run(create_app(args.handler), host='127.0.0.1', port=args.port, log_level='warning')
 
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ import litserve as ls
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import Embedder, echo  # noqa: E402
+from model import Embedder, echo, server_args  # noqa: E402
 
 
 class TextAPI(ls.LitAPI):
@@ -36,10 +35,7 @@ class TextAPI(ls.LitAPI):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
-    parser.add_argument('--port', type=int, required=True)
-    args = parser.parse_args()
+    args = server_args()
     server = ls.LitServer(TextAPI(args.handler), accelerator='cpu', workers_per_device=2)
     server.run(host='127.0.0.1', port=args.port, generate_client_file=False, log_level='warning')
 

@@ -6,7 +6,6 @@ processes, batches of up to 16 collected for at most 5 ms.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ from mosec import Server, Worker
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import Embedder, echo  # noqa: E402
+from model import Embedder, echo, server_args  # noqa: E402
 
 
 class Embed(Worker):
@@ -32,10 +31,7 @@ class Echo(Worker):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
-    parser.add_argument('--port', type=int, required=True)
-    args = parser.parse_args()
+    args = server_args()
     # mosec reads its own options from the command line.
     sys.argv = [sys.argv[0], '--address', '127.0.0.1', '--port', str(args.port), '--log-level', 'warning']
     server = Server()

@@ -6,7 +6,6 @@ in front, a deployment of 2 replicas of 1 CPU each, ``@serve.batch`` of up to 16
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
 import ray  # noqa: E402
+from model import server_args  # noqa: E402
 from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
@@ -39,10 +39,7 @@ class Text:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
-    parser.add_argument('--port', type=int, required=True)
-    args = parser.parse_args()
+    args = server_args()
     # The replicas import `model` from this directory.
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={'env_vars': {'PYTHONPATH': HERE}})
     serve.start(http_options={'host': '127.0.0.1', 'port': args.port})
