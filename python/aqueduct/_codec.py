@@ -48,7 +48,7 @@ _PickleBuffer = pickle.PickleBuffer
 _encode_state = _core.encode_state
 _decode_state = _core.decode_state
 #: The first byte of a body in the compact form (a pickle's is 0x80).
-COMPACT_BODY = _COMPACT = _core.COMPACT_BODY
+COMPACT_BODY = _core.COMPACT_BODY
 
 #: wire key -> class
 _classes: Dict[Tuple[str, str], type] = {}
@@ -195,7 +195,7 @@ def _resolve(module: str, qualname: str) -> type[object]:
 
 def decode(data, bufs: Optional[List[Any]] = None) -> Any:
     """The task object carried by ``data`` and its buffers (a new instance)."""
-    if data and data[0] == _COMPACT:
+    if data and data[0] == COMPACT_BODY:
         module, qualname, state = _decode_state(data)
         cls = _resolve(module, qualname)
         task = cls.__new__(cls)
@@ -219,7 +219,7 @@ def decode(data, bufs: Optional[List[Any]] = None) -> Any:
 def decode_state(data, bufs: Optional[List[Any]] = None) -> Tuple[Any, Optional[Dict[str, Any]]]:
     """``(task, None)`` or ``(None, state)``: the caller updates its own task from the state
     (markers included) without building a second object."""
-    if data and data[0] == _COMPACT:
+    if data and data[0] == COMPACT_BODY:
         return None, _decode_state(data)[2]
     obj = _loads(data, buffers=bufs)
     if obj.__class__ is tuple:
