@@ -10,7 +10,7 @@
 //! `poll()` returns only what the front end must act on: [`WorkerEvent`]s (a worker ready,
 //! exited, to be replaced; the flow to give up; a stop's progress).
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -22,21 +22,176 @@ use aqueduct_core::{Driver as CoreDriver, Engine as CoreEngine, Nanos};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use tokio::sync::oneshot;
 
 use crate::args;
 use crate::errors::py_err;
 use crate::shm::{Pool, ShmBuffer};
 
-/// The core driver with Python futures as its call tokens.
-type PyDriver = CoreDriver<Py<PyAny>>;
+/// Where a call's answer goes: the driver's call token.
+pub(crate) enum Call {
+    /// An asyncio future (`Flow.process`, the socket server), resolved with Python objects.
+    Future(Py<PyAny>),
+    /// A call of the HTTP front (`crate::http`), answered with Rust values: no GIL.
+    Native(oneshot::Sender<Outcome>),
+}
+
+/// A call's outcome as Rust values: what a native call gets, and what the HTTP front's poller
+/// hands to the Python thread for a future it may not resolve itself.
+pub(crate) enum Outcome {
+    /// The finished task's body and out-of-band buffers (each owning a reference).
+    Done { body: Vec<u8>, bufs: Vec<BufRef> },
+    /// See [`Failure`] for the kinds.
+    Failed { kind: &'static str, step: i64, detail: Detail },
+}
+
+pub(crate) enum Detail {
+    None,
+    /// A handler's pickled error report.
+    Report(Vec<u8>),
+    /// The worker concerned.
+    Pid(u32),
+}
+
+/// The core driver with [`Call`]s as its tokens.
+type PyDriver = CoreDriver<Call>;
+
+/// What the Python `Driver` and the HTTP front share: the driver, and the hand-over of what the
+/// front's poller (a thread without the GIL) finds for the Python thread.
+pub(crate) struct Shared {
+    /// `None` once closed: `close()` releases the shared memory and every descriptor at a
+    /// known moment, whatever Python references to the driver remain (tracebacks keep frames,
+    /// and frames keep their locals, alive until the garbage collector runs).
+    pub(crate) inner: Mutex<Option<PyDriver>>,
+    pub(crate) step_names: Vec<String>,
+    /// What the front's poller found for the Python thread.
+    forwarded: Mutex<Forwarding>,
+}
+
+#[derive(Default)]
+struct Forwarding {
+    /// Futures' outcomes and worker events, in the order found.
+    items: Vec<Forwarded>,
+    /// An eventfd, readable while `items` may hold something (`notify_fd()`): made when a
+    /// front first asks for it, closed with the driver.
+    notify: Option<OwnedFd>,
+}
+
+enum Forwarded {
+    Outcome(Py<PyAny>, Outcome),
+    Event(WorkerEvent),
+}
+
+impl Shared {
+    /// The driver's lock for a thread that never holds the GIL (the HTTP front's): waiting for
+    /// it cannot deadlock, since no holder waits for that thread.
+    pub(crate) fn lock_native(&self) -> MutexGuard<'_, Option<PyDriver>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forwarding(&self) -> MutexGuard<'_, Forwarding> {
+        self.forwarded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One pass of polling from the HTTP front's poller (`Driver::poll_pass`, with a new spin
+    /// window first when `open_window`): native calls are answered here; futures' outcomes
+    /// and worker events go to the Python thread. Returns whether to pass again soon, or
+    /// `None` once the driver is closed.
+    pub(crate) fn native_pass(&self, events: bool, open_window: bool) -> Option<bool> {
+        let mut forwarded = Vec::new();
+        let again = {
+            let mut guard = self.lock_native();
+            let driver = guard.as_mut()?;
+            if open_window {
+                driver.open_spin_window();
+            }
+            let arena = driver.engine().hub.arena().clone();
+            let names = &self.step_names;
+            let passed = driver.poll_pass(events, &mut |e| match e {
+                Event::Done { call, body, bufs } => {
+                    let outcome = Outcome::Done { body: body.into_vec(&arena), bufs };
+                    match call {
+                        Call::Native(answer) => answer_native(&arena, answer, outcome),
+                        Call::Future(future) => forwarded.push(Forwarded::Outcome(future, outcome)),
+                    }
+                }
+                Event::Failed { call, step, fault } => {
+                    let outcome = failed(&arena, step, fault);
+                    match call {
+                        Call::Native(answer) => answer_native(&arena, answer, outcome),
+                        Call::Future(future) => forwarded.push(Forwarded::Outcome(future, outcome)),
+                    }
+                }
+                other => forwarded.extend(worker_event_of(other, names).map(Forwarded::Event)),
+            });
+            // An engine error (a descriptor gone bad) is the Python thread's to report; its own
+            // polling meets it too. Here it only ends the spin.
+            passed.map_or(false, |(_, again)| again)
+        };
+        if !forwarded.is_empty() {
+            let mut to_python = self.forwarding();
+            to_python.items.extend(forwarded);
+            if let Some(notify) = &to_python.notify {
+                let _ = rustix::io::write(notify, &1u64.to_ne_bytes());
+            }
+        }
+        Some(again)
+    }
+}
+
+/// Answers a native call. Buffers are released: the HTTP front reads bodies only.
+fn answer_native(arena: &Arena, answer: oneshot::Sender<Outcome>, outcome: Outcome) {
+    let outcome = match outcome {
+        Outcome::Done { body, bufs } => {
+            for b in &bufs {
+                let _ = arena.unhold(&b.extent());
+            }
+            Outcome::Done { body, bufs: Vec::new() }
+        }
+        failed => failed,
+    };
+    let _ = answer.send(outcome);
+}
+
+/// A failed call's outcome, owned.
+fn failed(arena: &Arena, step: usize, fault: Fault<'_>) -> Outcome {
+    let (kind, step, detail) = match fault {
+        Fault::Engine(f) => match f {
+            HubFailure::Handler { step, body } => ("handler", step, Detail::Report(body.into_vec(arena))),
+            HubFailure::Expired { step } => ("expired", step, Detail::None),
+            HubFailure::WorkerDied { step, pid } => ("died", step, Detail::Pid(pid)),
+            HubFailure::HandlerTimeout { step, pid } => ("handler_timeout", step, Detail::Pid(pid)),
+            HubFailure::Stopped => return Outcome::Failed { kind: "stopped", step: -1, detail: Detail::None },
+            HubFailure::ArenaExhausted { step } => ("shm_exhausted", step, Detail::None),
+        },
+        Fault::Timeout => ("timeout", step, Detail::None),
+        Fault::TimeoutWaiting => ("timeout_waiting", step, Detail::None),
+        Fault::NotRunning => ("not_running", step, Detail::None),
+    };
+    Outcome::Failed { kind, step: step as i64, detail }
+}
+
+/// An owned outcome as what a future is resolved with: `(body, bufs)` or a [`Failure`].
+fn outcome_value<'py>(py: Python<'py>, arena: &Arc<Arena>, outcome: Outcome) -> PyResult<Bound<'py, PyAny>> {
+    match outcome {
+        Outcome::Done { body, bufs } => {
+            let bufs = buffers(py, arena, bufs)?;
+            Ok(PyTuple::new(py, [PyBytes::new(py, &body).into_any(), bufs.into_any()])?.into_any())
+        }
+        Outcome::Failed { kind, step, detail } => {
+            let detail = match detail {
+                Detail::None => py.None(),
+                Detail::Report(report) => PyBytes::new(py, &report).into_any().unbind(),
+                Detail::Pid(pid) => pid.into_pyobject(py)?.into_any().unbind(),
+            };
+            Ok(Bound::new(py, Failure { kind, step, detail })?.into_any())
+        }
+    }
+}
 
 #[pyclass(frozen, module = "aqueduct._core")]
 pub struct Driver {
-    /// `None` once closed: `close()` releases the shared memory and every descriptor at a
-    /// known moment, whatever Python references to this object remain (tracebacks keep frames,
-    /// and frames keep their locals, alive until the garbage collector runs).
-    inner: Mutex<Option<PyDriver>>,
-    step_names: Vec<String>,
+    shared: Arc<Shared>,
 }
 
 /// A locked, open driver.
@@ -56,15 +211,21 @@ impl std::ops::DerefMut for Open<'_> {
 }
 
 impl Driver {
+    /// What the HTTP front shares with this driver.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The lock, waited for without the GIL: its holder may be resolving futures, which runs
     /// Python code (`set_result` calls the loop's `call_soon`) and so may wait for the GIL.
     fn guard(&self) -> MutexGuard<'_, Option<PyDriver>> {
+        let inner = &self.shared.inner;
         loop {
-            match self.inner.try_lock() {
+            match inner.try_lock() {
                 Ok(guard) => return guard,
                 // A panic while holding the lock is a bug already reported; keep serving.
                 Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(TryLockError::WouldBlock) => Python::attach(|py| py.detach(|| drop(self.inner.lock()))),
+                Err(TryLockError::WouldBlock) => Python::attach(|py| py.detach(|| drop(inner.lock()))),
             }
         }
     }
@@ -75,6 +236,10 @@ impl Driver {
             return Err(Python::attach(|py| crate::errors::to_py(py, aqueduct_core::EngineError::Stopped)));
         }
         Ok(Open(guard))
+    }
+
+    fn delivery<'py, 'd>(&'d self, py: Python<'py>, driver: &PyDriver) -> Delivery<'py, 'd> {
+        Delivery::new(py, driver.engine().hub.arena().clone(), &self.shared.step_names)
     }
 }
 
@@ -196,6 +361,40 @@ fn flow_event(kind: &'static str, message: String) -> WorkerEvent {
     WorkerEvent { kind, slot: -1, step: -1, pid: 0, message, expected: false }
 }
 
+/// The front end's view of a driver event other than a call's outcome.
+fn worker_event_of<C>(e: Event<'_, C>, step_names: &[String]) -> Option<WorkerEvent> {
+    let name = |step: usize| step_names.get(step).map_or("", String::as_str);
+    Some(match e {
+        Event::Done { .. } | Event::Failed { .. } => return None,
+        Event::Ready { slot, step, pid } => WorkerEvent { pid, ..worker_event("ready", slot, step) },
+        Event::StartFailed { slot, step, pid, message } => {
+            WorkerEvent { pid, message, ..worker_event("start_failed", slot, step) }
+        }
+        Event::Exited { slot, step, pid, expected } => WorkerEvent { pid, expected, ..worker_event("exited", slot, step) },
+        Event::Respawn { slot, step } => worker_event("respawn", slot, step),
+        Event::GiveUp(why) => {
+            let message = match why {
+                GiveUp::TooManyDeaths { step, deaths, window, max_restarts } => format!(
+                    "Workers of {} died {deaths} times within {:.0} s (restart_policy allows {max_restarts} \
+                     restarts): stopping the flow",
+                    name(step),
+                    window.as_secs_f64()
+                ),
+                GiveUp::HandlerError { step } => {
+                    format!("The handler of {} raised: stopping the flow (stop_on_handler_error)", name(step))
+                }
+                GiveUp::CannotRestart { step } => {
+                    format!("could not restart a worker of {}: stopping the flow", name(step))
+                }
+            };
+            flow_event("give_up", message)
+        }
+        Event::Drained => flow_event("drained", String::new()),
+        Event::GraceExpired => flow_event("grace_expired", String::new()),
+        Event::AllExited => flow_event("all_exited", String::new()),
+    })
+}
+
 /// Resolves futures and collects worker events while the driver is polled.
 struct Delivery<'py, 'n> {
     py: Python<'py>,
@@ -210,20 +409,16 @@ impl<'py> Delivery<'py, '_> {
         Delivery { py, arena, events: PyList::empty(py), step_names, err: None }
     }
 
-    fn name(&self, step: usize) -> &str {
-        self.step_names.get(step).map_or("", String::as_str)
-    }
-
-    fn take(&mut self, e: Event<'_, Py<PyAny>>) {
+    fn take(&mut self, e: Event<'_, Call>) {
         if let Err(err) = self.deliver(e) {
             self.err.get_or_insert(err);
         }
     }
 
-    fn deliver(&mut self, e: Event<'_, Py<PyAny>>) -> PyResult<()> {
+    fn deliver(&mut self, e: Event<'_, Call>) -> PyResult<()> {
         let py = self.py;
         match e {
-            Event::Done { call, body, bufs } => {
+            Event::Done { call: Call::Future(call), body, bufs } => {
                 let result = (|| -> PyResult<Bound<'_, PyAny>> {
                     let bufs = buffers(py, &self.arena, bufs)?;
                     let body = payload_bytes(py, &self.arena, body)?;
@@ -234,67 +429,26 @@ impl<'py> Delivery<'py, '_> {
                     Err(err) => undeliverable(py, call, err),
                 }
             }
+            Event::Done { call: Call::Native(answer), body, bufs } => {
+                answer_native(&self.arena, answer, Outcome::Done { body: body.into_vec(&self.arena), bufs });
+            }
             Event::Failed { call, step, fault } => {
-                // Building the failure can fail (no memory for a huge error report): the call
-                // is answered all the same.
-                let failure = (|| -> PyResult<Bound<'_, Failure>> {
-                    let none = || py.None();
-                    let (kind, step, detail): (&'static str, i64, Py<PyAny>) = match fault {
-                        Fault::Engine(f) => match f {
-                            HubFailure::Handler { step, body } => {
-                                ("handler", step as i64, payload_bytes(py, &self.arena, body)?.into_any().unbind())
-                            }
-                            HubFailure::Expired { step } => ("expired", step as i64, none()),
-                            HubFailure::WorkerDied { step, pid } => {
-                                ("died", step as i64, pid.into_pyobject(py)?.into_any().unbind())
-                            }
-                            HubFailure::HandlerTimeout { step, pid } => {
-                                ("handler_timeout", step as i64, pid.into_pyobject(py)?.into_any().unbind())
-                            }
-                            HubFailure::Stopped => ("stopped", -1, none()),
-                            HubFailure::ArenaExhausted { step } => ("shm_exhausted", step as i64, none()),
-                        },
-                        Fault::Timeout => ("timeout", step as i64, none()),
-                        Fault::TimeoutWaiting => ("timeout_waiting", step as i64, none()),
-                        Fault::NotRunning => ("not_running", step as i64, none()),
-                    };
-                    Bound::new(py, Failure { kind, step, detail })
-                })();
-                match failure {
-                    Ok(failure) => resolve(py, call, failure.into_any()),
-                    Err(err) => undeliverable(py, call, err),
+                let outcome = failed(&self.arena, step, fault);
+                match call {
+                    Call::Native(answer) => answer_native(&self.arena, answer, outcome),
+                    // Building the failure can fail (no memory for a huge error report): the call
+                    // is answered all the same.
+                    Call::Future(call) => match outcome_value(py, &self.arena, outcome) {
+                        Ok(failure) => resolve(py, call, failure),
+                        Err(err) => undeliverable(py, call, err),
+                    },
                 }
             }
-            Event::Ready { slot, step, pid } => {
-                self.push(WorkerEvent { pid, ..worker_event("ready", slot, step) })?;
+            other => {
+                if let Some(event) = worker_event_of(other, self.step_names) {
+                    self.push(event)?;
+                }
             }
-            Event::StartFailed { slot, step, pid, message } => {
-                self.push(WorkerEvent { pid, message, ..worker_event("start_failed", slot, step) })?;
-            }
-            Event::Exited { slot, step, pid, expected } => {
-                self.push(WorkerEvent { pid, expected, ..worker_event("exited", slot, step) })?;
-            }
-            Event::Respawn { slot, step } => self.push(worker_event("respawn", slot, step))?,
-            Event::GiveUp(why) => {
-                let message = match why {
-                    GiveUp::TooManyDeaths { step, deaths, window, max_restarts } => format!(
-                        "Workers of {} died {deaths} times within {:.0} s (restart_policy allows {max_restarts} \
-                         restarts): stopping the flow",
-                        self.name(step),
-                        window.as_secs_f64()
-                    ),
-                    GiveUp::HandlerError { step } => {
-                        format!("The handler of {} raised: stopping the flow (stop_on_handler_error)", self.name(step))
-                    }
-                    GiveUp::CannotRestart { step } => {
-                        format!("could not restart a worker of {}: stopping the flow", self.name(step))
-                    }
-                };
-                self.push(flow_event("give_up", message))?;
-            }
-            Event::Drained => self.push(flow_event("drained", String::new()))?,
-            Event::GraceExpired => self.push(flow_event("grace_expired", String::new()))?,
-            Event::AllExited => self.push(flow_event("all_exited", String::new()))?,
         }
         Ok(())
     }
@@ -368,7 +522,8 @@ impl Driver {
         let policy =
             RestartPolicy { max_restarts, window: args::duration("window", restart_window)?, stop_on_handler_error };
         let driver = CoreDriver::new(engine, admission, policy);
-        Ok(Self { inner: Mutex::new(Some(driver)), step_names })
+        let shared = Shared { inner: Mutex::new(Some(driver)), step_names, forwarded: Mutex::default() };
+        Ok(Self { shared: Arc::new(shared) })
     }
 
     /// The descriptor to watch for readability.
@@ -463,7 +618,7 @@ impl Driver {
     fn respawn_failed<'py>(&self, py: Python<'py>, slot: usize) -> PyResult<Bound<'py, PyList>> {
         let mut driver = self.lock()?;
         check_slot(&driver, slot)?;
-        let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
+        let mut delivery = self.delivery(py, &driver);
         driver.respawn_failed(slot, &mut |e| delivery.take(e));
         delivery.finish()
     }
@@ -516,7 +671,7 @@ impl Driver {
         let refs = bufs.iter().map(|b| b.get().buf()).collect();
         let id = self
             .lock()?
-            .submit(future, step, priority, Nanos(deadline_ns), body, refs)
+            .submit(Call::Future(future), step, priority, Nanos(deadline_ns), body, refs)
             .map_err(|refused| crate::errors::to_py(py, refused.error))?;
         for b in &bufs {
             b.get().detach();
@@ -537,7 +692,7 @@ impl Driver {
     #[pyo3(signature = (events=true))]
     fn poll<'py>(&self, py: Python<'py>, events: bool) -> PyResult<(usize, Bound<'py, PyList>)> {
         let mut driver = self.lock()?;
-        let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
+        let mut delivery = self.delivery(py, &driver);
         let n = driver.poll(events, &mut |e| delivery.take(e)).map_err(py_err(py))?;
         Ok((n, delivery.finish()?))
     }
@@ -549,7 +704,7 @@ impl Driver {
     #[pyo3(signature = (events=false))]
     fn poll_pass<'py>(&self, py: Python<'py>, events: bool) -> PyResult<(usize, Bound<'py, PyList>, bool)> {
         let mut driver = self.lock()?;
-        let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
+        let mut delivery = self.delivery(py, &driver);
         let (n, again) = driver.poll_pass(events, &mut |e| delivery.take(e)).map_err(py_err(py))?;
         Ok((n, delivery.finish()?, again))
     }
@@ -659,7 +814,7 @@ impl Driver {
     fn begin_stop<'py>(&self, py: Python<'py>, graceful: bool, grace: f64) -> PyResult<Bound<'py, PyList>> {
         let grace = args::duration("grace_sec", grace)?;
         let mut driver = self.lock()?;
-        let mut delivery = Delivery::new(py, driver.engine().hub.arena().clone(), &self.step_names);
+        let mut delivery = self.delivery(py, &driver);
         driver.begin_stop(graceful, grace, &mut |e| delivery.take(e)).map_err(py_err(py))?;
         delivery.finish()
     }
@@ -776,6 +931,51 @@ impl Driver {
     fn close(&self) {
         let engine = self.guard().take();
         drop(engine);
+        // Futures forwarded by the HTTP front's poller and not taken: their loop is going.
+        *self.shared.forwarding() = Forwarding::default();
+    }
+
+    /// An eventfd that is readable while the HTTP front's poller has forwarded something for
+    /// this thread (`take_forwarded()`): the event loop watches it instead of `fileno()` while
+    /// the front polls the driver.
+    fn notify_fd(&self) -> PyResult<i32> {
+        let _open = self.lock()?;
+        let mut forwarding = self.shared.forwarding();
+        if forwarding.notify.is_none() {
+            let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+            let fd = rustix::event::eventfd(0, flags)
+                .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot create an eventfd: {e}")))?;
+            forwarding.notify = Some(fd);
+        }
+        Ok(forwarding.notify.as_ref().map_or(-1, |fd| fd.as_raw_fd()))
+    }
+
+    /// Resolves the futures whose outcomes the HTTP front's poller found and returns the
+    /// worker events it found, as `poll()` would have.
+    fn take_forwarded<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let taken = {
+            let mut forwarding = self.shared.forwarding();
+            if let Some(notify) = &forwarding.notify {
+                let mut counter = [0u8; 8];
+                let _ = rustix::io::read(notify, &mut counter);
+            }
+            std::mem::take(&mut forwarding.items)
+        };
+        let events = PyList::empty(py);
+        let arena = match &*self.guard() {
+            Some(driver) => driver.engine().hub.arena().clone(),
+            None => return Ok(events),
+        };
+        for item in taken {
+            match item {
+                Forwarded::Outcome(future, outcome) => match outcome_value(py, &arena, outcome) {
+                    Ok(value) => resolve(py, future, value),
+                    Err(err) => undeliverable(py, future, err),
+                },
+                Forwarded::Event(event) => events.append(Bound::new(py, event)?)?,
+            }
+        }
+        Ok(events)
     }
 
     #[getter]

@@ -11,6 +11,7 @@ mod client;
 mod codec;
 mod driver;
 mod errors;
+mod http;
 mod shm;
 mod worker;
 
@@ -109,6 +110,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::WorkerEvent>()?;
     m.add_class::<driver::StepHealth>()?;
     m.add_class::<driver::ExitNotifier>()?;
+    m.add_class::<http::HttpServer>()?;
     m.add_class::<worker::Worker>()?;
     m.add_class::<client::PortClient>()?;
     m.add_class::<shm::Pool>()?;

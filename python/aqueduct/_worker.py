@@ -61,6 +61,21 @@ def die_with_parent(expected_parent: int) -> None:
         os._exit(1)
 
 
+class _FinalStates(dict):
+    """class -> how a task of it leaves the flow when it has no next step: ``None`` (its state,
+    as ``encode`` writes it) or the class's ``_final_state`` (``aqueduct.http.Request``: only
+    the response, for the HTTP front). Worked out once per class."""
+
+    def __missing__(self, cls: type):
+        from .http import Request
+
+        final = self[cls] = cls._final_state if issubclass(cls, Request) else None
+        return final
+
+
+_final_states = _FinalStates()
+
+
 def _route(task, routes: Routes) -> int:
     for step, condition, _ in routes:
         if condition(task):
@@ -165,12 +180,20 @@ def handle_batch(
         if log_tasks and route != ROUTE_DONE and deadline and now >= deadline:
             # The engine drops it before the next step's workers see it (see the module docstring).
             _log_skipped(next(n for step, _, n in routes if step == route), task)
-        try:
-            body, bufs = encode(task)
-        except Exception as exc:
-            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'pickling the result of'))
+        final = _final_states[task.__class__] if route == ROUTE_DONE else None
+        if final is not None:
+            try:
+                body, bufs = final(task), []
+            except Exception as exc:
+                send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'encoding the response of'))
+                continue
         else:
-            send(i, STATUS_OK, route, body, bufs)
+            try:
+                body, bufs = encode(task)
+            except Exception as exc:
+                send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'pickling the result of'))
+                continue
+        send(i, STATUS_OK, route, body, bufs)
     return elapsed
 
 

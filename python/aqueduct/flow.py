@@ -398,6 +398,9 @@ class Flow:
         self._enters_first_step = bool(self._steps) and self._steps_conditions[0] is operator.truth
         self._handler_names = [type(s.handler).__name__ for s in self._steps]
         self._polling = False
+        #: The HTTP front polling this flow's engine from its own thread (`aqueduct.http`):
+        #: while set, the loop watches the driver's `notify_fd()` instead of its descriptor.
+        self._front: Any = None
         self._stopping: asyncio.Task | None = None
         self._stopped_waiters: List[asyncio.Future] = []
         # While a stop is under way: resolved with the driver's 'drained' / 'grace_expired',
@@ -735,8 +738,12 @@ class Flow:
         self._stop_watching()
         self._loop = loop
         self._loop_thread = get_ident()
-        self._reader_fd = self._live().fileno()
-        loop.add_reader(self._reader_fd, self._on_readable)
+        if self._front is not None:
+            self._reader_fd = self._live().notify_fd()
+            loop.add_reader(self._reader_fd, self._on_forwarded)
+        else:
+            self._reader_fd = self._live().fileno()
+            loop.add_reader(self._reader_fd, self._on_readable)
         self._polling = False
         if self._export_timer is not None:
             self._export_timer.cancel()
@@ -775,7 +782,36 @@ class Flow:
             self._polling = True
             self._bound_loop().call_soon(self._poll_tick)
 
+    def _on_forwarded(self) -> None:
+        """The HTTP front's poller found outcomes of this loop's calls or worker events."""
+        driver = self._driver
+        if driver is not None:
+            events = driver.take_forwarded()
+            if events:
+                self._on_events(events)
+
+    def _attach_front(self, front) -> None:
+        """The HTTP front polls the engine from now on (see `aqueduct.http`)."""
+        self._front = front
+        self._bind(self._bound_loop())
+
+    def _detach_front(self, front) -> None:
+        """Polling comes back to the event loop (the front stopped, or the flow stops)."""
+        if self._front is not front:
+            return
+        front.stop_polling()
+        self._front = None
+        if self._driver is None:
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            self._on_forwarded()  # what the front's poller found last
+            self._bind(loop)
+            self._start_polling()
+
     def _start_polling(self) -> None:
+        if self._front is not None:  # its poller polls
+            return
         driver = self._driver
         if driver is not None:
             driver.open_spin_window()
@@ -961,6 +997,9 @@ class Flow:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
+        if self._front is not None:
+            # The stop is the loop's to drive; the front keeps answering (503 from now on).
+            self._detach_front(self._front)
         escalate = self._escalate = loop.create_future()
         drained = self._drained = loop.create_future()
         exited = self._exited = loop.create_future()
@@ -1037,6 +1076,9 @@ class Flow:
         and the driver (which unmaps and closes the shared memory). Safe to call twice.
         ``read=False`` leaves the reaping to the launcher, without reading the engine's rings."""
         driver = self._driver
+        if self._front is not None:
+            self._front.stop_polling()
+            self._front = None
         if self._export_timer is not None:
             self._export_timer.cancel()
             self._export_timer = None

@@ -76,7 +76,7 @@ mod error;
 mod flow;
 mod handler;
 pub mod process;
-mod readiness;
+pub mod readiness;
 pub mod remote;
 mod step;
 mod store;

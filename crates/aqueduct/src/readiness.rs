@@ -1,4 +1,5 @@
-//! Registering the engine's epoll descriptor with tokio: the crate's only `unsafe`.
+//! Registering the engine's epoll descriptor with tokio: the crate's only `unsafe`. The Python
+//! bindings' HTTP front registers its driver's descriptor with it too.
 
 #![allow(unsafe_code)]
 
@@ -9,7 +10,7 @@ use tokio::io::Interest;
 
 /// An `AsyncFd` over a duplicate of `fd` (the engine's epoll descriptor), watched for
 /// readability.
-pub(crate) fn watch(fd: BorrowedFd<'_>) -> std::io::Result<AsyncFd<OwnedFd>> {
+pub fn watch(fd: BorrowedFd<'_>) -> std::io::Result<AsyncFd<OwnedFd>> {
     let owned = fd.try_clone_to_owned()?;
     // SAFETY: `owned` is a descriptor this function just created and hands to the `AsyncFd`,
     // which owns it from here on: it stays open, refers to the same open file description, and

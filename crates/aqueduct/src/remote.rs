@@ -288,10 +288,11 @@ fn read_exact(
     Ok(())
 }
 
-/// `type: message` of a worker's error report (a pickled tuple: the pickled exception, its
-/// constructor arguments, module, qualname, message, traceback, ...). Only plain values are
-/// read; the exception's own pickle stays opaque bytes.
-fn remote_error(detail: &[u8]) -> String {
+/// `module.qualname: message` of a Python worker's error report (a pickled tuple: the pickled
+/// exception, its constructor arguments, module, qualname, message, traceback, ...). Only plain
+/// values are read; the exception's own pickle stays opaque bytes. The Python bindings' HTTP
+/// front reads reports with it too.
+pub fn remote_error(detail: &[u8]) -> String {
     use serde_pickle::Value;
     match serde_pickle::value_from_slice(detail, serde_pickle::DeOptions::new().replace_unresolved_globals()) {
         Ok(Value::Tuple(fields)) => match (fields.get(2), fields.get(3), fields.get(4)) {
