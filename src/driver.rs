@@ -126,7 +126,7 @@ impl Shared {
             });
             // An engine error (a descriptor gone bad) is the Python thread's to report; its own
             // polling meets it too. Here it only ends the spin.
-            passed.map_or(false, |(_, again)| again)
+            passed.is_ok_and(|(_, again)| again)
         };
         if !forwarded.is_empty() {
             let mut to_python = self.forwarding();
@@ -370,7 +370,9 @@ fn worker_event_of<C>(e: Event<'_, C>, step_names: &[String]) -> Option<WorkerEv
         Event::StartFailed { slot, step, pid, message } => {
             WorkerEvent { pid, message, ..worker_event("start_failed", slot, step) }
         }
-        Event::Exited { slot, step, pid, expected } => WorkerEvent { pid, expected, ..worker_event("exited", slot, step) },
+        Event::Exited { slot, step, pid, expected } => {
+            WorkerEvent { pid, expected, ..worker_event("exited", slot, step) }
+        }
         Event::Respawn { slot, step } => worker_event("respawn", slot, step),
         Event::GiveUp(why) => {
             let message = match why {

@@ -1,12 +1,13 @@
 """Type stubs for the Rust extension ``aqueduct._core`` (the engine and its driver). Not a
 public API: use ``aqueduct.Flow``."""
 
-from typing import Any, Literal, final
+from typing import Any, Callable, Literal, final
 
 __all__ = [
     'Driver',
     'ExitNotifier',
     'Failure',
+    'HttpServer',
     'Pool',
     'PortClient',
     'ROUTE_DONE',
@@ -104,6 +105,32 @@ class ExitNotifier:
     def notify(self) -> None: ...
 
 @final
+class HttpServer:
+    def __new__(
+        cls,
+        driver: Driver,
+        host: str,
+        port: int,
+        routes: list[tuple[str, int]],
+        side: Callable[[str], tuple[int, str, bytes]],
+        *,
+        timeout: float = 5.0,
+        max_body: int = ...,
+        max_in_flight: int = 1024,
+        max_connections: int = 1024,
+        client_timeout: float = 10.0,
+        threads: int = 1,
+    ) -> HttpServer: ...
+    @property
+    def address(self) -> tuple[str, int]: ...
+    @property
+    def in_flight(self) -> int: ...
+    def responses(self) -> dict[int, int]: ...
+    def shutdown(self, grace: float) -> None: ...
+    def stop_polling(self) -> None: ...
+    def join(self, timeout: float) -> bool: ...
+
+@final
 class Driver:
     def __new__(
         cls,
@@ -153,6 +180,8 @@ class Driver:
     def port_count(self) -> int: ...
     def poll(self, events: bool = True) -> tuple[int, list[WorkerEvent]]: ...
     def poll_pass(self, events: bool = False) -> tuple[int, list[WorkerEvent], bool]: ...
+    def notify_fd(self) -> int: ...
+    def take_forwarded(self) -> list[WorkerEvent]: ...
     def wait(self, timeout: float | None = None) -> tuple[int, list[WorkerEvent]]: ...
     def prepare_sleep(self) -> bool: ...
     def open_spin_window(self) -> None: ...

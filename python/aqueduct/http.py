@@ -156,7 +156,7 @@ class Request(BaseTask):
         return encoded
 
 
-def _side_report(flow: Flow, server: 'Optional[_core.HttpServer]', kind: str) -> Tuple[int, str, bytes]:
+def _side_report(flow: Flow, server: Optional[_core.HttpServer], kind: str) -> Tuple[int, str, bytes]:
     """``/healthz`` and ``/metrics`` of the front, as the integrations answer them."""
     from .integrations.utils import health_payload
 
@@ -230,7 +230,7 @@ class HttpFront:
         self._host = host
         self._port = _int_arg('port', port, 0, 65535)
         self._routes = _route_table(flow, {'/': 0} if routes is None else routes)
-        self._limits = dict(
+        self._limits: Dict[str, Any] = dict(
             timeout=seconds_arg('timeout_sec', timeout_sec, positive=True),
             client_timeout=seconds_arg('client_timeout_sec', client_timeout_sec, positive=True),
             max_body=_int_arg('max_body_bytes', max_body_bytes, 0, _NO_LIMIT),
@@ -295,12 +295,17 @@ class HttpFront:
         self._server = None
         log.info('HTTP front stopped')
 
-    async def __aenter__(self) -> 'HttpFront':
+    async def __aenter__(self) -> HttpFront:
         await self.start()
         return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop()
+
+
+def _set_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _int_arg(name: str, value: Any, lowest: int, highest: int) -> int:
@@ -344,24 +349,26 @@ async def serve(
     loop = asyncio.get_running_loop()
     if flow.state is not FlowState.RUNNING:
         flow.start()
-    front = HttpFront(flow, host, port, **options)
     stop = loop.create_future()
     handled = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+            loop.add_signal_handler(sig, _set_once, stop)
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
+    front = None
     try:
+        front = HttpFront(flow, host, port, **options)
         await front.start()
         if started is not None and not started.done():
             started.set_result(front.address)
         stopped = loop.create_task(flow.wait_stopped())
         await asyncio.wait([stop, stopped], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        await front.stop(grace_sec)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+        if front is not None:
+            await front.stop(grace_sec)
         await flow.stop(grace_sec=grace_sec)

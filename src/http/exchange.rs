@@ -167,9 +167,9 @@ pub(crate) fn error(status: StatusCode, kind: &str, message: &str, step: Option<
 /// the front's one decision about statuses for what happened inside the flow.
 pub(crate) fn outcome_response(outcome: Outcome, step_names: &[String]) -> Response<Body> {
     match outcome {
-        Outcome::Done { body, .. } => reply(&body).unwrap_or_else(|why| {
-            error(StatusCode::INTERNAL_SERVER_ERROR, "bad_reply", &why, None)
-        }),
+        Outcome::Done { body, .. } => {
+            reply(&body).unwrap_or_else(|why| error(StatusCode::INTERNAL_SERVER_ERROR, "bad_reply", &why, None))
+        }
         Outcome::Failed { kind, step, detail } => {
             let name = usize::try_from(step).ok().and_then(|s| step_names.get(s)).map(String::as_str);
             let pid = match detail {

@@ -169,7 +169,12 @@ async fn serve_request(front: &Front, request: Request<Incoming>) -> Response<Bo
         }
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return too_large(),
         Ok(Err(e)) => {
-            return error(StatusCode::BAD_REQUEST, "bad_body", &format!("the request body could not be read: {e}"), None)
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                &format!("the request body could not be read: {e}"),
+                None,
+            )
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
@@ -370,7 +375,8 @@ impl HttpServer {
         if timeout.is_zero() || client_timeout.is_zero() {
             return Err(value_error("timeouts must be positive".into()));
         }
-        for (name, n) in [("max_in_flight", max_in_flight), ("max_connections", max_connections), ("threads", threads)] {
+        for (name, n) in [("max_in_flight", max_in_flight), ("max_connections", max_connections), ("threads", threads)]
+        {
             if n == 0 {
                 return Err(value_error(format!("{name} must be at least 1")));
             }

@@ -472,7 +472,9 @@ def load_flow(spec: str) -> Flow:
 
 def main(argv: Optional[list] = None) -> int:
     """``python -m aqueduct serve module:build_flow [--socket PATH]``: runs a flow server in the
-    foreground until SIGTERM or Ctrl-C, for web workers that connect with ``SocketFlow``."""
+    foreground until SIGTERM or Ctrl-C, for web workers that connect with ``SocketFlow``. With
+    ``--http HOST:PORT`` it serves the flow over HTTP instead, from the engine's own HTTP front
+    (:mod:`aqueduct.http`)."""
     import argparse
     import sys
 
@@ -487,10 +489,22 @@ def main(argv: Optional[list] = None) -> int:
         help='also serve processes of this group (default: $_SOCKET_ALLOWED_GID; needs --socket)',
     )  # fmt: skip
     parser.add_argument('--start-timeout', type=float, default=None, help='seconds for every on_start')
+    http = parser.add_argument_group('HTTP front (--http)')
+    http.add_argument('--http', metavar='HOST:PORT', help='serve the flow over HTTP here (port 0: any free one)')
+    http.add_argument(
+        '--route', action='append', metavar='PATH=STEP', default=[],
+        help='a path and the step its requests enter (index or name); repeatable; default /=0',
+    )  # fmt: skip
+    http.add_argument('--timeout', type=float, default=5.0, help="each request's deadline in seconds (default 5)")
+    http.add_argument('--max-body', type=int, default=16 << 20, help='largest request body in bytes (default 16 MiB)')
+    http.add_argument('--max-in-flight', type=int, default=1024, help='requests served at once (default 1024)')
+    http.add_argument('--threads', type=int, default=1, help='threads of the HTTP front (default 1)')
     args = parser.parse_args(argv)
     if args.allowed_gid is not None and args.socket is None:
         parser.error('--allowed-gid needs --socket: the default socket is in a directory only its owner can enter')
     sys.path.insert(0, os.getcwd())
+    if args.http is not None:
+        return _serve_http(parser, args)
     try:
         server = FlowSocketServer(
             load_flow(args.flow), socket_path=args.socket, start_timeout=args.start_timeout,
@@ -498,6 +512,43 @@ def main(argv: Optional[list] = None) -> int:
         )  # fmt: skip
         server.start()
     except _unixsock.UnsafeSocketError as exc:
+        print(f'python -m aqueduct serve: {exc}', file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve_http(parser, args) -> int:
+    """``serve --http``: the flow behind the engine's HTTP front until SIGTERM or Ctrl-C."""
+    import asyncio
+    import sys
+
+    from .. import http
+
+    host, sep, port = args.http.rpartition(':')
+    if not sep or not port.isdigit():
+        parser.error(f'--http takes HOST:PORT, got {args.http!r}')
+    routes = {}
+    for route in args.route or ['/=0']:
+        path, sep, step = route.partition('=')
+        if not sep:
+            parser.error(f'--route takes PATH=STEP, got {route!r}')
+        routes[path] = int(step) if step.isdigit() else step
+    flow = load_flow(args.flow)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+        started.add_done_callback(lambda f: print(f'listening on http://{f.result()[0]}:{f.result()[1]}', flush=True))
+        if flow.state is not FlowState.RUNNING:
+            flow.start(timeout=args.start_timeout)
+        await http.serve(
+            flow, host.strip('[]') or '127.0.0.1', int(port), routes=routes, timeout_sec=args.timeout,
+            max_body_bytes=args.max_body, max_in_flight=args.max_in_flight, threads=args.threads, started=started,
+        )  # fmt: skip
+
+    try:
+        asyncio.run(run())
+    except (ValueError, TypeError, OSError) as exc:  # a bad option, or the address is taken
         print(f'python -m aqueduct serve: {exc}', file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,96 @@
+"""Handlers of the HTTP front's tests (importable by ``spawn`` workers and ``python -m aqueduct
+serve``)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import select
+
+from aqueduct import BaseTaskHandler, Flow, FlowStep
+from aqueduct.http import Request
+
+
+class Describe(BaseTaskHandler):
+    """Answers with what it was sent; the path picks a kind of response."""
+
+    def handle(self, *tasks: Request) -> None:
+        for task in tasks:
+            kind = task.path.rsplit('/', 1)[-1]
+            if kind == 'raise':
+                raise ValueError(f'cannot handle {task.body!r}')
+            if kind == 'bytes':
+                task.response = b'\x00raw'
+            elif kind == 'text':
+                task.response = 'h\u00e9llo'
+            elif kind == 'none':
+                task.status = 204
+            elif kind == 'numpy':
+                import numpy as np
+
+                task.response = {'vector': np.arange(3, dtype=np.float32)}
+            elif kind == 'created':
+                task.status = 201
+                task.response_headers = {'location': '/things/1', 'content-type': 'application/x-thing'}
+                task.response = b'{}'
+            elif kind == 'nan':
+                task.response = {'x': math.nan}
+            elif kind == 'status600':
+                task.status = 600
+            elif kind == 'statusbool':
+                task.status = True
+            elif kind == 'crlf':
+                task.response_headers = {'x-evil': 'a\r\nset-cookie: stolen=1'}
+            elif kind == 'header_not_str':
+                task.response_headers = {'x-count': 3}
+            elif kind == 'object':
+                task.response = {'x': object()}
+            else:
+                task.response = {
+                    'method': task.method,
+                    'path': task.path,
+                    'query': task.query,
+                    'headers': task.headers,
+                    'body': task.body.decode('latin-1'),
+                    'pid': os.getpid(),
+                }
+
+
+class Digest(BaseTaskHandler):
+    """First of two steps: keeps the body's digest and size for the second."""
+
+    def handle(self, *tasks: Request) -> None:
+        for task in tasks:
+            task.digest = hashlib.sha256(task.body).hexdigest()
+            task.size = len(task.body)
+
+
+class Report(BaseTaskHandler):
+    """Second step: answers with what the first found (and which steps a task went through)."""
+
+    def handle(self, *tasks: Request) -> None:
+        for task in tasks:
+            task.response = {'digest': getattr(task, 'digest', None), 'size': getattr(task, 'size', None)}
+
+
+class Gate(BaseTaskHandler):
+    """Holds every batch until the test releases it: writes its pid to the ``entered`` pipe,
+    then waits (at most 20 s) for the ``release`` pipe to become readable, which it stays once
+    the test wrote to it. Pipes, not ``multiprocessing.Event``: a worker SIGKILLed inside an
+    Event's wait would leave the Event's lock held for ever."""
+
+    def __init__(self, entered: int, release: int):
+        self.entered = entered
+        self.release = release
+
+    def handle(self, *tasks: Request) -> None:
+        os.write(self.entered, b'%d\n' % os.getpid())
+        select.select([self.release], [], [], 20)
+        for task in tasks:
+            task.response = {'released': True}
+
+
+def build_flow() -> Flow:
+    """For ``python -m aqueduct serve tests.http_handlers:build_flow --http ...``."""
+    return Flow(FlowStep(Describe(), nprocs=1))
