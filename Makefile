@@ -24,7 +24,7 @@ WHEEL_FLAGS ?= --zig --compatibility manylinux2014
 WHEEL_STAMP := $(VENV)/.wheel-tools
 
 .PHONY: help setup build wheel test test-rust test-python test-pythons check-pythons miri lint bench bench-peers bench-instructions bench-quick bench-http demo soak clean \
-	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum
+	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum example-http
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -131,6 +131,9 @@ example-fastapi: build ## The FastAPI image-classification service (uvicorn) on 
 example-aiohttp-shared: build ## The aiohttp service, 2 gunicorn workers sharing one flow, on 127.0.0.1:8080
 	$(PY) -m gunicorn shared:app --chdir examples/aiohttp --preload --workers 2 \
 		--worker-class aiohttp.GunicornWebWorker --bind 127.0.0.1:8080
+
+example-http: build ## The image service on the engine's own HTTP front (Rust threads), on 127.0.0.1:8083
+	cd examples/http && $(CURDIR)/$(PY) -m aqueduct serve service:build_flow --http 127.0.0.1:8083 --route /classify=0
 
 example-axum: ## The Rust API: an axum service through a flow, on 127.0.0.1:8082 (add ARGS=--processes)
 	cargo run --release -p aqueduct-axum-example -- --port 8082 $(ARGS)

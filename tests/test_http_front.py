@@ -384,18 +384,22 @@ async def test_bad_arguments_are_named(make_flow):
             await front.start()
 
 
-def test_serve_http_from_the_command_line():
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def served_from_the_command_line(target: str, *options: str, cwd: str = ROOT):
+    """``python -m aqueduct serve target --http 127.0.0.1:0 ...`` running; yields its address.
+    SIGTERM at the end must stop it cleanly, leaving no process behind."""
     proc = subprocess.Popen(
-        [sys.executable, '-m', 'aqueduct', 'serve', 'tests.http_handlers:build_flow', '--http', '127.0.0.1:0',
-         '--route', '/describe=0'],
-        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        [sys.executable, '-m', 'aqueduct', 'serve', target, '--http', '127.0.0.1:0', *options],
+        stdout=subprocess.PIPE, text=True, cwd=cwd,
+        env={**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))},
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
         assert line.startswith('listening on http://127.0.0.1:'), line
-        port = int(line.rsplit(':', 1)[1])
-        status, _, body = request(('127.0.0.1', port), path='/describe', body=b'cli')
-        assert status == 200 and json.loads(body)['body'] == 'cli'
+        yield ('127.0.0.1', int(line.rsplit(':', 1)[1]))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -404,3 +408,27 @@ def test_serve_http_from_the_command_line():
             proc.wait(timeout=10)
         proc.stdout.close()
     assert children() == []
+
+
+def test_serve_http_from_the_command_line():
+    with served_from_the_command_line('tests.http_handlers:build_flow', '--route', '/describe=0') as address:
+        status, _, body = request(address, path='/describe', body=b'cli')
+        assert status == 200 and json.loads(body)['body'] == 'cli'
+
+
+def test_the_example_service():
+    sys.path.insert(0, os.path.join(ROOT, 'examples'))
+    try:
+        from pipeline import sample_image
+    finally:
+        sys.path.pop(0)
+    examples = os.path.join(ROOT, 'examples', 'http')
+    with served_from_the_command_line('service:build_flow', '--route', '/classify=0', cwd=examples) as address:
+        status, _, body = request(address, path='/classify', body=sample_image())
+        assert status == 200, body
+        top5 = json.loads(body)['top5']
+        assert len(top5) == 5 and all(0 <= c < 1000 for c, _ in top5)
+        status, _, body = request(address, path='/classify', body=b'not an image')
+        assert status == 400 and 'not an H x W x 3' in json.loads(body)['error']
+        status, _, body = request(address, method='GET', path='/healthz')
+        assert status == 200
