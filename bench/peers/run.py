@@ -35,6 +35,7 @@ from setup import FRAMEWORKS, python_of  # noqa: E402
 
 #: framework -> (server script, URL path for a handler); every server takes --handler and --port.
 SERVERS = {
+    'ours_http': ('aqueduct_http.py', '/{handler}'),
     'ours': ('aqueduct_aiohttp.py', '/{handler}'),
     'aqueduct115': ('aqueduct_aiohttp.py', '/{handler}'),
     'fastapi_ppe': ('fastapi_ppe.py', '/{handler}'),
@@ -43,6 +44,7 @@ SERVERS = {
     'ray': ('ray_serve.py', '/'),
 }
 LABELS = {
+    'ours_http': 'aqueduct-rs, its HTTP front',
     'ours': 'aqueduct-rs + aiohttp',
     'aqueduct115': 'aqueduct 1.15 + aiohttp',
     'fastapi_ppe': 'FastAPI + ProcessPoolExecutor(2)',
@@ -55,7 +57,13 @@ LOAD_TEXT = (
     'Aqueduct runs CPU-bound Python work in parallel processes as pipelines: queues between '
     'steps, several processes per step, dynamic batching and shared memory for big arrays.'
 )
+#: Servers that run in another one's venv.
+VENV_OF = {'ours_http': 'ours'}
 CHECK_TEXTS = ['hello', LOAD_TEXT, 'ünïcødé ✓ ' * 40, 'a ' * 400]
+
+
+def venv_python(server: str) -> Path:
+    return python_of(VENV_OF.get(server, server))
 
 
 def free_port() -> int:
@@ -102,7 +110,7 @@ class Server:
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}' + path.format(handler=handler)
         server = HERE / 'servers' / script
-        cmd = [str(python_of(framework)), str(server), '--handler', handler, '--port', str(self.port)]
+        cmd = [str(venv_python(framework)), str(server), '--handler', handler, '--port', str(self.port)]
         # A file, not a pipe: a server that logs every message (1.15 does, at DEBUG) would fill an
         # unread pipe and stall.
         self.log = HERE / '.cache' / f'{framework}-{handler}.log'
@@ -217,7 +225,7 @@ def reference_vectors(framework: str) -> dict:
         'print(json.dumps({x: m.embed([x])[0] for x in t}))'
     )
     out = subprocess.run(
-        [str(python_of(framework)), '-c', code], cwd=HERE, input=json.dumps(CHECK_TEXTS),
+        [str(venv_python(framework)), '-c', code], cwd=HERE, input=json.dumps(CHECK_TEXTS),
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return json.loads(out.stdout)
@@ -232,7 +240,7 @@ def main() -> int:
     parser.add_argument('--connections', type=int, default=32)
     args = parser.parse_args()
     names = args.only.split(',') if args.only else list(SERVERS)
-    missing = [n for n in names if n not in FRAMEWORKS or not python_of(n).exists()]
+    missing = [n for n in names if VENV_OF.get(n, n) not in FRAMEWORKS or not venv_python(n).exists()]
     if missing:
         parser.error(f'no venv for {missing}: run bench/peers/setup.py first')
     reference = reference_vectors(names[0])
