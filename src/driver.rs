@@ -11,6 +11,7 @@
 //! exited, to be replaced; the flow to give up; a stop's progress).
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,50 @@ pub(crate) struct Shared {
     pub(crate) step_names: Vec<String>,
     /// What the front's poller found for the Python thread.
     forwarded: Mutex<Forwarding>,
+    /// The switches of the front's poller (one front polls a driver at a time).
+    pub(crate) poller: NativePoller,
+}
+
+/// Who polls from the HTTP front's thread, and how to wake it.
+#[derive(Default)]
+pub(crate) struct NativePoller {
+    /// Bumped when a poller is claimed or released: a poller whose generation is not the
+    /// current one stops at its next pass (checked under the driver lock).
+    generation: AtomicU64,
+    active: AtomicBool,
+    /// It waits on the engine's descriptor (a submit should wake it to open a spin window).
+    pub(crate) sleeping: AtomicBool,
+    pub(crate) wake: tokio::sync::Notify,
+}
+
+impl NativePoller {
+    /// Makes the caller the driver's poller: its generation, or `None` if another one polls.
+    pub(crate) fn claim(&self) -> Option<u64> {
+        if self.active.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(self.generation.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// The poller of `generation` stops polling (no-op if it already has).
+    pub(crate) fn release(&self, generation: u64) {
+        if self.generation.compare_exchange(generation, generation + 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.active.store(false, Ordering::Release);
+            self.wake.notify_one();
+        }
+    }
+
+    pub(crate) fn is_current(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::Acquire) == generation
+    }
+
+    /// A task was submitted: a sleeping poller opens a spin window, as the Python flow's
+    /// `process()` does, rather than wait for the doorbell.
+    pub(crate) fn kick(&self) {
+        if self.sleeping.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -97,10 +142,18 @@ impl Shared {
     /// window first when `open_window`): native calls are answered here; futures' outcomes
     /// and worker events go to the Python thread. Returns whether to pass again soon, or
     /// `None` once the driver is closed.
-    pub(crate) fn native_pass(&self, events: bool, open_window: bool) -> Option<bool> {
+    ///
+    /// Everything happens under the driver lock, the hand-over to Python included, and a
+    /// poller no longer current does nothing: once the Python thread has released the poller
+    /// and taken what was forwarded (`take_forwarded` takes the driver lock first), nothing
+    /// more can be forwarded behind its back.
+    pub(crate) fn native_pass(&self, generation: u64, events: bool, open_window: bool) -> Option<bool> {
         let mut forwarded = Vec::new();
+        let mut guard = self.lock_native();
+        if !self.poller.is_current(generation) {
+            return None;
+        }
         let again = {
-            let mut guard = self.lock_native();
             let driver = guard.as_mut()?;
             if open_window {
                 driver.open_spin_window();
@@ -135,6 +188,7 @@ impl Shared {
                 let _ = rustix::io::write(notify, &1u64.to_ne_bytes());
             }
         }
+        drop(guard);
         Some(again)
     }
 }
@@ -524,7 +578,12 @@ impl Driver {
         let policy =
             RestartPolicy { max_restarts, window: args::duration("window", restart_window)?, stop_on_handler_error };
         let driver = CoreDriver::new(engine, admission, policy);
-        let shared = Shared { inner: Mutex::new(Some(driver)), step_names, forwarded: Mutex::default() };
+        let shared = Shared {
+            inner: Mutex::new(Some(driver)),
+            step_names,
+            forwarded: Mutex::default(),
+            poller: NativePoller::default(),
+        };
         Ok(Self { shared: Arc::new(shared) })
     }
 
@@ -930,11 +989,18 @@ impl Driver {
 
     /// Releases the shared memory and every descriptor now. Idempotent; any later call raises
     /// `NotRunningError`.
-    fn close(&self) {
+    fn close(&self, py: Python<'_>) {
+        // Outcomes the HTTP front's poller forwarded and nobody took yet: their futures are
+        // resolved now, while the pool their buffers are in is still open.
+        let _ = self.take_forwarded(py);
         let engine = self.guard().take();
         drop(engine);
-        // Futures forwarded by the HTTP front's poller and not taken: their loop is going.
         *self.shared.forwarding() = Forwarding::default();
+    }
+
+    /// Wakes the HTTP front's poller after a submit from Python, as a submit of its own does.
+    fn kick_poller(&self) {
+        self.shared.poller.kick();
     }
 
     /// An eventfd that is readable while the HTTP front's poller has forwarded something for
@@ -955,6 +1021,8 @@ impl Driver {
     /// Resolves the futures whose outcomes the HTTP front's poller found and returns the
     /// worker events it found, as `poll()` would have.
     fn take_forwarded<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        // The driver lock first: a pass of the front's poller under way forwards before this.
+        let driver = self.guard();
         let taken = {
             let mut forwarding = self.shared.forwarding();
             if let Some(notify) = &forwarding.notify {
@@ -964,7 +1032,7 @@ impl Driver {
             std::mem::take(&mut forwarding.items)
         };
         let events = PyList::empty(py);
-        let arena = match &*self.guard() {
+        let arena = match &*driver {
             Some(driver) => driver.engine().hub.arena().clone(),
             None => return Ok(events),
         };

@@ -40,6 +40,13 @@ class Describe(BaseTaskHandler):
                 task.status = 600
             elif kind == 'statusbool':
                 task.status = True
+            elif kind == 'status101':
+                task.status = 101
+            elif kind == 'framing':
+                task.response_headers = {'Content-Length': '2'}
+                task.response = b'hello'
+            elif kind == 'big':
+                task.response = b'z' * (32 << 20)
             elif kind == 'crlf':
                 task.response_headers = {'x-evil': 'a\r\nset-cookie: stolen=1'}
             elif kind == 'header_not_str':

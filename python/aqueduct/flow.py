@@ -810,7 +810,10 @@ class Flow:
             self._start_polling()
 
     def _start_polling(self) -> None:
-        if self._front is not None:  # its poller polls
+        if self._front is not None:  # its poller polls: wake it to open a spin window
+            driver = self._driver
+            if driver is not None:
+                driver.kick_poller()
             return
         driver = self._driver
         if driver is not None:

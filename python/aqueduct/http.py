@@ -80,11 +80,12 @@ class Request(BaseTask):
     raw query string, ``''`` when none), ``headers`` (a dict of lower-case names; repeated
     fields joined with ``", "``) and ``body`` (``bytes``).
 
-    Response fields, for the handlers to set: ``status`` (default 200), ``response_headers``
-    (a dict) and ``response``: ``bytes`` (sent as they are, ``application/octet-stream`` unless
-    a ``content-type`` is set), ``str`` (UTF-8, ``text/plain``), ``None`` (an empty body), or
-    anything ``json.dumps`` takes, numpy arrays included (``application/json``; NaN and
-    infinities are refused, as JSON has none).
+    Response fields, for the handlers to set: ``status`` (default 200; 200 to 599),
+    ``response_headers`` (a dict; not the headers that frame the body, such as
+    ``content-length``, which the front sets) and ``response``: ``bytes`` (sent as they are,
+    ``application/octet-stream`` unless a ``content-type`` is set), ``str`` (UTF-8,
+    ``text/plain``), ``None`` (an empty body), or anything ``json.dumps`` takes, numpy arrays
+    included (``application/json``; NaN and infinities are refused, as JSON has none).
 
     Tasks can be made by hand too, to test handlers with ``await flow.process(Request(...))``:
     the caller's task then also gets ``reply_headers`` and ``reply_body``, the response exactly
@@ -122,9 +123,6 @@ class Request(BaseTask):
         """The state this task leaves the flow with, written by the last step's worker: the
         response only (``status``, ``reply_headers`` as pairs, ``reply_body`` as bytes), in the
         compact wire form the front reads without Python. Raises on a response it cannot send."""
-        status = self.status
-        if status.__class__ is not int or not 100 <= status <= 599:
-            raise ValueError(f'the response status must be an int from 100 to 599, got {status!r}')
         response = self.response
         if response is None:
             body, kind = b'', None
@@ -149,7 +147,9 @@ class Request(BaseTask):
         if kind is not None and not any(name.lower() == 'content-type' for name, _ in headers):
             headers.append(('content-type', kind))
         cls = type(self)
-        state = {'status': status, 'reply_headers': headers, 'reply_body': body}
+        # The front checks the status (200 to 599) and the headers (valid HTTP, none that frames the
+        # body) when it reads them.
+        state = {'status': self.status, 'reply_headers': headers, 'reply_body': body}
         encoded = _core.encode_state(cls.__module__, cls.__qualname__, state, _NO_LIMIT)
         if encoded is None:  # only str and bytes in there: cannot happen
             raise TypeError('the response could not be encoded')
@@ -264,6 +264,8 @@ class HttpFront:
         flow = self._flow
         if flow.state is not FlowState.RUNNING:
             raise RuntimeError('start the flow before its HTTP front')
+        if flow._front is not None:
+            raise RuntimeError('the flow is served by another HttpFront already')
         loop = asyncio.get_running_loop()
         if flow._loop is not loop:
             flow.attach(loop)

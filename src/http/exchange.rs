@@ -80,6 +80,20 @@ pub(crate) fn encode_request(r: &RequestParts<'_>) -> Result<Vec<u8>, TooLong> {
     Ok(w.finish())
 }
 
+/// Response headers that decide how the body is framed on the connection: a handler setting
+/// one could desynchronise keep-alive connections (a wrong `content-length`), so they are
+/// refused; hyper writes them itself.
+const FRAMING: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];
+
 /// The response a worker's final state describes: `status`, `reply_headers` (pairs of
 /// strings) and `reply_body` (bytes), which `Request._final_state` wrote.
 pub(crate) fn reply(state: &[u8]) -> Result<Response<Body>, String> {
@@ -117,6 +131,9 @@ pub(crate) fn reply(state: &[u8]) -> Result<Response<Body>, String> {
                     let (name, value) = (text()?, text()?);
                     let name = HeaderName::from_bytes(name.as_bytes())
                         .map_err(|_| format!("the response header name {name:?} is not valid HTTP"))?;
+                    if FRAMING.contains(&name.as_str()) {
+                        return Err(format!("the response header {name} is the front's to set (it frames the body)"));
+                    }
                     let value = HeaderValue::from_str(value)
                         .map_err(|_| format!("the value of response header {name} is not valid HTTP"))?;
                     headers.push((name, value));
@@ -135,7 +152,8 @@ pub(crate) fn reply(state: &[u8]) -> Result<Response<Body>, String> {
     let status = status.ok_or("the reply has no status")?;
     let status = u16::try_from(status)
         .ok()
-        .filter(|s| (100..=599).contains(s))
+        // 1xx are not final responses: a handler cannot send one.
+        .filter(|s| (200..=599).contains(s))
         .and_then(|s| StatusCode::from_u16(s).ok())
         .ok_or_else(|| format!("the response status {status} is not an HTTP status"))?;
     let mut response = Response::new(Full::new(Bytes::copy_from_slice(body)));
@@ -186,7 +204,7 @@ pub(crate) fn outcome_response(outcome: Outcome, step_names: &[String]) -> Respo
                 ("died", _) => error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "worker_died",
-                    &format!("the worker (pid {pid}) handling the request died; it is being replaced"),
+                    &format!("the worker (pid {pid}) handling the request died"),
                     name,
                 ),
                 ("handler_timeout", _) => error(

@@ -13,16 +13,21 @@
 //!
 //! Limits, each its own status: a body over `max_body` → 413 (from `Content-Length` before
 //! reading, or while reading); more than `max_in_flight` requests being served → 503; a body
-//! that has not arrived by the request's deadline → 408; headers slower than `client_timeout`
-//! → the connection is closed; the deadline passing in the flow → 504. Connections beyond
+//! that has not arrived by the request's deadline → 408; headers slower than `client_timeout`,
+//! or a response the client does not read for that long → the connection is closed; the
+//! deadline passing in the flow → 504. Connections beyond
 //! `max_connections` wait in the listen backlog.
 
 mod exchange;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use aqueduct_core::{EngineError, Nanos};
@@ -37,7 +42,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rustc_hash::FxHashMap;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::args;
 use crate::driver::{Call, Driver, Shared};
@@ -58,9 +63,12 @@ struct Front {
     max_body: usize,
     max_in_flight: usize,
     in_flight: AtomicUsize,
-    poller: Poller,
+    /// This front's generation as the driver's poller (`NativePoller`).
+    generation: u64,
     /// `side(kind)` -> `(status, content_type, body)` for `kind` in `healthz`, `metrics`.
-    side: Py<PyAny>,
+    side: Arc<Py<PyAny>>,
+    /// One side report at a time: a flood of `/healthz` waits here, not on the GIL.
+    side_reports: Semaphore,
     /// Responses sent, by status code.
     responses: Box<[AtomicU64]>,
 }
@@ -71,30 +79,6 @@ impl Front {
             n.fetch_add(1, Ordering::Relaxed);
         }
         response
-    }
-}
-
-/// The poller task's switches.
-#[derive(Default)]
-struct Poller {
-    /// It waits on the engine's descriptor (a submit should open a spin window).
-    sleeping: AtomicBool,
-    wake: Notify,
-    stop: AtomicBool,
-}
-
-impl Poller {
-    /// A task was submitted: a sleeping poller opens a spin window, as the Python flow's
-    /// `process()` does, rather than wait for the doorbell.
-    fn kick(&self) {
-        if self.sleeping.load(Ordering::Acquire) {
-            self.wake.notify_one();
-        }
-    }
-
-    fn halt(&self) {
-        self.stop.store(true, Ordering::Release);
-        self.wake.notify_one();
     }
 }
 
@@ -208,7 +192,7 @@ async fn serve_request(front: &Front, request: Request<Incoming>) -> Response<Bo
             };
         }
     };
-    front.poller.kick();
+    front.driver.poller.kick();
     let mut pending = Pending { front, call, answered: false };
     // The driver answers every call exactly once, its deadline included: no timer here. A
     // dropped sender means the driver was closed with the call in it.
@@ -222,12 +206,17 @@ async fn serve_request(front: &Front, request: Request<Incoming>) -> Response<Bo
 
 /// `/healthz` or `/metrics`: the Python thread's report, on a blocking thread.
 async fn side(front: &Front, kind: &'static str) -> Response<Body> {
-    let callback = Python::attach(|py| front.side.clone_ref(py));
-    let job = tokio::task::spawn_blocking(move || {
-        Python::attach(|py| -> PyResult<(u16, String, Vec<u8>)> { callback.bind(py).call1((kind,))?.extract() })
-    });
     let unavailable = |message: String| error(StatusCode::SERVICE_UNAVAILABLE, "no_report", &message, None);
-    match tokio::time::timeout(SIDE_TIMEOUT, job).await {
+    let report = async {
+        let _one = front.side_reports.acquire().await.expect("never closed");
+        // The GIL is taken on the blocking thread only: never on the runtime's.
+        let callback = front.side.clone();
+        tokio::task::spawn_blocking(move || {
+            Python::attach(|py| -> PyResult<(u16, String, Vec<u8>)> { callback.bind(py).call1((kind,))?.extract() })
+        })
+        .await
+    };
+    match tokio::time::timeout(SIDE_TIMEOUT, report).await {
         Ok(Ok(Ok((status, content_type, body)))) => {
             let mut response = Response::new(Body::new(body.into()));
             *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -245,15 +234,15 @@ async fn side(front: &Front, kind: &'static str) -> Response<Body> {
 /// Polls the driver for as long as the front serves: answers native calls, hands the rest to
 /// the Python thread, and sleeps on the engine's descriptor when the core says so.
 async fn poll_driver(front: Arc<Front>, engine_fd: AsyncFd<OwnedFd>) {
-    let poller = &front.poller;
+    let poller = &front.driver.poller;
     let mut open_window = true;
-    while !poller.stop.load(Ordering::Acquire) {
+    while poller.is_current(front.generation) {
         let mut full_at = std::time::Instant::now();
         let mut events = true;
         loop {
-            let Some(again) = front.driver.native_pass(events, open_window) else { return };
+            let Some(again) = front.driver.native_pass(front.generation, events, open_window) else { return };
             open_window = false;
-            if !again || poller.stop.load(Ordering::Acquire) {
+            if !again {
                 break;
             }
             tokio::task::yield_now().await;
@@ -272,6 +261,68 @@ async fn poll_driver(front: Arc<Front>, engine_fd: AsyncFd<OwnedFd>) {
         }
         poller.sleeping.store(false, Ordering::Release);
         open_window = true;
+    }
+}
+
+/// A connection's socket with a bound on how long a write may make no progress: a client that
+/// stops reading its response is disconnected after `client_timeout`, and gives back its
+/// connection slot and the response it held. (hyper bounds only the reading of headers.)
+struct WriteTimeout {
+    stream: tokio::net::TcpStream,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn bound<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteTimeout {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteTimeout {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.bound(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.bound(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_flush(cx);
+        this.bound(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -319,10 +370,11 @@ async fn serve(
             let front = front.clone();
             async move { Ok::<_, Infallible>(respond(front, request).await) }
         });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.client_timeout)
-            .serve_connection(TokioIo::new(stream), service);
+        let connection =
+            http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(limits.client_timeout).serve_connection(
+                TokioIo::new(WriteTimeout { stream, limit: limits.client_timeout, stalled: None }),
+                service,
+            );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;
@@ -331,8 +383,23 @@ async fn serve(
     };
     drop(listener);
     let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
-    front.poller.halt();
+    front.driver.poller.release(front.generation);
     let _ = poller.await;
+}
+
+/// The poller's claim while the server is being set up: released if setting up fails.
+struct Claimed {
+    shared: Arc<Shared>,
+    generation: u64,
+    keep: bool,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.shared.poller.release(self.generation);
+        }
+    }
 }
 
 #[pyclass(frozen, module = "aqueduct._core")]
@@ -340,8 +407,9 @@ pub struct HttpServer {
     front: Arc<Front>,
     address: (String, u16),
     shutdown: Mutex<Option<oneshot::Sender<Duration>>>,
-    /// Receives once the server's thread has ended.
+    /// Receives once the server's thread has ended its work.
     finished: Mutex<std::sync::mpsc::Receiver<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 #[pymethods]
@@ -382,6 +450,11 @@ impl HttpServer {
             }
         }
         let shared = driver.shared().clone();
+        let generation = shared
+            .poller
+            .claim()
+            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("the flow is served by an HTTP front already"))?;
+        let claimed = Claimed { shared: shared.clone(), generation, keep: false };
         let (engine_fd, steps) = {
             let guard = shared.lock_native();
             let d = guard.as_ref().ok_or_else(|| value_error("the flow is not running".into()))?;
@@ -411,8 +484,9 @@ impl HttpServer {
             max_body,
             max_in_flight,
             in_flight: AtomicUsize::new(0),
-            poller: Poller::default(),
-            side,
+            generation,
+            side: Arc::new(side),
+            side_reports: Semaphore::new(1),
             responses: (0..600).map(|_| AtomicU64::new(0)).collect(),
         });
         let runtime = if threads == 1 {
@@ -430,21 +504,25 @@ impl HttpServer {
         let (finished_tx, finished) = std::sync::mpsc::channel();
         let limits = Limits { max_connections, client_timeout };
         let serving = front.clone();
-        py.detach(|| {
-            std::thread::Builder::new().name("aqueduct-http".into()).spawn(move || {
-                runtime.block_on(serve(serving, listener, engine_fd, limits, shutdown_rx));
-                // Connections still open past the grace are dropped with the runtime: their
-                // calls are cancelled in the driver.
-                drop(runtime);
-                let _ = finished_tx.send(());
+        let thread = py
+            .detach(|| {
+                std::thread::Builder::new().name("aqueduct-http".into()).spawn(move || {
+                    runtime.block_on(serve(serving, listener, engine_fd, limits, shutdown_rx));
+                    // Connections still open past the grace are dropped with the runtime: their
+                    // calls are cancelled in the driver.
+                    drop(runtime);
+                    let _ = finished_tx.send(());
+                })
             })
-        })
-        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the HTTP thread: {e}")))?;
+            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the HTTP thread: {e}")))?;
+        let mut claimed = claimed;
+        claimed.keep = true;
         Ok(Self {
             front,
             address: (local.ip().to_string(), local.port()),
             shutdown: Mutex::new(Some(shutdown)),
             finished: Mutex::new(finished),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -485,7 +563,7 @@ impl HttpServer {
     /// Stops the front's polling of the driver (the Python thread polls from now on), without
     /// stopping the server.
     fn stop_polling(&self) {
-        self.front.poller.halt();
+        self.front.driver.poller.release(self.front.generation);
     }
 
     /// Waits (without the GIL) at most `timeout` seconds for the server to have ended after
@@ -494,8 +572,15 @@ impl HttpServer {
         let timeout = args::duration("timeout", timeout)?;
         let mut guard = self.finished.lock().unwrap_or_else(|p| p.into_inner());
         let finished = &mut *guard;
+        let thread = &self.thread;
         Ok(py.detach(move || match finished.recv_timeout(timeout) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // Its work is done: the thread itself is gone a moment later.
+                if let Some(handle) = thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = handle.join();
+                }
+                true
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
         }))
     }
