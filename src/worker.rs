@@ -16,7 +16,7 @@ use aqueduct_core::shm::{Arena, SharedRegion};
 use aqueduct_core::{Received, WorkerEndpoint};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use crate::errors::py_err;
 use crate::shm::{Pool, ShmBuffer};
@@ -25,11 +25,40 @@ use crate::shm::{Pool, ShmBuffer};
 pub struct Worker {
     inner: Mutex<WorkerEndpoint>,
     arena: Arc<Arena>,
+    /// Where large compact bodies are read before they are decoded (see `decode_large`).
+    scratch: Mutex<Vec<u8>>,
 }
+
+/// Compact bodies from this size are decoded as they are received.
+const DECODED_ON_RECEIPT: usize = 64 << 10;
 
 impl Worker {
     fn lock(&self) -> MutexGuard<'_, WorkerEndpoint> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A large body in the compact form, decoded here as `(module, qualname, state)` from a
+    /// scratch buffer this worker keeps: read into a fresh `bytes` and then decoded, a 1 MiB
+    /// upload cost two fresh megabytes per task, which the allocator gave back to the kernel
+    /// each time (hundreds of page faults per task). `None`: not such a body, or not readable
+    /// as one (decoded from `bytes` later, where its error belongs to its task).
+    fn decode_large<'py>(
+        &self,
+        py: Python<'py>,
+        w: &WorkerEndpoint,
+        i: usize,
+        len: usize,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        if len < DECODED_ON_RECEIPT {
+            return Ok(None);
+        }
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        scratch.resize(len, 0);
+        w.read_body_into(i, &mut scratch).map_err(py_err(py))?;
+        if scratch.first() != Some(&aqueduct_core::task_state::FORMAT) {
+            return Ok(None);
+        }
+        Ok(crate::codec::decode_state(py, &scratch).ok())
     }
 }
 
@@ -43,7 +72,7 @@ impl Worker {
             Arc::new(SharedRegion::attach(adopt_inherited(region_fd).map_err(py_err(py))?).map_err(py_err(py))?);
         let doorbell = Doorbell::from_fd(adopt_inherited(doorbell_fd).map_err(py_err(py))?);
         let endpoint = WorkerEndpoint::attach(region, pool.arena.clone(), slot, doorbell).map_err(py_err(py))?;
-        Ok(Self { inner: Mutex::new(endpoint), arena: pool.arena.clone() })
+        Ok(Self { inner: Mutex::new(endpoint), arena: pool.arena.clone(), scratch: Mutex::default() })
     }
 
     fn ready(&self, py: Python<'_>) -> PyResult<()> {
@@ -73,9 +102,13 @@ impl Worker {
                     let out = PyList::empty(py);
                     for i in 0..n {
                         let t = &w.tasks()[i];
-                        let body = PyBytes::new_with(py, t.body.len, |buf| {
-                            w.read_body_into(i, buf).map_err(|e| crate::errors::to_py(py, e))
-                        })?;
+                        let body = match self.decode_large(py, &w, i, t.body.len)? {
+                            Some(state) => state.into_any(),
+                            None => PyBytes::new_with(py, t.body.len, |buf| {
+                                w.read_body_into(i, buf).map_err(|e| crate::errors::to_py(py, e))
+                            })?
+                            .into_any(),
+                        };
                         let bufs = PyList::empty(py);
                         for b in &t.bufs {
                             self.arena.hold(&b.extent()).map_err(py_err(py))?;

@@ -8,8 +8,15 @@ sentence-transformers does for this model. A batch is padded to its longest text
 padding out of the average, so a text's vector does not depend on its batch beyond float
 rounding (``run.py`` checks every framework's answers against one text per call).
 
-``echo`` is the framework-overhead handler: the text's length, no model. ``server_args`` is the
-command line every server in ``servers/`` takes.
+``echo`` is the framework-overhead handler: the text's length, no model.
+
+The image scenario is two steps over a 1 MiB upload (a 1024 x 1024 grayscale image, raw
+``uint8``): ``preprocess`` pools it to 32 x 32 and normalises it, and ``Classifier.top5``, a
+fixed linear layer over 1,000 classes, classifies batches of them; the answer is the top 5
+classes. Little compute: what it measures is how each framework moves a megabyte in and
+between steps.
+
+``server_args`` is the command line every server in ``servers/`` takes.
 """
 
 from __future__ import annotations
@@ -63,13 +70,45 @@ class Embedder:
         return unit.astype(np.float32).tolist()
 
 
+IMAGE_SIDE = 1024
+POOLED_SIDE = 32
+CLASSES = 1000
+
+
+def image_bytes(seed: int = 0) -> bytes:
+    """A 1 MiB upload, as a client sends it."""
+    return np.random.default_rng(seed).integers(0, 256, IMAGE_SIDE * IMAGE_SIDE, dtype=np.uint8).tobytes()
+
+
+def preprocess(data: bytes) -> np.ndarray:
+    """Step 1: the upload pooled to 32 x 32 and normalised (1,024 floats)."""
+    if len(data) != IMAGE_SIDE * IMAGE_SIDE:
+        raise ValueError(f'expected {IMAGE_SIDE * IMAGE_SIDE} bytes, got {len(data)}')
+    k = IMAGE_SIDE // POOLED_SIDE
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(POOLED_SIDE, k, POOLED_SIDE, k)
+    pooled = pixels.mean(axis=(1, 3), dtype=np.float32)
+    return ((pooled - 127.5) / 127.5).ravel()
+
+
+class Classifier:
+    """Step 2: a fixed random linear layer; answers each image's 5 best classes."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(42)
+        self.weights = rng.standard_normal((POOLED_SIDE * POOLED_SIDE, CLASSES), dtype=np.float32)
+
+    def top5(self, batch: Sequence[np.ndarray]) -> List[List[int]]:
+        logits = np.stack(batch) @ self.weights
+        return np.argsort(-logits, axis=1, kind='stable')[:, :5].tolist()
+
+
 def echo(texts: Sequence[str]) -> List[int]:
     return [len(t) for t in texts]
 
 
 def server_args() -> argparse.Namespace:
-    """``--handler embed|echo --port N``: what ``run.py`` starts every server with."""
+    """``--handler embed|echo|image --port N``: what ``run.py`` starts every server with."""
     parser = argparse.ArgumentParser()
-    parser.add_argument('--handler', choices=['embed', 'echo'], required=True)
+    parser.add_argument('--handler', choices=['embed', 'echo', 'image'], required=True)
     parser.add_argument('--port', type=int, required=True)
     return parser.parse_args()

@@ -1,8 +1,10 @@
-"""Serves the same model (and the echo handler) with each framework, checks they answer alike,
-and loads each with wrk on 127.0.0.1, rounds interleaved; prints a Markdown table of medians and
-writes ``bench/results/peers.json``. Run ``setup.py`` first (``make bench-peers`` does both).
+"""Serves the same model (and the echo handler, and the two-step 1 MiB image scenario) with each
+framework, checks they answer alike, and loads each with wrk on 127.0.0.1, rounds interleaved;
+prints a Markdown table of medians and writes ``bench/results/peers.json``. Run ``setup.py``
+first (``make bench-peers`` does both).
 
-    python bench/peers/run.py [--only ours,mosec] [--rounds 2] [--seconds 20] [--connections 32]
+    python bench/peers/run.py [--only ours,mosec] [--handlers embed,echo,image] [--rounds 2]
+                              [--seconds 20] [--connections 32]
 
 CPU per request is the machine's busy CPU time during the load (``/proc/stat``), less wrk's own,
 over the requests served: what the framework and the model cost together on this host, whatever
@@ -57,6 +59,11 @@ LOAD_TEXT = (
     'Aqueduct runs CPU-bound Python work in parallel processes as pipelines: queues between '
     'steps, several processes per step, dynamic batching and shared memory for big arrays.'
 )
+#: Servers with the two-step image scenario (LitServe has one stage per API and takes binary
+#: bodies only as form uploads; Ray Serve composes deployments, left for later).
+IMAGE_SERVERS = ('ours_http', 'ours', 'aqueduct115', 'fastapi_ppe', 'mosec')
+#: The images the answers are checked on (seeds of `model.image_bytes`); the load sends seed 0.
+CHECK_IMAGES = [0, 1, 2, 3]
 #: Servers that run in another one's venv.
 VENV_OF = {'ours_http': 'ours'}
 CHECK_TEXTS = ['hello', LOAD_TEXT, 'ünïcødé ✓ ' * 40, 'a ' * 400]
@@ -73,9 +80,19 @@ def free_port() -> int:
 
 
 def post(url: str, text: str, timeout: float = 30) -> dict:
-    req = urllib.request.Request(url, json.dumps({'text': text}).encode(), {'Content-Type': 'application/json'})
+    return post_bytes(url, json.dumps({'text': text}).encode(), 'application/json', timeout)
+
+
+def post_bytes(url: str, body: bytes, content_type: str, timeout: float = 30) -> dict:
+    req = urllib.request.Request(url, body, {'Content-Type': content_type})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def image(seed: int) -> bytes:
+    """An upload of the image scenario (written by `reference_answers` in a framework's venv:
+    this interpreter need not have numpy)."""
+    return (HERE / '.cache' / f'image-{seed}.bin').read_bytes()
 
 
 def session_members(sid: int) -> list:
@@ -107,6 +124,7 @@ def children_cpu_seconds() -> float:
 class Server:
     def __init__(self, framework: str, handler: str):
         script, path = SERVERS[framework]
+        self.handler = handler
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}' + path.format(handler=handler)
         server = HERE / 'servers' / script
@@ -124,7 +142,10 @@ class Server:
                 tail = self.log.read_text(errors='replace')[-2000:]
                 raise RuntimeError(f'{self.url}: the server exited ({self.proc.returncode}): {tail}')
             try:
-                post(self.url, 'ready?', timeout=5)
+                if self.handler == 'image':
+                    post_bytes(self.url, image(0), 'application/octet-stream', timeout=5)
+                else:
+                    post(self.url, 'ready?', timeout=5)
                 return
             except OSError:
                 time.sleep(0.2)  # polling a server that is starting: no event to wait on
@@ -163,6 +184,12 @@ def check_close(expected: list, got: list) -> None:
 
 
 def check(handler: str, server: Server, reference: dict) -> None:
+    if handler == 'image':
+        for seed in CHECK_IMAGES:
+            got = post_bytes(server.url, image(seed), 'application/octet-stream')['top5']
+            if got != reference['images'][seed]:
+                raise AssertionError(f'image {seed}: top 5 {got}, expected {reference["images"][seed]}')
+        return
     for text in CHECK_TEXTS:
         got = answer_of(handler, post(server.url, text))
         if handler == 'embed':
@@ -171,13 +198,24 @@ def check(handler: str, server: Server, reference: dict) -> None:
             raise AssertionError(f'echo of a {len(text)}-character text answered {got}')
 
 
-def wrk(url: str, seconds: int, connections: int) -> dict:
+def wrk(url: str, seconds: int, connections: int, handler: str) -> dict:
     script = HERE / '.cache' / 'post.lua'
-    script.write_text(
-        'wrk.method = "POST"\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.body = {json.dumps(json.dumps({"text": LOAD_TEXT}))}\n'
-    )
+    if handler == 'image':
+        upload = HERE / '.cache' / 'image.bin'
+        upload.write_bytes(image(0))
+        script.write_text(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+            f'local f = io.open({json.dumps(str(upload))}, "rb")\n'
+            'wrk.body = f:read("*all")\n'
+            'f:close()\n'
+        )
+    else:
+        script.write_text(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.body = {json.dumps(json.dumps({"text": LOAD_TEXT}))}\n'
+        )
     out = subprocess.run(
         ['wrk', '-t1', f'-c{connections}', f'-d{seconds}s', '--latency', '-s', str(script), url],
         capture_output=True, text=True, timeout=seconds + 60, check=True,
@@ -208,9 +246,9 @@ def measure(framework: str, handler: str, args, reference: dict) -> dict:
     try:
         server.wait_ready()
         check(handler, server, reference)
-        wrk(server.url, 3, args.connections)  # warm-up: batch sizes, caches, lazy imports
+        wrk(server.url, 3, args.connections, handler)  # warm-up: batch sizes, caches, lazy imports
         busy, load = busy_cpu_seconds(), children_cpu_seconds()
-        result = wrk(server.url, args.seconds, args.connections)
+        result = wrk(server.url, args.seconds, args.connections, handler)
         served = (busy_cpu_seconds() - busy) - (children_cpu_seconds() - load)  # less wrk's own
         result['cpu_ms_per_request'] = served * 1e3 / max(result['requests'], 1)
         return result
@@ -218,11 +256,17 @@ def measure(framework: str, handler: str, args, reference: dict) -> dict:
         server.stop()
 
 
-def reference_vectors(framework: str) -> dict:
-    """Each check text's vector, one text per call (no padding), in ``framework``'s venv."""
+def reference_answers(framework: str) -> dict:
+    """Each check text's vector, one text per call (no padding), and each check image's top 5,
+    in ``framework``'s venv; writes the images for the loads."""
     code = (
-        'import json, sys; from model import Embedder; m = Embedder(); t = json.load(sys.stdin); '
-        'print(json.dumps({x: m.embed([x])[0] for x in t}))'
+        'import json, sys; from model import Classifier, Embedder, image_bytes, preprocess; m = Embedder(); '
+        't = json.load(sys.stdin); c = Classifier(); '
+        'out = {x: m.embed([x])[0] for x in t}; '
+        f'seeds = {CHECK_IMAGES!r}; '
+        "[open(f'.cache/image-{s}.bin', 'wb').write(image_bytes(s)) for s in seeds]; "
+        'out["images"] = [c.top5([preprocess(image_bytes(s))])[0] for s in seeds]; '
+        'print(json.dumps(out))'
     )
     out = subprocess.run(
         [str(venv_python(framework)), '-c', code], cwd=HERE, input=json.dumps(CHECK_TEXTS),
@@ -234,7 +278,7 @@ def reference_vectors(framework: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--only', help='comma-separated: ' + ', '.join(SERVERS))
-    parser.add_argument('--handlers', default='embed,echo')
+    parser.add_argument('--handlers', default='embed,echo,image')
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--seconds', type=int, default=20)
     parser.add_argument('--connections', type=int, default=32)
@@ -243,12 +287,14 @@ def main() -> int:
     missing = [n for n in names if VENV_OF.get(n, n) not in FRAMEWORKS or not venv_python(n).exists()]
     if missing:
         parser.error(f'no venv for {missing}: run bench/peers/setup.py first')
-    reference = reference_vectors(names[0])
+    reference = reference_answers(names[0])
     results: dict = {}
     for round_ in range(args.rounds):
         order = names if round_ % 2 == 0 else names[::-1]  # interleaved, alternating who goes first
         for handler in args.handlers.split(','):
             for name in order:
+                if handler == 'image' and name not in IMAGE_SERVERS:
+                    continue
                 r = measure(name, handler, args, reference)
                 results.setdefault(handler, {}).setdefault(name, []).append(r)
                 line = f'round {round_ + 1} {handler:<5} {name:<12} {r["rps"]:>9.1f} req/s p50 {r["p50_ms"]:.1f} ms'
@@ -281,7 +327,10 @@ def table(results: dict, host: dict, args) -> str:
     for name in names:
         cells = []
         for handler in results:
-            runs = results[handler][name]
+            runs = results[handler].get(name)
+            if not runs:
+                cells += ['—', '—', '—']
+                continue
             rps = statistics.median(r['rps'] for r in runs)
             rounds = ' / '.join(f'{r["rps"]:,.0f}' for r in runs)
             p50 = statistics.median(r['p50_ms'] for r in runs)

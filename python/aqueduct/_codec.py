@@ -194,7 +194,15 @@ def _resolve(module: str, qualname: str) -> type[object]:
 
 
 def decode(data, bufs: Optional[List[Any]] = None) -> Any:
-    """The task object carried by ``data`` and its buffers (a new instance)."""
+    """The task object carried by ``data`` and its buffers (a new instance). ``data`` may be
+    a compact body already decoded, ``(module, qualname, state)``: workers decode large ones
+    as they receive them (``_core.Worker.recv``)."""
+    if data.__class__ is tuple:
+        module, qualname, state = data
+        cls = _resolve(module, qualname)
+        task = cls.__new__(cls)
+        task.__dict__ = state
+        return task
     if data and data[0] == COMPACT_BODY:
         module, qualname, state = _decode_state(data)
         cls = _resolve(module, qualname)

@@ -4,6 +4,7 @@ of up to 16 collected for at most 5 ms.
 
     POST /embed {"text": ...} -> {"embedding": [384 floats]}
     POST /echo  {"text": ...} -> {"length": n}
+    POST /image (1 MiB raw)    -> {"top5": [5 classes]}: two steps (2 + 2 processes)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aqueduct import BaseTask, BaseTaskHandler, Flow, FlowStep  # noqa: E402
 from aqueduct.integrations.aiohttp import AppIntegrator  # noqa: E402
-from model import Embedder, echo, server_args  # noqa: E402
+from model import Classifier, Embedder, echo, preprocess, server_args  # noqa: E402
 
 
 class TextTask(BaseTask):
@@ -43,7 +44,50 @@ class EchoHandler(BaseTaskHandler):
             task.result = length
 
 
+class ImageTask(BaseTask):
+    def __init__(self, image: bytes):
+        super().__init__()
+        self.image = image
+        self.pixels = None
+        self.top5 = None
+
+
+class DecodeImage(BaseTaskHandler):
+    def handle(self, *tasks: ImageTask) -> None:
+        for task in tasks:
+            task.pixels = preprocess(task.image)
+            task.image = None  # not carried on
+
+
+class ClassifyImage(BaseTaskHandler):
+    def on_start(self) -> None:
+        self.model = Classifier()
+
+    def handle(self, *tasks: ImageTask) -> None:
+        for task, top5 in zip(tasks, self.model.top5([t.pixels for t in tasks]), strict=True):
+            task.top5 = top5
+            task.pixels = None
+
+
+def create_image_app() -> web.Application:
+    async def serve(request: web.Request) -> web.Response:
+        task = ImageTask(await request.read())
+        await request.app['flow'].process(task, timeout_sec=30)
+        return web.json_response({'top5': task.top5})
+
+    app = web.Application(client_max_size=2 << 20)
+    flow = Flow(
+        FlowStep(DecodeImage(), nprocs=2),
+        FlowStep(ClassifyImage(), nprocs=2, batch_size=16, batch_timeout=0.005),
+    )
+    AppIntegrator(app).add_flow(flow)
+    app.router.add_post('/image', serve)
+    return app
+
+
 def create_app(handler: str) -> web.Application:
+    if handler == 'image':
+        return create_image_app()
     work = EmbedHandler() if handler == 'embed' else EchoHandler()
     step = FlowStep(work, nprocs=2, batch_size=16, batch_timeout=0.005)
     key = 'embedding' if handler == 'embed' else 'length'

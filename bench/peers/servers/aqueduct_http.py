@@ -4,6 +4,7 @@ collected for at most 5 ms. The workers parse the JSON body and encode the respo
 
     POST /embed {"text": ...} -> {"embedding": [384 floats]}
     POST /echo  {"text": ...} -> {"length": n}
+    POST /image (1 MiB raw)    -> {"top5": [5 classes]}: two steps (2 + 2 processes)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aqueduct import BaseTaskHandler, Flow, FlowStep  # noqa: E402
 from aqueduct.http import Request, serve  # noqa: E402
-from model import Embedder, echo, server_args  # noqa: E402
+from model import Classifier, Embedder, echo, preprocess, server_args  # noqa: E402
 
 
 class EmbedHandler(BaseTaskHandler):
@@ -35,11 +36,34 @@ class EchoHandler(BaseTaskHandler):
             task.response = {'length': length}
 
 
+class DecodeImage(BaseTaskHandler):
+    def handle(self, *tasks: Request) -> None:
+        for task in tasks:
+            task.pixels = preprocess(task.body)
+            task.body = b''  # not carried on
+
+
+class ClassifyImage(BaseTaskHandler):
+    def on_start(self) -> None:
+        self.model = Classifier()
+
+    def handle(self, *tasks: Request) -> None:
+        for task, top5 in zip(tasks, self.model.top5([t.pixels for t in tasks]), strict=True):
+            task.response = {'top5': top5}
+
+
 def main() -> None:
     args = server_args()
-    work = EmbedHandler() if args.handler == 'embed' else EchoHandler()
-    flow = Flow(FlowStep(work, nprocs=2, batch_size=16, batch_timeout=0.005))
-    asyncio.run(serve(flow, '127.0.0.1', args.port, routes={f'/{args.handler}': 0}, timeout_sec=30.0))
+    if args.handler == 'image':
+        flow = Flow(
+            FlowStep(DecodeImage(), nprocs=2),
+            FlowStep(ClassifyImage(), nprocs=2, batch_size=16, batch_timeout=0.005),
+        )
+    else:
+        work = EmbedHandler() if args.handler == 'embed' else EchoHandler()
+        flow = Flow(FlowStep(work, nprocs=2, batch_size=16, batch_timeout=0.005))
+    routes = {f'/{args.handler}': 0}
+    asyncio.run(serve(flow, '127.0.0.1', args.port, routes=routes, timeout_sec=30.0, max_body_bytes=2 << 20))
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ service without a pipeline framework does. No batching: one request, one call in
 
     POST /embed {"text": ...} -> {"embedding": [384 floats]}
     POST /echo  {"text": ...} -> {"length": n}
+    POST /image (1 MiB raw)    -> {"top5": [5 classes]}: two calls, each in a pool process
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from concurrent.futures import ProcessPoolExecutor
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from pydantic import BaseModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import Embedder, echo, server_args  # noqa: E402
+from model import Classifier, Embedder, echo, preprocess, server_args  # noqa: E402
 
 _model: Embedder | None = None
+_classifier: Classifier | None = None
 
 
 def _load() -> None:
@@ -33,6 +36,16 @@ def _embed(text: str) -> list:
     return _model.embed([text])[0]
 
 
+def _load_classifier() -> None:
+    global _classifier
+    _classifier = Classifier()
+
+
+def _classify(pixels) -> list:
+    assert _classifier is not None, 'the worker loaded the model at start'
+    return _classifier.top5([pixels])[0]
+
+
 def _echo(text: str) -> int:
     return echo([text])[0]
 
@@ -41,7 +54,22 @@ class Request(BaseModel):
     text: str
 
 
+def create_image_app() -> FastAPI:
+    pool = ProcessPoolExecutor(2, initializer=_load_classifier)
+    app = FastAPI()
+
+    @app.post('/image')
+    async def serve(request: HttpRequest) -> dict:
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(pool, preprocess, await request.body())
+        return {'top5': await loop.run_in_executor(pool, _classify, pixels)}
+
+    return app
+
+
 def create_app(handler: str) -> FastAPI:
+    if handler == 'image':
+        return create_image_app()
     pool = ProcessPoolExecutor(2, initializer=_load if handler == 'embed' else None)
     work, key = (_embed, 'embedding') if handler == 'embed' else (_echo, 'length')
     app = FastAPI()
