@@ -292,6 +292,10 @@ struct Slot {
     overran: bool,
     /// Told to stop while its inbound ring was full: the stop record goes out once there is room.
     stop_pending: bool,
+    /// A replacement reported ready before the front end registered it
+    /// ([`Hub::worker_spawned`]): possible when the engine is polled from another thread than
+    /// the one that starts processes (the HTTP front's poller).
+    ready_before_spawn: bool,
 }
 
 impl Slot {
@@ -453,6 +457,7 @@ impl Hub {
                     unpublished: false,
                     overran: false,
                     stop_pending: false,
+                    ready_before_spawn: false,
                 });
             }
             // Every outstanding batch of inline bodies must fit in the inbound ring at once: each
@@ -613,10 +618,15 @@ impl Hub {
     /// pool; it is given work once it reports ready.
     pub fn worker_spawned(&mut self, slot: usize, pid: u32, pool_index: u32) {
         let s = &mut self.slots[slot];
-        s.state = SlotState::Starting;
         s.pid = pid;
         s.pool_index = pool_index;
         s.stop_pending = false;
+        if std::mem::take(&mut s.ready_before_spawn) {
+            s.state = SlotState::Idle;
+            self.steps[s.step].idle.push(slot);
+        } else {
+            s.state = SlotState::Starting;
+        }
         self.layout.slot_pid(&self.region, slot).store(pid, Ordering::Release);
     }
 
@@ -990,6 +1000,8 @@ impl Hub {
                         if s.state == SlotState::Starting {
                             s.state = SlotState::Idle;
                             self.steps[s.step].idle.push(slot);
+                        } else if matches!(s.state, SlotState::Dead | SlotState::Vacant) {
+                            s.ready_before_spawn = true; // becomes idle when registered
                         }
                         out(Outcome::WorkerReady { slot, step: s.step, pid: s.pid });
                         reported += 1;
@@ -1333,6 +1345,7 @@ impl Hub {
         let (step, pid) = (s.step, s.pid);
         let was_live = !matches!(s.state, SlotState::Vacant | SlotState::Dead);
         s.state = SlotState::Dead;
+        s.ready_before_spawn = false;
         let overran = std::mem::take(&mut s.overran);
         self.overdue.retain(|&o| o != slot);
         let s = &mut self.slots[slot];

@@ -800,3 +800,23 @@ fn the_owner_resuming_drops_a_doorbell_stamp_and_lowers_the_flag() {
         "the stamp measured no wake-up"
     );
 }
+
+/// Found with the HTTP front, whose poller runs on its own thread: a replacement's ready
+/// record was read before the front end registered the process, and the slot then stayed
+/// `Starting` for ever (its tasks timed out). The ready report is kept until registration.
+#[test]
+fn a_replacement_ready_before_it_is_registered_is_given_work() {
+    let mut rig = Rig::new(config(vec![step(1, 1, 0, 16)]));
+    rig.hub.worker_exited(0, &mut |_| {}).unwrap();
+    assert_eq!(rig.hub.slot_state(0), SlotState::Dead);
+    let index = rig.hub.arena().reserve_index().expect("a free process index");
+    let arena = Arc::new(rig.hub.arena().as_process(index));
+    let mut replacement = WorkerEndpoint::attach(rig.hub.region().clone(), arena, 0, Doorbell::new().unwrap()).unwrap();
+    replacement.set_spin(SpinPolicy::NONE);
+    replacement.ready().unwrap();
+    rig.poll(); // the ready record, read before registration
+    rig.hub.worker_spawned(0, 2000, index);
+    assert_eq!(rig.hub.slot_state(0), SlotState::Idle);
+    rig.hub.submit(0, 0, Nanos::ZERO, b"t").unwrap();
+    assert_eq!(replacement.recv(Some(Duration::ZERO)).unwrap(), Received::Batch(1));
+}
