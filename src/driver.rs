@@ -19,6 +19,7 @@ use aqueduct_core::driver::{Admission, DriverState, Event, Fault, GiveUp, Restar
 use aqueduct_core::hub::{Failure as HubFailure, HubConfig, Payload, SlotState, StepSpec};
 use aqueduct_core::metrics::{Histogram, WORKER_SERIES};
 use aqueduct_core::shm::{Arena, BufRef};
+use aqueduct_core::stream::PartReceipt;
 use aqueduct_core::{Driver as CoreDriver, Engine as CoreEngine, Nanos};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -35,6 +36,10 @@ pub(crate) enum Call {
     Future(Py<PyAny>),
     /// A call of the HTTP front (`crate::http`), answered with Rust values: no GIL.
     Native(oneshot::Sender<Outcome>),
+    /// A streaming call (`Flow.stream`): a Python object with `set_result(value)`, as a
+    /// future, and `_part(body, bufs, receipt)` for each partial result. Shared, so that the
+    /// HTTP front's poller (which has no GIL) can forward its parts.
+    Stream(Arc<Py<PyAny>>),
 }
 
 /// A call's outcome as Rust values: what a native call gets, and what the HTTP front's poller
@@ -123,7 +128,9 @@ struct Forwarding {
 }
 
 enum Forwarded {
-    Outcome(Py<PyAny>, Outcome),
+    Outcome(Arc<Py<PyAny>>, Outcome),
+    /// A part of a streaming call: its body, buffers and receipt.
+    Part(Arc<Py<PyAny>>, Vec<u8>, Vec<BufRef>, PartReceipt),
     Event(WorkerEvent),
 }
 
@@ -149,6 +156,7 @@ impl Shared {
     /// more can be forwarded behind its back.
     pub(crate) fn native_pass(&self, generation: u64, events: bool, open_window: bool) -> Option<bool> {
         let mut forwarded = Vec::new();
+        let mut orphans = Vec::new();
         let mut guard = self.lock_native();
         if !self.poller.is_current(generation) {
             return None;
@@ -165,18 +173,32 @@ impl Shared {
                     let outcome = Outcome::Done { body: body.into_vec(&arena), bufs };
                     match call {
                         Call::Native(answer) => answer_native(&arena, answer, outcome),
-                        Call::Future(future) => forwarded.push(Forwarded::Outcome(future, outcome)),
+                        Call::Future(future) => forwarded.push(Forwarded::Outcome(Arc::new(future), outcome)),
+                        Call::Stream(stream) => forwarded.push(Forwarded::Outcome(stream, outcome)),
                     }
                 }
                 Event::Failed { call, step, fault } => {
                     let outcome = failed(&arena, step, fault);
                     match call {
                         Call::Native(answer) => answer_native(&arena, answer, outcome),
-                        Call::Future(future) => forwarded.push(Forwarded::Outcome(future, outcome)),
+                        Call::Future(future) => forwarded.push(Forwarded::Outcome(Arc::new(future), outcome)),
+                        Call::Stream(stream) => forwarded.push(Forwarded::Outcome(stream, outcome)),
                     }
+                }
+                Event::Part { call: Call::Stream(stream), body, bufs, receipt } => {
+                    forwarded.push(Forwarded::Part(stream.clone(), body.into_vec(&arena), bufs, receipt));
+                }
+                Event::Part { body, bufs, receipt, .. } => {
+                    // Only streaming calls are sent parts; give it back all the same.
+                    let _ = body.into_vec(&arena);
+                    release_refs(&arena, bufs);
+                    orphans.push(receipt);
                 }
                 other => forwarded.extend(worker_event_of(other, names).map(Forwarded::Event)),
             });
+            for receipt in orphans {
+                driver.release_part(receipt);
+            }
             // An engine error (a descriptor gone bad) is the Python thread's to report; its own
             // polling meets it too. Here it only ends the spin.
             passed.is_ok_and(|(_, again)| again)
@@ -193,13 +215,18 @@ impl Shared {
     }
 }
 
+/// Gives back the references a message carried, for one nobody takes.
+fn release_refs(arena: &Arena, bufs: Vec<BufRef>) {
+    for b in &bufs {
+        let _ = arena.unhold(&b.extent());
+    }
+}
+
 /// Answers a native call. Buffers are released: the HTTP front reads bodies only.
 fn answer_native(arena: &Arena, answer: oneshot::Sender<Outcome>, outcome: Outcome) {
     let outcome = match outcome {
         Outcome::Done { body, bufs } => {
-            for b in &bufs {
-                let _ = arena.unhold(&b.extent());
-            }
+            release_refs(arena, bufs);
             Outcome::Done { body, bufs: Vec::new() }
         }
         failed => failed,
@@ -220,6 +247,7 @@ fn failed(arena: &Arena, step: usize, fault: Fault<'_>) -> Outcome {
         },
         Fault::Timeout => ("timeout", step, Detail::None),
         Fault::TimeoutWaiting => ("timeout_waiting", step, Detail::None),
+        Fault::IdleTimeout => ("idle_timeout", step, Detail::None),
         Fault::NotRunning => ("not_running", step, Detail::None),
     };
     Outcome::Failed { kind, step: step as i64, detail }
@@ -334,7 +362,7 @@ pub(crate) fn buffers<'py>(py: Python<'py>, arena: &Arc<Arena>, bufs: Vec<BufRef
 /// `kind` is one of `handler` (`detail`: the pickled error), `expired` (dropped before a
 /// handler of `step` saw it), `died` and `handler_timeout` (`detail`: the worker's pid),
 /// `stopped`, `shm_exhausted`, `rejected` (`detail`: why), `timeout` (the caller's deadline
-/// passed in the flow), `timeout_waiting` (it passed while the call waited for queue room) and
+/// passed in the flow), `timeout_waiting` (it passed while the call waited for queue room), `idle_timeout` (a stream waited past its idle limit for a part) and
 /// `not_running` (the flow stopped while the call waited). `step` is the step concerned, -1
 /// when none is.
 #[pyclass(frozen, module = "aqueduct._core", get_all)]
@@ -419,7 +447,7 @@ fn flow_event(kind: &'static str, message: String) -> WorkerEvent {
 fn worker_event_of<C>(e: Event<'_, C>, step_names: &[String]) -> Option<WorkerEvent> {
     let name = |step: usize| step_names.get(step).map_or("", String::as_str);
     Some(match e {
-        Event::Done { .. } | Event::Failed { .. } => return None,
+        Event::Done { .. } | Event::Failed { .. } | Event::Part { .. } => return None,
         Event::Ready { slot, step, pid } => WorkerEvent { pid, ..worker_event("ready", slot, step) },
         Event::StartFailed { slot, step, pid, message } => {
             WorkerEvent { pid, message, ..worker_event("start_failed", slot, step) }
@@ -458,11 +486,14 @@ struct Delivery<'py, 'n> {
     events: Bound<'py, PyList>,
     step_names: &'n [String],
     err: Option<PyErr>,
+    /// Receipts of parts nobody took (the stream's object refused them): given back after the
+    /// poll, so that their worker is not held back.
+    unclaimed: Vec<PartReceipt>,
 }
 
 impl<'py> Delivery<'py, '_> {
     fn new<'n>(py: Python<'py>, arena: Arc<Arena>, step_names: &'n [String]) -> Delivery<'py, 'n> {
-        Delivery { py, arena, events: PyList::empty(py), step_names, err: None }
+        Delivery { py, arena, events: PyList::empty(py), step_names, err: None, unclaimed: Vec::new() }
     }
 
     fn take(&mut self, e: Event<'_, Call>) {
@@ -485,13 +516,37 @@ impl<'py> Delivery<'py, '_> {
                     Err(err) => undeliverable(py, call, err),
                 }
             }
+            Event::Done { call: Call::Stream(stream), body, bufs } => {
+                let outcome = Outcome::Done { body: body.into_vec(&self.arena), bufs };
+                match outcome_value(py, &self.arena, outcome) {
+                    Ok(value) => resolve(py, stream.clone_ref(py), value),
+                    Err(err) => undeliverable(py, stream.clone_ref(py), err),
+                }
+            }
             Event::Done { call: Call::Native(answer), body, bufs } => {
                 answer_native(&self.arena, answer, Outcome::Done { body: body.into_vec(&self.arena), bufs });
+            }
+            Event::Part { call, body, bufs, receipt } => {
+                let taken = match call {
+                    Call::Stream(stream) => deliver_part(py, &self.arena, stream, body, bufs, receipt),
+                    _ => {
+                        let _ = body.into_vec(&self.arena);
+                        release_refs(&self.arena, bufs);
+                        false
+                    }
+                };
+                if !taken {
+                    self.unclaimed.push(receipt);
+                }
             }
             Event::Failed { call, step, fault } => {
                 let outcome = failed(&self.arena, step, fault);
                 match call {
                     Call::Native(answer) => answer_native(&self.arena, answer, outcome),
+                    Call::Stream(stream) => match outcome_value(py, &self.arena, outcome) {
+                        Ok(failure) => resolve(py, stream.clone_ref(py), failure),
+                        Err(err) => undeliverable(py, stream.clone_ref(py), err),
+                    },
                     // Building the failure can fail (no memory for a huge error report): the call
                     // is answered all the same.
                     Call::Future(call) => match outcome_value(py, &self.arena, outcome) {
@@ -513,8 +568,33 @@ impl<'py> Delivery<'py, '_> {
         self.events.append(Bound::new(self.py, e)?)
     }
 
-    fn finish(self) -> PyResult<Bound<'py, PyList>> {
+    /// The worker events, once the receipts of parts nobody took are given back to `driver`.
+    fn finish(self, driver: &mut PyDriver) -> PyResult<Bound<'py, PyList>> {
+        for receipt in self.unclaimed {
+            driver.release_part(receipt);
+        }
         self.err.map_or(Ok(self.events), Err)
+    }
+}
+
+/// Hands a part to its stream's object (`_part(body, bufs, receipt)`). Returns whether it
+/// took it (and so will give the receipt back); a part it refused is dropped.
+fn deliver_part(
+    py: Python<'_>,
+    arena: &Arc<Arena>,
+    stream: &Py<PyAny>,
+    body: Payload<'_>,
+    bufs: Vec<BufRef>,
+    receipt: PartReceipt,
+) -> bool {
+    let args = (|| -> PyResult<_> {
+        let bufs = buffers(py, arena, bufs)?;
+        let body = payload_bytes(py, arena, body)?;
+        Ok((body, bufs, receipt.to_u128()))
+    })();
+    match args {
+        Ok(args) => stream.bind(py).call_method1(intern!(py, "_part"), args).is_ok(),
+        Err(_) => false,
     }
 }
 
@@ -681,7 +761,7 @@ impl Driver {
         check_slot(&driver, slot)?;
         let mut delivery = self.delivery(py, &driver);
         driver.respawn_failed(slot, &mut |e| delivery.take(e));
-        delivery.finish()
+        delivery.finish(&mut driver)
     }
 
     /// Opens a port for a client process acting as process `pool_index` of the pool (rings of
@@ -740,6 +820,44 @@ impl Driver {
         Ok(id)
     }
 
+    /// Submits a streaming call (see `submit`): `stream` has `set_result(value)`, called once
+    /// as a future's, and `_part(body, bufs, receipt)`, called for each partial result before
+    /// it; the caller gives each receipt back with `release_part` once it has taken the part.
+    /// `idle_ns` > 0: the call fails (`idle_timeout`) when no part comes for that long.
+    #[pyo3(signature = (stream, step, priority, deadline_ns, idle_ns, body, bufs=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_stream(
+        &self,
+        py: Python<'_>,
+        stream: Py<PyAny>,
+        step: usize,
+        priority: u8,
+        deadline_ns: u64,
+        idle_ns: u64,
+        body: &[u8],
+        bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
+    ) -> PyResult<u64> {
+        let bufs = bufs.unwrap_or_default();
+        let refs = bufs.iter().map(|b| b.get().buf()).collect();
+        let idle = (idle_ns > 0).then(|| Duration::from_nanos(idle_ns));
+        let token = Call::Stream(Arc::new(stream));
+        let id = self
+            .lock()?
+            .submit_stream(token, step, priority, Nanos(deadline_ns), idle, body, refs)
+            .map_err(|refused| crate::errors::to_py(py, refused.error))?;
+        for b in &bufs {
+            b.get().detach();
+        }
+        Ok(id)
+    }
+
+    /// The caller of a streaming call took the part with this receipt: its worker may send
+    /// another. A receipt of a call that has ended is ignored.
+    fn release_part(&self, receipt: u128) -> PyResult<()> {
+        self.lock()?.release_part(PartReceipt::from_u128(receipt));
+        Ok(())
+    }
+
     /// The caller gave up on a call: its task is dropped and its future is never resolved.
     fn cancel(&self, call: u64) -> PyResult<bool> {
         Ok(self.lock()?.cancel(call))
@@ -755,7 +873,8 @@ impl Driver {
         let mut driver = self.lock()?;
         let mut delivery = self.delivery(py, &driver);
         let n = driver.poll(events, &mut |e| delivery.take(e)).map_err(py_err(py))?;
-        Ok((n, delivery.finish()?))
+        let events = delivery.finish(&mut driver)?;
+        Ok((n, events))
     }
 
     /// A pass of the event loop's polling (`aqueduct_core::Driver::poll_pass`): handles the
@@ -767,7 +886,8 @@ impl Driver {
         let mut driver = self.lock()?;
         let mut delivery = self.delivery(py, &driver);
         let (n, again) = driver.poll_pass(events, &mut |e| delivery.take(e)).map_err(py_err(py))?;
-        Ok((n, delivery.finish()?, again))
+        let events = delivery.finish(&mut driver)?;
+        Ok((n, events, again))
     }
 
     /// Blocks (without the GIL) until something happens or `timeout` seconds pass, then
@@ -877,7 +997,7 @@ impl Driver {
         let mut driver = self.lock()?;
         let mut delivery = self.delivery(py, &driver);
         driver.begin_stop(graceful, grace, &mut |e| delivery.take(e)).map_err(py_err(py))?;
-        delivery.finish()
+        delivery.finish(&mut driver)
     }
 
     /// Tells every live worker to exit after its batch, or (`hard`) kills it. Returns whether
@@ -1036,13 +1156,25 @@ impl Driver {
             Some(driver) => driver.engine().hub.arena().clone(),
             None => return Ok(events),
         };
+        let mut unclaimed = Vec::new();
         for item in taken {
             match item {
                 Forwarded::Outcome(future, outcome) => match outcome_value(py, &arena, outcome) {
-                    Ok(value) => resolve(py, future, value),
-                    Err(err) => undeliverable(py, future, err),
+                    Ok(value) => resolve(py, future.clone_ref(py), value),
+                    Err(err) => undeliverable(py, future.clone_ref(py), err),
                 },
+                Forwarded::Part(stream, body, bufs, receipt) => {
+                    if !deliver_part(py, &arena, &stream, Payload::Inline(&body), bufs, receipt) {
+                        unclaimed.push(receipt);
+                    }
+                }
                 Forwarded::Event(event) => events.append(Bound::new(py, event)?)?,
+            }
+        }
+        let mut driver = driver;
+        if let Some(driver) = driver.as_mut() {
+            for receipt in unclaimed {
+                driver.release_part(receipt);
             }
         }
         Ok(events)

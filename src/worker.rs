@@ -13,6 +13,7 @@ use aqueduct_core::hub::Doorbell;
 use aqueduct_core::message::Status;
 use aqueduct_core::shm::fd::adopt_inherited;
 use aqueduct_core::shm::{Arena, SharedRegion};
+use aqueduct_core::worker::PartSent;
 use aqueduct_core::{Received, WorkerEndpoint};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -165,6 +166,52 @@ impl Worker {
             b.get().detach();
         }
         Ok(())
+    }
+
+    /// `(streamed, cancelled)` of task `index` of the current batch: whether its caller reads
+    /// partial results, and whether that caller is gone.
+    fn stream_state(&self, index: usize) -> PyResult<(bool, bool)> {
+        let w = self.lock();
+        if index >= w.tasks().len() {
+            return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
+        }
+        Ok(w.stream_state(index))
+    }
+
+    /// Sends a partial result of task `index` (`aqueduct.streaming.emit`), waiting while its
+    /// caller is a window of parts behind. Returns `"sent"`, `"not_streamed"` (the caller
+    /// awaits the result only: dropped) or `"cancelled"` (the caller is gone: dropped). The
+    /// buffers' references pass to the part either way.
+    #[pyo3(signature = (index, body, bufs=None))]
+    fn send_part(
+        &self,
+        py: Python<'_>,
+        index: usize,
+        body: &[u8],
+        bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
+    ) -> PyResult<&'static str> {
+        let bufs = bufs.unwrap_or_default();
+        let refs: Vec<_> = bufs.iter().map(|b| b.get().buf()).collect();
+        // Without the GIL: waiting for room waits for the main process, and an executor's
+        // worker shares this process with the event loop that gives the room back.
+        let sent = py.detach(|| {
+            let mut w = self.lock();
+            if index >= w.tasks().len() {
+                return Ok(None);
+            }
+            w.send_part(index, body, &refs).map(Some)
+        });
+        let Some(sent) = sent.map_err(py_err(py))? else {
+            return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
+        };
+        for b in &bufs {
+            b.get().detach();
+        }
+        Ok(match sent {
+            PartSent::Sent => "sent",
+            PartSent::NotStreamed => "not_streamed",
+            PartSent::Cancelled => "cancelled",
+        })
     }
 
     /// Ends the current batch and reports this worker idle; `handle_seconds` is how long the

@@ -7,6 +7,7 @@ pipelines, with a Rust engine underneath.
 from .flow import Flow, FlowState, FlowStep, RestartPolicy
 from .handler import BaseTaskHandler
 from .logger import log
+from .streaming import emit
 from .task import BaseTask
 
-__all__ = ['BaseTask', 'BaseTaskHandler', 'Flow', 'FlowState', 'FlowStep', 'RestartPolicy', 'log']
+__all__ = ['BaseTask', 'BaseTaskHandler', 'Flow', 'FlowState', 'FlowStep', 'RestartPolicy', 'emit', 'log']

@@ -140,16 +140,8 @@ def _state_for_wire(state: dict, big: int) -> dict:
     return state if out is None else out
 
 
-def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
-    """The pickled task and its out-of-band buffers (``ShmBuffer``s in ``pool``, default the
-    process's, each owning a reference that passes to the message when it is sent)."""
-    big = shm._threshold
-    key = _wire_keys[type(task)]
-    if key is not None:
-        body = _encode_state(key[0], key[1], task.__dict__, big)
-        if body is not None:
-            return body, []
-    bufs: List[Any] = []
+def _buffer_placer(pool: Any, big: int, bufs: List[Any]):
+    """The pickler's ``buffer_callback``: large buffers go to the pool, into ``bufs``."""
 
     def place(pb: pickle.PickleBuffer) -> bool:
         nonlocal pool
@@ -167,6 +159,21 @@ def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
         bufs.append(buf)
         return False
 
+    return place
+
+
+def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
+    """The pickled task and its out-of-band buffers (``ShmBuffer``s in ``pool``, default the
+    process's, each owning a reference that passes to the message when it is sent)."""
+    big = shm._threshold
+    key = _wire_keys[type(task)]
+    if key is not None:
+        body = _encode_state(key[0], key[1], task.__dict__, big)
+        if body is not None:
+            return body, []
+    bufs: List[Any] = []
+    place = _buffer_placer(pool, big, bufs)
+
     if key is not None:
         state = _state_for_wire(task.__dict__, big)
         if not state.get('_shared_fields'):
@@ -181,6 +188,18 @@ def encode(task: Any, pool: Any = None) -> Tuple[bytes, List[Any]]:
         return _dumps((key[0], key[1], state), 5, buffer_callback=place), bufs
     finally:
         wire.on = previous
+
+
+def encode_value(value: Any) -> Tuple[bytes, List[Any]]:
+    """A partial result of a stream: any picklable value, its large buffers (numpy arrays) in
+    the pool as a task's are. Wrapped in a list, so that no value reads as a task's state."""
+    bufs: List[Any] = []
+    return _dumps([value], 5, buffer_callback=_buffer_placer(None, shm._threshold, bufs)), bufs
+
+
+def decode_value(data: bytes, bufs: Optional[List[Any]] = None) -> Any:
+    """The value :func:`encode_value` wrote."""
+    return _loads(data, buffers=bufs)[0]
 
 
 def _resolve(module: str, qualname: str) -> type[object]:

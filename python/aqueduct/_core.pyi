@@ -37,6 +37,7 @@ _FailureKind = Literal[
     'rejected',
     'timeout',
     'timeout_waiting',
+    'idle_timeout',
     'not_running',
     'lost',
 ]
@@ -172,6 +173,17 @@ class Driver:
         body: bytes,
         bufs: list[ShmBuffer] | None = None,
     ) -> int: ...
+    def submit_stream(
+        self,
+        stream: Any,
+        step: int,
+        priority: int,
+        deadline_ns: int,
+        idle_ns: int,
+        body: bytes,
+        bufs: list[ShmBuffer] | None = None,
+    ) -> int: ...
+    def release_part(self, receipt: int) -> None: ...
     def cancel(self, call: int) -> bool: ...
     def open_port(self, pool_index: int, capacity: int = 1 << 20) -> int: ...
     def port_fds(self, port: int) -> tuple[int, int]: ...
@@ -218,6 +230,10 @@ class Worker:
     def send_result(
         self, index: int, status: int, route: int, body: bytes, bufs: list[ShmBuffer] | None = None
     ) -> None: ...
+    def stream_state(self, index: int) -> tuple[bool, bool]: ...
+    def send_part(
+        self, index: int, body: bytes, bufs: list[ShmBuffer] | None = None
+    ) -> Literal['sent', 'not_streamed', 'cancelled']: ...
     def finish_batch(self, handle_seconds: float | None = None) -> None: ...
 
 @final

@@ -24,9 +24,10 @@ import signal
 import sys
 import time
 import traceback
+from types import GeneratorType
 from typing import Callable, List, Sequence, Tuple
 
-from . import _core, shm
+from . import _core, shm, streaming
 from ._codec import decode, encode
 from .exceptions import remote_error_payload
 from .handler import BaseTaskHandler
@@ -153,8 +154,11 @@ def handle_batch(
     if not tasks:
         return None
     started = time.perf_counter()
+    running = streaming._running = streaming._Running(worker, {id(t): i for t, i in zip(tasks, indices, strict=True)})
     try:
-        handler.handle(*tasks)
+        result = handler.handle(*tasks)  # type: ignore[func-returns-value]  # a generator streams
+        if result.__class__ is GeneratorType:
+            _drive(result, running, indices)
     except BaseException as exc:
         # Any exception fails this batch only (the caller gets a stand-in for those that are no
         # ``Exception``, see ``HandlerError``). ``SystemExit`` and ``KeyboardInterrupt`` then end
@@ -167,6 +171,8 @@ def handle_batch(
             worker.finish_batch(elapsed)  # the answers above go out before the worker ends
             raise
         return elapsed
+    finally:
+        streaming._running = None
     elapsed = time.perf_counter() - started
     if log_tasks:
         log.debug('[%s] Handled %d task(s) in %.3f ms (%s)', name, len(tasks), elapsed * 1e3, step_name)
@@ -195,6 +201,35 @@ def handle_batch(
                 continue
         send(i, STATUS_OK, route, body, bufs)
     return elapsed
+
+
+def _drive(gen, running: streaming._Running, indices: List[int]) -> None:
+    """Runs a generator ``handle``: each ``(task, part)`` it yields is emitted, and the
+    ``yield`` evaluates to what :func:`aqueduct.emit` returned. Once every streaming task of
+    the batch has lost its caller, the generator is closed."""
+    emit = streaming.emit
+    try:
+        item = next(gen)
+        while True:
+            if item.__class__ is not tuple or len(item) != 2:
+                gen.close()
+                raise TypeError(
+                    f'a streaming handle() yields (task, part) pairs; it yielded {type(item).__name__} {item!r:.80}'
+                )
+            alive = emit(item[0], item[1])
+            if not alive and _callers_gone(running.worker, indices):
+                gen.close()
+                return
+            item = gen.send(alive)
+    except StopIteration:
+        return
+
+
+def _callers_gone(worker: _core.Worker, indices: List[int]) -> bool:
+    """Whether the batch has streaming tasks and every one of their callers is gone."""
+    states = [worker.stream_state(i) for i in indices]
+    streamed = [cancelled for is_streamed, cancelled in states if is_streamed]
+    return bool(streamed) and all(streamed)
 
 
 def run(

@@ -217,6 +217,8 @@ def failure_exception(kind: str, step_name: str, detail) -> Exception:
         return TaskTimeoutError(f'Task timeout error: the task expired before {step_name} could handle it')
     if kind == 'timeout_waiting':
         return TaskTimeoutError('Task timeout error: the queue stayed full until the task expired')
+    if kind == 'idle_timeout':
+        return TaskTimeoutError('Task timeout error: no partial result came within the stream\'s idle_timeout_sec')
     if kind == 'handler_timeout':
         return HandlerTimeoutError(
             f'the batch holding the task ran longer than the handle_timeout of {step_name}: its worker '
@@ -647,29 +649,10 @@ class Flow:
         :class:`HandlerError` (also an instance of the handler's exception type) when a handler
         raises, and :class:`WorkerDiedError` when the worker holding the task dies.
         """
-        if self._state is not FlowState.RUNNING:
-            raise NotRunningError('the flow is not running')
-        if self._owner_pid != _process_id:
-            raise self._foreign_process_error()
-        driver = self._driver
-        if driver is None:
-            raise NotRunningError('the flow is not started')
-        loop = self._loop
-        # `get_running_loop()` makes a getpid() system call; the bound loop, running in this
-        # very thread, is necessarily the running one.
-        if loop is None or self._loop_thread != get_ident() or not loop.is_running():
-            loop = asyncio.get_running_loop()
-            if loop is not self._loop:
-                self._bind_checked(loop)
-        timeout_sec = check_call(task, self._queue_priorities, timeout_sec)
-        task.set_timeout(timeout_sec)
-        step = 0
-        if not (self._enters_first_step and _always_true[type(task)]):  # else step 0, as found
-            entered = entry_step(self._steps_conditions, self._step_names, task)
-            if entered is None:
-                return True
-            step = entered
-        body, bufs = encode_task(task, self._pool)
+        prepared = self._prepare_call(task, timeout_sec)
+        if prepared is None:
+            return True
+        driver, loop, step, body, bufs = prepared
         deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
         future: asyncio.Future | None = loop.create_future()
         # The driver times the call out at its deadline, waits for room if the queue is full
@@ -695,6 +678,78 @@ class Flow:
             # set_timeout() made the deadline from the clock at the start of this call.
             self._metrics.completed(deadline - timeout_sec, own)
         return True
+
+    def _prepare_call(
+        self, task: BaseTask, timeout_sec: float
+    ) -> tuple[_core.Driver, asyncio.AbstractEventLoop, int, bytes, list] | None:
+        """What ``process()`` and ``stream()`` do before submitting: the checks, the deadline,
+        the entry step and the encoding. ``None`` when no step takes the task."""
+        if self._state is not FlowState.RUNNING:
+            raise NotRunningError('the flow is not running')
+        if self._owner_pid != _process_id:
+            raise self._foreign_process_error()
+        driver = self._driver
+        if driver is None:
+            raise NotRunningError('the flow is not started')
+        loop = self._loop
+        # `get_running_loop()` makes a getpid() system call; the bound loop, running in this
+        # very thread, is necessarily the running one.
+        if loop is None or self._loop_thread != get_ident() or not loop.is_running():
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                self._bind_checked(loop)
+        timeout_sec = check_call(task, self._queue_priorities, timeout_sec)
+        task.set_timeout(timeout_sec)
+        step = 0
+        if not (self._enters_first_step and _always_true[type(task)]):  # else step 0, as found
+            entered = entry_step(self._steps_conditions, self._step_names, task)
+            if entered is None:
+                return None
+            step = entered
+        body, bufs = encode_task(task, self._pool)
+        return driver, loop, step, body, bufs
+
+    def stream(self, task: BaseTask, timeout_sec: float = 5.0, *, idle_timeout_sec: float | None = None):
+        """Sends ``task`` through the steps and iterates over the partial results its handlers
+        emit (:mod:`aqueduct.streaming`); afterwards the handlers' results are in the task, as
+        after :meth:`process`. ``timeout_sec`` covers the whole stream; ``idle_timeout_sec``
+        limits the wait for each part (and for the result after the last one). Raises in the
+        loop what ``process()`` raises. Leaving the loop early cancels the task.
+
+            async for part in flow.stream(task):
+                ...
+        """
+        from .streaming import TaskStream, _check_idle
+
+        _check_idle(idle_timeout_sec)
+        return TaskStream(self, task, timeout_sec, idle_timeout_sec)
+
+    def _start_stream(self, task: BaseTask, timeout_sec: float, idle_timeout_sec: float | None):
+        """Submits a streaming call: ``(token, call id, driver, when the call started)``, or
+        ``None`` when no step takes the task."""
+        from .streaming import _Call, _check_idle
+
+        prepared = self._prepare_call(task, timeout_sec)
+        if prepared is None:
+            return None
+        driver, _loop, step, body, bufs = prepared
+        deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
+        token = _Call()
+        call = driver.submit_stream(
+            token, step, task.priority, int(deadline * 1e9), _check_idle(idle_timeout_sec), body, bufs
+        )
+        del body, bufs
+        if not self._polling:
+            self._start_polling()
+        return token, call, driver, deadline - timeout_sec
+
+    def _finish_stream(self, task: BaseTask, result: Any, started: float) -> None:
+        """Applies a streaming call's outcome to its task, as ``process()`` does."""
+        if result.__class__ is _core.Failure:
+            raise self._failed(result)
+        own = apply_result(task, result)
+        if self._metrics.timers:
+            self._metrics.completed(started, own)
 
     def _failed(self, failure) -> Exception:
         """The exception for a call the driver failed."""

@@ -141,7 +141,7 @@ fn child(role: &str) {
 const RING_CAP: usize = 4 << 20;
 
 fn ring_region() -> (Arc<SharedRegion>, FlowLayout, Arena) {
-    let layout = FlowLayout::new(1, RING_CAP);
+    let layout = FlowLayout::new(1, RING_CAP, 1);
     let region = Arc::new(SharedRegion::create("aqueduct-bench", layout.total_bytes()).unwrap());
     layout.init(&region).unwrap();
     let pool = Arena::create(ArenaLayout::new(256 << 20, 1 << 16, 4), 256 << 20).unwrap();

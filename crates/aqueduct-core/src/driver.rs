@@ -42,6 +42,7 @@ use crate::hub::{Failure, Outcome, Payload, SlotState};
 use crate::metrics::{CallEnd, OutcomeCounts};
 use crate::shm::event::SpinWindow;
 use crate::shm::BufRef;
+use crate::stream::PartReceipt;
 
 /// What a submission that finds its step's queue full does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +85,8 @@ pub enum Fault<'a> {
     Timeout,
     /// The call's deadline passed while it waited for room in a full queue.
     TimeoutWaiting,
+    /// A streaming call waited longer than its idle limit for the next part (or the result).
+    IdleTimeout,
     /// The flow stopped before the call could enter it (it was in the waiting room).
     NotRunning,
 }
@@ -113,6 +116,16 @@ pub enum Event<'a, C> {
         call: C,
         step: usize,
         fault: Fault<'a>,
+    },
+    /// A partial result of a streaming call ([`Driver::submit_stream`]); the call goes on. The
+    /// front end owns one reference on each buffer (and an extent body), and gives `receipt`
+    /// back with [`Driver::release_part`] when its caller has taken the part: until then the
+    /// worker may run at most [`crate::stream::STREAM_WINDOW`] parts ahead.
+    Part {
+        call: &'a C,
+        body: Payload<'a>,
+        bufs: Vec<BufRef>,
+        receipt: PartReceipt,
     },
     Ready {
         slot: usize,
@@ -223,6 +236,23 @@ struct Call<C> {
     deadline: Nanos,
     /// `Some` while the call waits for room: what it will submit.
     parked: Option<(Vec<u8>, Vec<BufRef>)>,
+    /// `Some` for a streaming call.
+    stream: Option<CallStream>,
+}
+
+/// What the driver keeps of a streaming call.
+struct CallStream {
+    /// The longest wait for the next part (or the result); `None`: no limit.
+    idle: Option<Duration>,
+    /// When the current wait for a part runs out.
+    idle_due: Nanos,
+}
+
+impl<C> Call<C> {
+    /// When this call's idle limit runs out, if it has one.
+    fn idle_due(&self) -> Option<Nanos> {
+        self.stream.as_ref().filter(|s| s.idle.is_some()).map(|s| s.idle_due)
+    }
 }
 
 #[derive(Clone, Default)]
@@ -257,6 +287,8 @@ struct Book<C> {
     grace_end: Option<Nanos>,
     /// `stop_workers` was called and `AllExited` not yet reported.
     awaiting_exits: bool,
+    /// Receipts of parts whose call had ended: given back after the poll.
+    orphan_receipts: Vec<PartReceipt>,
 }
 
 impl<C> Book<C> {
@@ -265,8 +297,22 @@ impl<C> Book<C> {
     }
 
     /// Turns an engine outcome into events.
-    fn on_outcome<'a>(&mut self, arena: &crate::shm::Arena, o: Outcome<'a>, out: &mut dyn FnMut(Event<'a, C>)) {
+    fn on_outcome(&mut self, arena: &crate::shm::Arena, o: Outcome<'_>, out: &mut dyn FnMut(Event<'_, C>)) {
         match o {
+            Outcome::Part { task_id, body, bufs, receipt } => match self.calls.get_mut(&task_id) {
+                Some(call) => {
+                    if let Some(stream) = call.stream.as_mut() {
+                        if let Some(idle) = stream.idle {
+                            stream.idle_due = Nanos::now().saturating_add(idle);
+                        }
+                    }
+                    out(Event::Part { call: &call.token, body, bufs, receipt })
+                }
+                None => {
+                    release(arena, body, bufs);
+                    self.orphan_receipts.push(receipt);
+                }
+            },
             Outcome::Done { task_id, body, bufs } => match self.calls.remove(&task_id) {
                 Some(call) => {
                     self.end(&call, CallEnd::Complete);
@@ -408,6 +454,7 @@ impl<C> Driver<C> {
             gave_up: false,
             grace_end: None,
             awaiting_exits: false,
+            orphan_receipts: Vec::new(),
         };
         let spin = SpinWindow::new(engine.hub.spin());
         Self { engine, book, admission, priorities, spin }
@@ -514,6 +561,44 @@ impl<C> Driver<C> {
         body: &[u8],
         bufs: Vec<BufRef>,
     ) -> std::result::Result<u64, Refused<C>> {
+        self.submit_call(call, step, priority, deadline, body, bufs, None)
+    }
+
+    /// [`Driver::submit`] for a caller that reads the task's partial results: each comes as an
+    /// [`Event::Part`] before the call's one [`Event::Done`] or [`Event::Failed`]. With `idle`,
+    /// the call fails with [`Fault::IdleTimeout`] when no part (nor the result) comes within
+    /// `idle` of the submission or of the last part; the deadline covers the whole stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_stream(
+        &mut self,
+        call: C,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        idle: Option<Duration>,
+        body: &[u8],
+        bufs: Vec<BufRef>,
+    ) -> std::result::Result<u64, Refused<C>> {
+        let stream = CallStream { idle, idle_due: idle.map_or(Nanos::ZERO, |i| Nanos::now().saturating_add(i)) };
+        self.submit_call(call, step, priority, deadline, body, bufs, Some(stream))
+    }
+
+    /// The caller of a part took it: see [`Event::Part`].
+    pub fn release_part(&mut self, receipt: PartReceipt) {
+        self.engine.hub.release_part(receipt);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_call(
+        &mut self,
+        call: C,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: &[u8],
+        bufs: Vec<BufRef>,
+        stream: Option<CallStream>,
+    ) -> std::result::Result<u64, Refused<C>> {
         let refuse = |call, error| Err(Refused { call, error });
         if self.book.state != DriverState::Running {
             return refuse(call, EngineError::Stopped);
@@ -536,12 +621,12 @@ impl<C> Driver<C> {
         let parked = if park {
             Some((body.to_vec(), bufs))
         } else {
-            if let Err(error) = self.engine.hub.submit_as(id, step, priority, deadline, body, bufs) {
+            if let Err(error) = self.engine.hub.submit_as(id, step, priority, deadline, body, bufs, stream.is_some()) {
                 return refuse(call, error);
             }
             None
         };
-        self.insert(id, Call { token: call, step: step as u16, priority, deadline, parked: None });
+        self.insert(id, Call { token: call, step: step as u16, priority, deadline, parked: None, stream });
         if let Some(parked) = parked {
             self.book.calls.get_mut(&id).expect("just inserted").parked = Some(parked);
             self.book.rooms[step][priority as usize].push_back(id);
@@ -554,9 +639,9 @@ impl<C> Driver<C> {
     }
 
     fn insert(&mut self, id: u64, call: Call<C>) {
-        if call.deadline != Nanos::ZERO {
-            let calls = &self.book.calls;
-            self.book.deadlines.push(call.deadline, id, calls.len(), |id| calls.contains_key(&id));
+        let calls = &self.book.calls;
+        for at in [(call.deadline != Nanos::ZERO).then_some(call.deadline), call.idle_due()].into_iter().flatten() {
+            self.book.deadlines.push(at, id, calls.len(), |id| calls.contains_key(&id));
         }
         self.book.calls.insert(id, call);
     }
@@ -653,6 +738,9 @@ impl<C> Driver<C> {
     /// Deadlines, due replacements, admissions from the waiting room, the stop's progress, and
     /// the timer for the next of them.
     fn after_poll(&mut self, now: Nanos, out: &mut dyn FnMut(Event<'_, C>)) -> Result<()> {
+        for receipt in std::mem::take(&mut self.book.orphan_receipts) {
+            self.engine.hub.release_part(receipt);
+        }
         self.expire(now, out);
         if !self.book.respawns.is_empty() {
             let due: Vec<usize> =
@@ -687,23 +775,51 @@ impl<C> Driver<C> {
         self.engine.set_host_timer(next)
     }
 
-    /// Fails every call whose deadline has passed.
+    /// Fails every call whose deadline (or idle limit) has passed.
     fn expire(&mut self, now: Nanos, out: &mut dyn FnMut(Event<'_, C>)) {
+        let mut later = Vec::new();
         while let Some(id) = self.book.deadlines.pop_due(now) {
-            let Some(call) = self.book.calls.remove(&id) else { continue };
+            let Some(call) = self.book.calls.get(&id) else { continue };
+            let timed_out = call.deadline != Nanos::ZERO && call.deadline <= now;
+            let idle_due = call.idle_due();
+            if !timed_out {
+                match idle_due {
+                    // Parts came since this entry was pushed: wait again, from the last one.
+                    Some(due) if due > now => {
+                        later.push((due, id));
+                        continue;
+                    }
+                    Some(_) => {}
+                    // The call's deadline entry was already handled; nothing else is due.
+                    None => continue,
+                }
+            }
+            let call = self.book.calls.remove(&id).expect("looked up above");
             self.book.end(&call, CallEnd::Timeout);
             let fault = match call.parked {
                 Some((_, bufs)) => {
                     self.book.parked -= 1;
                     self.release_bufs(bufs);
-                    Fault::TimeoutWaiting
+                    if timed_out {
+                        Fault::TimeoutWaiting
+                    } else {
+                        Fault::IdleTimeout
+                    }
                 }
                 None => {
                     self.engine.hub.cancel(id);
-                    Fault::Timeout
+                    if timed_out {
+                        Fault::Timeout
+                    } else {
+                        Fault::IdleTimeout
+                    }
                 }
             };
             out(Event::Failed { call: call.token, step: call.step as usize, fault });
+        }
+        for (due, id) in later {
+            let calls = &self.book.calls;
+            self.book.deadlines.push(due, id, calls.len(), |id| calls.contains_key(&id));
         }
     }
 
@@ -723,8 +839,16 @@ impl<C> Driver<C> {
                     self.book.rooms[step][level].pop_front();
                     self.book.parked -= 1;
                     let (body, bufs) = call.parked.take().expect("a call in the waiting room is parked");
-                    let submitted =
-                        self.engine.hub.submit_as(id, step, call.priority, call.deadline, &body, bufs.clone());
+                    let streamed = call.stream.is_some();
+                    let submitted = self.engine.hub.submit_as(
+                        id,
+                        step,
+                        call.priority,
+                        call.deadline,
+                        &body,
+                        bufs.clone(),
+                        streamed,
+                    );
                     let Err(error) = submitted else { continue };
                     // It cannot enter at all (no shared memory for its body, or the flow stopped).
                     let call = self.book.calls.remove(&id).expect("looked up above");

@@ -66,6 +66,7 @@ use crate::prio::PriorityQueue;
 use crate::shm::event::SpinPolicy;
 use crate::shm::ring::RECORD_HEADER;
 use crate::shm::{Arena, BufRef, Consumer, Extent, Producer, SharedRegion};
+use crate::stream::PartReceipt;
 
 /// One step as the hub sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,7 +145,8 @@ impl HubConfig {
 
     pub fn layout(&self) -> FlowLayout {
         let slots = self.steps.iter().map(|s| s.nprocs).sum();
-        FlowLayout::new(slots, self.ring_capacity)
+        let positions = self.steps.iter().map(|s| s.batch_size).max().unwrap_or(1);
+        FlowLayout::new(slots, self.ring_capacity, positions)
     }
 }
 
@@ -201,6 +203,15 @@ pub enum Outcome<'a> {
         task_id: u64,
         failure: Failure<'a>,
     },
+    /// A partial result of a task whose caller streams (see [`crate::stream`]); the task stays
+    /// in flight. The receiver owns one reference on each buffer (and on an extent body), and
+    /// gives `receipt` back with [`Hub::release_part`] once its caller has taken the part.
+    Part {
+        task_id: u64,
+        body: Payload<'a>,
+        bufs: Vec<BufRef>,
+        receipt: PartReceipt,
+    },
     WorkerReady {
         slot: usize,
         step: usize,
@@ -247,6 +258,8 @@ struct Queued {
     body: Body,
     /// Out-of-band buffers; the hub holds one reference on each for as long as it has the task.
     bufs: Vec<BufRef>,
+    /// [`FLAG_STREAM`] when the caller reads partial results.
+    flags: u8,
 }
 
 /// Batches a worker of a step with `batch_size` may have outstanding: the one it handles and
@@ -296,6 +309,8 @@ struct Slot {
     /// ([`Hub::worker_spawned`]): possible when the engine is polled from another thread than
     /// the one that starts processes (the HTTP front's poller).
     ready_before_spawn: bool,
+    /// Bumped when the slot's worker is gone: receipts of its parts then change nothing.
+    epoch: u32,
 }
 
 impl Slot {
@@ -458,6 +473,7 @@ impl Hub {
                     overran: false,
                     stop_pending: false,
                     ready_before_spawn: false,
+                    epoch: 0,
                 });
             }
             // Every outstanding batch of inline bodies must fit in the inbound ring at once: each
@@ -724,7 +740,9 @@ impl Hub {
         id
     }
 
-    /// [`Hub::submit_with_bufs`] under an id from [`Hub::reserve_task_id`].
+    /// [`Hub::submit_with_bufs`] under an id from [`Hub::reserve_task_id`]; `streamed`: the
+    /// caller reads the task's partial results (see [`crate::stream`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn submit_as(
         &mut self,
         id: u64,
@@ -733,9 +751,11 @@ impl Hub {
         deadline: Nanos,
         body: &[u8],
         bufs: Vec<BufRef>,
+        streamed: bool,
     ) -> Result<()> {
         let body = self.admit(step, body, &bufs)?;
-        self.enqueue(id, step, priority, deadline, body, bufs)
+        let flags = if streamed { FLAG_STREAM } else { 0 };
+        self.enqueue(id, step, priority, deadline, body, bufs, flags)
     }
 
     fn enqueue_new(
@@ -747,9 +767,10 @@ impl Hub {
         bufs: Vec<BufRef>,
     ) -> Result<u64> {
         let id = self.reserve_task_id();
-        self.enqueue(id, step, priority, deadline, body, bufs).map(|()| id)
+        self.enqueue(id, step, priority, deadline, body, bufs, 0).map(|()| id)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &mut self,
         id: u64,
@@ -758,9 +779,10 @@ impl Hub {
         deadline: Nanos,
         body: Body,
         bufs: Vec<BufRef>,
+        flags: u8,
     ) -> Result<()> {
         let now = Nanos::now();
-        let q = Queued { id, priority, deadline, arrived: now, body, bufs };
+        let q = Queued { id, priority, deadline, arrived: now, body, bufs, flags };
         if self.steps[step].queue.push(priority as usize, q).is_err() {
             unreachable!("fullness checked by the caller");
         }
@@ -804,6 +826,7 @@ impl Hub {
         }
         if self.cancelled.insert(task_id) {
             self.in_flight -= 1;
+            self.mark_cancelled(slot, task_id);
             return true;
         }
         false
@@ -1017,6 +1040,10 @@ impl Hub {
                         let header = TaskHeader::decode(&scratch)?;
                         reported += self.on_result(slot, header, &scratch[HEADER_LEN..], now, out)?;
                     }
+                    TAG_PART => {
+                        let header = TaskHeader::decode(&scratch)?;
+                        reported += self.on_part(slot, header, &scratch[HEADER_LEN..], out)?;
+                    }
                     TAG_BATCH_DONE => {
                         let seq = u64::from_le_bytes(
                             scratch
@@ -1056,6 +1083,8 @@ impl Hub {
         // ran it. Its result is dropped (its memory released below); a second result for a task
         // the worker itself answered is a protocol error.
         let already_failed = held.resolved;
+        // The hub's record, not the worker's header, says whether the caller streams.
+        let flags = held.task.flags;
         if already_failed && self.accepting {
             return Err(EngineError::Protocol("a second result for one task"));
         }
@@ -1144,12 +1173,91 @@ impl Hub {
                     arrived: now,
                     body,
                     bufs,
+                    flags,
                 };
                 self.steps[next].queue.push_unbounded(header.priority as usize, q);
                 return Ok(0);
             }
         }
         Ok(1)
+    }
+
+    /// A partial result from the worker in `slot`: handed on with a receipt, or dropped when
+    /// its caller does not stream or is gone.
+    fn on_part(
+        &mut self,
+        slot: usize,
+        header: TaskHeader,
+        rest: &[u8],
+        out: &mut dyn FnMut(Outcome<'_>),
+    ) -> Result<usize> {
+        let s = &self.slots[slot];
+        // Only the running batch (the oldest) sends parts.
+        let batch = s.batches.front().ok_or(EngineError::Protocol("a part from a worker without a batch"))?;
+        let pos = batch
+            .tasks
+            .iter()
+            .position(|h| h.task.id == header.task_id)
+            .ok_or(EngineError::Protocol("a part for a task the worker is not running"))?;
+        let held = &batch.tasks[pos];
+        let wanted = held.task.flags & FLAG_STREAM != 0 && !held.resolved && !self.cancelled.contains(&header.task_id);
+        let receipt = PartReceipt { slot: slot as u16, pos: pos as u16, epoch: s.epoch, seq: batch.seq };
+        let from = s.pool_index;
+        let nbufs = header.nbufs as usize;
+        let table =
+            rest.get(..nbufs * BufRef::WIRE_LEN).ok_or(EngineError::Protocol("part shorter than its buffers"))?;
+        let inline = &rest[nbufs * BufRef::WIRE_LEN..];
+        let mut bufs = Vec::with_capacity(nbufs);
+        for wire in table.chunks_exact(BufRef::WIRE_LEN) {
+            let b = BufRef::decode(wire)?;
+            self.arena.check_buf(&b)?;
+            bufs.push(b);
+        }
+        // As for a result: the worker's references become the main process's.
+        if let Some(ext) = header.extent {
+            self.arena.adopt(&ext, from)?;
+        }
+        for b in &bufs {
+            self.arena.adopt(&b.extent(), from)?;
+        }
+        if !wanted {
+            if let Some(ext) = header.extent {
+                let _ = self.arena.unhold(&ext);
+            }
+            self.release_bufs(&bufs);
+            // The worker counts it as sent: give its room back, or it could wait for ever.
+            self.release_part(receipt);
+            return Ok(0);
+        }
+        let body = match header.extent {
+            Some(ext) => Payload::Extent(ext),
+            None => Payload::Inline(inline),
+        };
+        out(Outcome::Part { task_id: header.task_id, body, bufs, receipt });
+        Ok(1)
+    }
+
+    /// The caller of a part has taken it: its worker may send one more for that task. A
+    /// receipt of a batch that has ended, or of a worker that is gone, changes nothing.
+    pub fn release_part(&mut self, receipt: PartReceipt) {
+        let slot = receipt.slot as usize;
+        if slot >= self.slots.len() || self.slots[slot].epoch != receipt.epoch {
+            return;
+        }
+        if (receipt.pos as usize) < self.layout.positions
+            && self.layout.stream_word(&self.region, slot, receipt.pos as usize).take(receipt.seq)
+        {
+            self.layout.stream_event(&self.region, slot).notify();
+        }
+    }
+
+    /// Tells the handler of a running task that its caller is gone (see [`crate::stream`]).
+    fn mark_cancelled(&self, slot: usize, task_id: u64) {
+        let Some(batch) = self.slots[slot].batches.front() else { return };
+        let Some(pos) = batch.tasks.iter().position(|h| h.task.id == task_id) else { return };
+        if self.layout.stream_word(&self.region, slot, pos).cancel(batch.seq) {
+            self.layout.stream_event(&self.region, slot).notify();
+        }
     }
 
     fn on_batch_done(&mut self, slot: usize, seq: u64) -> Result<()> {
@@ -1291,6 +1399,7 @@ impl Hub {
         let mut table = Vec::new();
         for q in &tasks {
             let mut h = TaskHeader::new(q.id, q.priority, q.deadline);
+            h.flags = q.flags;
             h.sent_at = now;
             h.route = step as u16;
             h.nbufs = q.bufs.len() as u16;
@@ -1351,6 +1460,7 @@ impl Hub {
         let s = &mut self.slots[slot];
         let batches = std::mem::take(&mut s.batches);
         s.sent = 0;
+        s.epoch = s.epoch.wrapping_add(1);
         let mut never_started = Vec::new();
         for batch in batches {
             if batch.seq >= started {

@@ -44,6 +44,7 @@ pub mod prio;
 pub mod proc_watch;
 pub mod reactor;
 pub mod shm;
+pub mod stream;
 pub mod task_state;
 pub mod worker;
 

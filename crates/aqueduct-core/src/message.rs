@@ -12,7 +12,7 @@
 //! | 0 | `task_id: u64` |
 //! | 8 | `deadline: u64`, CLOCK_MONOTONIC ns, 0 = none |
 //! | 16 | `sent_at: u64`, CLOCK_MONOTONIC ns when the record was written (transfer time) |
-//! | 24 | `priority: u8`, `body: u8` (0 inline, 1 extent), `status: u8`, `flags: u8` |
+//! | 24 | `priority: u8`, `body: u8` (0 inline, 1 extent), `status: u8`, `flags: u8` ([`FLAG_STREAM`]) |
 //! | 28 | `route: u16` (the step the task goes to next, [`ROUTE_DONE`] = back to the caller), `nbufs: u16` |
 //! | 32 | `ext_head: u32`, `ext_pages: u32` |
 //! | 40 | `ext_len: u64` |
@@ -36,6 +36,12 @@ pub const TAG_READY: u32 = 5;
 pub const TAG_START_FAILED: u32 = 6;
 /// Hub to worker: exit once the current batch is done.
 pub const TAG_STOP: u32 = 7;
+/// Worker to hub: a partial result of one task of the current batch (a task header, its buffer
+/// table and body, as a result; the task stays the worker's). See [`crate::stream`].
+pub const TAG_PART: u32 = 8;
+
+/// Task flag: the caller reads this task's partial results, so the worker sends them.
+pub const FLAG_STREAM: u8 = 1;
 
 pub const HEADER_LEN: usize = 48;
 pub const ROUTE_DONE: u16 = u16::MAX;
@@ -74,13 +80,25 @@ pub struct TaskHeader {
     pub route: u16,
     /// Out-of-band buffer descriptors following the header.
     pub nbufs: u16,
+    /// [`FLAG_STREAM`], or 0.
+    pub flags: u8,
     /// `Some` when the body is in the pool.
     pub extent: Option<Extent>,
 }
 
 impl TaskHeader {
     pub fn new(task_id: u64, priority: u8, deadline: Nanos) -> Self {
-        Self { task_id, deadline, sent_at: Nanos::ZERO, priority, status: Status::Ok, route: 0, nbufs: 0, extent: None }
+        Self {
+            task_id,
+            deadline,
+            sent_at: Nanos::ZERO,
+            priority,
+            status: Status::Ok,
+            route: 0,
+            nbufs: 0,
+            flags: 0,
+            extent: None,
+        }
     }
 
     pub fn encode(&self) -> [u8; HEADER_LEN] {
@@ -91,6 +109,7 @@ impl TaskHeader {
         b[24] = self.priority;
         b[25] = u8::from(self.extent.is_some());
         b[26] = self.status as u8;
+        b[27] = self.flags;
         b[28..30].copy_from_slice(&self.route.to_le_bytes());
         b[30..32].copy_from_slice(&self.nbufs.to_le_bytes());
         if let Some(e) = self.extent {
@@ -120,6 +139,7 @@ impl TaskHeader {
             status: Status::try_from(b[26])?,
             route: u16::from_le_bytes([b[28], b[29]]),
             nbufs: u16::from_le_bytes([b[30], b[31]]),
+            flags: b[27],
             extent,
         })
     }
@@ -137,10 +157,10 @@ mod tests {
     proptest! {
         #[test]
         fn header_roundtrips(id: u64, dl: u64, sent: u64, prio: u8, route: u16, nbufs: u16, st in 0u8..3,
-                             ext in proptest::option::of((any::<u32>(), any::<u32>(), any::<u64>()))) {
+                             flags: u8, ext in proptest::option::of((any::<u32>(), any::<u32>(), any::<u64>()))) {
             let h = TaskHeader {
                 task_id: id, deadline: Nanos(dl), sent_at: Nanos(sent), priority: prio,
-                status: Status::try_from(st).unwrap(), route, nbufs,
+                status: Status::try_from(st).unwrap(), route, nbufs, flags,
                 extent: ext.map(|(head, pages, len)| Extent { head, pages, len }),
             };
             prop_assert_eq!(TaskHeader::decode(&h.encode()).unwrap(), h);

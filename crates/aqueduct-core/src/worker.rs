@@ -21,6 +21,7 @@ use crate::layout::FlowLayout;
 use crate::message::*;
 use crate::shm::event::SpinPolicy;
 use crate::shm::{Arena, BufRef, Consumer, Extent, Producer, SharedRegion};
+use crate::stream::{has_room, StreamState};
 
 /// Where a task's body is, in the region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +37,18 @@ pub struct TaskRef {
     /// Out-of-band buffers in the pool. The hub holds a reference on each until this batch is
     /// finished; a worker that keeps one longer takes its own ([`Arena::hold`]).
     pub bufs: Vec<BufRef>,
+}
+
+/// What became of a partial result ([`WorkerEndpoint::send_part`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartSent {
+    /// On its way to the caller.
+    Sent,
+    /// The caller does not read partial results (it awaits the result only): dropped.
+    NotStreamed,
+    /// The caller went away (cancelled, timed out): dropped. The handler may stop working on
+    /// the task.
+    Cancelled,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -59,6 +72,8 @@ pub struct WorkerEndpoint {
     spin: SpinPolicy,
     batch: Vec<TaskRef>,
     batch_seq: u64,
+    /// Parts sent per position of the current batch.
+    parts_sent: Vec<u32>,
     inline_max: usize,
     metrics: bool,
 }
@@ -87,6 +102,7 @@ impl WorkerEndpoint {
             spin,
             batch: Vec::new(),
             batch_seq: 0,
+            parts_sent: Vec::new(),
             inline_max,
             metrics,
         })
@@ -172,6 +188,14 @@ impl WorkerEndpoint {
                     self.region.read(rec.offset, &mut head)?;
                     let count = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
                     let seq = u64::from_le_bytes(head[8..].try_into().unwrap());
+                    if count > self.layout.positions {
+                        return Err(EngineError::Protocol("a batch larger than the flow's largest batch size"));
+                    }
+                    // The batch's stream words before the gate: a hub that finds the batch
+                    // begun (and so marks a task cancelled in place) finds them written.
+                    for pos in 0..count {
+                        self.layout.stream_word(&self.region, self.slot, pos).begin(seq);
+                    }
                     // Begin the batch, unless the hub took it back (a cancelled task in it).
                     let begun = self.layout.slot_gate(&self.region, self.slot).begin(seq)?;
                     for _ in 0..count {
@@ -212,6 +236,8 @@ impl WorkerEndpoint {
                     }
                     if begun {
                         self.batch_seq = seq;
+                        self.parts_sent.clear();
+                        self.parts_sent.resize(count, 0);
                         if self.metrics {
                             self.record_arrivals();
                         }
@@ -281,6 +307,20 @@ impl WorkerEndpoint {
         body: &[u8],
         bufs: &[BufRef],
     ) -> Result<()> {
+        self.write_task_record(TAG_RESULT, i, status, route, body, bufs)
+    }
+
+    /// One record about task `i` (a result or a part): its header, buffer table and body, the
+    /// body in the pool when it is too large for the ring.
+    fn write_task_record(
+        &mut self,
+        tag: u32,
+        i: usize,
+        status: Status,
+        route: u16,
+        body: &[u8],
+        bufs: &[BufRef],
+    ) -> Result<()> {
         let mut h = self.batch[i].header;
         h.status = status;
         h.route = route;
@@ -297,10 +337,73 @@ impl WorkerEndpoint {
             let ext = self.alloc(body.len())?;
             self.arena.write(&ext, 0, body)?;
             h.extent = Some(ext);
-            self.send(TAG_RESULT, &[&h.encode(), &table])
+            self.send(tag, &[&h.encode(), &table])
         } else {
-            self.send(TAG_RESULT, &[&h.encode(), &table, body])
+            self.send(tag, &[&h.encode(), &table, body])
         }
+    }
+
+    /// Whether task `i` of the current batch streams (its caller reads partial results) and
+    /// whether that caller is gone.
+    pub fn stream_state(&self, i: usize) -> (bool, bool) {
+        let streamed = self.batch[i].header.flags & FLAG_STREAM != 0;
+        let cancelled = self.word_state(i).is_some_and(|s| s.cancelled);
+        (streamed, cancelled)
+    }
+
+    fn word_state(&self, i: usize) -> Option<StreamState> {
+        self.layout.stream_word(&self.region, self.slot, i).read(self.batch_seq)
+    }
+
+    /// Sends a partial result of task `i` of the current batch (see [`crate::stream`]): after
+    /// waiting, if [`crate::stream::STREAM_WINDOW`] parts of it are not yet taken by its caller,
+    /// until one is or the caller goes away. `bufs` as for [`Self::send_result_with_bufs`]; on
+    /// anything but [`PartSent::Sent`] their references are released here.
+    pub fn send_part(&mut self, i: usize, body: &[u8], bufs: &[BufRef]) -> Result<PartSent> {
+        let streamed =
+            self.batch.get(i).ok_or(EngineError::Protocol("a part for a task not in the batch"))?.header.flags
+                & FLAG_STREAM
+                != 0;
+        let outcome = if !streamed { Some(PartSent::NotStreamed) } else { self.wait_for_room(i) };
+        if let Some(dropped) = outcome {
+            for b in bufs {
+                let _ = self.arena.unhold(&b.extent());
+            }
+            return Ok(dropped);
+        }
+        self.write_task_record(TAG_PART, i, Status::Ok, ROUTE_DONE, body, bufs)?;
+        self.parts_sent[i] += 1;
+        self.flush();
+        Ok(PartSent::Sent)
+    }
+
+    /// Waits until task `i` may send a part: `None` when it may, `Some(Cancelled)` when its
+    /// caller is gone.
+    fn wait_for_room(&mut self, i: usize) -> Option<PartSent> {
+        let sent = self.parts_sent[i];
+        let state = |this: &Self| this.word_state(i).unwrap_or(StreamState { cancelled: true, taken: 0 });
+        let ready = |this: &Self| {
+            let s = state(this);
+            (s.cancelled || has_room(sent, s)).then_some(s.cancelled)
+        };
+        let cancelled = match ready(self) {
+            Some(c) => c,
+            None => {
+                // The caller is behind: what this worker wrote must reach the hub before it
+                // waits, or the caller could be waiting for it.
+                self.flush();
+                let ev = self.layout.stream_event(&self.region, self.slot);
+                // Woken by the hub when a part is taken or the caller goes away; the timeout
+                // only re-checks the word, as a guard against a lost wake-up.
+                loop {
+                    let recheck = Some(Instant::now() + Duration::from_millis(100));
+                    if let Some(c) = SpinPolicy::NONE.wait_until(ev, recheck, || ready(self)) {
+                        break c;
+                    }
+                }
+            }
+        };
+        cancelled.then_some(PartSent::Cancelled)
     }
 
     /// Allocates a pool extent held by this process.

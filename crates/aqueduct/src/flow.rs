@@ -880,12 +880,20 @@ impl Owned {
                     Fault::Engine(Failure::ArenaExhausted { step }) => {
                         FlowError::Engine(format!("no shared memory left for a task of {}", name(step)))
                     }
-                    Fault::Timeout | Fault::TimeoutWaiting => {
+                    Fault::Timeout | Fault::TimeoutWaiting | Fault::IdleTimeout => {
                         let _ = step;
                         FlowError::Timeout
                     }
                 };
                 Owned::Answer { ticket, answer, result: Err(error) }
+            }
+            // This API submits no streaming call, so the hub drops any part before it gets here.
+            Event::Part { body, bufs, .. } => {
+                let _ = body.into_vec(arena);
+                for b in bufs {
+                    let _ = arena.unhold(&b.extent());
+                }
+                Owned::Nothing
             }
             Event::Exited { step, pid, expected: false, .. } => Owned::Died { step, pid },
             Event::Respawn { slot, .. } => Owned::Respawn { slot },

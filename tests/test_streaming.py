@@ -1,0 +1,193 @@
+"""Streaming (``Flow.stream``, ``aqueduct.emit``, generator handlers): parts in order and then the
+final state, batches of streams, big arrays as parts, ``process()`` of a streaming step, faults
+after the parts delivered (a handler exception, a worker SIGKILLed), the deadline and the idle
+limit, cancellation by leaving the loop, backpressure on a slow consumer, any step streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from aqueduct import FlowStep, emit
+from aqueduct.exceptions import HandlerError, TaskTimeoutError, WorkerDiedError
+from aqueduct.streaming import STREAM_WINDOW
+
+from .stream_handlers import Arrays, Counter, Finish, Job, Stall, emit_outside_a_handler
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def start_method() -> str:
+    return 'fork'
+
+
+async def collect(flow, task, **kwargs) -> list:
+    return [part async for part in flow.stream(task, **kwargs)]
+
+
+@pytest.mark.parametrize('start_method', ['fork', 'spawn'])
+async def test_parts_arrive_in_order_then_the_final_state(make_flow):
+    flow = make_flow(FlowStep(Counter()))
+    task = Job(parts=5)
+    parts = await collect(flow, task)
+    assert [p['i'] for p in parts] == [0, 1, 2, 3, 4]
+    assert task.result == '5 parts' and task.sent == 5
+
+
+async def test_a_batch_streams_one_stream_per_task(make_flow):
+    flow = make_flow(FlowStep(Counter(), batch_size=4, batch_timeout=0.2))
+    tasks = [Job(parts=n) for n in (2, 7, 4, 1)]
+    results = await asyncio.gather(*(collect(flow, t) for t in tasks))
+    assert [[p['i'] for p in parts] for parts in results] == [list(range(n)) for n in (2, 7, 4, 1)]
+    assert len({p['pid'] for parts in results for p in parts}) == 1, 'one worker, one batch'
+    assert [t.result for t in tasks] == ['2 parts', '7 parts', '4 parts', '1 parts']
+
+
+async def test_big_arrays_travel_as_parts(make_flow):
+    flow = make_flow(FlowStep(Arrays()))
+    task = Job(parts=12)  # more than the window: the worker waits for the consumer in between
+    seen = []
+    async for array in flow.stream(task, timeout_sec=30):
+        assert array.shape == (1 << 18,) and array.dtype.name == 'float32'
+        seen.append(int(array[0]))
+        assert (array == array[0]).all()
+    assert seen == list(range(12)) and task.result == 'arrays'
+
+
+async def test_process_of_a_streaming_step_returns_the_final_result(make_flow):
+    flow = make_flow(FlowStep(Counter()), FlowStep(Arrays()))
+    task = Job(parts=20)
+    assert await flow.process(task, timeout_sec=30)
+    assert task.result == 'arrays'
+
+
+async def test_any_step_streams_to_the_caller_and_the_next_step_sees_the_task(make_flow):
+    flow = make_flow(FlowStep(Counter()), FlowStep(Finish()))
+    task = Job(parts=3)
+    parts = await collect(flow, task)
+    assert [p['i'] for p in parts] == [0, 1, 2]
+    assert task.result == 'finished after 3 parts'
+
+
+async def test_a_handler_exception_raises_after_the_parts_delivered(make_flow):
+    flow = make_flow(FlowStep(Counter()))
+    got = []
+    with pytest.raises(HandlerError) as info:
+        async for part in flow.stream(Job(parts=5, mode='raise')):
+            got.append(part['i'])
+    assert got == [0, 1]
+    assert isinstance(info.value, ValueError) and 'part 2 of 5 went wrong' in str(info.value)
+    # The flow serves on.
+    assert [p['i'] for p in await collect(flow, Job(parts=2))] == [0, 1]
+
+
+async def test_a_handler_yielding_something_else_fails_naming_it(make_flow):
+    flow = make_flow(FlowStep(Counter()))
+    with pytest.raises(HandlerError) as info:
+        await collect(flow, Job(parts=2, mode='bad_yield'))
+    assert isinstance(info.value, TypeError) and '(task, part) pairs' in str(info.value)
+
+
+def test_emit_outside_a_handler_says_so():
+    with pytest.raises(RuntimeError, match='while handle'):
+        emit_outside_a_handler()
+
+
+async def test_a_worker_killed_mid_stream_raises_after_its_parts(make_flow):
+    flow = make_flow(FlowStep(Counter()))
+    got = []
+    with pytest.raises(WorkerDiedError):
+        async for part in flow.stream(Job(parts=1000, pause=0.01), timeout_sec=30):
+            got.append(part['i'])
+            if len(got) == 3:
+                os.kill(part['pid'], signal.SIGKILL)
+    assert got[:3] == [0, 1, 2]
+    assert got == list(range(len(got))), 'parts in order, none lost before the failure'
+    # A replacement serves the next stream.
+    assert [p['i'] for p in await collect(flow, Job(parts=2), timeout_sec=30)] == [0, 1]
+
+
+async def test_the_deadline_covers_the_whole_stream(make_flow):
+    flow = make_flow(FlowStep(Counter()))
+    got = []
+    with pytest.raises(TaskTimeoutError):
+        async for part in flow.stream(Job(parts=1000, pause=0.02), timeout_sec=0.5):
+            got.append(part['i'])
+    assert 0 < len(got) < 1000
+    # The handler was told and stopped: the next call gets the worker.
+    report = Job(mode='report')
+    assert await flow.process(report, timeout_sec=10)
+    assert report.result['closed'] == 1
+
+
+async def test_an_idle_stream_times_out(make_flow):
+    flow = make_flow(FlowStep(Stall()))
+    got = []
+    with pytest.raises(TaskTimeoutError, match='idle_timeout_sec'):
+        async for part in flow.stream(Job(pause=3), timeout_sec=20, idle_timeout_sec=0.3):
+            got.append(part)
+    assert got == ['first']
+
+
+@pytest.mark.parametrize('how', ['break', 'aclose', 'drop'])
+async def test_leaving_the_loop_cancels_the_stream_and_the_handler_is_told(make_flow, how):
+    flow = make_flow(FlowStep(Counter()))
+    stream = flow.stream(Job(parts=10**9), timeout_sec=30)
+    async for part in stream:
+        if part['i'] == 2:
+            break
+    if how == 'aclose':
+        await stream.aclose()
+    elif how == 'drop':
+        del stream
+    else:
+        stream = None  # the loop's iterator goes away with the last reference
+    # One worker: this call runs only once the endless generator was closed.
+    report = Job(mode='report')
+    assert await flow.process(report, timeout_sec=10)
+    assert report.result['closed'] == 1
+
+
+async def test_a_slow_consumer_holds_the_worker_back(make_flow):
+    flow = make_flow(FlowStep(Counter()))
+    task = Job(parts=100)
+    stream = flow.stream(task, timeout_sec=30)
+    first = await stream.__anext__()
+    assert first['i'] == 0
+    # The worker goes on until it is a window ahead; it cannot buffer more than that.
+    call = stream._call
+    for _ in range(200):
+        await asyncio.sleep(0.01)  # polling what is buffered: no event says "the worker waits"
+        assert len(call.parts) <= STREAM_WINDOW
+        if len(call.parts) == STREAM_WINDOW:
+            break
+    assert len(call.parts) == STREAM_WINDOW
+    rest = [p['i'] async for p in stream]
+    assert rest == list(range(1, 100)) and task.result == '100 parts'
+
+
+async def test_bad_idle_limits_are_refused(make_flow):
+    flow = make_flow(FlowStep(Counter()))
+    refused = [(0, ValueError), (-1, ValueError), (float('nan'), ValueError), ('1', TypeError), (True, TypeError)]
+    for bad, error in refused:
+        with pytest.raises(error):
+            flow.stream(Job(), idle_timeout_sec=bad)
+    assert [p['i'] async for p in flow.stream(Job(parts=1), idle_timeout_sec=float('inf'))] == [0]
+
+
+async def test_a_stream_of_a_stopped_flow_raises_in_the_loop(make_flow):
+    from aqueduct.exceptions import NotRunningError
+
+    flow = make_flow(FlowStep(Counter()))
+    await flow.stop()
+    with pytest.raises(NotRunningError):
+        await collect(flow, Job())
+
+
+def test_emit_is_exported():
+    import aqueduct
+
+    assert aqueduct.emit is emit
