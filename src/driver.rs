@@ -362,8 +362,9 @@ pub(crate) fn buffers<'py>(py: Python<'py>, arena: &Arc<Arena>, bufs: Vec<BufRef
 /// `kind` is one of `handler` (`detail`: the pickled error), `expired` (dropped before a
 /// handler of `step` saw it), `died` and `handler_timeout` (`detail`: the worker's pid),
 /// `stopped`, `shm_exhausted`, `rejected` (`detail`: why), `timeout` (the caller's deadline
-/// passed in the flow), `timeout_waiting` (it passed while the call waited for queue room), `idle_timeout` (a stream waited past its idle limit for a part) and
-/// `not_running` (the flow stopped while the call waited). `step` is the step concerned, -1
+/// passed in the flow), `timeout_waiting` (it passed while the call waited for queue room),
+/// `idle_timeout` (a stream waited past its idle limit for a part) and `not_running` (the flow
+/// stopped while the call waited). `step` is the step concerned, -1
 /// when none is.
 #[pyclass(frozen, module = "aqueduct._core", get_all)]
 pub struct Failure {
