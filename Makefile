@@ -24,7 +24,8 @@ WHEEL_FLAGS ?= --zig --compatibility manylinux2014
 WHEEL_STAMP := $(VENV)/.wheel-tools
 
 .PHONY: help setup build wheel test test-rust test-python test-pythons check-pythons miri lint bench bench-peers bench-instructions bench-quick bench-http demo soak clean \
-	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum example-http
+	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum example-http \
+	example-streaming example-streaming-fastapi
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -121,6 +122,12 @@ soak: build ## Soaks: 100k tasks with handler failures and worker kills; 10k tas
 
 demo: build ## Build and run the example pipeline end to end
 	$(PY) examples/quickstart.py
+
+example-streaming: build ## Tokens streamed as Server-Sent Events by an aiohttp service on 127.0.0.1:8084
+	$(PY) examples/streaming/app.py --port 8084
+
+example-streaming-fastapi: build ## The same with FastAPI (uvicorn) on 127.0.0.1:8085
+	$(PY) -m uvicorn fastapi_app:app --app-dir examples/streaming --port 8085
 
 example-aiohttp: build ## The aiohttp image-classification service on 127.0.0.1:8080
 	$(PY) examples/aiohttp/app.py --port 8080
