@@ -46,9 +46,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:  # bad JSON is a ValueError too
         return web.json_response({'error': str(exc)}, status=400)
     sse = request.query.get('format') != 'text'
-    response = web.StreamResponse(
-        headers={'Content-Type': 'text/event-stream' if sse else 'text/plain; charset=utf-8', 'Cache-Control': 'no-cache'}
-    )
+    content_type = 'text/event-stream' if sse else 'text/plain; charset=utf-8'
+    response = web.StreamResponse(headers={'Content-Type': content_type, 'Cache-Control': 'no-cache'})
     await response.prepare(request)
     try:
         # `async with`: a client that hangs up (the write below raises) cancels the task now.

@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from app import prompt_of  # noqa: E402
 from aqueduct.exceptions import FlowError  # noqa: E402
 from aqueduct.integrations.fastapi import flow_lifespan  # noqa: E402
-from app import prompt_of  # noqa: E402
 from generate import Prompt, build_flow  # noqa: E402
 
 flow = build_flow()
