@@ -1060,6 +1060,23 @@ impl Driver {
         Ok(driver.engine().hub.batch_running_for(slot, Nanos::now()).map(|d| d.as_secs_f64()))
     }
 
+    /// Per entry step, the streams of `Flow.stream`: `open` (not answered yet), `parts`
+    /// delivered since the start, `first_part_us` (a histogram of the time from submission to
+    /// the first part, as `metrics` gives them).
+    fn stream_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let stats = self.lock()?.stream_stats();
+        let out = PyList::empty(py);
+        for s in stats {
+            let d = PyDict::new(py);
+            d.set_item("open", s.open)?;
+            d.set_item("parts", s.parts)?;
+            let h = &s.first_part_us;
+            d.set_item("first_part_us", (h.buckets.to_vec(), h.count, h.sum))?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
     /// Every metric, as plain Python values (histograms are `(buckets, count, sum)`; see
     /// `aqueduct_core::metrics`). With `drain=True` the sample rings are consumed: the StatsD
     /// exporter is their one reader.

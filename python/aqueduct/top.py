@@ -4,7 +4,8 @@ Every flow serves a snapshot of its metrics on a Unix socket (its path is logged
 starts: ``aqueduct-<pid>-<n>.sock`` in the user's private socket directory,
 ``$XDG_RUNTIME_DIR/aqueduct`` or ``<tmp>/aqueduct-<uid>``). ``top`` reads it every second
 and shows, per step: processes alive, queue depth, tasks in flight, tasks/s, p50 and p99
-handler time, mean batch size, deaths and restarts, and resident memory.
+handler time, mean batch size, deaths and restarts, and resident memory; and for streams
+(``Flow.stream``) how many are open, parts per second and the time to the first part.
 
     python -m aqueduct top                 # this user's most recent flow
     python -m aqueduct top /run/user/1000/aqueduct/aqueduct-1234-1.sock
@@ -103,6 +104,16 @@ def render(snap: dict, previous: Optional[dict], dt: float) -> str:
             totals[k] = totals.get(k, 0) + n
     lines.append('')
     lines.append('tasks: ' + '  '.join(f'{k} {n:,}' for k, n in totals.items()))
+    for i, step in enumerate(snap['steps']):
+        if not (step.get('streams_open') or step.get('stream_parts')):
+            continue
+        before = previous['steps'][i] if previous else None
+        parts = step['stream_parts'] - (before.get('stream_parts', 0) if before else 0)
+        first = _delta(step['first_part_us'][0], before['first_part_us'][0] if before else None)
+        lines.append(
+            f"streams into {printable(step['name'])}: {step['streams_open']} open, "
+            f'{parts / dt if previous and dt > 0 else 0.0:,.0f} parts/s, first part p50 {_us(quantile(first, 0.5))}'
+        )
     # Every field, not only the names: any of them may be a string from the peer.
     return '\n'.join(printable(line) for line in lines)
 

@@ -81,6 +81,12 @@ class FlowView:
         driver = self._flow._driver
         return driver.metrics(drain) if driver is not None else None
 
+    def stream_stats(self) -> List[dict]:
+        """Per entry step: streams open, parts delivered, time to the first part (histogram, µs);
+        empty before the flow starts."""
+        driver = self._flow._driver
+        return driver.stream_stats() if driver is not None else []
+
     def queue_len(self, step: int) -> int:
         driver = self._flow._driver
         return driver.queue_len(step) if driver is not None else 0

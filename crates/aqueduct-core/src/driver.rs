@@ -39,7 +39,7 @@ use crate::clock::Nanos;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::hub::{Failure, Outcome, Payload, SlotState};
-use crate::metrics::{CallEnd, OutcomeCounts};
+use crate::metrics::{CallEnd, Histogram, OutcomeCounts};
 use crate::shm::event::SpinWindow;
 use crate::shm::BufRef;
 use crate::stream::PartReceipt;
@@ -246,6 +246,20 @@ struct CallStream {
     idle: Option<Duration>,
     /// When the current wait for a part runs out.
     idle_due: Nanos,
+    submitted: Nanos,
+    /// Parts delivered so far.
+    parts: u64,
+}
+
+/// Streams entering one step (see [`Driver::stream_stats`]).
+#[derive(Clone, Debug, Default)]
+pub struct StreamStats {
+    /// Streaming calls not answered yet.
+    pub open: usize,
+    /// Parts delivered to callers, since the flow started.
+    pub parts: u64,
+    /// Time from submission to the first part, µs, per stream that had one.
+    pub first_part_us: Histogram,
 }
 
 impl<C> Call<C> {
@@ -289,6 +303,8 @@ struct Book<C> {
     awaiting_exits: bool,
     /// Receipts of parts whose call had ended: given back after the poll.
     orphan_receipts: Vec<PartReceipt>,
+    /// Per entry step (`open` is counted when asked).
+    streams: Vec<StreamStats>,
 }
 
 impl<C> Book<C> {
@@ -302,9 +318,16 @@ impl<C> Book<C> {
             Outcome::Part { task_id, body, bufs, receipt } => match self.calls.get_mut(&task_id) {
                 Some(call) => {
                     if let Some(stream) = call.stream.as_mut() {
+                        let now = Nanos::now();
                         if let Some(idle) = stream.idle {
-                            stream.idle_due = Nanos::now().saturating_add(idle);
+                            stream.idle_due = now.saturating_add(idle);
                         }
+                        let stats = &mut self.streams[call.step as usize];
+                        if stream.parts == 0 {
+                            stats.first_part_us.record(now.saturating_sub(stream.submitted).as_micros() as u64);
+                        }
+                        stream.parts += 1;
+                        stats.parts += 1;
                     }
                     out(Event::Part { call: &call.token, body, bufs, receipt })
                 }
@@ -455,6 +478,7 @@ impl<C> Driver<C> {
             grace_end: None,
             awaiting_exits: false,
             orphan_receipts: Vec::new(),
+            streams: vec![StreamStats::default(); steps],
         };
         let spin = SpinWindow::new(engine.hub.spin());
         Self { engine, book, admission, priorities, spin }
@@ -579,8 +603,19 @@ impl<C> Driver<C> {
         body: &[u8],
         bufs: Vec<BufRef>,
     ) -> std::result::Result<u64, Refused<C>> {
-        let stream = CallStream { idle, idle_due: idle.map_or(Nanos::ZERO, |i| Nanos::now().saturating_add(i)) };
+        let now = Nanos::now();
+        let idle_due = idle.map_or(Nanos::ZERO, |i| now.saturating_add(i));
+        let stream = CallStream { idle, idle_due, submitted: now, parts: 0 };
         self.submit_call(call, step, priority, deadline, body, bufs, Some(stream))
+    }
+
+    /// Per entry step: streams open, parts delivered, time to the first part.
+    pub fn stream_stats(&self) -> Vec<StreamStats> {
+        let mut stats = self.book.streams.clone();
+        for call in self.book.calls.values().filter(|c| c.stream.is_some()) {
+            stats[call.step as usize].open += 1;
+        }
+        stats
     }
 
     /// The caller of a part took it: see [`Event::Part`].

@@ -228,9 +228,16 @@ class FlowMetrics:
         names = view.step_names
         snap = view.engine_metrics(drain=False) or {'steps': [], 'routes': []}
         steps = []
+        streams = view.stream_stats()
         for k, m in enumerate(snap['steps']):
             h = health['steps'][k]
-            steps.append({**h, **{key: value for key, value in m.items() if not key.endswith('_samples')}})
+            step = {**h, **{key: value for key, value in m.items() if not key.endswith('_samples')}}
+            if k < len(streams):  # streams entering this step (`Flow.stream`)
+                stream = streams[k]
+                step['streams_open'] = stream['open']
+                step['stream_parts'] = stream['parts']
+                step['first_part_us'] = stream['first_part_us']
+            steps.append(step)
         rss: Dict[str, int] = {}
         for w in view.workers():
             if w.alive:

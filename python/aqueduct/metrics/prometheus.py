@@ -18,7 +18,9 @@ Families (all labelled with ``flow`` and ``step``):
 - ``aqueduct_batch_size`` and ``aqueduct_batch_wait_seconds`` (histograms);
 - ``aqueduct_tasks_total`` (counter, ``outcome``, ``priority``; no ``step`` label);
 - ``aqueduct_queue_size``, ``aqueduct_processes_alive``, ``aqueduct_memory_bytes`` (gauges);
-- ``aqueduct_worker_deaths_total``, ``aqueduct_worker_restarts_total`` (counters).
+- ``aqueduct_worker_deaths_total``, ``aqueduct_worker_restarts_total`` (counters);
+- ``aqueduct_streams_open`` (gauge), ``aqueduct_stream_parts_total`` (counter) and
+  ``aqueduct_stream_first_part_seconds`` (histogram), by the streams' entry step.
 
 Buckets are the engine's octave boundaries, from 16 µs to 64 s for times and from 1 KiB to
 1 GiB for sizes, so the exposed counts are exact.
@@ -80,6 +82,15 @@ class FlowCollector:
         restarts = CounterMetricFamily(
             'aqueduct_worker_restarts', 'Worker processes restarted', labels=['flow', 'step']
         )
+        streams = GaugeMetricFamily(
+            'aqueduct_streams_open', 'Streams (Flow.stream) not finished, by entry step', labels=['flow', 'step']
+        )
+        parts = CounterMetricFamily(
+            'aqueduct_stream_parts', 'Partial results delivered to streams, by entry step', labels=['flow', 'step']
+        )
+        first_part = HistogramMetricFamily(
+            'aqueduct_stream_first_part_seconds', 'Time from a stream\'s submission to its first part', labels=['flow', 'step']
+        )
         for flow_name, flow in self.flows.items():
             snap = flow.metrics()
             for i, s in enumerate(snap['steps']):
@@ -98,6 +109,10 @@ class FlowCollector:
                 memory.add_metric(labels, snap['rss'].get(step, 0))
                 deaths.add_metric(labels, s['deaths'])
                 restarts.add_metric(labels, s['restarts'])
+                if 'streams_open' in s:
+                    streams.add_metric(labels, s['streams_open'])
+                    parts.add_metric(labels, s['stream_parts'])
+                    first_part.add_metric(labels, *_buckets(s['first_part_us'], TIME_BOUNDS_US, 1e-6))
             for src, dst, priority, th, sh in snap['routes']:
                 transfer.add_metric([flow_name, src, src, dst, str(priority)], *_buckets(th, TIME_BOUNDS_US, 1e-6))
                 size.add_metric([flow_name, src, src, dst], *_buckets(sh, SIZE_BOUNDS, 1))
@@ -105,6 +120,7 @@ class FlowCollector:
                 for outcome, n in counts.items():
                     tasks.add_metric([flow_name, outcome, str(priority)], n)
         yield from (handle, transfer, size, batch, wait, tasks, queue, alive, memory, deaths, restarts)
+        yield from (streams, parts, first_part)
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
