@@ -89,7 +89,9 @@ class FlowCollector:
             'aqueduct_stream_parts', 'Partial results delivered to streams, by entry step', labels=['flow', 'step']
         )
         first_part = HistogramMetricFamily(
-            'aqueduct_stream_first_part_seconds', 'Time from a stream\'s submission to its first part', labels=['flow', 'step']
+            'aqueduct_stream_first_part_seconds',
+            "Time from a stream's submission to its first part",
+            labels=['flow', 'step'],
         )
         for flow_name, flow in self.flows.items():
             snap = flow.metrics()
