@@ -852,10 +852,11 @@ impl Driver {
         Ok(id)
     }
 
-    /// The caller of a streaming call took the part with this receipt: its worker may send
-    /// another. A receipt of a call that has ended is ignored.
-    fn release_part(&self, receipt: u128) -> PyResult<()> {
-        self.lock()?.release_part(PartReceipt::from_u128(receipt));
+    /// The caller of streaming call `call` took the part with this receipt: its worker may
+    /// send another, and the stream's idle limit counts from now. A receipt of a call that has
+    /// ended is ignored.
+    fn part_taken(&self, call: u64, receipt: u128) -> PyResult<()> {
+        self.lock()?.part_taken(call, PartReceipt::from_u128(receipt));
         Ok(())
     }
 

@@ -168,25 +168,36 @@ impl Worker {
         Ok(())
     }
 
-    /// `(streamed, cancelled)` of task `index` of the current batch: whether its caller reads
-    /// partial results, and whether that caller is gone.
-    fn stream_state(&self, index: usize) -> PyResult<(bool, bool)> {
-        let w = self.lock();
-        if index >= w.tasks().len() {
-            return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
-        }
-        Ok(w.stream_state(index))
+    /// The sequence number of the batch `recv` returned last: `aqueduct.emit` passes it back,
+    /// so that a part sent after its batch ended (from a thread the handler left running) is
+    /// refused rather than given to the task now at that position.
+    #[getter]
+    fn batch_seq(&self, py: Python<'_>) -> u64 {
+        py.detach(|| self.lock().batch_seq())
     }
 
-    /// Sends a partial result of task `index` (`aqueduct.streaming.emit`), waiting while its
-    /// caller is a window of parts behind. Returns `"sent"`, `"not_streamed"` (the caller
-    /// awaits the result only: dropped) or `"cancelled"` (the caller is gone: dropped). The
-    /// buffers' references pass to the part either way.
-    #[pyo3(signature = (index, body, bufs=None))]
+    /// `(streamed, cancelled)` of task `index` of batch `seq`: whether its caller reads partial
+    /// results, and whether that caller is gone.
+    fn stream_state(&self, py: Python<'_>, index: usize, seq: u64) -> PyResult<(bool, bool)> {
+        // Without the GIL: another thread of the handler may hold the endpoint while it waits
+        // for room, which comes from an event loop that may need this GIL (an executor's slot).
+        let state = py.detach(|| {
+            let w = self.lock();
+            (index < w.tasks().len() && w.batch_seq() == seq).then(|| w.stream_state(index))
+        });
+        state.ok_or_else(|| batch_ended(index))
+    }
+
+    /// Sends a partial result of task `index` of batch `seq` (`aqueduct.streaming.emit`),
+    /// waiting while its caller is a window of parts behind. Returns `"sent"`, `"not_streamed"`
+    /// (the caller awaits the result only: dropped) or `"cancelled"` (the caller is gone:
+    /// dropped). The buffers' references pass to the part either way.
+    #[pyo3(signature = (index, seq, body, bufs=None))]
     fn send_part(
         &self,
         py: Python<'_>,
         index: usize,
+        seq: u64,
         body: &[u8],
         bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
     ) -> PyResult<&'static str> {
@@ -196,13 +207,13 @@ impl Worker {
         // worker shares this process with the event loop that gives the room back.
         let sent = py.detach(|| {
             let mut w = self.lock();
-            if index >= w.tasks().len() {
+            if index >= w.tasks().len() || w.batch_seq() != seq {
                 return Ok(None);
             }
             w.send_part(index, body, &refs).map(Some)
         });
         let Some(sent) = sent.map_err(py_err(py))? else {
-            return Err(PyValueError::new_err(format!("no task {index} in the current batch")));
+            return Err(batch_ended(index));
         };
         for b in &bufs {
             b.get().detach();
@@ -227,4 +238,11 @@ impl Worker {
         })
         .map_err(py_err(py))
     }
+}
+
+/// The error for a part of a batch that has ended (or a position it does not have).
+fn batch_ended(index: usize) -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(format!(
+        "aqueduct.emit(): the batch of task {index} has ended (a part sent after handle() returned)"
+    ))
 }

@@ -154,7 +154,8 @@ def handle_batch(
     if not tasks:
         return None
     started = time.perf_counter()
-    running = streaming._running = streaming._Running(worker, {id(t): i for t, i in zip(tasks, indices, strict=True)})
+    running = streaming._Running(worker, worker.batch_seq)
+    streaming._begin(running, tasks, indices)
     try:
         result = handler.handle(*tasks)  # type: ignore[func-returns-value]  # a generator streams
         if result.__class__ is GeneratorType:
@@ -172,7 +173,7 @@ def handle_batch(
             raise
         return elapsed
     finally:
-        streaming._running = None
+        streaming._end(tasks)
     elapsed = time.perf_counter() - started
     if log_tasks:
         log.debug('[%s] Handled %d task(s) in %.3f ms (%s)', name, len(tasks), elapsed * 1e3, step_name)
@@ -205,8 +206,8 @@ def handle_batch(
 
 def _drive(gen, running: streaming._Running, indices: List[int]) -> None:
     """Runs a generator ``handle``: each ``(task, part)`` it yields is emitted, and the
-    ``yield`` evaluates to what :func:`aqueduct.emit` returned. Once every streaming task of
-    the batch has lost its caller, the generator is closed."""
+    ``yield`` evaluates to what :func:`aqueduct.emit` returned. Once no task of the batch has a
+    caller waiting for it (every one streams and every caller is gone), the generator is closed."""
     emit = streaming.emit
     try:
         item = next(gen)
@@ -217,7 +218,7 @@ def _drive(gen, running: streaming._Running, indices: List[int]) -> None:
                     f'a streaming handle() yields (task, part) pairs; it yielded {type(item).__name__} {item!r:.80}'
                 )
             alive = emit(item[0], item[1])
-            if not alive and _callers_gone(running.worker, indices):
+            if not alive and _callers_gone(running, indices):
                 gen.close()
                 return
             item = gen.send(alive)
@@ -225,11 +226,14 @@ def _drive(gen, running: streaming._Running, indices: List[int]) -> None:
         return
 
 
-def _callers_gone(worker: _core.Worker, indices: List[int]) -> bool:
-    """Whether the batch has streaming tasks and every one of their callers is gone."""
-    states = [worker.stream_state(i) for i in indices]
-    streamed = [cancelled for is_streamed, cancelled in states if is_streamed]
-    return bool(streamed) and all(streamed)
+def _callers_gone(running: streaming._Running, indices: List[int]) -> bool:
+    """Whether every task of the batch streams and every one of their callers is gone (a
+    ``process()`` caller waits for the result, whatever the others do)."""
+    for i in indices:
+        streamed, cancelled = running.worker.stream_state(i, running.seq)
+        if not (streamed and cancelled):
+            return False
+    return True
 
 
 def run(

@@ -65,17 +65,29 @@ STREAM_WINDOW = 8
 
 
 class _Running:
-    """The batch a worker is handling, for :func:`emit`: which task is at which position."""
+    """A batch a worker is handling: the worker's endpoint and the batch's sequence number."""
 
-    __slots__ = ('worker', 'index')
+    __slots__ = ('worker', 'seq')
 
-    def __init__(self, worker: Any, positions: Dict[int, int]):
+    def __init__(self, worker: Any, seq: int):
         self.worker = worker
-        self.index = positions
+        self.seq = seq
 
 
-#: Set by the worker's loop while a handler runs (workers are single-threaded).
-_running: Optional[_Running] = None
+#: ``id(task)`` -> ``(batch, position)`` for every task of a batch being handled in this
+#: process (several at once for an executor's slots, which are threads). Threads a handler
+#: starts find their tasks here too; once the batch ends its tasks are gone from it.
+_handled: Dict[int, Tuple[_Running, int]] = {}
+
+
+def _begin(running: _Running, tasks: List[Any], positions: List[int]) -> None:
+    for task, position in zip(tasks, positions, strict=True):
+        _handled[id(task)] = (running, position)
+
+
+def _end(tasks: List[Any]) -> None:
+    for task in tasks:
+        _handled.pop(id(task), None)
 
 
 def emit(task: Any, part: Any) -> bool:
@@ -83,20 +95,21 @@ def emit(task: Any, part: Any) -> bool:
     after waiting while the caller is :data:`STREAM_WINDOW` parts behind. Returns ``False`` when
     that caller is gone (the part is dropped; the handler may stop working on the task), ``True``
     otherwise, also when the caller awaits only the result (``process()``: the part is dropped
-    without being encoded)."""
-    running = _running
-    if running is None:
-        raise RuntimeError('aqueduct.emit() sends a partial result from a handler: call it while handle() runs')
-    index = running.index.get(id(task))
-    if index is None:
+    without being encoded). May be called from threads the handler starts, until ``handle()``
+    returns."""
+    entry = _handled.get(id(task))
+    if entry is None:
+        if not _handled:
+            raise RuntimeError('aqueduct.emit() sends a partial result from a handler: call it while handle() runs')
         raise ValueError(f'aqueduct.emit(): {task!r} is not one of the tasks handle() was given')
-    streamed, cancelled = running.worker.stream_state(index)
+    running, index = entry
+    streamed, cancelled = running.worker.stream_state(index, running.seq)
     if cancelled:
         return False
     if not streamed:
         return True
     body, bufs = encode_value(part)
-    return running.worker.send_part(index, body, bufs) != 'cancelled'
+    return running.worker.send_part(index, running.seq, body, bufs) != 'cancelled'
 
 
 class _Call:
@@ -159,18 +172,24 @@ class TaskStream:
                 self._finished = True
                 raise StopAsyncIteration
         try:
-            while not call.parts and call.outcome is None:
+            while not call.parts and call.outcome is None and not self._finished:
+                if call.waiter is not None:
+                    raise RuntimeError('a stream is read by one consumer: another one awaits its next part')
                 call.waiter = asyncio.get_running_loop().create_future()
-                await call.waiter
-                call.waiter = None
+                try:
+                    await call.waiter
+                finally:
+                    call.waiter = None
         except BaseException:  # cancelled while waiting: the task goes too
             self._cancel()
             raise
+        if self._finished:  # closed (``aclose()``) by another task meanwhile
+            raise StopAsyncIteration
         if call.parts:
             body, bufs, receipt = call.parts.popleft()
             driver = self._driver
             if driver is not None and not driver.closed:
-                driver.release_part(receipt)
+                driver.part_taken(self._id, receipt)
             try:
                 return decode_value(body, bufs)
             except BaseException:
@@ -205,7 +224,8 @@ class TaskStream:
             while call.parts:
                 _, _, receipt = call.parts.popleft()
                 if driver is not None and not driver.closed:
-                    driver.release_part(receipt)
+                    driver.part_taken(call_id, receipt)
+            call._wake()  # a consumer awaiting its next part in another task: it ends
 
     def __del__(self) -> None:
         try:

@@ -247,8 +247,10 @@ struct CallStream {
     /// When the current wait for a part runs out.
     idle_due: Nanos,
     submitted: Nanos,
-    /// Parts delivered so far.
+    /// Parts delivered so far, and how many of them the caller has taken: while it has some
+    /// to read, it is not waiting, and the idle limit does not run out.
     parts: u64,
+    taken: u64,
 }
 
 /// Streams entering one step (see [`Driver::stream_stats`]).
@@ -605,7 +607,7 @@ impl<C> Driver<C> {
     ) -> std::result::Result<u64, Refused<C>> {
         let now = Nanos::now();
         let idle_due = idle.map_or(Nanos::ZERO, |i| now.saturating_add(i));
-        let stream = CallStream { idle, idle_due, submitted: now, parts: 0 };
+        let stream = CallStream { idle, idle_due, submitted: now, parts: 0, taken: 0 };
         self.submit_call(call, step, priority, deadline, body, bufs, Some(stream))
     }
 
@@ -618,7 +620,20 @@ impl<C> Driver<C> {
         stats
     }
 
-    /// The caller of a part took it: see [`Event::Part`].
+    /// The caller of call `id` took the part with `receipt`: see [`Event::Part`]. A stream's
+    /// idle limit counts from here too, so a consumer slower than the limit, which the worker
+    /// waits for, is not taken for an idle stream.
+    pub fn part_taken(&mut self, id: u64, receipt: PartReceipt) {
+        if let Some(stream) = self.book.calls.get_mut(&id).and_then(|c| c.stream.as_mut()) {
+            stream.taken += 1;
+            if let Some(idle) = stream.idle {
+                stream.idle_due = Nanos::now().saturating_add(idle);
+            }
+        }
+        self.release_part(receipt);
+    }
+
+    /// Gives a part's receipt back without a call (one nobody took): see [`Event::Part`].
     pub fn release_part(&mut self, receipt: PartReceipt) {
         self.engine.hub.release_part(receipt);
     }
@@ -817,6 +832,13 @@ impl<C> Driver<C> {
             let Some(call) = self.book.calls.get(&id) else { continue };
             let timed_out = call.deadline != Nanos::ZERO && call.deadline <= now;
             let idle_due = call.idle_due();
+            // A caller with parts still to read is not waiting for one: its clock starts again
+            // when it takes the next.
+            let behind = call.stream.as_ref().is_some_and(|s| s.parts > s.taken);
+            let idle_due = match (idle_due, behind, call.stream.as_ref().and_then(|s| s.idle)) {
+                (Some(_), true, Some(idle)) => Some(now.saturating_add(idle)),
+                _ => idle_due,
+            };
             if !timed_out {
                 match idle_due {
                     // Parts came since this entry was pushed: wait again, from the last one.

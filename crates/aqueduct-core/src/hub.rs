@@ -1200,8 +1200,14 @@ impl Hub {
             .position(|h| h.task.id == header.task_id)
             .ok_or(EngineError::Protocol("a part for a task the worker is not running"))?;
         let held = &batch.tasks[pos];
-        let wanted = held.task.flags & FLAG_STREAM != 0 && !held.resolved && !self.cancelled.contains(&header.task_id);
+        let caller_gone = self.cancelled.contains(&header.task_id);
+        let wanted = held.task.flags & FLAG_STREAM != 0 && !held.resolved && !caller_gone;
         let receipt = PartReceipt { slot: slot as u16, pos: pos as u16, epoch: s.epoch, seq: batch.seq };
+        if caller_gone {
+            // Cancelled while its batch waited behind another (sent ahead, and too late to take
+            // back): the worker wrote the batch's words afresh when it began it. Tell it now.
+            self.mark_cancelled(slot, header.task_id);
+        }
         let from = s.pool_index;
         let nbufs = header.nbufs as usize;
         let table =

@@ -272,6 +272,11 @@ impl WorkerEndpoint {
         &self.batch
     }
 
+    /// The sequence number of the current batch (valid while `tasks()` is not empty).
+    pub fn batch_seq(&self) -> u64 {
+        self.batch_seq
+    }
+
     /// Copies the body of task `i` of the current batch.
     pub fn read_body(&self, i: usize, dst: &mut Vec<u8>) -> Result<()> {
         dst.resize(self.batch[i].body.len, 0);
