@@ -87,3 +87,13 @@ class Stall(BaseTaskHandler):
 
 def emit_outside_a_handler() -> None:
     emit(Job(), 'part')
+
+
+class BigText(BaseTaskHandler):
+    """Parts too large for a ring record (their pickles go through the pool): 2 MiB strings."""
+
+    def handle(self, *tasks: Job) -> None:
+        for task in tasks:
+            for i in range(task.parts):
+                emit(task, chr(ord('a') + i) * (2 << 20))
+            task.result = 'text'

@@ -14,7 +14,7 @@ from aqueduct import FlowStep, emit
 from aqueduct.exceptions import HandlerError, TaskTimeoutError, WorkerDiedError
 from aqueduct.streaming import STREAM_WINDOW
 
-from .stream_handlers import Arrays, Counter, Finish, Job, Stall, emit_outside_a_handler
+from .stream_handlers import Arrays, BigText, Counter, Finish, Job, Stall, emit_outside_a_handler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,6 +55,16 @@ async def test_big_arrays_travel_as_parts(make_flow):
         seen.append(int(array[0]))
         assert (array == array[0]).all()
     assert seen == list(range(12)) and task.result == 'arrays'
+
+
+async def test_parts_larger_than_a_ring_record_travel_through_the_pool(make_flow):
+    from aqueduct import shm
+
+    flow = make_flow(FlowStep(BigText()))
+    parts = await collect(flow, Job(parts=12), timeout_sec=30)
+    assert [(len(p), p[:1]) for p in parts] == [(2 << 20, chr(ord('a') + i)) for i in range(12)]
+    del parts
+    assert shm.stats()['used'] == 0, 'every part given back to the pool'
 
 
 async def test_process_of_a_streaming_step_returns_the_final_result(make_flow):
