@@ -61,10 +61,11 @@ async def test_parts_larger_than_a_ring_record_travel_through_the_pool(make_flow
     from aqueduct import shm
 
     flow = make_flow(FlowStep(BigText()))
+    before = shm.stats()['used']  # the pool is the process's: earlier tests may hold some of it
     parts = await collect(flow, Job(parts=12), timeout_sec=30)
     assert [(len(p), p[:1]) for p in parts] == [(2 << 20, chr(ord('a') + i)) for i in range(12)]
     del parts
-    assert shm.stats()['used'] == 0, 'every part given back to the pool'
+    assert shm.stats()['used'] <= before, 'every part given back to the pool'
 
 
 async def test_process_of_a_streaming_step_returns_the_final_result(make_flow):
