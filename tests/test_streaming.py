@@ -206,19 +206,20 @@ def test_emit_is_exported():
 
 async def test_streams_are_counted_in_the_metrics(make_flow):
     flow = make_flow(FlowStep(Counter()))
-    stream = flow.stream(Job(parts=6), timeout_sec=30)
+    # More parts than the window: while the first is held the worker waits, the call stays open.
+    stream = flow.stream(Job(parts=STREAM_WINDOW * 4), timeout_sec=30)
     first = await stream.__anext__()
     assert first['i'] == 0
     step = flow.metrics()['steps'][0]
     assert step['streams_open'] == 1
     rest = [p async for p in stream]
-    assert len(rest) == 5
+    assert len(rest) == STREAM_WINDOW * 4 - 1
     step = flow.metrics()['steps'][0]
-    assert step['streams_open'] == 0 and step['stream_parts'] == 6
+    assert step['streams_open'] == 0 and step['stream_parts'] == STREAM_WINDOW * 4
     buckets, count, total = step['first_part_us']
     assert count == 1 and sum(buckets) == 1 and total > 0
     from aqueduct.metrics.prometheus import FlowCollector
 
     text = {m.name: m for m in FlowCollector({'f': flow}).collect()}
     assert text['aqueduct_streams_open'].samples[0].value == 0
-    assert text['aqueduct_stream_parts'].samples[0].value == 6
+    assert text['aqueduct_stream_parts'].samples[0].value == STREAM_WINDOW * 4
