@@ -117,6 +117,25 @@ def session_members(sid: int) -> list:
     return found
 
 
+def stop_session(proc: subprocess.Popen) -> None:
+    """Stops a server started in a session of its own, and everything left in that session."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+    # What moved to a process group of its own stays in the session: nothing of one server
+    # may run on into the next one's measurement.
+    for pid in session_members(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def busy_cpu_seconds() -> float:
     """CPU time the machine spent on anything but idling, since boot (all CPUs)."""
     fields = [int(x) for x in Path('/proc/stat').read_text().split('\n', 1)[0].split()[1:]]
@@ -161,21 +180,7 @@ class Server:
         raise RuntimeError(f'{self.url}: not answering after {timeout} s')
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-        # What moved to a process group of its own stays in the session: nothing of one server
-        # may run on into the next one's measurement.
-        for pid in session_members(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_session(self.proc)
 
 
 def answer_of(handler: str, reply: dict):

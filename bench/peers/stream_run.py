@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +26,7 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import _cpu_model, free_port, session_members, venv_python  # noqa: E402
+from run import _cpu_model, free_port, stop_session, venv_python  # noqa: E402
 
 #: framework -> (URL path, what marks one part in the body)
 SERVERS = {'ours': ('/stream', b'data: '), 'mosec': ('/inference', b'data: '), 'litserve': ('/predict', b'{"part"')}
@@ -50,19 +48,7 @@ class Server:
             )
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-        for pid in session_members(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_session(self.proc)
 
 
 async def one(session: aiohttp.ClientSession, server: Server, parts: int, big: bool) -> float:

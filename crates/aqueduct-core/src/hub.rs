@@ -1089,28 +1089,10 @@ impl Hub {
             return Err(EngineError::Protocol("a second result for one task"));
         }
         held.resolved = true;
-        let nbufs = header.nbufs as usize;
-        let table =
-            rest.get(..nbufs * BufRef::WIRE_LEN).ok_or(EngineError::Protocol("result shorter than its buffers"))?;
-        let inline = &rest[nbufs * BufRef::WIRE_LEN..];
-        let mut bufs = Vec::with_capacity(nbufs);
-        for wire in table.chunks_exact(BufRef::WIRE_LEN) {
-            let b = BufRef::decode(wire)?;
-            self.arena.check_buf(&b)?;
-            bufs.push(b);
-        }
-        // The hub takes the worker's message over: its references become the main process's,
-        // so they survive the worker.
-        if let Some(ext) = header.extent {
-            self.arena.adopt(&ext, from)?;
-        }
-        for b in &bufs {
-            self.arena.adopt(&b.extent(), from)?;
-        }
+        let (bufs, inline) = self.take_over(&header, rest, from)?;
         if self.metrics {
-            let size = rest.len() as u64 - table.len() as u64
-                + header.extent.map_or(0, |e| e.len)
-                + bufs.iter().map(|b| b.len).sum::<u64>();
+            let size =
+                inline.len() as u64 + header.extent.map_or(0, |e| e.len) + bufs.iter().map(|b| b.len).sum::<u64>();
             let route = self.routes.entry((step, header.route, header.priority)).or_default();
             route.transfer_us.record(now.0.saturating_sub(header.sent_at.0) / 1000);
             route.size.record(size);
@@ -1182,6 +1164,28 @@ impl Hub {
         Ok(1)
     }
 
+    /// Reads the buffer table of a worker's message about a task (a result or a part) and takes
+    /// the message over: its references (buffers, an extent body) become the main process's, so
+    /// they survive the worker. Returns the buffers and the inline body.
+    fn take_over<'r>(&self, header: &TaskHeader, rest: &'r [u8], from: u32) -> Result<(Vec<BufRef>, &'r [u8])> {
+        let nbufs = header.nbufs as usize;
+        let table =
+            rest.get(..nbufs * BufRef::WIRE_LEN).ok_or(EngineError::Protocol("a message shorter than its buffers"))?;
+        let mut bufs = Vec::with_capacity(nbufs);
+        for wire in table.chunks_exact(BufRef::WIRE_LEN) {
+            let b = BufRef::decode(wire)?;
+            self.arena.check_buf(&b)?;
+            bufs.push(b);
+        }
+        if let Some(ext) = header.extent {
+            self.arena.adopt(&ext, from)?;
+        }
+        for b in &bufs {
+            self.arena.adopt(&b.extent(), from)?;
+        }
+        Ok((bufs, &rest[table.len()..]))
+    }
+
     /// A partial result from the worker in `slot`: handed on with a receipt, or dropped when
     /// its caller does not stream or is gone.
     fn on_part(
@@ -1209,23 +1213,7 @@ impl Hub {
             self.mark_cancelled(slot, header.task_id);
         }
         let from = s.pool_index;
-        let nbufs = header.nbufs as usize;
-        let table =
-            rest.get(..nbufs * BufRef::WIRE_LEN).ok_or(EngineError::Protocol("part shorter than its buffers"))?;
-        let inline = &rest[nbufs * BufRef::WIRE_LEN..];
-        let mut bufs = Vec::with_capacity(nbufs);
-        for wire in table.chunks_exact(BufRef::WIRE_LEN) {
-            let b = BufRef::decode(wire)?;
-            self.arena.check_buf(&b)?;
-            bufs.push(b);
-        }
-        // As for a result: the worker's references become the main process's.
-        if let Some(ext) = header.extent {
-            self.arena.adopt(&ext, from)?;
-        }
-        for b in &bufs {
-            self.arena.adopt(&b.extent(), from)?;
-        }
+        let (bufs, inline) = self.take_over(&header, rest, from)?;
         if !wanted {
             if let Some(ext) = header.extent {
                 let _ = self.arena.unhold(&ext);
