@@ -223,3 +223,20 @@ async def test_streams_are_counted_in_the_metrics(make_flow):
     text = {m.name: m for m in FlowCollector({'f': flow}).collect()}
     assert text['aqueduct_streams_open'].samples[0].value == 0
     assert text['aqueduct_stream_parts'].samples[0].value == STREAM_WINDOW * 4
+
+
+async def test_a_dropped_stream_is_cancelled_from_the_loop_not_its_finalizer(make_flow):
+    # A finalizer can run inside the driver's delivery of parts (under its lock): the cancel
+    # must not touch the driver there, only once the loop runs it.
+    flow = make_flow(FlowStep(Counter()))
+    stream = flow.stream(Job(parts=10**9), timeout_sec=30)
+    assert (await stream.__anext__())['i'] == 0
+    driver = flow._driver
+    assert driver.pending == 1
+    del stream
+    assert driver.pending == 1, 'not cancelled from the finalizer itself'
+    await asyncio.sleep(0)  # one loop iteration: the cancel scheduled by the finalizer runs
+    assert driver.pending == 0
+    report = Job(mode='report')
+    assert await flow.process(report, timeout_sec=10)
+    assert report.result['closed'] == 1

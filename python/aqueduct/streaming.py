@@ -204,6 +204,7 @@ class TaskStream:
         if started is None:
             return None
         self._call, self._id, self._driver, self._deadline_started = started
+        self._loop = asyncio.get_running_loop()
         return self._call
 
     async def aclose(self) -> None:
@@ -214,24 +215,31 @@ class TaskStream:
         if self._finished:
             return
         self._finished = True
-        driver, call_id = self._driver, self._id
-        self._driver = None
-        if driver is not None and call_id is not None and not driver.closed:
-            driver.cancel(call_id)
-        call = self._call
-        if call is not None:
-            # Parts taken from the driver but not read: give their room back.
-            while call.parts:
-                _, _, receipt = call.parts.popleft()
-                if driver is not None and not driver.closed:
-                    driver.part_taken(call_id, receipt)
-            call._wake()  # a consumer awaiting its next part in another task: it ends
+        driver, self._driver = self._driver, None
+        _cancel_call(driver, self._id, self._call)
 
     def __del__(self) -> None:
+        # A finalizer may run anywhere Python allocates, the driver's own delivery of parts
+        # included (under its lock, which is not reentrant): the cancel waits for the loop.
+        if self._finished or self._call is None:
+            return
+        self._finished = True
         try:
-            self._cancel()
-        except Exception:  # the interpreter may be shutting down
+            self._loop.call_soon_threadsafe(_cancel_call, self._driver, self._id, self._call)
+        except RuntimeError:  # the loop is closed: the flow that served it has gone with it
             pass
+
+
+def _cancel_call(driver: Any, call_id: Optional[int], call: Optional[_Call]) -> None:
+    """Cancels a streaming call and gives back the room of the parts its caller never read."""
+    if driver is None or call_id is None or driver.closed:
+        return
+    driver.cancel(call_id)
+    if call is not None:
+        while call.parts:
+            _, _, receipt = call.parts.popleft()
+            driver.part_taken(call_id, receipt)
+        call._wake()  # a consumer awaiting its next part in another task: it ends
 
 
 def _check_idle(idle_timeout_sec: Optional[float]) -> int:
