@@ -240,3 +240,21 @@ async def test_a_dropped_stream_is_cancelled_from_the_loop_not_its_finalizer(mak
     report = Job(mode='report')
     assert await flow.process(report, timeout_sec=10)
     assert report.result['closed'] == 1
+
+
+async def test_a_second_reader_is_refused_and_the_stream_goes_on(make_flow):
+    flow = make_flow(FlowStep(Stall()))
+    stream = flow.stream(Job(pause=1), timeout_sec=20)
+    got = []
+
+    async def consume():
+        async for part in stream:
+            got.append(part)
+
+    first = asyncio.ensure_future(consume())
+    while not got:  # the first reader has its first part and waits for the next
+        await asyncio.sleep(0.01)
+    with pytest.raises(RuntimeError, match='one consumer'):
+        await stream.__anext__()
+    await first
+    assert got == ['first'] and stream._task.result == 'late'

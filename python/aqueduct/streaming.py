@@ -151,6 +151,7 @@ class TaskStream:
         self._id: Optional[int] = None
         self._driver: Any = None
         self._deadline_started = 0.0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._finished = False
 
     def __aiter__(self) -> TaskStream:
@@ -171,10 +172,10 @@ class TaskStream:
             if call is None:  # no step takes the task: it is done as it is
                 self._finished = True
                 raise StopAsyncIteration
+        if call.waiter is not None:  # refused, not cancelled: the stream is the other reader's
+            raise RuntimeError('a stream is read by one consumer: another one awaits its next part')
         try:
             while not call.parts and call.outcome is None and not self._finished:
-                if call.waiter is not None:
-                    raise RuntimeError('a stream is read by one consumer: another one awaits its next part')
                 call.waiter = asyncio.get_running_loop().create_future()
                 try:
                     await call.waiter
@@ -221,7 +222,7 @@ class TaskStream:
     def __del__(self) -> None:
         # A finalizer may run anywhere Python allocates, the driver's own delivery of parts
         # included (under its lock, which is not reentrant): the cancel waits for the loop.
-        if self._finished or self._call is None:
+        if self._finished or self._call is None or self._loop is None:
             return
         self._finished = True
         try:
