@@ -124,5 +124,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codec::decode_into, m)?)?;
     m.add("COMPACT_BODY", aqueduct_core::task_state::FORMAT)?;
     m.add("ROUTE_DONE", aqueduct_core::message::ROUTE_DONE)?;
+    m.add("STREAM_WINDOW", aqueduct_core::stream::STREAM_WINDOW)?;
     Ok(())
 }

@@ -25,6 +25,17 @@ def _is_multiprocessing_helper(proc: psutil.Process) -> bool:
     return 'resource_tracker' in cmdline or 'forkserver' in cmdline
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Polls ``condition``: for state of another process, or of a flow, that no event announces."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, 'condition not reached'
+        await asyncio.sleep(0.01)
+
+
 def children() -> list:
     """Live descendant processes, except multiprocessing's helpers."""
     found = []

@@ -7,6 +7,7 @@ import threading
 import time
 
 from aqueduct import BaseTask, BaseTaskHandler, emit
+from aqueduct.streaming import STREAM_WINDOW
 
 
 class RJob(BaseTask):
@@ -27,13 +28,15 @@ def _log(task, line):
 
 
 class SlowPickle:
-    """A part whose pickling takes `pause` seconds."""
+    """A part whose pickling takes `pause` seconds; `pickling` is set when it starts."""
 
     def __init__(self, tag, pause):
         self.tag, self.pause = tag, pause
+        self.pickling = threading.Event()
 
     def __reduce__(self):
-        time.sleep(self.pause)
+        self.pickling.set()
+        time.sleep(self.pause)  # the slow work a part can take (a large array, say)
         return (str, (self.tag,))
 
 
@@ -60,17 +63,19 @@ class Review(BaseTaskHandler):
                 task.result = f'{i} parts'
             elif mode == 'thread':
                 # A careless handler: a thread emits, handle() returns without joining it.
-                def late(task=task):
+                part = SlowPickle('from the thread of A', task.pause)
+
+                def late(task=task, part=part):
                     _log(task, 'thread started')
                     try:
-                        r = emit(task, SlowPickle('from the thread of A', task.pause))
+                        r = emit(task, part)
                     except BaseException as e:
                         r = e
                     _log(task, 'thread ' + repr(r))
 
                 t = threading.Thread(target=late, daemon=True)
                 t.start()
-                time.sleep(0.05)  # the thread is inside emit (pickling the part)
+                part.pickling.wait(10)  # the thread is inside emit, pickling the part
                 task.result = 'returned'
             elif mode == 'plain':
                 for i in range(task.parts):
@@ -115,13 +120,17 @@ class TwoEmitters(BaseTaskHandler):
     def handle(self, *tasks: RJob):
         task = tasks[0]
 
+        window = threading.Event()
+
         def helper():
             for i in range(task.parts):
+                if i == STREAM_WINDOW:
+                    window.set()  # the window is full: this emit waits for room
                 emit(task, f'helper {i}')
 
         t = threading.Thread(target=helper, daemon=True)
         t.start()
-        time.sleep(0.2)  # the helper filled the window and waits for room, holding the worker
+        window.wait(10)
         emit(task, 'handle')
         t.join()
         task.result = 'two'

@@ -14,6 +14,7 @@ from aqueduct import FlowStep, emit
 from aqueduct.exceptions import HandlerError, TaskTimeoutError, WorkerDiedError
 from aqueduct.streaming import STREAM_WINDOW
 
+from .conftest import until
 from .stream_handlers import Arrays, BigText, Counter, Finish, Job, Stall, emit_outside_a_handler
 
 pytestmark = pytest.mark.timeout(60)
@@ -170,11 +171,7 @@ async def test_a_slow_consumer_holds_the_worker_back(make_flow):
     assert first['i'] == 0
     # The worker goes on until it is a window ahead; it cannot buffer more than that.
     call = stream._call
-    for _ in range(200):
-        await asyncio.sleep(0.01)  # polling what is buffered: no event says "the worker waits"
-        assert len(call.parts) <= STREAM_WINDOW
-        if len(call.parts) == STREAM_WINDOW:
-            break
+    await until(lambda: len(call.parts) >= STREAM_WINDOW)  # no event says "the worker waits"
     assert len(call.parts) == STREAM_WINDOW
     rest = [p['i'] async for p in stream]
     assert rest == list(range(1, 100)) and task.result == '100 parts'
@@ -252,8 +249,7 @@ async def test_a_second_reader_is_refused_and_the_stream_goes_on(make_flow):
             got.append(part)
 
     first = asyncio.ensure_future(consume())
-    while not got:  # the first reader has its first part and waits for the next
-        await asyncio.sleep(0.01)
+    await until(lambda: got)  # the first reader has its first part and waits for the next
     with pytest.raises(RuntimeError, match='one consumer'):
         await stream.__anext__()
     await first

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 import pytest
 from aqueduct import FlowStep
 from aqueduct.exceptions import FlowError
 
+from .conftest import until
 from .stream_fault_handlers import Review, RJob
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,14 +24,6 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def start_method() -> str:
     return 'fork'
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    """Polls ``condition`` (state of another process, or of the flow, that no event announces)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, 'condition not reached'
-        await asyncio.sleep(0.01)
 
 
 def read(path):

@@ -11,6 +11,7 @@ __all__ = [
     'Pool',
     'PortClient',
     'ROUTE_DONE',
+    'STREAM_WINDOW',
     'ShmBuffer',
     'StepHealth',
     'Worker',
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 ROUTE_DONE: int
+STREAM_WINDOW: int
 
 _FailureKind = Literal[
     'handler',

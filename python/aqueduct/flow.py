@@ -721,13 +721,12 @@ class Flow:
         """
         from .streaming import TaskStream, _check_idle
 
-        _check_idle(idle_timeout_sec)
-        return TaskStream(self, task, timeout_sec, idle_timeout_sec)
+        return TaskStream(self, task, timeout_sec, _check_idle(idle_timeout_sec))
 
-    def _start_stream(self, task: BaseTask, timeout_sec: float, idle_timeout_sec: float | None):
-        """Submits a streaming call: ``(token, call id, driver, when the call started)``, or
-        ``None`` when no step takes the task."""
-        from .streaming import _Call, _check_idle
+    def _start_stream(self, task: BaseTask, timeout_sec: float, idle_ns: int):
+        """Submits a streaming call (``idle_ns``: the idle limit, 0 for none): ``(token, call id,
+        driver, when the call started)``, or ``None`` when no step takes the task."""
+        from .streaming import _Call
 
         prepared = self._prepare_call(task, timeout_sec)
         if prepared is None:
@@ -736,7 +735,7 @@ class Flow:
         deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
         token = _Call()
         call = driver.submit_stream(
-            token, step, task.priority, int(deadline * 1e9), _check_idle(idle_timeout_sec), body, bufs
+            token, step, task.priority, int(deadline * 1e9), idle_ns, body, bufs
         )
         del body, bufs
         if not self._polling:

@@ -52,6 +52,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
+from . import _core
 from ._codec import decode_value, encode_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ['STREAM_WINDOW', 'TaskStream', 'emit']
 
 #: Parts of one task a worker may send before its caller has taken them (the engine's window).
-STREAM_WINDOW = 8
+STREAM_WINDOW: int = _core.STREAM_WINDOW
 
 
 class _Running:
@@ -142,11 +143,11 @@ class TaskStream:
     state. Use ``async with`` (or ``aclose()``) to cancel it deterministically when leaving
     early; dropping the object cancels it too."""
 
-    def __init__(self, flow: Flow, task: BaseTask, timeout_sec: float, idle_timeout_sec: Optional[float]):
+    def __init__(self, flow: Flow, task: BaseTask, timeout_sec: float, idle_ns: int):
         self._flow = flow
         self._task = task
         self._timeout_sec = timeout_sec
-        self._idle_timeout_sec = idle_timeout_sec
+        self._idle_ns = idle_ns
         self._call: Optional[_Call] = None
         self._id: Optional[int] = None
         self._driver: Any = None
@@ -201,7 +202,7 @@ class TaskStream:
         raise StopAsyncIteration
 
     def _start(self) -> Optional[_Call]:
-        started = self._flow._start_stream(self._task, self._timeout_sec, self._idle_timeout_sec)
+        started = self._flow._start_stream(self._task, self._timeout_sec, self._idle_ns)
         if started is None:
             return None
         self._call, self._id, self._driver, self._deadline_started = started
