@@ -15,16 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use aqueduct_core::driver::{Admission, DriverState, Event, Fault, GiveUp, RestartPolicy};
+use aqueduct_core::driver::{Admission, DriverState, Event, Fault, GiveUp, RestartPolicy, StreamOpen};
 use aqueduct_core::hub::{Failure as HubFailure, HubConfig, Payload, SlotState, StepSpec};
 use aqueduct_core::metrics::{Histogram, WORKER_SERIES};
 use aqueduct_core::shm::{Arena, BufRef};
 use aqueduct_core::stream::PartReceipt;
 use aqueduct_core::{Driver as CoreDriver, Engine as CoreEngine, Nanos};
+use bytes::Bytes;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 
 use crate::args;
 use crate::errors::py_err;
@@ -34,8 +35,9 @@ use crate::shm::{Pool, ShmBuffer};
 pub(crate) enum Call {
     /// An asyncio future (`Flow.process`, the socket server), resolved with Python objects.
     Future(Py<PyAny>),
-    /// A call of the HTTP front (`crate::http`), answered with Rust values: no GIL.
-    Native(oneshot::Sender<Outcome>),
+    /// A call of the HTTP front (`crate::http`), answered with Rust values: no GIL. Every such
+    /// call may stream: its parts, then its outcome, come down the one channel.
+    Native(mpsc::UnboundedSender<Native>),
     /// A streaming call (`Flow.stream`): a Python object with `set_result(value)`, as a
     /// future, and `_part(body, bufs, receipt)` for each partial result. Shared, so that the
     /// HTTP front's poller (which has no GIL) can forward its parts.
@@ -49,6 +51,13 @@ pub(crate) enum Outcome {
     Done { body: Vec<u8>, bufs: Vec<BufRef> },
     /// See [`Failure`] for the kinds.
     Failed { kind: &'static str, step: i64, detail: Detail },
+}
+
+/// What a native call's channel carries: any parts (each with the receipt its caller gives
+/// back once it has taken it, `Driver::part_taken`), then exactly one outcome.
+pub(crate) enum Native {
+    Part(Bytes, PartReceipt),
+    End(Outcome),
 }
 
 pub(crate) enum Detail {
@@ -188,11 +197,10 @@ impl Shared {
                 Event::Part { call: Call::Stream(stream), body, bufs, receipt } => {
                     forwarded.push(Forwarded::Part(stream.clone(), body.into_vec(&arena), bufs, receipt));
                 }
-                Event::Part { body, bufs, receipt, .. } => {
-                    // Only streaming calls are sent parts; give it back all the same.
-                    let _ = body.into_vec(&arena);
-                    release_refs(&arena, bufs);
-                    orphans.push(receipt);
+                Event::Part { call, body, bufs, receipt } => {
+                    if !answer_part(&arena, call, body, bufs, receipt) {
+                        orphans.push(receipt);
+                    }
                 }
                 other => forwarded.extend(worker_event_of(other, names).map(Forwarded::Event)),
             });
@@ -223,7 +231,7 @@ fn release_refs(arena: &Arena, bufs: Vec<BufRef>) {
 }
 
 /// Answers a native call. Buffers are released: the HTTP front reads bodies only.
-fn answer_native(arena: &Arena, answer: oneshot::Sender<Outcome>, outcome: Outcome) {
+fn answer_native(arena: &Arena, answer: mpsc::UnboundedSender<Native>, outcome: Outcome) {
     let outcome = match outcome {
         Outcome::Done { body, bufs } => {
             release_refs(arena, bufs);
@@ -231,7 +239,20 @@ fn answer_native(arena: &Arena, answer: oneshot::Sender<Outcome>, outcome: Outco
         }
         failed => failed,
     };
-    let _ = answer.send(outcome);
+    let _ = answer.send(Native::End(outcome));
+}
+
+/// Hands a part to a native call (its body copied out of the pool once, as `Bytes` the HTTP
+/// front slices its chunk from). Returns whether the call took it, and so will give the
+/// receipt back; parts of Python calls go another way, and a call whose request has gone
+/// refuses them.
+fn answer_part(arena: &Arena, call: &Call, body: Payload<'_>, bufs: Vec<BufRef>, receipt: PartReceipt) -> bool {
+    release_refs(arena, bufs);
+    let body = body.into_vec(arena);
+    match call {
+        Call::Native(answer) => answer.send(Native::Part(Bytes::from(body), receipt)).is_ok(),
+        Call::Future(_) | Call::Stream(_) => false,
+    }
 }
 
 /// A failed call's outcome, owned.
@@ -530,11 +551,7 @@ impl<'py> Delivery<'py, '_> {
             Event::Part { call, body, bufs, receipt } => {
                 let taken = match call {
                     Call::Stream(stream) => deliver_part(py, &self.arena, stream, body, bufs, receipt),
-                    _ => {
-                        let _ = body.into_vec(&self.arena);
-                        release_refs(&self.arena, bufs);
-                        false
-                    }
+                    other => answer_part(&self.arena, other, body, bufs, receipt),
                 };
                 if !taken {
                     self.unclaimed.push(receipt);
@@ -853,11 +870,11 @@ impl Driver {
     ) -> PyResult<u64> {
         let bufs = bufs.unwrap_or_default();
         let refs = bufs.iter().map(|b| b.get().buf()).collect();
-        let idle = (idle_ns > 0).then(|| Duration::from_nanos(idle_ns));
+        let open = StreamOpen { idle: (idle_ns > 0).then(|| Duration::from_nanos(idle_ns)), optional: false };
         let token = Call::Stream(Arc::new(stream));
         let id = self
             .lock()?
-            .submit_stream(token, step, priority, Nanos(deadline_ns), idle, body, refs)
+            .submit_stream(token, step, priority, Nanos(deadline_ns), open, body, refs)
             .map_err(|refused| crate::errors::to_py(py, refused.error))?;
         for b in &bufs {
             b.get().detach();

@@ -7,9 +7,10 @@ import hashlib
 import math
 import os
 import select
+import time
 
 from aqueduct import BaseTaskHandler, Flow, FlowStep
-from aqueduct.http import Request
+from aqueduct.http import Request, sse
 
 
 class Describe(BaseTaskHandler):
@@ -96,6 +97,60 @@ class Gate(BaseTaskHandler):
         select.select([self.release], [], [], 20)
         for task in tasks:
             task.response = {'released': True}
+
+
+class Stream(BaseTaskHandler):
+    """Streams the response the request's JSON asks for: ``parts`` parts of ``kind`` (``sse``,
+    ``json``, ``text``, ``bytes`` of ``size`` bytes), after setting ``status`` and ``headers``;
+    raises after ``fail_after`` parts; waits ``pause`` seconds before each part after the first;
+    ends with ``final`` as the response. ``pid``: events carry the worker's pid. ``forever``:
+    streams until its caller is gone, then writes ``gone <rounds of parts sent>`` to the
+    ``told`` pipe (given at construction)."""
+
+    def __init__(self, told: int = -1):
+        self.told = told
+
+    def handle(self, *tasks: Request):
+        asks = {id(task): task.json() for task in tasks}
+        for task in tasks:
+            ask = asks[id(task)]
+            task.status = ask.get('status', 200)
+            task.response_headers = ask.get('headers', {})
+        longest = max(ask.get('parts', 0) for ask in asks.values())
+        forever = any(ask.get('forever') for ask in asks.values())
+        n = 0
+        try:
+            while n < longest or forever:
+                for task in tasks:
+                    ask = asks[id(task)]
+                    if not ask.get('forever') and n >= ask.get('parts', 0):
+                        continue
+                    if n == ask.get('fail_after'):
+                        raise RuntimeError(f'failed after {n} parts')
+                    if n and ask.get('pause'):
+                        time.sleep(ask['pause'])
+                    alive = yield task, self.part(ask, n)
+                    if not alive and ask.get('forever'):
+                        os.write(self.told, b'gone %d\n' % n)
+                        return
+                n += 1
+        except GeneratorExit:  # every caller of the batch is gone: the runtime closed us
+            os.write(self.told, b'gone %d\n' % n)
+            raise
+        for task in tasks:
+            task.response = asks[id(task)].get('final')
+
+    @staticmethod
+    def part(ask: dict, n: int):
+        kind = ask.get('kind', 'text')
+        if kind == 'sse':
+            data = {'n': n, 'pid': os.getpid()} if ask.get('pid') else {'n': n}
+            return sse(data, event='token', id=str(n))
+        if kind == 'json':
+            return {'n': n}
+        if kind == 'bytes':
+            return bytes([n % 256]) * ask.get('size', 1)
+        return f'part {n}\n'
 
 
 def build_flow() -> Flow:

@@ -49,6 +49,7 @@ _encode_state = _core.encode_state
 _decode_state = _core.decode_state
 #: The first byte of a body in the compact form (a pickle's is 0x80).
 COMPACT_BODY = _core.COMPACT_BODY
+COMPACT_PREFIX = bytes([COMPACT_BODY])
 
 #: wire key -> class
 _classes: Dict[Tuple[str, str], type] = {}
@@ -198,8 +199,27 @@ def encode_value(value: Any) -> Tuple[bytes, List[Any]]:
 
 
 def decode_value(data: bytes, bufs: Optional[List[Any]] = None) -> Any:
-    """The value :func:`encode_value` wrote."""
+    """The value :func:`encode_value` wrote; for a part of an ``aqueduct.http.Request`` (written
+    in the compact form by ``Request._part_state``), the chunk the HTTP front would send."""
+    # `data` is bytes, or a view on the pool (`ShmBuffer`) for a large part.
+    if memoryview(data)[:1] == COMPACT_PREFIX:
+        return _decode_state(bytes(data))[2]['reply_body']
     return _loads(data, buffers=bufs)[0]
+
+
+class _HttpClasses(dict):
+    """class -> whether its tasks are HTTP requests (``aqueduct.http.Request``), whose parts and
+    final state are written in the form the HTTP front reads (``_part_state``,
+    ``_final_state``) rather than pickled. Worked out once per class."""
+
+    def __missing__(self, cls: type) -> bool:
+        from .http import Request
+
+        found = self[cls] = issubclass(cls, Request)
+        return found
+
+
+http_classes = _HttpClasses()
 
 
 def _resolve(module: str, qualname: str) -> type[object]:

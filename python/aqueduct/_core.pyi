@@ -118,6 +118,7 @@ class HttpServer:
         side: Callable[[str], tuple[int, str, bytes]],
         *,
         timeout: float = 5.0,
+        idle_timeout: float | None = None,
         max_body: int = ...,
         max_in_flight: int = 1024,
         max_connections: int = 1024,

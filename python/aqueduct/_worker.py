@@ -28,7 +28,7 @@ from types import GeneratorType
 from typing import Callable, List, Sequence, Tuple
 
 from . import _core, shm, streaming
-from ._codec import decode, encode
+from ._codec import decode, encode, http_classes
 from .exceptions import remote_error_payload
 from .handler import BaseTaskHandler
 from .logger import log
@@ -60,21 +60,6 @@ def die_with_parent(expected_parent: int) -> None:
     """Arrange SIGKILL on the parent's death; exit now if the parent is already gone."""
     if _core.die_with_parent() != expected_parent:
         os._exit(1)
-
-
-class _FinalStates(dict):
-    """class -> how a task of it leaves the flow when it has no next step: ``None`` (its state,
-    as ``encode`` writes it) or the class's ``_final_state`` (``aqueduct.http.Request``: only
-    the response, for the HTTP front). Worked out once per class."""
-
-    def __missing__(self, cls: type):
-        from .http import Request
-
-        final = self[cls] = cls._final_state if issubclass(cls, Request) else None
-        return final
-
-
-_final_states = _FinalStates()
 
 
 def _route(task, routes: Routes) -> int:
@@ -187,10 +172,9 @@ def handle_batch(
         if log_tasks and route != ROUTE_DONE and deadline and now >= deadline:
             # The engine drops it before the next step's workers see it (see the module docstring).
             _log_skipped(next(n for step, _, n in routes if step == route), task)
-        final = _final_states[task.__class__] if route == ROUTE_DONE else None
-        if final is not None:
+        if route == ROUTE_DONE and http_classes[task.__class__]:
             try:
-                body, bufs = final(task), []
+                body, bufs = task._final_state(), []
             except Exception as exc:
                 send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'encoding the response of'))
                 continue

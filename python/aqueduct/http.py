@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -52,7 +53,7 @@ from .flow import Flow, FlowState, seconds_arg
 from .logger import log
 from .task import BaseTask
 
-__all__ = ['HttpFront', 'Request', 'serve']
+__all__ = ['HttpFront', 'Request', 'ServerSentEvent', 'serve', 'sse']
 
 #: Defaults of :class:`HttpFront`.
 DEFAULT_MAX_BODY = 16 << 20
@@ -122,20 +123,33 @@ class Request(BaseTask):
     def _final_state(self) -> bytes:
         """The state this task leaves the flow with, written by the last step's worker: the
         response only (``status``, ``reply_headers`` as pairs, ``reply_body`` as bytes), in the
-        compact wire form the front reads without Python. Raises on a response it cannot send."""
-        response = self.response
-        if response is None:
-            body, kind = b'', None
-        elif isinstance(response, (bytes, bytearray, memoryview)):
-            body, kind = bytes(response), 'application/octet-stream'
-        elif isinstance(response, str):
-            body, kind = response.encode('utf-8'), 'text/plain; charset=utf-8'
-        else:
-            try:
-                text = json.dumps(response, allow_nan=False, separators=(',', ':'), default=_json_default)
-            except ValueError as exc:  # NaN or an infinity
-                raise ValueError(f'the response is not valid JSON: {exc}') from None
-            body, kind = text.encode('utf-8'), 'application/json'
+        compact wire form the front reads without Python. Raises on a response it cannot send.
+        After parts were sent (a streamed response), ``reply_body`` is the response's last chunk,
+        encoded as a part is, and the front ignores the status and headers (sent already)."""
+        if self.__dict__.get('_head_sent'):
+            body = b'' if self.response is None else _chunk(self.response)[0]
+            return self._wire_state({'reply_body': body})
+        body, kind = _whole_body(self.response)
+        return self._wire_state({'status': self.status, 'reply_headers': self._reply_headers(kind), 'reply_body': body})
+
+    def _part_state(self, part: Any) -> bytes:
+        """A part of a streamed response (see :func:`aqueduct.emit`) as the front reads it: one
+        chunk of the body (``reply_body``); the first part also carries the status and headers,
+        as the handler has set them by then. Raises on a part it cannot send."""
+        chunk, kind = _chunk(part)
+        state: Dict[str, Any] = {'reply_body': chunk}
+        if not self.__dict__.get('_head_sent'):
+            state['status'] = self.status
+            state['reply_headers'] = self._reply_headers(kind, streamed=True)
+            encoded = self._wire_state(state)
+            # Set once the head is written; a later step that streams too sends chunks only.
+            self._head_sent = True
+            return encoded
+        return self._wire_state(state)
+
+    def _reply_headers(self, kind: Optional[str], streamed: bool = False) -> List[Tuple[str, str]]:
+        """``response_headers`` as pairs, with ``content-type: kind`` unless one is set (and, for
+        an event stream, ``cache-control: no-cache``: proxies must not hold events back)."""
         given = self.response_headers
         if not isinstance(given, Mapping):
             raise TypeError(f'response_headers must be a mapping, got {type(given).__name__}')
@@ -144,16 +158,92 @@ class Request(BaseTask):
             if not isinstance(name, str) or not isinstance(value, str):
                 raise TypeError(f'response header {name!r}: names and values must be str')
             headers.append((name, value))
-        if kind is not None and not any(name.lower() == 'content-type' for name, _ in headers):
+        names = {name.lower() for name, _ in headers}
+        if kind is not None and 'content-type' not in names:
             headers.append(('content-type', kind))
+        if streamed and kind == _EVENT_STREAM and 'cache-control' not in names:
+            headers.append(('cache-control', 'no-cache'))
+        return headers
+
+    def _wire_state(self, state: Dict[str, Any]) -> bytes:
+        # The front checks the status (200 to 599) and the headers (valid HTTP, none that frames
+        # the body) when it reads them.
         cls = type(self)
-        # The front checks the status (200 to 599) and the headers (valid HTTP, none that frames the
-        # body) when it reads them.
-        state = {'status': self.status, 'reply_headers': headers, 'reply_body': body}
         encoded = _core.encode_state(cls.__module__, cls.__qualname__, state, _NO_LIMIT)
-        if encoded is None:  # only str and bytes in there: cannot happen
+        if encoded is None:  # only str, int and bytes in there: cannot happen
             raise TypeError('the response could not be encoded')
         return encoded
+
+
+_EVENT_STREAM = 'text/event-stream'
+
+
+def _json_text(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, separators=(',', ':'), default=_json_default)
+    except ValueError as exc:  # NaN or an infinity
+        raise ValueError(f'{what} is not valid JSON: {exc}') from None
+
+
+def _whole_body(response: Any) -> Tuple[bytes, Optional[str]]:
+    """A response as a body and its default content type."""
+    if response is None:
+        return b'', None
+    if isinstance(response, (bytes, bytearray, memoryview)):
+        return bytes(response), 'application/octet-stream'
+    if isinstance(response, str):
+        return response.encode('utf-8'), 'text/plain; charset=utf-8'
+    return _json_text(response, 'the response').encode('utf-8'), 'application/json'
+
+
+def _chunk(part: Any) -> Tuple[bytes, str]:
+    """A part as a chunk of a streamed body and the content type it implies: an event from
+    :func:`sse` as it is (``text/event-stream``), ``bytes`` as they are, ``str`` as UTF-8, anything
+    else as one line of JSON (``application/x-ndjson``)."""
+    if isinstance(part, ServerSentEvent):
+        return bytes(part), _EVENT_STREAM
+    if isinstance(part, (bytes, bytearray, memoryview)):
+        return bytes(part), 'application/octet-stream'
+    if isinstance(part, str):
+        return part.encode('utf-8'), 'text/plain; charset=utf-8'
+    return (_json_text(part, 'a part') + '\n').encode('utf-8'), 'application/x-ndjson'
+
+
+class ServerSentEvent(bytes):
+    """One Server-Sent Event, formatted (made by :func:`sse`): a part of a streamed response
+    sent as it is, which makes the response ``text/event-stream``."""
+
+    __slots__ = ()
+
+
+#: What ends a line in an event stream: data is split on these, and no other field may hold one.
+_LINE_BREAK = re.compile(r'\r\n|\r|\n')
+
+
+def sse(
+    data: Any, *, event: Optional[str] = None, id: Optional[str] = None, retry_ms: Optional[int] = None
+) -> ServerSentEvent:
+    """A Server-Sent Event for a handler to send as a part (``yield task, sse(token)``, or
+    ``emit(task, sse(...))``): ``data`` is a ``str`` (split into ``data:`` lines at its line
+    breaks, so that no text can end the event early) or anything JSON takes (one line of JSON);
+    ``event`` names its type and ``id`` sets the client's last event id (neither may hold a line
+    break, nor ``id`` a NUL); ``retry_ms`` sets the client's reconnection delay."""
+    lines = []
+    for name, value in (('event', event), ('id', id)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise TypeError(f'sse(): {name} must be a str, got {type(value).__name__}')
+        if _LINE_BREAK.search(value) or (name == 'id' and '\0' in value):
+            raise ValueError(f'sse(): {name} must be one line of text, got {value!r:.80}')
+        lines.append(f'{name}: {value}')
+    if retry_ms is not None:
+        if retry_ms.__class__ is bool or not isinstance(retry_ms, int) or retry_ms < 0:
+            raise ValueError(f'sse(): retry_ms must be an int >= 0, got {retry_ms!r}')
+        lines.append(f'retry: {int(retry_ms)}')
+    text = data if isinstance(data, str) else _json_text(data, "an event's data")
+    lines.extend(f'data: {line}' for line in _LINE_BREAK.split(text))
+    return ServerSentEvent(('\n'.join(lines) + '\n\n').encode('utf-8'))
 
 
 def _side_report(flow: Flow, server: Optional[_core.HttpServer], kind: str) -> Tuple[int, str, bytes]:
@@ -204,8 +294,10 @@ class HttpFront:
 
     ``routes`` maps a path to the step its requests enter (an index, or a step's name as in
     ``Flow`` metrics); default ``{'/': 0}``. ``timeout_sec`` is each request's deadline, from
-    its headers to its answer; ``client_timeout_sec`` bounds how long a client may take to send
-    a request's headers (a slow or idle client is disconnected). ``max_body_bytes``,
+    its headers to its answer (the last chunk of a streamed one); ``idle_timeout_sec``, if set,
+    limits the wait for each part of a streamed response; ``client_timeout_sec`` bounds how
+    long a client may take to send a request's headers, or to read what it is sent (a slow or
+    idle client is disconnected). ``max_body_bytes``,
     ``max_in_flight`` (requests being served) and ``max_connections`` (open at once; more wait
     in the listen backlog) bound what clients can make the process hold.
     """
@@ -218,6 +310,7 @@ class HttpFront:
         *,
         routes: Optional[Routes] = None,
         timeout_sec: float = DEFAULT_TIMEOUT,
+        idle_timeout_sec: Optional[float] = None,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -232,6 +325,7 @@ class HttpFront:
         self._routes = _route_table(flow, {'/': 0} if routes is None else routes)
         self._limits: Dict[str, Any] = dict(
             timeout=seconds_arg('timeout_sec', timeout_sec, positive=True),
+            idle_timeout=seconds_arg('idle_timeout_sec', idle_timeout_sec, positive=True, none_ok=True),
             client_timeout=seconds_arg('client_timeout_sec', client_timeout_sec, positive=True),
             max_body=_int_arg('max_body_bytes', max_body_bytes, 0, _NO_LIMIT),
             max_in_flight=_int_arg('max_in_flight', max_in_flight, 1, _NO_LIMIT),

@@ -53,7 +53,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
 from . import _core
-from ._codec import decode_value, encode_value
+from ._codec import decode_value, encode_value, http_classes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .flow import Flow
@@ -109,7 +109,10 @@ def emit(task: Any, part: Any) -> bool:
         return False
     if not streamed:
         return True
-    body, bufs = encode_value(part)
+    if http_classes[task.__class__]:
+        body, bufs = task._part_state(part), []
+    else:
+        body, bufs = encode_value(part)
     return running.worker.send_part(index, running.seq, body, bufs) != 'cancelled'
 
 

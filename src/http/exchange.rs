@@ -18,7 +18,8 @@ use crate::driver::{Detail, Outcome};
 pub(crate) const REQUEST_MODULE: &str = "aqueduct.http";
 pub(crate) const REQUEST_CLASS: &str = "Request";
 
-pub(crate) type Body = Full<Bytes>;
+/// A response body: whole, or streamed by the handler (`super::streamed`).
+pub(crate) type Body = http_body_util::Either<Full<Bytes>, super::streamed::PartBody>;
 
 /// The request's fields, as `Request` documents them, with the response fields' defaults.
 pub(crate) struct RequestParts<'a> {
@@ -94,24 +95,53 @@ const FRAMING: &[&str] = &[
     "proxy-connection",
 ];
 
-/// The response a worker's final state describes: `status`, `reply_headers` (pairs of
-/// strings) and `reply_body` (bytes), which `Request._final_state` wrote.
-pub(crate) fn reply(state: &[u8]) -> Result<Response<Body>, String> {
+/// What a worker wrote of a reply, in the compact wire form: its final state
+/// (`Request._final_state`: `status`, `reply_headers`, `reply_body`) or a part of a streamed
+/// response (`Request._part_state`: the first part has the status and headers too, the others
+/// only a `reply_body` chunk).
+pub(crate) struct ReplyFields {
+    pub status: Option<StatusCode>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// A slice of the state it was read from: no copy.
+    pub body: Bytes,
+}
+
+impl ReplyFields {
+    /// A response with these status and headers (the status is required) and `body`.
+    pub(crate) fn response<B>(self, body: B) -> Result<Response<B>, String> {
+        let mut response = Response::new(body);
+        *response.status_mut() = self.status.ok_or("the reply has no status")?;
+        let map = response.headers_mut();
+        for (name, value) in self.headers {
+            map.append(name, value);
+        }
+        Ok(response)
+    }
+}
+
+/// Reads a reply's fields (see [`ReplyFields`]), checking what HTTP needs: a final status (200
+/// to 599), valid header names and values, none of the headers that frame the body.
+pub(crate) fn read_reply(state: &Bytes) -> Result<ReplyFields, String> {
     let bad = |m: Malformed| format!("the reply is not readable: {m}");
     if state.first() != Some(&task_state::FORMAT) {
         return Err("the last step's result is not an HTTP reply (was the task's class changed?)".into());
     }
     let (mut r, _, _) = Reader::new(state).map_err(bad)?;
-    let mut status = None;
-    let mut headers = Vec::new();
-    let mut body: &[u8] = b"";
+    let mut fields = ReplyFields { status: None, headers: Vec::new(), body: Bytes::new() };
     for _ in 0..r.field_count().map_err(bad)? {
         match r.str().map_err(bad)? {
             "status" => {
                 if r.tag(0).map_err(bad)? != task_state::INT {
                     return Err("the reply's status is not an int".into());
                 }
-                status = Some(r.int().map_err(bad)?);
+                let status = r.int().map_err(bad)?;
+                let checked = u16::try_from(status)
+                    .ok()
+                    // 1xx are not final responses: a handler cannot send one.
+                    .filter(|s| (200..=599).contains(s))
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .ok_or_else(|| format!("the response status {status} is not an HTTP status"))?;
+                fields.status = Some(checked);
             }
             "reply_headers" => {
                 if !matches!(r.tag(0).map_err(bad)?, task_state::LIST | task_state::TUPLE) {
@@ -136,94 +166,118 @@ pub(crate) fn reply(state: &[u8]) -> Result<Response<Body>, String> {
                     }
                     let value = HeaderValue::from_str(value)
                         .map_err(|_| format!("the value of response header {name} is not valid HTTP"))?;
-                    headers.push((name, value));
+                    fields.headers.push((name, value));
                 }
             }
             "reply_body" => {
                 if r.tag(0).map_err(bad)? != task_state::BYTES {
                     return Err("the reply's body is not bytes".into());
                 }
-                body = r.bytes().map_err(bad)?;
+                fields.body = state.slice_ref(r.bytes().map_err(bad)?);
             }
             _ => r.skip_value(0).map_err(bad)?,
         }
     }
     r.finished().map_err(bad)?;
-    let status = status.ok_or("the reply has no status")?;
-    let status = u16::try_from(status)
-        .ok()
-        // 1xx are not final responses: a handler cannot send one.
-        .filter(|s| (200..=599).contains(s))
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .ok_or_else(|| format!("the response status {status} is not an HTTP status"))?;
-    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body)));
-    *response.status_mut() = status;
-    let map = response.headers_mut();
-    for (name, value) in headers {
-        map.append(name, value);
+    Ok(fields)
+}
+
+/// The response a worker's final state describes.
+pub(crate) fn reply(state: Bytes) -> Result<Response<Body>, String> {
+    let mut fields = read_reply(&state)?;
+    let body = std::mem::take(&mut fields.body);
+    fields.response(Body::Left(Full::new(body)))
+}
+
+/// Why a call failed, as the front tells its client: a status, a kind and a message (and the
+/// step, when one is concerned). This is the front's one decision about statuses for what
+/// happened inside the flow.
+pub(crate) struct Failure<'a> {
+    pub status: StatusCode,
+    pub kind: &'a str,
+    pub message: String,
+    pub step: Option<&'a str>,
+}
+
+impl Failure<'_> {
+    /// `{"error": kind, "message": ..., "step": ...}`.
+    pub(crate) fn document(&self) -> String {
+        let mut doc = serde_json::json!({ "error": self.kind, "message": self.message });
+        if let Some(step) = self.step {
+            doc["step"] = serde_json::Value::from(step);
+        }
+        doc.to_string()
     }
-    Ok(response)
+
+    /// The failure as a JSON error response.
+    pub(crate) fn response(&self) -> Response<Body> {
+        let mut response = Response::new(Body::Left(Full::new(Bytes::from(self.document()))));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 here is a passing condition (busy, a worker being replaced, stopping).
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+
+    /// The failure as the last event of a Server-Sent Events stream (`event: error`), for a
+    /// response whose status has been sent already.
+    pub(crate) fn event(&self) -> Bytes {
+        Bytes::from(format!("event: error\ndata: {}\n\n", self.document()))
+    }
 }
 
 /// A JSON error response: `{"error": kind, "message": ...}` (and the step, when one is concerned).
 pub(crate) fn error(status: StatusCode, kind: &str, message: &str, step: Option<&str>) -> Response<Body> {
-    let mut doc = serde_json::json!({ "error": kind, "message": message });
-    if let Some(step) = step {
-        doc["step"] = serde_json::Value::from(step);
-    }
-    let mut response = Response::new(Full::new(Bytes::from(doc.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        // Every 503 here is a passing condition (busy, a worker being replaced, stopping).
-        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    response
+    Failure { status, kind, message: message.to_owned(), step }.response()
 }
 
-/// The response for a call's outcome: its reply, or the status its failure maps to. This is
-/// the front's one decision about statuses for what happened inside the flow.
+/// How a failed call is told to its client.
+pub(crate) fn failure<'a>(kind: &'a str, step: i64, detail: Detail, step_names: &'a [String]) -> Failure<'a> {
+    let step = usize::try_from(step).ok().and_then(|s| step_names.get(s)).map(String::as_str);
+    let pid = match detail {
+        Detail::Pid(pid) => pid,
+        _ => 0,
+    };
+    let (status, kind, message) = match (kind, detail) {
+        ("handler", Detail::Report(report)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "handler_error", aqueduct::remote::remote_error(&report))
+        }
+        ("died", _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "worker_died",
+            format!("the worker (pid {pid}) handling the request died"),
+        ),
+        ("handler_timeout", _) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "handler_timeout",
+            format!("the handler (pid {pid}) ran past its handle_timeout and was stopped"),
+        ),
+        ("timeout" | "timeout_waiting" | "expired", _) => {
+            (StatusCode::GATEWAY_TIMEOUT, "timeout", "the request's deadline passed in the flow".into())
+        }
+        ("idle_timeout", _) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "idle_timeout",
+            "the response waited longer than idle_timeout_sec for its next part".into(),
+        ),
+        ("shm_exhausted", _) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "shm_exhausted", "the shared-memory pool is full".into())
+        }
+        ("stopped" | "not_running", _) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not_running", "the flow is stopping".into())
+        }
+        (other, _) => (StatusCode::INTERNAL_SERVER_ERROR, other, "the request failed in the flow".into()),
+    };
+    Failure { status, kind, message, step }
+}
+
+/// The response for a call's outcome that came without parts: its reply, or its failure.
 pub(crate) fn outcome_response(outcome: Outcome, step_names: &[String]) -> Response<Body> {
     match outcome {
-        Outcome::Done { body, .. } => {
-            reply(&body).unwrap_or_else(|why| error(StatusCode::INTERNAL_SERVER_ERROR, "bad_reply", &why, None))
-        }
-        Outcome::Failed { kind, step, detail } => {
-            let name = usize::try_from(step).ok().and_then(|s| step_names.get(s)).map(String::as_str);
-            let pid = match detail {
-                Detail::Pid(pid) => pid,
-                _ => 0,
-            };
-            match (kind, detail) {
-                ("handler", Detail::Report(report)) => error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "handler_error",
-                    &aqueduct::remote::remote_error(&report),
-                    name,
-                ),
-                ("died", _) => error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "worker_died",
-                    &format!("the worker (pid {pid}) handling the request died"),
-                    name,
-                ),
-                ("handler_timeout", _) => error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "handler_timeout",
-                    &format!("the handler (pid {pid}) ran past its handle_timeout and was stopped"),
-                    name,
-                ),
-                ("timeout" | "timeout_waiting" | "expired", _) => {
-                    error(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request's deadline passed in the flow", name)
-                }
-                ("shm_exhausted", _) => {
-                    error(StatusCode::SERVICE_UNAVAILABLE, "shm_exhausted", "the shared-memory pool is full", name)
-                }
-                ("stopped" | "not_running", _) => {
-                    error(StatusCode::SERVICE_UNAVAILABLE, "not_running", "the flow is stopping", name)
-                }
-                (other, _) => error(StatusCode::INTERNAL_SERVER_ERROR, other, "the request failed in the flow", name),
-            }
-        }
+        Outcome::Done { body, .. } => reply(Bytes::from(body))
+            .unwrap_or_else(|why| error(StatusCode::INTERNAL_SERVER_ERROR, "bad_reply", &why, None)),
+        Outcome::Failed { kind, step, detail } => failure(kind, step, detail, step_names).response(),
     }
 }

@@ -19,6 +19,7 @@
 //! `max_connections` wait in the listen backlog.
 
 mod exchange;
+mod streamed;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aqueduct_core::driver::StreamOpen;
+use aqueduct_core::stream::PartReceipt;
 use aqueduct_core::{EngineError, Nanos};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -42,10 +45,10 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rustc_hash::FxHashMap;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::args;
-use crate::driver::{Call, Driver, Shared};
+use crate::driver::{Call, Driver, Native, Shared};
 use exchange::{error, Body, RequestParts};
 
 /// How long `/healthz` and `/metrics` wait for the Python thread's report.
@@ -60,6 +63,8 @@ struct Front {
     /// Path -> the step its requests enter.
     routes: FxHashMap<String, usize>,
     timeout: Duration,
+    /// The longest a streamed response waits for its next part; `None`: the deadline only.
+    idle_timeout: Option<Duration>,
     max_body: usize,
     max_in_flight: usize,
     in_flight: AtomicUsize,
@@ -82,36 +87,68 @@ impl Front {
     }
 }
 
-/// A request counted against `max_in_flight` while it is served.
-struct InFlight<'a>(&'a Front);
+/// A request counted against `max_in_flight` while it is served (a streamed response until its
+/// last part is sent).
+struct InFlight(Arc<Front>);
 
-impl<'a> InFlight<'a> {
-    fn enter(front: &'a Front) -> Option<Self> {
+impl InFlight {
+    fn enter(front: &Arc<Front>) -> Option<Self> {
         let before = front.in_flight.fetch_add(1, Ordering::AcqRel);
-        let entered = InFlight(front);
+        let entered = InFlight(front.clone());
         (before < front.max_in_flight).then_some(entered)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// A submitted call: cancelled in the driver if the request's future is dropped before its
-/// answer (the client hung up, or the server stopped past its grace).
-struct Pending<'a> {
-    front: &'a Front,
+/// A submitted call: cancelled in the driver if it is dropped before its answer (the client
+/// hung up, or the server stopped past its grace), with the room of the parts it was sent but
+/// never sent on given back to the worker.
+struct Pending {
+    front: Arc<Front>,
     call: u64,
+    parts: mpsc::UnboundedReceiver<Native>,
     answered: bool,
 }
 
-impl Drop for Pending<'_> {
+impl Pending {
+    /// The call's next part or its outcome (`None`: the driver was closed with the call in it).
+    async fn next(&mut self) -> Option<Native> {
+        let next = self.parts.recv().await;
+        self.answered |= !matches!(next, Some(Native::Part(..)));
+        next
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Native>> {
+        let next = std::task::ready!(self.parts.poll_recv(cx));
+        self.answered |= !matches!(next, Some(Native::Part(..)));
+        Poll::Ready(next)
+    }
+
+    /// The client has this part: its worker may send another.
+    fn taken(&self, receipt: PartReceipt) {
+        if let Some(driver) = self.front.driver.lock_native().as_mut() {
+            driver.part_taken(self.call, receipt);
+        }
+    }
+}
+
+impl Drop for Pending {
     fn drop(&mut self) {
-        if !self.answered {
-            if let Some(driver) = self.front.driver.lock_native().as_mut() {
-                driver.cancel(self.call);
+        if self.answered {
+            return;
+        }
+        self.parts.close();
+        if let Some(driver) = self.front.driver.lock_native().as_mut() {
+            driver.cancel(self.call);
+            while let Ok(next) = self.parts.try_recv() {
+                if let Native::Part(_, receipt) = next {
+                    driver.release_part(receipt);
+                }
             }
         }
     }
@@ -122,7 +159,7 @@ async fn respond(front: Arc<Front>, request: Request<Incoming>) -> Response<Body
     front.count(response)
 }
 
-async fn serve_request(front: &Front, request: Request<Incoming>) -> Response<Body> {
+async fn serve_request(front: &Arc<Front>, request: Request<Incoming>) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     let Some(&step) = front.routes.get(path) else {
@@ -132,7 +169,7 @@ async fn serve_request(front: &Front, request: Request<Incoming>) -> Response<Bo
             _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no route for {path}"), None),
         };
     };
-    let Some(_counted) = InFlight::enter(front) else {
+    let Some(counted) = InFlight::enter(front) else {
         let message = format!("{} requests are being served already (max_in_flight)", front.max_in_flight);
         return error(StatusCode::SERVICE_UNAVAILABLE, "busy", &message, None);
     };
@@ -172,9 +209,11 @@ async fn serve_request(front: &Front, request: Request<Incoming>) -> Response<Bo
     });
     let Ok(task) = task else { return too_large() };
     drop(body);
-    let (answer, answered) = oneshot::channel();
+    // Every request may stream: its handler decides, by sending a part or not.
+    let (answer, parts) = mpsc::unbounded_channel();
+    let open = StreamOpen { idle: front.idle_timeout, optional: true };
     let submitted = match front.driver.lock_native().as_mut() {
-        Some(driver) => driver.submit(Call::Native(answer), step, 0, Nanos(deadline), &task, Vec::new()),
+        Some(driver) => driver.submit_stream(Call::Native(answer), step, 0, Nanos(deadline), open, &task, Vec::new()),
         None => return error(StatusCode::SERVICE_UNAVAILABLE, "not_running", "the flow is not running", None),
     };
     drop(task);
@@ -193,14 +232,15 @@ async fn serve_request(front: &Front, request: Request<Incoming>) -> Response<Bo
         }
     };
     front.driver.poller.kick();
-    let mut pending = Pending { front, call, answered: false };
-    // The driver answers every call exactly once, its deadline included: no timer here. A
-    // dropped sender means the driver was closed with the call in it.
-    let outcome = answered.await;
-    pending.answered = true;
-    match outcome {
-        Ok(outcome) => exchange::outcome_response(outcome, &front.driver.step_names),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "not_running", "the flow stopped", None),
+    let mut pending = Pending { front: front.clone(), call, parts, answered: false };
+    // The driver answers every call exactly once, its deadline included: no timer here.
+    match pending.next().await {
+        Some(Native::End(outcome)) => exchange::outcome_response(outcome, &front.driver.step_names),
+        Some(Native::Part(part, receipt)) => {
+            pending.taken(receipt);
+            streamed::respond(part, pending, counted)
+        }
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "not_running", "the flow stopped", None),
     }
 }
 
@@ -218,7 +258,7 @@ async fn side(front: &Front, kind: &'static str) -> Response<Body> {
     };
     match tokio::time::timeout(SIDE_TIMEOUT, report).await {
         Ok(Ok(Ok((status, content_type, body)))) => {
-            let mut response = Response::new(Body::new(body.into()));
+            let mut response = Response::new(Body::Left(http_body_util::Full::new(body.into())));
             *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             if let Ok(value) = hyper::header::HeaderValue::from_str(&content_type) {
                 response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
@@ -419,8 +459,8 @@ impl HttpServer {
     /// `/metrics` with `(status, content_type, body)`.
     #[new]
     #[pyo3(signature = (
-        driver, host, port, routes, side, *, timeout=5.0, max_body=16<<20, max_in_flight=1024,
-        max_connections=1024, client_timeout=10.0, threads=1
+        driver, host, port, routes, side, *, timeout=5.0, idle_timeout=None, max_body=16<<20,
+        max_in_flight=1024, max_connections=1024, client_timeout=10.0, threads=1
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -431,6 +471,7 @@ impl HttpServer {
         routes: Vec<(String, usize)>,
         side: Py<PyAny>,
         timeout: f64,
+        idle_timeout: Option<f64>,
         max_body: usize,
         max_in_flight: usize,
         max_connections: usize,
@@ -440,7 +481,8 @@ impl HttpServer {
         let value_error = |m: String| pyo3::exceptions::PyValueError::new_err(m);
         let timeout = args::duration("timeout_sec", timeout)?;
         let client_timeout = args::duration("client_timeout_sec", client_timeout)?;
-        if timeout.is_zero() || client_timeout.is_zero() {
+        let idle_timeout = idle_timeout.map(|t| args::duration("idle_timeout_sec", t)).transpose()?;
+        if timeout.is_zero() || client_timeout.is_zero() || idle_timeout.is_some_and(|t| t.is_zero()) {
             return Err(value_error("timeouts must be positive".into()));
         }
         for (name, n) in [("max_in_flight", max_in_flight), ("max_connections", max_connections), ("threads", threads)]
@@ -481,6 +523,7 @@ impl HttpServer {
             driver: shared,
             routes: table,
             timeout,
+            idle_timeout,
             max_body,
             max_in_flight,
             in_flight: AtomicUsize::new(0),

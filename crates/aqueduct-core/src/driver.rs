@@ -251,6 +251,19 @@ struct CallStream {
     /// to read, it is not waiting, and the idle limit does not run out.
     parts: u64,
     taken: u64,
+    /// See [`StreamOpen::optional`].
+    optional: bool,
+}
+
+/// How a streaming call is opened ([`Driver::submit_stream`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamOpen {
+    /// The longest wait for the next part (or the result); `None`: no limit.
+    pub idle: Option<Duration>,
+    /// The caller takes parts if the handler sends any, but does not ask for them (the HTTP
+    /// front: a route's handler decides whether its response streams). Such a call counts as
+    /// an open stream from its first part on.
+    pub optional: bool,
 }
 
 /// Streams entering one step (see [`Driver::stream_stats`]).
@@ -593,7 +606,7 @@ impl<C> Driver<C> {
     /// [`Driver::submit`] for a caller that reads the task's partial results: each comes as an
     /// [`Event::Part`] before the call's one [`Event::Done`] or [`Event::Failed`]. With `idle`,
     /// the call fails with [`Fault::IdleTimeout`] when no part (nor the result) comes within
-    /// `idle` of the submission or of the last part; the deadline covers the whole stream.
+    /// `open.idle` of the submission or of the last part; the deadline covers the whole stream.
     #[allow(clippy::too_many_arguments)]
     pub fn submit_stream(
         &mut self,
@@ -601,21 +614,24 @@ impl<C> Driver<C> {
         step: usize,
         priority: u8,
         deadline: Nanos,
-        idle: Option<Duration>,
+        open: StreamOpen,
         body: &[u8],
         bufs: Vec<BufRef>,
     ) -> std::result::Result<u64, Refused<C>> {
         let now = Nanos::now();
+        let StreamOpen { idle, optional } = open;
         let idle_due = idle.map_or(Nanos::ZERO, |i| now.saturating_add(i));
-        let stream = CallStream { idle, idle_due, submitted: now, parts: 0, taken: 0 };
+        let stream = CallStream { idle, idle_due, submitted: now, parts: 0, taken: 0, optional };
         self.submit_call(call, step, priority, deadline, body, bufs, Some(stream))
     }
 
     /// Per entry step: streams open, parts delivered, time to the first part.
     pub fn stream_stats(&self) -> Vec<StreamStats> {
         let mut stats = self.book.streams.clone();
-        for call in self.book.calls.values().filter(|c| c.stream.is_some()) {
-            stats[call.step as usize].open += 1;
+        for call in self.book.calls.values() {
+            if call.stream.as_ref().is_some_and(|s| !s.optional || s.parts > 0) {
+                stats[call.step as usize].open += 1;
+            }
         }
         stats
     }
