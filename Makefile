@@ -25,7 +25,7 @@ WHEEL_STAMP := $(VENV)/.wheel-tools
 
 .PHONY: help setup build wheel test test-rust test-python test-pythons check-pythons miri lint bench bench-peers bench-instructions bench-quick bench-http demo soak clean \
 	example-aiohttp example-fastapi example-aiohttp-shared example-fastapi-shared example-axum example-http \
-	example-streaming example-streaming-fastapi
+	example-streaming example-streaming-fastapi example-streaming-http
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -128,6 +128,9 @@ example-streaming: build ## Tokens streamed as Server-Sent Events by an aiohttp 
 
 example-streaming-fastapi: build ## The same with FastAPI (uvicorn) on 127.0.0.1:8085
 	$(PY) -m uvicorn fastapi_app:app --app-dir examples/streaming --port 8085
+
+example-streaming-http: build ## The same on the engine's own HTTP front (Rust writes the events), on 127.0.0.1:8086
+	cd examples/streaming && $(CURDIR)/$(PY) -m aqueduct serve front:build_flow --http 127.0.0.1:8086 --route /generate=0 --timeout 60
 
 example-aiohttp: build ## The aiohttp image-classification service on 127.0.0.1:8080
 	$(PY) examples/aiohttp/app.py --port 8080

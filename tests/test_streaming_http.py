@@ -1,5 +1,5 @@
 """The streaming examples over real HTTP on 127.0.0.1 (``examples/streaming``): Server-Sent
-Events and chunked text from aiohttp and FastAPI, a bad request, and a client that hangs up
+Events and chunked text from aiohttp, FastAPI and the engine's own HTTP front, a bad request, and a client that hangs up
 mid-stream (its task is cancelled)."""
 
 from __future__ import annotations
@@ -58,7 +58,23 @@ async def fastapi_service():
         await serving
 
 
-SERVICES = {'aiohttp': aiohttp_service, 'fastapi': fastapi_service}
+@contextlib.asynccontextmanager
+async def front_service():
+    from aqueduct.http import HttpFront
+
+    sys.modules.pop('front', None)
+    import front
+
+    flow = front.build_flow()
+    flow.start(timeout=30)
+    try:
+        async with HttpFront(flow, port=0, routes={'/generate': 0}, timeout_sec=60) as served:
+            yield served.url, flow
+    finally:
+        await flow.stop()
+
+
+SERVICES = {'aiohttp': aiohttp_service, 'fastapi': fastapi_service, 'front': front_service}
 
 
 def expected(prompt: str, tokens: int) -> list:

@@ -1,9 +1,10 @@
 """Streaming over HTTP: time to first part and parts per second, ours (aiohttp +
 ``Flow.stream``) against mosec's SSE worker and LitServe's ``stream=True``, same run.
 
-    python bench/peers/stream_run.py [--rounds 2] [--only ours,mosec,litserve]
+    python bench/peers/stream_run.py [--rounds 2] [--only ours_http,ours,mosec,litserve]
 
-Scenarios: 100 short tokens, and 10 parts of a 1 MiB array as base64 text, each at 1 stream at a
+ours_http is the Rust HTTP front (its Rust threads write the handler's events); ours is aiohttp
+with ``Flow.stream``. Scenarios: 100 short tokens, and 10 parts of a 1 MiB array as base64 text, each at 1 stream at a
 time (30 requests in a row) and at 64 concurrent streams (3 waves of 64). Each framework runs in
 its own venv (``setup.py``); the client is this interpreter's aiohttp on 127.0.0.1. Time to
 first part is from sending the request to the first body bytes (the first part); parts per
@@ -29,8 +30,15 @@ sys.path.insert(0, str(HERE))
 from run import _cpu_model, free_port, stop_session, venv_python  # noqa: E402
 
 #: framework -> (URL path, what marks one part in the body)
-SERVERS = {'ours': ('/stream', b'data: '), 'mosec': ('/inference', b'data: '), 'litserve': ('/predict', b'{"part"')}
-LABELS = {'ours': 'aqueduct-rs + aiohttp', 'mosec': 'mosec 0.9 (SSEWorker)', 'litserve': 'LitServe 0.2 (stream=True)'}
+SERVERS = {
+    'ours_http': ('/stream', b'data: '),
+    'ours': ('/stream', b'data: '),
+    'mosec': ('/inference', b'data: '), 'litserve': ('/predict', b'{"part"'),
+}
+LABELS = {
+    'ours_http': 'aqueduct-rs HTTP front',
+    'ours': 'aqueduct-rs + aiohttp', 'mosec': 'mosec 0.9 (SSEWorker)', 'litserve': 'LitServe 0.2 (stream=True)',
+}
 SCENARIOS = [(100, False, 1), (100, False, 64), (10, True, 1), (10, True, 64)]
 
 

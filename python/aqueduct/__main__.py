@@ -7,6 +7,7 @@ import sys
 USAGE = """usage: python -m aqueduct top [socket] [--interval SECONDS] [--once]
        python -m aqueduct serve module:build_flow [--socket PATH] [--allowed-gid GID] [--start-timeout SECONDS]
        python -m aqueduct serve module:build_flow --http HOST:PORT [--route PATH=STEP ...] [--timeout SECONDS]
+                                                   [--idle-timeout SECONDS]
        python -m aqueduct calibrate [--rounds N] [--processes N] [--json]"""
 
 if __name__ == '__main__':

@@ -3,9 +3,10 @@ answered with ``n`` parts, each a short token (``big`` false) or the base64 text
 array (``big`` true), sent as they are produced; 2 worker processes, batches of up to 16
 collected for at most 5 ms.
 
-    python stream_servers.py --framework ours|mosec|litserve --port N
+    python stream_servers.py --framework ours|ours_http|mosec|litserve --port N
 
-ours: aiohttp + ``Flow.stream``, Server-Sent Events; mosec: its ``SSEWorker``, Server-Sent
+ours: aiohttp + ``Flow.stream``, Server-Sent Events; ours_http: the Rust HTTP front, Server-Sent
+Events (``aqueduct.http.sse``); mosec: its ``SSEWorker``, Server-Sent
 Events; LitServe: ``stream=True``, one JSON object per part. The handler code is the same
 function everywhere (``parts_of``).
 """
@@ -29,6 +30,12 @@ def ours(port: int) -> None:
     serve(port)
 
 
+def ours_http(port: int) -> None:
+    from stream_ours_http import serve
+
+    serve(port)
+
+
 def mosec(port: int) -> None:
     from stream_mosec import serve
 
@@ -43,10 +50,11 @@ def litserve(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument('--framework', choices=['ours', 'mosec', 'litserve'], required=True)
+    servers = {'ours': ours, 'ours_http': ours_http, 'mosec': mosec, 'litserve': litserve}
+    parser.add_argument('--framework', choices=sorted(servers), required=True)
     parser.add_argument('--port', type=int, required=True)
     args = parser.parse_args()
-    {'ours': ours, 'mosec': mosec, 'litserve': litserve}[args.framework](args.port)
+    servers[args.framework](args.port)
 
 
 if __name__ == '__main__':

@@ -496,6 +496,10 @@ def main(argv: Optional[list] = None) -> int:
         help='a path and the step its requests enter (index or name); repeatable; default /=0',
     )  # fmt: skip
     http.add_argument('--timeout', type=float, default=5.0, help="each request's deadline in seconds (default 5)")
+    http.add_argument(
+        '--idle-timeout', type=float, default=None,
+        help='the longest a streamed response waits for its next part, in seconds (default: the deadline only)',
+    )  # fmt: skip
     http.add_argument('--max-body', type=int, default=16 << 20, help='largest request body in bytes (default 16 MiB)')
     http.add_argument('--max-in-flight', type=int, default=1024, help='requests served at once (default 1024)')
     http.add_argument('--threads', type=int, default=1, help='threads of the HTTP front (default 1)')
@@ -543,7 +547,7 @@ def _serve_http(parser, args) -> int:
             flow.start(timeout=args.start_timeout)
         await http.serve(
             flow, host.strip('[]') or '127.0.0.1', int(port), routes=routes, timeout_sec=args.timeout,
-            max_body_bytes=args.max_body, max_in_flight=args.max_in_flight, threads=args.threads, started=started,
+            idle_timeout_sec=args.idle_timeout, max_body_bytes=args.max_body, max_in_flight=args.max_in_flight, threads=args.threads, started=started,
         )  # fmt: skip
 
     try:
