@@ -24,9 +24,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from app import prompt_of  # noqa: E402
 from aqueduct import Flow, FlowStep  # noqa: E402
 from aqueduct.http import Request, sse  # noqa: E402
-from app import prompt_of  # noqa: E402
 from generate import Generator, Prompt  # noqa: E402
 
 
