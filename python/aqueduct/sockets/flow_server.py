@@ -547,7 +547,8 @@ def _serve_http(parser, args) -> int:
             flow.start(timeout=args.start_timeout)
         await http.serve(
             flow, host.strip('[]') or '127.0.0.1', int(port), routes=routes, timeout_sec=args.timeout,
-            idle_timeout_sec=args.idle_timeout, max_body_bytes=args.max_body, max_in_flight=args.max_in_flight, threads=args.threads, started=started,
+            idle_timeout_sec=args.idle_timeout, max_body_bytes=args.max_body, max_in_flight=args.max_in_flight,
+            threads=args.threads, started=started,
         )  # fmt: skip
 
     try:
