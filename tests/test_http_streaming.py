@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import pickle
 import select
 import signal
 
@@ -295,12 +296,16 @@ def _never(task) -> bool:
 
 
 def test_sse_formats_one_event_and_refuses_what_would_split_it():
-    assert sse('hello') == b'data: hello\n\n'
-    assert isinstance(sse('x'), ServerSentEvent)
+    assert bytes(sse('hello')) == b'data: hello\n\n'
+    assert sse('x') == ServerSentEvent(b'data: x\n\n')
+    assert pickle.loads(pickle.dumps(sse('x'))) == sse('x')
     # Every line break of the data becomes a data line: no text can end the event early.
-    assert sse('a\r\nb\rc\nd') == b'data: a\ndata: b\ndata: c\ndata: d\n\n'
-    assert sse('a\n\nevent: evil') == b'data: a\ndata: \ndata: event: evil\n\n'
-    assert sse({'x': [1, 2]}, event='e', id='7', retry_ms=100) == b'event: e\nid: 7\nretry: 100\ndata: {"x":[1,2]}\n\n'
+    assert bytes(sse('a\r\nb\rc\nd')) == b'data: a\ndata: b\ndata: c\ndata: d\n\n'
+    assert bytes(sse('a\n\nevent: evil')) == b'data: a\ndata: \ndata: event: evil\n\n'
+    assert bytes(sse('')) == b'data: \n\n'
+    assert bytes(sse('é')) == 'data: é\n\n'.encode()
+    event = sse({'x': [1, 2]}, event='e', id='7', retry_ms=100)
+    assert bytes(event) == b'event: e\nid: 7\nretry: 100\ndata: {"x":[1,2]}\n\n'
     for bad in ({'event': 'a\nb'}, {'id': 'a\rb'}, {'id': 'a\0b'}):
         with pytest.raises(ValueError, match='one line'):
             sse('x', **bad)

@@ -200,8 +200,8 @@ def _chunk(part: Any) -> Tuple[bytes, str]:
     """A part as a chunk of a streamed body and the content type it implies: an event from
     :func:`sse` as it is (``text/event-stream``), ``bytes`` as they are, ``str`` as UTF-8, anything
     else as one line of JSON (``application/x-ndjson``)."""
-    if isinstance(part, ServerSentEvent):
-        return bytes(part), _EVENT_STREAM
+    if part.__class__ is ServerSentEvent:
+        return part.encoded, _EVENT_STREAM
     if isinstance(part, (bytes, bytearray, memoryview)):
         return bytes(part), 'application/octet-stream'
     if isinstance(part, str):
@@ -209,15 +209,30 @@ def _chunk(part: Any) -> Tuple[bytes, str]:
     return (_json_text(part, 'a part') + '\n').encode('utf-8'), 'application/x-ndjson'
 
 
-class ServerSentEvent(bytes):
-    """One Server-Sent Event, formatted (made by :func:`sse`): a part of a streamed response
-    sent as it is, which makes the response ``text/event-stream``."""
+class ServerSentEvent:
+    """One Server-Sent Event, formatted (made by :func:`sse`; ``bytes(event)`` is what is sent):
+    a part of a streamed response sent as it is, which makes the response ``text/event-stream``."""
 
-    __slots__ = ()
+    __slots__ = ('encoded',)
+
+    def __init__(self, encoded: bytes):
+        self.encoded = encoded
+
+    def __bytes__(self) -> bytes:
+        return self.encoded
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ServerSentEvent) and other.encoded == self.encoded
+
+    def __hash__(self) -> int:
+        return hash(self.encoded)
+
+    def __repr__(self) -> str:
+        return f'ServerSentEvent({self.encoded!r:.120})'
 
 
 #: What ends a line in an event stream: data is split on these, and no other field may hold one.
-_LINE_BREAK = re.compile(r'\r\n|\r|\n')
+_LINE_BREAK = re.compile(r'[\r\n]')
 
 
 def sse(
@@ -242,8 +257,13 @@ def sse(
             raise ValueError(f'sse(): retry_ms must be an int >= 0, got {retry_ms!r}')
         lines.append(f'retry: {int(retry_ms)}')
     text = data if isinstance(data, str) else _json_text(data, "an event's data")
-    lines.extend(f'data: {line}' for line in _LINE_BREAK.split(text))
-    return ServerSentEvent(('\n'.join(lines) + '\n\n').encode('utf-8'))
+    if '\r' in text:
+        text = text.replace('\r\n', '\n').replace('\r', '\n')
+    if '\n' in text:  # one data line per line of the text
+        text = text.replace('\n', '\ndata: ')
+    lines.append('data: ')
+    # Written with as few copies as can be: an event may carry megabytes.
+    return ServerSentEvent(b''.join(('\n'.join(lines).encode(), text.encode('utf-8'), b'\n\n')))
 
 
 def _side_report(flow: Flow, server: Optional[_core.HttpServer], kind: str) -> Tuple[int, str, bytes]:
