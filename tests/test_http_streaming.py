@@ -297,7 +297,7 @@ def _never(task) -> bool:
 
 def test_sse_formats_one_event_and_refuses_what_would_split_it():
     assert bytes(sse('hello')) == b'data: hello\n\n'
-    assert sse('x') == ServerSentEvent(b'data: x\n\n')
+    assert sse('x') == ServerSentEvent(b'data: ', 'x', b'\n\n')
     assert pickle.loads(pickle.dumps(sse('x'))) == sse('x')
     # Every line break of the data becomes a data line: no text can end the event early.
     assert bytes(sse('a\r\nb\rc\nd')) == b'data: a\ndata: b\ndata: c\ndata: d\n\n'

@@ -203,7 +203,9 @@ def decode_value(data: bytes, bufs: Optional[List[Any]] = None) -> Any:
     in the compact form by ``Request._part_state``), the chunk the HTTP front would send."""
     # `data` is bytes, or a view on the pool (`ShmBuffer`) for a large part.
     if memoryview(data)[:1] == COMPACT_PREFIX:
-        return _decode_state(bytes(data))[2]['reply_body']
+        from .http import _joined
+
+        return _joined(_decode_state(bytes(data))[2]['reply_body'])
     return _loads(data, buffers=bufs)[0]
 
 

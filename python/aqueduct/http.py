@@ -127,7 +127,7 @@ class Request(BaseTask):
         After parts were sent (a streamed response), ``reply_body`` is the response's last chunk,
         encoded as a part is, and the front ignores the status and headers (sent already)."""
         if self.__dict__.get('_head_sent'):
-            body = b'' if self.response is None else _chunk(self.response)[0]
+            body = b'' if self.response is None else _joined(_chunk(self.response)[0])
             return self._wire_state({'reply_body': body})
         body, kind = _whole_body(self.response)
         return self._wire_state({'status': self.status, 'reply_headers': self._reply_headers(kind), 'reply_body': body})
@@ -196,12 +196,14 @@ def _whole_body(response: Any) -> Tuple[bytes, Optional[str]]:
     return _json_text(response, 'the response').encode('utf-8'), 'application/json'
 
 
-def _chunk(part: Any) -> Tuple[bytes, str]:
+def _chunk(part: Any) -> Tuple[Any, str]:
     """A part as a chunk of a streamed body and the content type it implies: an event from
     :func:`sse` as it is (``text/event-stream``), ``bytes`` as they are, ``str`` as UTF-8, anything
-    else as one line of JSON (``application/x-ndjson``)."""
+    else as one line of JSON (``application/x-ndjson``). An event's chunk is a list of its pieces
+    (``bytes`` and ``str``), which the front writes one after the other: its data is not copied
+    into one buffer on the way."""
     if part.__class__ is ServerSentEvent:
-        return part.encoded, _EVENT_STREAM
+        return list(part.pieces), _EVENT_STREAM
     if isinstance(part, (bytes, bytearray, memoryview)):
         return bytes(part), 'application/octet-stream'
     if isinstance(part, str):
@@ -209,26 +211,38 @@ def _chunk(part: Any) -> Tuple[bytes, str]:
     return (_json_text(part, 'a part') + '\n').encode('utf-8'), 'application/x-ndjson'
 
 
+def _joined(chunk: Any) -> bytes:
+    """A chunk (see :func:`_chunk`) as one ``bytes``."""
+    if chunk.__class__ is list:
+        return b''.join(piece.encode('utf-8') if piece.__class__ is str else piece for piece in chunk)
+    return chunk
+
+
 class ServerSentEvent:
     """One Server-Sent Event, formatted (made by :func:`sse`; ``bytes(event)`` is what is sent):
-    a part of a streamed response sent as it is, which makes the response ``text/event-stream``."""
+    a part of a streamed response sent as it is, which makes the response ``text/event-stream``.
+    Kept as its pieces, the fields up to ``data:`` and the data itself: an event may carry
+    megabytes, which go into the part as they are."""
 
-    __slots__ = ('encoded',)
+    __slots__ = ('pieces',)
 
-    def __init__(self, encoded: bytes):
-        self.encoded = encoded
+    def __init__(self, head: bytes, data: str = '', tail: bytes = b''):
+        self.pieces = (head, data, tail)
 
     def __bytes__(self) -> bytes:
-        return self.encoded
+        return _joined(list(self.pieces))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ServerSentEvent) and other.encoded == self.encoded
+        return isinstance(other, ServerSentEvent) and bytes(other) == bytes(self)
 
     def __hash__(self) -> int:
-        return hash(self.encoded)
+        return hash(bytes(self))
+
+    def __reduce__(self):
+        return ServerSentEvent, self.pieces
 
     def __repr__(self) -> str:
-        return f'ServerSentEvent({self.encoded!r:.120})'
+        return f'ServerSentEvent({bytes(self)!r:.120})'
 
 
 #: What ends a line in an event stream: data is split on these, and no other field may hold one.
@@ -262,8 +276,7 @@ def sse(
     if '\n' in text:  # one data line per line of the text
         text = text.replace('\n', '\ndata: ')
     lines.append('data: ')
-    # Written with as few copies as can be: an event may carry megabytes.
-    return ServerSentEvent(b''.join(('\n'.join(lines).encode(), text.encode('utf-8'), b'\n\n')))
+    return ServerSentEvent('\n'.join(lines).encode('utf-8'), text, b'\n\n')
 
 
 def _side_report(flow: Flow, server: Optional[_core.HttpServer], kind: str) -> Tuple[int, str, bytes]:

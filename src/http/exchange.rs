@@ -102,8 +102,10 @@ const FRAMING: &[&str] = &[
 pub(crate) struct ReplyFields {
     pub status: Option<StatusCode>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// A slice of the state it was read from: no copy.
-    pub body: Bytes,
+    /// The body, or a part's chunk, in pieces to write one after the other (`bytes`, or a list
+    /// of `bytes` and `str`: an event's fields and its data); each a slice of the state it
+    /// was read from, none empty.
+    pub body: Vec<Bytes>,
 }
 
 impl ReplyFields {
@@ -127,7 +129,7 @@ pub(crate) fn read_reply(state: &Bytes) -> Result<ReplyFields, String> {
         return Err("the last step's result is not an HTTP reply (was the task's class changed?)".into());
     }
     let (mut r, _, _) = Reader::new(state).map_err(bad)?;
-    let mut fields = ReplyFields { status: None, headers: Vec::new(), body: Bytes::new() };
+    let mut fields = ReplyFields { status: None, headers: Vec::new(), body: Vec::new() };
     for _ in 0..r.field_count().map_err(bad)? {
         match r.str().map_err(bad)? {
             "status" => {
@@ -170,10 +172,27 @@ pub(crate) fn read_reply(state: &Bytes) -> Result<ReplyFields, String> {
                 }
             }
             "reply_body" => {
-                if r.tag(0).map_err(bad)? != task_state::BYTES {
-                    return Err("the reply's body is not bytes".into());
+                let mut piece = |r: &mut Reader<'_>, tag: u8| -> Result<(), String> {
+                    let raw = match tag {
+                        task_state::BYTES => r.bytes().map_err(bad)?,
+                        task_state::STR => r.str().map_err(bad)?.as_bytes(),
+                        _ => return Err("a piece of the reply's body is not bytes or str".into()),
+                    };
+                    if !raw.is_empty() {
+                        fields.body.push(state.slice_ref(raw));
+                    }
+                    Ok(())
+                };
+                match r.tag(0).map_err(bad)? {
+                    task_state::BYTES => piece(&mut r, task_state::BYTES)?,
+                    task_state::LIST => {
+                        for _ in 0..r.sequence_len().map_err(bad)? {
+                            let tag = r.tag(1).map_err(bad)?;
+                            piece(&mut r, tag)?;
+                        }
+                    }
+                    _ => return Err("the reply's body is not bytes".into()),
                 }
-                fields.body = state.slice_ref(r.bytes().map_err(bad)?);
             }
             _ => r.skip_value(0).map_err(bad)?,
         }
@@ -185,7 +204,11 @@ pub(crate) fn read_reply(state: &Bytes) -> Result<ReplyFields, String> {
 /// The response a worker's final state describes.
 pub(crate) fn reply(state: Bytes) -> Result<Response<Body>, String> {
     let mut fields = read_reply(&state)?;
-    let body = std::mem::take(&mut fields.body);
+    let body = match std::mem::take(&mut fields.body).as_slice() {
+        [] => Bytes::new(),
+        [one] => one.clone(),
+        pieces => Bytes::from(pieces.concat()),
+    };
     fields.response(Body::Left(Full::new(body)))
 }
 

@@ -16,6 +16,7 @@
 //! closed without the chunked body's end), which every HTTP client reports as an error. The
 //! client hanging up drops the body, which cancels the task in the flow.
 
+use std::collections::VecDeque;
 use std::error::Error;
 use std::fmt;
 use std::pin::Pin;
@@ -32,8 +33,8 @@ use crate::driver::{Native, Outcome};
 
 /// The body of a streamed response.
 pub(crate) struct PartBody {
-    /// The first part's chunk, not yet sent.
-    first: Option<Bytes>,
+    /// Pieces of a chunk read but not yet sent.
+    queued: VecDeque<Bytes>,
     pending: Pending,
     /// Counted against `max_in_flight` until the last chunk is sent.
     counted: Option<InFlight>,
@@ -61,7 +62,7 @@ impl Error for CutShort {}
 /// The response for a call whose first part is `part`: its status and headers, and a body of
 /// this part's chunk and the ones to come.
 pub(super) fn respond(part: Bytes, pending: Pending, counted: InFlight) -> Response<Body> {
-    let fields = match exchange::read_reply(&part) {
+    let mut fields = match exchange::read_reply(&part) {
         Ok(fields) if fields.status.is_some() => fields,
         Ok(_) => return bad_part("the first part of a streamed response has no status".into()),
         // `pending` is dropped: the call is cancelled.
@@ -71,8 +72,8 @@ pub(super) fn respond(part: Bytes, pending: Pending, counted: InFlight) -> Respo
         .headers
         .iter()
         .any(|(name, value)| name == CONTENT_TYPE && value.as_bytes().starts_with(b"text/event-stream"));
-    let first = Some(fields.body.clone()).filter(|chunk| !chunk.is_empty());
-    let body = PartBody { first, pending, counted: Some(counted), event_stream, ended: false, cut_short: None };
+    let queued = std::mem::take(&mut fields.body).into();
+    let body = PartBody { queued, pending, counted: Some(counted), event_stream, ended: false, cut_short: None };
     fields.response(Body::Right(body)).unwrap_or_else(bad_part)
 }
 
@@ -104,8 +105,8 @@ impl HttpBody for PartBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, CutShort>>> {
         let this = self.get_mut();
-        if let Some(chunk) = this.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        if let Some(piece) = this.queued.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
         if this.ended {
             return Poll::Ready(this.cut_short.take().map(Err));
@@ -115,9 +116,14 @@ impl HttpBody for PartBody {
                 Some(Native::Part(part, receipt)) => {
                     this.pending.taken(receipt);
                     match exchange::read_reply(&part) {
-                        // An empty chunk would read as the end of a chunked body: nothing to send.
-                        Ok(fields) if fields.body.is_empty() => continue,
-                        Ok(fields) => return Poll::Ready(Some(Ok(Frame::data(fields.body)))),
+                        Ok(fields) => {
+                            // No empty piece is read: an empty frame would end a chunked body.
+                            this.queued.extend(fields.body);
+                            match this.queued.pop_front() {
+                                Some(piece) => return Poll::Ready(Some(Ok(Frame::data(piece)))),
+                                None => continue,
+                            }
+                        }
                         Err(why) => {
                             let failure = Failure {
                                 status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,8 +139,10 @@ impl HttpBody for PartBody {
                     let tail = exchange::read_reply(&Bytes::from(body));
                     this.end();
                     return match tail {
-                        Ok(fields) if fields.body.is_empty() => Poll::Ready(None),
-                        Ok(fields) => Poll::Ready(Some(Ok(Frame::data(fields.body)))),
+                        Ok(fields) => {
+                            this.queued.extend(fields.body);
+                            Poll::Ready(this.queued.pop_front().map(|piece| Ok(Frame::data(piece))))
+                        }
                         Err(why) => this.fail(
                             Failure {
                                 status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -162,7 +170,7 @@ impl HttpBody for PartBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.first.is_none() && self.cut_short.is_none()
+        self.ended && self.queued.is_empty() && self.cut_short.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
