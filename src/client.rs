@@ -18,11 +18,12 @@ use aqueduct_core::hub::Doorbell;
 use aqueduct_core::port::{FailureKind, PortClient as CorePortClient, NO_STEP};
 use aqueduct_core::shm::fd::adopt_inherited;
 use aqueduct_core::shm::{Arena, SharedRegion};
+use aqueduct_core::stream::PartReceipt;
 use aqueduct_core::Nanos;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
-use crate::driver::{buffers, payload_bytes, resolve, undeliverable, Failure};
+use crate::driver::{buffers, deliver_part, payload_bytes, resolve, undeliverable, Failure};
 use crate::errors::py_err;
 use crate::shm::{Pool, ShmBuffer};
 
@@ -46,12 +47,19 @@ impl PortClient {
 }
 
 /// Resolves a call's future with its answer (a `rejected` failure if the answer cannot be
-/// turned into Python objects: every call is answered).
+/// turned into Python objects: every call is answered), or hands a part to its stream object.
 fn answer(py: Python<'_>, arena: &Arc<Arena>, a: Answer<'_, Py<PyAny>>) {
     let failure = |kind: &'static str, step: i64, detail: Py<PyAny>| -> PyResult<Bound<'_, PyAny>> {
         Ok(Bound::new(py, Failure::new(kind, step, detail))?.into_any())
     };
     let (call, value) = match a {
+        Answer::Part { call, body, bufs } => {
+            // The engine keeps the part's receipt: the stream's object gives back a placeholder.
+            // (A part it refuses, out of memory, is dropped; its stream is cancelled by then.)
+            let placeholder = PartReceipt { slot: 0, pos: 0, epoch: 0, seq: 0 };
+            deliver_part(py, arena, call, body, bufs, placeholder);
+            return;
+        }
         Answer::Done { call, body, bufs } => {
             let value = (|| {
                 let bufs = buffers(py, arena, bufs)?;
@@ -109,7 +117,9 @@ impl PortClient {
     /// Submits a call: a pickled task for `step`, answered through `future` (see the module
     /// documentation). Returns the call's id, for `cancel`. On success the call takes over
     /// `bufs`' references (a full request ring keeps it in a backlog, sent as room frees up).
-    #[pyo3(signature = (future, step, priority, deadline_ns, body, bufs=None))]
+    /// `stream`: `future` is a stream object, as `Driver.submit_stream` takes, told each
+    /// partial result with `_part(body, bufs, receipt)`; its caller calls `part_taken` for each.
+    #[pyo3(signature = (future, step, priority, deadline_ns, body, bufs=None, *, stream=false))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -120,13 +130,14 @@ impl PortClient {
         deadline_ns: u64,
         body: &[u8],
         bufs: Option<Vec<Bound<'_, ShmBuffer>>>,
+        stream: bool,
     ) -> PyResult<u64> {
         let bufs = bufs.unwrap_or_default();
         let refs: Vec<_> = bufs.iter().map(|b| b.get().buf()).collect();
         let mut guard = self.lock()?;
         let caller = guard.as_mut().expect("checked open");
         let id = caller
-            .submit(future, step, priority, Nanos(deadline_ns), body, refs)
+            .submit(future, step, priority, Nanos(deadline_ns), body, refs, stream)
             .map_err(|refused| crate::errors::to_py(py, refused.error))?;
         for b in &bufs {
             b.get().detach();
@@ -137,6 +148,16 @@ impl PortClient {
     /// The caller gave up on a call: its future is never resolved and the engine drops it.
     fn cancel(&self, call: u64) -> PyResult<bool> {
         Ok(self.lock()?.as_mut().expect("checked open").cancel(call))
+    }
+
+    /// The caller of streaming call `call` took one of its parts (`receipt`, the placeholder
+    /// its stream object was given, is ignored: the engine keeps the receipts): its worker may
+    /// send another once this is flushed.
+    #[pyo3(signature = (call, receipt=0))]
+    fn part_taken(&self, call: u64, receipt: u128) -> PyResult<()> {
+        let _ = receipt;
+        self.lock()?.as_mut().expect("checked open").part_taken(call);
+        Ok(())
     }
 
     /// Publishes what was submitted and wakes the engine if it sleeps.

@@ -597,7 +597,7 @@ impl<'py> Delivery<'py, '_> {
 
 /// Hands a part to its stream's object (`_part(body, bufs, receipt)`). Returns whether it
 /// took it (and so will give the receipt back); a part it refused is dropped.
-fn deliver_part(
+pub(crate) fn deliver_part(
     py: Python<'_>,
     arena: &Arc<Arena>,
     stream: &Py<PyAny>,

@@ -25,6 +25,9 @@ use crate::shm::BufRef;
 pub enum Answer<'a, C> {
     /// The task is finished; the body and buffers carry this process's references.
     Done { call: C, body: Payload<'a>, bufs: Vec<BufRef> },
+    /// A partial result of a streaming call ([`Caller::submit`] with `streamed`); the call
+    /// goes on. Tell the engine with [`Caller::part_taken`] once its caller has taken it.
+    Part { call: &'a C, body: Payload<'a>, bufs: Vec<BufRef> },
     /// The engine failed it (see [`FailureKind`]); `pid` for deaths, `detail` for handler
     /// errors and refusals.
     Failed { call: C, kind: FailureKind, step: u16, pid: u32, detail: Option<Payload<'a>> },
@@ -41,6 +44,7 @@ struct Backlogged {
     deadline: Nanos,
     body: Vec<u8>,
     bufs: Vec<BufRef>,
+    streamed: bool,
 }
 
 /// A port client and the calls made through it.
@@ -49,6 +53,8 @@ pub struct Caller<C> {
     calls: HashMap<u64, C>,
     deadlines: Deadlines,
     backlog: VecDeque<Backlogged>,
+    /// Calls whose caller took a part, not yet told to the engine (the request ring was full).
+    taken_backlog: VecDeque<u64>,
     next_id: u64,
 }
 
@@ -59,6 +65,7 @@ impl<C> Caller<C> {
             calls: HashMap::default(),
             deadlines: Deadlines::default(),
             backlog: VecDeque::new(),
+            taken_backlog: VecDeque::new(),
             next_id: 1,
         }
     }
@@ -75,6 +82,8 @@ impl<C> Caller<C> {
     /// Sends a task for `step` (published by [`Caller::flush`]); returns the call's id. On
     /// success the call owns `bufs`' references, whether sent or waiting in the backlog; when it
     /// is refused (no shared memory for the body) they, and the token, are the caller's again.
+    /// `streamed`: the caller reads the task's partial results ([`Answer::Part`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
         call: C,
@@ -83,10 +92,11 @@ impl<C> Caller<C> {
         deadline: Nanos,
         body: &[u8],
         bufs: Vec<BufRef>,
+        streamed: bool,
     ) -> std::result::Result<u64, Refused<C>> {
         let id = self.next_id;
         let sent = if self.backlog.is_empty() {
-            match self.client.submit(id, step, priority, deadline, body, &bufs) {
+            match self.client.submit(id, step, priority, deadline, body, &bufs, streamed) {
                 Ok(sent) => sent,
                 Err(error) => return Err(Refused { call, error }),
             }
@@ -94,7 +104,7 @@ impl<C> Caller<C> {
             false
         };
         if !sent {
-            self.backlog.push_back(Backlogged { id, step, priority, deadline, body: body.to_vec(), bufs });
+            self.backlog.push_back(Backlogged { id, step, priority, deadline, body: body.to_vec(), bufs, streamed });
         }
         self.next_id += 1;
         if deadline != Nanos::ZERO {
@@ -121,6 +131,17 @@ impl<C> Caller<C> {
         true
     }
 
+    /// The caller of streaming call `id` took one of its parts: its worker may send another
+    /// (published by [`Caller::flush`]). A call no longer pending is ignored.
+    pub fn part_taken(&mut self, id: u64) {
+        if !self.calls.contains_key(&id) {
+            return;
+        }
+        if !self.taken_backlog.is_empty() || !matches!(self.client.part_taken(id), Ok(true)) {
+            self.taken_backlog.push_back(id);
+        }
+    }
+
     /// Publishes what was written (and wakes the engine if it sleeps).
     pub fn flush(&mut self) {
         self.client.flush();
@@ -142,6 +163,17 @@ impl<C> Caller<C> {
                     n += 1;
                     out(Answer::Done { call, body, bufs })
                 }
+                None => {
+                    if let Payload::Extent(ext) = body {
+                        let _ = arena.unhold(&ext);
+                    }
+                    for b in bufs {
+                        let _ = arena.unhold(&b.extent());
+                    }
+                }
+            },
+            Response::Part { task_id, body, bufs } => match calls.get(&task_id) {
+                Some(call) => out(Answer::Part { call, body, bufs }),
                 None => {
                     if let Payload::Extent(ext) = body {
                         let _ = arena.unhold(&ext);
@@ -184,9 +216,15 @@ impl<C> Caller<C> {
     /// (no shared memory for its body) fails, as the driver fails a waiting call that cannot
     /// enter: left at the head, it would hold back every call behind it and fail every poll.
     fn send_backlog(&mut self, out: &mut dyn FnMut(Answer<'_, C>)) -> usize {
+        while let Some(&id) = self.taken_backlog.front() {
+            if !matches!(self.client.part_taken(id), Ok(true)) {
+                break;
+            }
+            self.taken_backlog.pop_front();
+        }
         let mut n = 0;
         while let Some(b) = self.backlog.front() {
-            let error = match self.client.submit(b.id, b.step, b.priority, b.deadline, &b.body, &b.bufs) {
+            let error = match self.client.submit(b.id, b.step, b.priority, b.deadline, &b.body, &b.bufs, b.streamed) {
                 Ok(true) => {
                     self.backlog.pop_front();
                     continue;
@@ -222,6 +260,7 @@ impl<C> Caller<C> {
         for b in std::mem::take(&mut self.backlog) {
             self.release(&b.bufs);
         }
+        self.taken_backlog.clear();
         self.deadlines.clear();
         for (_, call) in std::mem::take(&mut self.calls) {
             out(Answer::Lost { call });

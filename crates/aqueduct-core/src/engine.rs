@@ -82,6 +82,17 @@ impl<'a> Router<'a> {
     }
 
     fn route(&mut self, out: &mut dyn FnMut(Outcome<'_>), o: Outcome<'_>) {
+        if let Outcome::Part { task_id, .. } = &o {
+            // A part of a port's task goes to its port; the task goes on.
+            if let Some(r) = self.remote.get(task_id).copied() {
+                if let Some(p) = self.ports.get_mut(r.port).and_then(Option::as_mut) {
+                    if let Err(e) = p.respond(self.arena, r.client_id, o) {
+                        self.err.get_or_insert(e);
+                    }
+                }
+                return;
+            }
+        }
         let (task_id, end) = match &o {
             Outcome::Done { task_id, .. } => (Some(*task_id), CallEnd::Complete),
             Outcome::Failed { task_id, failure: Failure::Expired { .. } } => (Some(*task_id), CallEnd::Timeout),

@@ -675,10 +675,13 @@ impl Hub {
         deadline: Nanos,
         body: Extent,
         bufs: Vec<BufRef>,
+        streamed: bool,
     ) -> Result<u64> {
         self.inline_limit(step, &bufs)?;
         self.arena.check_buf(&BufRef::whole(body))?;
-        self.enqueue_new(step, priority, deadline, Body::Extent(body), bufs)
+        let id = self.reserve_task_id();
+        let flags = if streamed { FLAG_STREAM } else { 0 };
+        self.enqueue(id, step, priority, deadline, Body::Extent(body), bufs, flags).map(|()| id)
     }
 
     /// Whether `step` exists and its queue has room for one more submitted task.

@@ -30,10 +30,20 @@
 //!
 //! # Records
 //! Task ids in a port are the client's own. Requests: [`TAG_SUBMIT`] (a [`TaskHeader`] whose
-//! `route` is the entry step, the buffer table, the body inline or as the header's extent) and
-//! [`TAG_CANCEL`] (`task_id u64`). Responses: [`TAG_DONE`] (header, buffer table, body) and
-//! [`TAG_FAILED`] (header, then `kind u8, 0u8, step u16, pid u32`, then for `handler` the
-//! pickled exception and for `rejected` a UTF-8 reason, inline or as the header's extent).
+//! `route` is the entry step and whose flags say whether the client reads partial results
+//! ([`FLAG_STREAM`]), the buffer table, the body inline or as the header's extent),
+//! [`TAG_CANCEL`] (`task_id u64`) and [`TAG_PART_TAKEN`] (`task_id u64`: the client's caller
+//! took one part of that task). Responses: [`TAG_DONE`] (header, buffer table, body),
+//! [`TAG_PART`] (the same, for a partial result) and [`TAG_FAILED`] (header, then `kind u8,
+//! 0u8, step u16, pid u32`, then for `handler` the pickled exception and for `rejected` a UTF-8
+//! reason, inline or as the header's extent).
+//!
+//! # Streams
+//! The engine keeps the receipts of the parts it sent each task ([`crate::stream`]) and gives
+//! one back for each `TAG_PART_TAKEN`: a client names only its own tasks, never a receipt, so
+//! it cannot open another stream's window. Receipts still out when the task ends, is cancelled
+//! or the port closes are dropped with it (the batch they belong to is over, or the task's
+//! cancelled bit frees its worker).
 
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::VecDeque;
@@ -43,8 +53,9 @@ use std::sync::Arc;
 use crate::clock::Nanos;
 use crate::error::{EngineError, Result};
 use crate::hub::{Doorbell, Failure, Hub, Outcome, Payload};
-use crate::message::{TaskHeader, HEADER_LEN};
+use crate::message::{TaskHeader, FLAG_STREAM, HEADER_LEN};
 use crate::shm::{Arena, BufRef, Consumer, Extent, Producer, RingLayout, SharedRegion};
+use crate::stream::PartReceipt;
 
 /// Client to engine: a task to queue at the step named by the header's `route`.
 pub const TAG_SUBMIT: u32 = 32;
@@ -54,9 +65,13 @@ pub const TAG_CANCEL: u32 = 33;
 pub const TAG_DONE: u32 = 34;
 /// Engine to client: a task failed.
 pub const TAG_FAILED: u32 = 35;
+/// Engine to client: a partial result of a task submitted with [`FLAG_STREAM`].
+pub const TAG_PART: u32 = 36;
+/// Client to engine: the caller took one part of a task (payload: its `task_id u64`).
+pub const TAG_PART_TAKEN: u32 = 37;
 
 const MAGIC: u32 = 0x4151_5054; // "AQPT"
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const OFF_CAPACITY: usize = 8;
 const OFF_ENGINE_SLEEPING: usize = 64;
 const OFF_CLIENT_SLEEPING: usize = 68;
@@ -172,6 +187,7 @@ impl TryFrom<u8> for FailureKind {
 #[derive(Debug)]
 pub enum Response<'a> {
     Done { task_id: u64, body: Payload<'a>, bufs: Vec<BufRef> },
+    Part { task_id: u64, body: Payload<'a>, bufs: Vec<BufRef> },
     Failed { task_id: u64, kind: FailureKind, step: u16, pid: u32, detail: Option<Payload<'a>> },
 }
 
@@ -219,6 +235,12 @@ pub struct EnginePort {
     pool_index: u32,
     /// The client's task ids of tasks in the hub, and their hub ids.
     tasks: HashMap<u64, u64>,
+    /// Receipts of the parts sent for each streaming task (by the client's id) that its
+    /// caller has not taken yet.
+    parts_out: HashMap<u64, VecDeque<PartReceipt>>,
+    /// Receipts of parts that could not be sent (no room in the pool), given back to the hub
+    /// at the next drain.
+    unsent_parts: Vec<PartReceipt>,
     /// Responses that did not fit in the ring yet, in order (their references already
     /// transferred to the client).
     overflow: VecDeque<(u32, Vec<u8>)>,
@@ -255,6 +277,8 @@ impl EnginePort {
             bell: Doorbell::new()?,
             pool_index,
             tasks: HashMap::default(),
+            parts_out: HashMap::default(),
+            unsent_parts: Vec::new(),
             overflow: VecDeque::new(),
             waiting_for_room: None,
             wrote: false,
@@ -308,6 +332,9 @@ impl EnginePort {
         max: usize,
     ) -> Result<usize> {
         self.waiting_for_room = None;
+        for receipt in self.unsent_parts.drain(..) {
+            hub.release_part(receipt);
+        }
         let mut taken = 0;
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = (|| -> Result<()> {
@@ -337,9 +364,21 @@ impl EnginePort {
                         taken += 1;
                         let id = scratch.get(..8).ok_or(EngineError::Protocol("short cancel record"))?;
                         let client_id = u64::from_le_bytes(id.try_into().unwrap());
+                        self.parts_out.remove(&client_id);
                         if let Some(hub_id) = self.tasks.remove(&client_id) {
                             remote.remove(&hub_id);
                             hub.cancel(hub_id);
+                        }
+                    }
+                    TAG_PART_TAKEN => {
+                        self.requests.read_payload(&rec, &mut scratch)?;
+                        self.requests.consume(&rec);
+                        taken += 1;
+                        let id = scratch.get(..8).ok_or(EngineError::Protocol("short part-taken record"))?;
+                        let client_id = u64::from_le_bytes(id.try_into().unwrap());
+                        let receipt = self.parts_out.get_mut(&client_id).and_then(VecDeque::pop_front);
+                        if let Some(receipt) = receipt {
+                            hub.release_part(receipt);
                         }
                     }
                     _ => return Err(EngineError::Protocol("unknown record from a port client")),
@@ -383,9 +422,13 @@ impl EnginePort {
             arena.adopt(&ext, self.pool_index)?;
         }
         let step = header.route as usize;
+        let streamed = header.flags & FLAG_STREAM != 0;
         let submitted = match header.extent {
-            Some(ext) => hub.submit_extent(step, header.priority, header.deadline, ext, bufs.clone()),
-            None => hub.submit_with_bufs(step, header.priority, header.deadline, inline, bufs.clone()),
+            Some(ext) => hub.submit_extent(step, header.priority, header.deadline, ext, bufs.clone(), streamed),
+            None => {
+                let id = hub.reserve_task_id();
+                hub.submit_as(id, step, header.priority, header.deadline, inline, bufs.clone(), streamed).map(|()| id)
+            }
         };
         match submitted {
             Ok(hub_id) => {
@@ -411,7 +454,11 @@ impl EnginePort {
     /// Answers for one of this port's tasks with the hub's outcome for it. References the
     /// outcome carries pass to the client.
     pub fn respond(&mut self, arena: &Arena, client_id: u64, outcome: Outcome<'_>) -> Result<()> {
+        if let Outcome::Part { body, bufs, receipt, .. } = outcome {
+            return self.part(arena, client_id, body, bufs, receipt);
+        }
         self.tasks.remove(&client_id);
+        self.parts_out.remove(&client_id);
         match outcome {
             Outcome::Done { body, bufs, .. } => self.done(arena, client_id, body, bufs),
             Outcome::Failed { failure, .. } => {
@@ -438,6 +485,25 @@ impl EnginePort {
     }
 
     fn done(&mut self, arena: &Arena, client_id: u64, body: Payload<'_>, bufs: Vec<BufRef>) -> Result<()> {
+        self.result(TAG_DONE, arena, client_id, body, bufs)
+    }
+
+    /// A part for a streaming task: sent as a result is, its receipt kept until the client's
+    /// caller takes it. A part that cannot be placed (the pool is full) is dropped, with its
+    /// receipt given back: the task's result, or its failure, still comes.
+    fn part(
+        &mut self,
+        arena: &Arena,
+        client_id: u64,
+        body: Payload<'_>,
+        bufs: Vec<BufRef>,
+        receipt: PartReceipt,
+    ) -> Result<()> {
+        self.parts_out.entry(client_id).or_default().push_back(receipt);
+        self.result(TAG_PART, arena, client_id, body, bufs)
+    }
+
+    fn result(&mut self, tag: u32, arena: &Arena, client_id: u64, body: Payload<'_>, bufs: Vec<BufRef>) -> Result<()> {
         let mut header = TaskHeader::new(client_id, 0, Nanos::ZERO);
         header.nbufs = bufs.len() as u16;
         let table = encode_table(&bufs);
@@ -451,13 +517,21 @@ impl EnginePort {
                 for b in &bufs {
                     let _ = arena.unhold(&b.extent());
                 }
+                if tag == TAG_PART {
+                    // Dropped: its room is given back at the next drain, and the task's result,
+                    // or its failure, still comes.
+                    if let Some(receipt) = self.parts_out.get_mut(&client_id).and_then(VecDeque::pop_back) {
+                        self.unsent_parts.push(receipt);
+                    }
+                    return Ok(());
+                }
                 return self.fail(arena, client_id, FailureKind::ArenaExhausted, NO_STEP, 0, None);
             }
         };
         for b in &bufs {
             arena.transfer(&b.extent(), self.pool_index)?;
         }
-        self.write(TAG_DONE, &[&header.encode(), &table, inline.as_deref().unwrap_or_default()])
+        self.write(tag, &[&header.encode(), &table, inline.as_deref().unwrap_or_default()])
     }
 
     fn fail(
@@ -610,6 +684,7 @@ impl PortClient {
     /// message takes over this process's reference on each of `bufs`. Returns `Ok(false)` when
     /// the request ring is full; the caller keeps its references and retries after responses
     /// came back.
+    #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
         task_id: u64,
@@ -618,9 +693,13 @@ impl PortClient {
         deadline: Nanos,
         body: &[u8],
         bufs: &[BufRef],
+        streamed: bool,
     ) -> Result<bool> {
         let mut header = TaskHeader::new(task_id, priority, deadline);
         header.route = step;
+        if streamed {
+            header.flags |= FLAG_STREAM;
+        }
         header.nbufs =
             u16::try_from(bufs.len()).map_err(|_| EngineError::Config("more than 65535 out-of-band buffers".into()))?;
         let table = encode_table(bufs);
@@ -644,6 +723,12 @@ impl PortClient {
     /// `Ok(false)`: the ring is full; retry later.
     pub fn cancel(&mut self, task_id: u64) -> Result<bool> {
         self.requests.try_write(TAG_CANCEL, &[&task_id.to_le_bytes()])
+    }
+
+    /// Tells the engine the caller took one part of a streaming task, so that its worker may
+    /// send another. `Ok(false)`: the ring is full; retry later.
+    pub fn part_taken(&mut self, task_id: u64) -> Result<bool> {
+        self.requests.try_write(TAG_PART_TAKEN, &[&task_id.to_le_bytes()])
     }
 
     /// Publishes what was written and rings the engine if it sleeps.
@@ -671,6 +756,10 @@ impl PortClient {
                     TAG_DONE => {
                         let (bufs, inline) = buffer_table(header.nbufs, rest)?;
                         out(Response::Done { task_id: header.task_id, body: body_of(header.extent, inline), bufs });
+                    }
+                    TAG_PART => {
+                        let (bufs, inline) = buffer_table(header.nbufs, rest)?;
+                        out(Response::Part { task_id: header.task_id, body: body_of(header.extent, inline), bufs });
                     }
                     TAG_FAILED => {
                         let prefix = rest.get(..FAILURE_PREFIX).ok_or(EngineError::Protocol("short failure record"))?;

@@ -21,6 +21,7 @@ fn step(batch_size: usize, cap: usize) -> StepSpec {
 #[derive(Debug, PartialEq, Eq)]
 enum Got {
     Done(u64, Vec<u8>, Vec<BufRef>),
+    Part(u64, Vec<u8>, Vec<BufRef>),
     Failed(u64, FailureKind, u16, Vec<u8>),
 }
 
@@ -113,6 +114,7 @@ impl Rig {
             .poll(&mut |r| {
                 got.push(match r {
                     Response::Done { task_id, body, bufs } => Got::Done(task_id, read(body), bufs),
+                    Response::Part { task_id, body, bufs } => Got::Part(task_id, read(body), bufs),
                     Response::Failed { task_id, kind, step, detail, .. } => {
                         Got::Failed(task_id, kind, step, detail.map(read).unwrap_or_default())
                     }
@@ -127,7 +129,7 @@ impl Rig {
 fn tasks_from_a_port_run_and_their_results_go_back_to_it_not_to_the_owner() {
     let mut rig = Rig::new(vec![step(4, 20)], 64 << 10);
     for id in [7u64, 8, 9] {
-        assert!(rig.client.submit(id, 0, 0, Nanos::ZERO, format!("t{id}").as_bytes(), &[]).unwrap());
+        assert!(rig.client.submit(id, 0, 0, Nanos::ZERO, format!("t{id}").as_bytes(), &[], false).unwrap());
     }
     rig.client.flush();
     rig.poll();
@@ -162,7 +164,7 @@ fn large_bodies_and_buffers_move_by_reference_and_end_in_the_clients_row() {
     let buf_ext = client_arena.alloc(200_000).unwrap();
     client_arena.write(&buf_ext, 0, &[5u8; 200_000]).unwrap();
     let buf = BufRef::whole(buf_ext);
-    assert!(rig.client.submit(1, 0, 0, Nanos::ZERO, &big, &[buf]).unwrap());
+    assert!(rig.client.submit(1, 0, 0, Nanos::ZERO, &big, &[buf], false).unwrap());
     rig.client.flush();
     rig.poll();
     assert_eq!(client_arena.holds_of(client_arena.me(), buf.head), 0, "the engine adopted the request's buffer");
@@ -188,16 +190,16 @@ fn large_bodies_and_buffers_move_by_reference_and_end_in_the_clients_row() {
 #[test]
 fn failures_reach_the_client_with_their_kind() {
     let mut rig = Rig::new(vec![step(1, 20)], 64 << 10);
-    rig.client.submit(1, 0, 0, Nanos::ZERO, b"boom", &[]).unwrap();
-    rig.client.submit(2, 5, 0, Nanos::ZERO, b"no such step", &[]).unwrap();
-    rig.client.submit(3, 0, 0, Nanos(1), b"expired long ago", &[]).unwrap();
+    rig.client.submit(1, 0, 0, Nanos::ZERO, b"boom", &[], false).unwrap();
+    rig.client.submit(2, 5, 0, Nanos::ZERO, b"no such step", &[], false).unwrap();
+    rig.client.submit(3, 0, 0, Nanos(1), b"expired long ago", &[], false).unwrap();
     rig.client.flush();
     rig.poll();
     rig.work(0, |_| (Status::Error, b"pickled error".to_vec()));
     rig.poll();
     let mut got = rig.responses();
     got.sort_by_key(|g| match g {
-        Got::Done(id, ..) | Got::Failed(id, ..) => *id,
+        Got::Done(id, ..) | Got::Part(id, ..) | Got::Failed(id, ..) => *id,
     });
     assert_eq!(got.len(), 3);
     assert_eq!(got[0], Got::Failed(1, FailureKind::Handler, 0, b"pickled error".to_vec()));
@@ -212,7 +214,7 @@ fn failures_reach_the_client_with_their_kind() {
 fn requests_wait_in_the_ring_while_their_queue_is_full_without_busy_polling() {
     let mut rig = Rig::new(vec![step(1, 2)], 64 << 10);
     for id in 0..30 {
-        assert!(rig.client.submit(id, 0, 0, Nanos::ZERO, b"x", &[]).unwrap());
+        assert!(rig.client.submit(id, 0, 0, Nanos::ZERO, b"x", &[], false).unwrap());
     }
     rig.client.flush();
     rig.poll();
@@ -237,7 +239,7 @@ fn cancelled_tasks_are_dropped_and_a_closed_port_leaves_nothing_behind() {
     let client_arena = rig.client.arena().clone();
     for id in 0..4 {
         let ext = client_arena.alloc(100_000).unwrap();
-        rig.client.submit(id, 0, 0, Nanos::ZERO, b"x", &[BufRef::whole(ext)]).unwrap();
+        rig.client.submit(id, 0, 0, Nanos::ZERO, b"x", &[BufRef::whole(ext)], false).unwrap();
     }
     rig.client.cancel(3).unwrap();
     rig.client.flush();
@@ -270,7 +272,7 @@ fn each_side_rings_the_other_only_when_it_sleeps() {
     };
     rig.poll();
     // The engine is awake: a request does not ring.
-    rig.client.submit(1, 0, 0, Nanos::ZERO, b"a", &[]).unwrap();
+    rig.client.submit(1, 0, 0, Nanos::ZERO, b"a", &[], false).unwrap();
     rig.client.flush();
     assert!(!readable(rig.engine.fd()));
     rig.poll();
@@ -278,7 +280,7 @@ fn each_side_rings_the_other_only_when_it_sleeps() {
     rig.work(0, |b| (Status::Ok, b.to_vec()));
     rig.poll();
     assert!(rig.engine.prepare_sleep());
-    rig.client.submit(2, 0, 0, Nanos::ZERO, b"b", &[]).unwrap();
+    rig.client.submit(2, 0, 0, Nanos::ZERO, b"b", &[], false).unwrap();
     rig.client.flush();
     assert!(readable(rig.engine.fd()), "a sleeping engine is woken by a client");
     rig.poll();
@@ -303,7 +305,7 @@ fn responses_that_do_not_fit_wait_in_the_engine_until_the_client_makes_room() {
         if got.len() == 60 {
             break;
         }
-        while sent < 60 && rig.client.submit(sent, 0, 0, Nanos::ZERO, &body, &[]).unwrap() {
+        while sent < 60 && rig.client.submit(sent, 0, 0, Nanos::ZERO, &body, &[], false).unwrap() {
             sent += 1;
         }
         rig.client.flush();
@@ -326,6 +328,7 @@ fn responses_that_do_not_fit_wait_in_the_engine_until_the_client_makes_room() {
                 *id
             }
             Got::Failed(id, kind, ..) => panic!("task {id} failed: {kind:?}"),
+            Got::Part(id, ..) => panic!("task {id} does not stream"),
         })
         .collect();
     assert_eq!(ids, (0..60).collect::<Vec<_>>(), "every response, once, in order");
@@ -357,7 +360,7 @@ fn every_response_gets_out_when_each_side_only_runs_on_wake_ups() {
         }
         // The client: submit what fits; read responses when its bell rings.
         let before = sent;
-        while sent < total && rig.client.submit(sent, 0, 0, Nanos::ZERO, &body, &[]).unwrap() {
+        while sent < total && rig.client.submit(sent, 0, 0, Nanos::ZERO, &body, &[], false).unwrap() {
             sent += 1;
         }
         if sent > before {
@@ -386,6 +389,7 @@ fn every_response_gets_out_when_each_side_only_runs_on_wake_ups() {
         .map(|g| match g {
             Got::Done(id, ..) => *id,
             Got::Failed(id, kind, ..) => panic!("task {id} failed: {kind:?}"),
+            Got::Part(id, ..) => panic!("task {id} does not stream"),
         })
         .collect();
     assert_eq!(ids, (0..total).collect::<Vec<_>>(), "every response, once, in order");
@@ -419,7 +423,7 @@ fn a_callers_calls_get_one_answer_each_through_a_full_ring_deadlines_and_cancels
     for token in 0..200u64 {
         // Every fifth call's deadline has passed already: it must time out, never run twice.
         let deadline = if token % 5 == 0 { Nanos(1) } else { far };
-        ids.push(caller.submit(token, 0, 0, deadline, &[token as u8; 64], Vec::new()).unwrap());
+        ids.push(caller.submit(token, 0, 0, deadline, &[token as u8; 64], Vec::new(), false).unwrap());
     }
     let mut cancelled = Vec::new();
     for token in (3..200u64).step_by(7) {
@@ -440,6 +444,7 @@ fn a_callers_calls_get_one_answer_each_through_a_full_ring_deadlines_and_cancels
                     Answer::Failed { call, .. } => (call, "failed"),
                     Answer::TimedOut { call } => (call, "timed out"),
                     Answer::Lost { call } => (call, "lost"),
+                    Answer::Part { .. } => unreachable!("no call streams"),
                 };
                 assert!(answered.insert(token, what).is_none(), "call {token} answered twice");
             })
@@ -467,12 +472,12 @@ fn a_backlogged_call_that_cannot_be_sent_fails_alone_and_the_others_go_on() {
     let mut caller: Caller<u64> = Caller::new(client);
     let far = Nanos::now().saturating_add(Duration::from_secs(3600));
     for token in 0..100u64 {
-        caller.submit(token, 0, 0, far, &[token as u8; 64], Vec::new()).unwrap();
+        caller.submit(token, 0, 0, far, &[token as u8; 64], Vec::new(), false).unwrap();
     }
     // Larger than the whole pool (8 MiB): accepted into the backlog, it can never be sent.
-    caller.submit(100, 0, 0, far, &vec![7u8; 16 << 20], Vec::new()).unwrap();
+    caller.submit(100, 0, 0, far, &vec![7u8; 16 << 20], Vec::new(), false).unwrap();
     for token in 101..120u64 {
-        caller.submit(token, 0, 0, far, &[token as u8; 64], Vec::new()).unwrap();
+        caller.submit(token, 0, 0, far, &[token as u8; 64], Vec::new(), false).unwrap();
     }
     caller.flush();
     let mut answered: HashMap<u64, &str> = HashMap::new();
@@ -488,6 +493,7 @@ fn a_backlogged_call_that_cannot_be_sent_fails_alone_and_the_others_go_on() {
                     Answer::Failed { call, .. } => (call, "failed"),
                     Answer::TimedOut { call } => (call, "timed out"),
                     Answer::Lost { call } => (call, "lost"),
+                    Answer::Part { .. } => unreachable!("no call streams"),
                 };
                 assert!(answered.insert(token, what).is_none(), "call {token} answered twice");
             })
@@ -509,8 +515,68 @@ fn a_call_refused_by_the_caller_gives_its_token_back_with_the_reason() {
     let Rig { client, .. } = Rig::new(vec![step(4, 20)], 64 << 10);
     let mut caller: Caller<&str> = Caller::new(client);
     let too_big = vec![0u8; 16 << 20]; // the rig's pool holds 8 MiB
-    let refused = caller.submit("mine", 0, 0, Nanos::ZERO, &too_big, Vec::new()).unwrap_err();
+    let refused = caller.submit("mine", 0, 0, Nanos::ZERO, &too_big, Vec::new(), false).unwrap_err();
     assert_eq!(refused.call, "mine");
     assert!(matches!(refused.error, aqueduct_core::EngineError::ArenaExhausted { .. }), "{:?}", refused.error);
     assert_eq!(caller.pending(), 0);
+}
+
+#[test]
+fn a_streaming_task_sends_its_parts_to_its_port_whose_client_opens_only_its_own_window() {
+    use aqueduct_core::stream::STREAM_WINDOW;
+    use aqueduct_core::worker::PartSent;
+
+    let mut rig = Rig::new(vec![step(2, 20)], 64 << 10);
+    assert!(rig.client.submit(1, 0, 0, Nanos::ZERO, b"streamed", &[], true).unwrap());
+    assert!(rig.client.submit(2, 0, 0, Nanos::ZERO, b"plain", &[], false).unwrap());
+    rig.client.flush();
+    rig.poll();
+    let mut worker = rig.workers.remove(0);
+    assert!(matches!(worker.recv(Some(Duration::from_secs(5))).unwrap(), Received::Batch(1)));
+    assert_eq!(worker.stream_state(0), (true, false));
+    for n in 0..STREAM_WINDOW {
+        assert!(matches!(worker.send_part(0, format!("part {n}").as_bytes(), &[]).unwrap(), PartSent::Sent));
+    }
+    rig.poll();
+    let parts: Vec<_> = rig.responses();
+    let expected: Vec<_> =
+        (0..STREAM_WINDOW).map(|n| Got::Part(1, format!("part {n}").into_bytes(), Vec::new())).collect();
+    assert_eq!(parts, expected, "the parts went to the port, in order");
+    assert_eq!(rig.owner_saw, 0, "none reached the engine's owner");
+
+    // The window is full: the next part waits for the client's caller.
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        let sent = worker.send_part(0, b"one more", &[]).unwrap();
+        sent_tx.send(matches!(sent, PartSent::Sent)).unwrap();
+        worker
+    });
+    // Parts taken of another task (one that does not stream, one that does not exist) open
+    // nothing: the client names its tasks, and the engine gives back only receipts it holds.
+    assert!(rig.client.part_taken(2).unwrap());
+    assert!(rig.client.part_taken(99).unwrap());
+    rig.client.flush();
+    rig.poll();
+    assert!(sent_rx.recv_timeout(Duration::from_millis(200)).is_err(), "the window opened for another task");
+    assert!(rig.client.part_taken(1).unwrap());
+    rig.client.flush();
+    rig.poll();
+    assert!(sent_rx.recv_timeout(Duration::from_secs(10)).unwrap(), "the part taken opened the window");
+    let mut worker = sender.join().unwrap();
+    worker.send_result(0, Status::Ok, ROUTE_DONE, b"done").unwrap();
+    worker.finish_batch().unwrap();
+    rig.poll();
+    assert_eq!(
+        rig.responses(),
+        vec![Got::Part(1, b"one more".to_vec(), Vec::new()), Got::Done(1, b"done".to_vec(), Vec::new())]
+    );
+    // The task that does not stream: its parts are dropped in the worker.
+    assert!(matches!(worker.recv(Some(Duration::from_secs(5))).unwrap(), Received::Batch(1)));
+    assert_eq!(worker.stream_state(0), (false, false));
+    assert!(matches!(worker.send_part(0, b"dropped", &[]).unwrap(), PartSent::NotStreamed));
+    worker.send_result(0, Status::Ok, ROUTE_DONE, b"plain done").unwrap();
+    worker.finish_batch().unwrap();
+    rig.workers.insert(0, worker);
+    rig.poll();
+    assert_eq!(rig.responses(), vec![Got::Done(2, b"plain done".to_vec(), Vec::new())]);
 }

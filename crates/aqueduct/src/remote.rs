@@ -346,6 +346,15 @@ async fn run(
             };
             let _ = call.send(Err(error));
         }
+        Answer::Part { body, bufs, .. } => {
+            // Only streaming calls are sent parts, and this client submits none.
+            if let Payload::Extent(ext) = body {
+                let _ = arena.unhold(&ext);
+            }
+            for b in bufs {
+                let _ = arena.unhold(&b.extent());
+            }
+        }
         Answer::TimedOut { call } => {
             let _ = call.send(Err(FlowError::Timeout));
         }
@@ -370,7 +379,7 @@ async fn run(
                     // This command and every other already queued, then one flush.
                     let mut next = Some(first);
                     while let Some(Command::Submit { step, priority, deadline, body, reply }) = next {
-                        if let Err(refused) = caller.submit(reply, step, priority, deadline, &body, Vec::new()) {
+                        if let Err(refused) = caller.submit(reply, step, priority, deadline, &body, Vec::new(), false) {
                             // No shared memory for the body: this call fails, with why.
                             let _ = refused.call.send(Err(refused.error.into()));
                         }
