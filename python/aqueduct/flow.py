@@ -750,6 +750,11 @@ class Flow:
         if self._metrics.timers:
             self._metrics.completed(started, own)
 
+    @staticmethod
+    def _idle_timeout_error() -> Exception:
+        # The driver keeps a stream's idle limit (`idle_timeout` failures): for the protocol.
+        return TaskTimeoutError('no part came within idle_timeout_sec')
+
     def _failed(self, failure) -> Exception:
         """The exception for a call the driver failed."""
         kind, step = failure.kind, failure.step

@@ -56,8 +56,16 @@ from . import _core
 from ._codec import decode_value, encode_value, http_classes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .flow import Flow
+    from typing import Protocol
+
     from .task import BaseTask
+
+    class _Source(Protocol):
+        """What a stream submits through: a ``Flow``, or a ``SocketFlow``."""
+
+        def _start_stream(self, task: BaseTask, timeout_sec: float, idle_ns: int) -> Any: ...
+        def _finish_stream(self, task: BaseTask, result: Any, started: float) -> None: ...
+        def _idle_timeout_error(self) -> Exception: ...
 
 __all__ = ['STREAM_WINDOW', 'TaskStream', 'emit']
 
@@ -109,6 +117,7 @@ def emit(task: Any, part: Any) -> bool:
         return False
     if not streamed:
         return True
+    bufs: List[Any]
     if http_classes[task.__class__]:
         body, bufs = task._part_state(part), []
     else:
@@ -146,7 +155,7 @@ class TaskStream:
     state. Use ``async with`` (or ``aclose()``) to cancel it deterministically when leaving
     early; dropping the object cancels it too."""
 
-    def __init__(self, flow: Flow, task: BaseTask, timeout_sec: float, idle_ns: int):
+    def __init__(self, flow: _Source, task: BaseTask, timeout_sec: float, idle_ns: int):
         self._flow = flow
         self._task = task
         self._timeout_sec = timeout_sec
@@ -157,6 +166,7 @@ class TaskStream:
         self._deadline_started = 0.0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._finished = False
+        self._idle_in_loop = False
 
     def __aiter__(self) -> TaskStream:
         return self
@@ -182,10 +192,13 @@ class TaskStream:
             while not call.parts and call.outcome is None and not self._finished:
                 call.waiter = asyncio.get_running_loop().create_future()
                 try:
-                    await call.waiter
+                    if self._idle_in_loop:
+                        await self._wait_idle(call.waiter)
+                    else:
+                        await call.waiter
                 finally:
                     call.waiter = None
-        except BaseException:  # cancelled while waiting: the task goes too
+        except BaseException:  # cancelled while waiting (or idle too long): the task goes too
             self._cancel()
             raise
         if self._finished:  # closed (``aclose()``) by another task meanwhile
@@ -204,11 +217,20 @@ class TaskStream:
         self._flow._finish_stream(self._task, call.outcome, self._deadline_started)
         raise StopAsyncIteration
 
+    async def _wait_idle(self, waiter: asyncio.Future) -> None:
+        """Waits for the next part or the outcome for at most the idle limit, for a front end
+        whose calls have none in the engine (``SocketFlow``)."""
+        try:
+            await asyncio.wait_for(waiter, self._idle_ns / 1e9)
+        except TimeoutError:
+            raise self._flow._idle_timeout_error() from None
+
     def _start(self) -> Optional[_Call]:
         started = self._flow._start_stream(self._task, self._timeout_sec, self._idle_ns)
         if started is None:
             return None
         self._call, self._id, self._driver, self._deadline_started = started
+        self._idle_in_loop = bool(self._idle_ns) and getattr(self._driver, 'idle_in_loop', False)
         self._loop = asyncio.get_running_loop()
         return self._call
 

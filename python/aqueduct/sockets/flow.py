@@ -489,6 +489,49 @@ class SocketFlow:
                 del first_error, results, submitted, client
         return True
 
+    def stream(self, task: BaseTask, timeout_sec: float = 5.0, *, idle_timeout_sec: Optional[float] = None):
+        """Sends ``task`` through the flow and iterates over the partial results its handlers
+        emit, as :meth:`aqueduct.Flow.stream` does (``async for part in flow.stream(task)``);
+        afterwards the handlers' results are in the task. ``timeout_sec`` covers the whole
+        stream (``SocketTaskTimeoutError``); ``idle_timeout_sec`` limits each wait for a part."""
+        from ..streaming import TaskStream, _check_idle
+
+        return TaskStream(self, task, timeout_sec, _check_idle(idle_timeout_sec))
+
+    def _start_stream(self, task: BaseTask, timeout_sec: float, idle_ns: int):
+        """What :class:`~aqueduct.streaming.TaskStream` submits through: ``(token, call id,
+        the call's handle, when it started)``, or ``None`` when no step takes the task. The
+        idle limit is kept by the stream itself (a port's client times only deadlines)."""
+        from ..streaming import _Call
+
+        client = self._client
+        if client is None:
+            raise NotRunningError('the SocketFlow is not started: await flow.start() first')
+        timeout_sec = check_call(task, self._priorities, timeout_sec)
+        task.set_timeout(timeout_sec)
+        step = entry_step(self._conditions, self._step_names, task)
+        if step is None:
+            return None
+        body, bufs = encode_task(task, self._pool)
+        token = _Call()
+        deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
+        try:
+            call = client.submit(token, step, task.priority, int(deadline * 1e9), body, bufs, stream=True)
+        finally:
+            client.flush()
+            self._arm_timer(client)
+        return token, call, _PortCalls(client), deadline - timeout_sec
+
+    def _finish_stream(self, task: BaseTask, result: Any, started: float) -> None:
+        """Applies a streaming call's outcome to its task, as ``process()`` does."""
+        if result.__class__ is _core.Failure:
+            raise self._failed(result)
+        apply_result(task, result)
+
+    @staticmethod
+    def _idle_timeout_error() -> Exception:
+        return SocketTaskTimeoutError('no part came within idle_timeout_sec')
+
     def _failed(self, failure) -> Exception:
         kind, step = failure.kind, failure.step
         if kind == 'timeout':
@@ -551,6 +594,32 @@ class SocketFlow:
         if not data:
             log.error('The flow server (pid %s) closed the connection', self._server_pid)
             self._detach(FlowError(f'the flow server (pid {self._server_pid}) has gone'))
+
+
+class _PortCalls:
+    """A port client as a stream's handle on its call: what the stream tells it (a part taken,
+    the call cancelled) is published to the engine at once."""
+
+    __slots__ = ('_client',)
+
+    #: A port's client times only deadlines: the stream keeps its idle limit in the event loop.
+    idle_in_loop = True
+
+    def __init__(self, client: _core.PortClient):
+        self._client = client
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+    def part_taken(self, call: int, receipt: int) -> None:
+        self._client.part_taken(call, receipt)
+        self._client.flush()
+
+    def cancel(self, call: int) -> bool:
+        cancelled = self._client.cancel(call)
+        self._client.flush()
+        return cancelled
 
 
 def _decode_info(raw: bytes, accepted: bool, what: str) -> dict:
