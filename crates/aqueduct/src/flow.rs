@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use aqueduct_core::driver::{Admission, Driver, Event, Fault, GiveUp};
+use aqueduct_core::driver::{Admission, Driver, Event, Fault, GiveUp, StreamOpen};
 use aqueduct_core::hub::{Doorbell, Failure, FlowMetrics, HubConfig, StepSpec};
 use aqueduct_core::shm::{Arena, ArenaLayout};
+use aqueduct_core::stream::PartReceipt;
 use aqueduct_core::{Engine, Nanos, WorkerEndpoint};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -344,9 +345,28 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Codec<T> for SerdeCodec {
 
 type Answer = oneshot::Sender<Result<Vec<u8>, FlowError>>;
 
+/// Where a streaming call's parts go, each with the receipt given back once it is taken.
+type PartSender = mpsc::UnboundedSender<(Vec<u8>, PartReceipt)>;
+
 enum Command {
-    Submit { ticket: u64, step: usize, priority: u8, deadline: Nanos, body: Vec<u8>, answer: Answer },
-    Cancel { ticket: u64 },
+    Submit {
+        ticket: u64,
+        step: usize,
+        priority: u8,
+        deadline: Nanos,
+        body: Vec<u8>,
+        answer: Answer,
+        /// `Some` for [`Flow::stream`].
+        parts: Option<PartSender>,
+    },
+    Cancel {
+        ticket: u64,
+    },
+    /// The caller of a stream took one of its parts.
+    PartTaken {
+        ticket: u64,
+        receipt: PartReceipt,
+    },
     Metrics(oneshot::Sender<FlowMetrics>),
     Stop(oneshot::Sender<()>),
 }
@@ -428,7 +448,7 @@ impl<T: Send + 'static> Flow<T> {
         let deadline = options.timeout.map_or(Nanos::ZERO, |t| Nanos::now().saturating_add(t));
         let (ticket, body) = shared.codec.encode(task)?;
         let (answer, answered) = oneshot::channel();
-        let submit = Command::Submit { ticket, step, priority: options.priority, deadline, body, answer };
+        let submit = Command::Submit { ticket, step, priority: options.priority, deadline, body, answer, parts: None };
         if shared.commands.send(submit).is_err() {
             shared.codec.discard(ticket);
             return Err(FlowError::NotRunning);
@@ -444,6 +464,34 @@ impl<T: Send + 'static> Flow<T> {
                 Err(e)
             }
         }
+    }
+
+    /// Sends `task` through the steps like [`Flow::process_with`], and hands out the partial
+    /// results its handlers send ([`crate::Parts`]) as they come: read them with
+    /// [`TaskStream::next_part`], then take the finished task with [`TaskStream::finish`].
+    /// The timeout covers the whole stream. A worker runs at most
+    /// [`aqueduct_core::stream::STREAM_WINDOW`] parts ahead of the reader; dropping the stream
+    /// before its end cancels the task (the handler's next [`crate::Parts::send`] returns
+    /// `false`).
+    pub fn stream(&self, task: T, options: ProcessOptions) -> Result<TaskStream<T>, FlowError> {
+        let shared = &self.shared;
+        if !self.is_running() {
+            return Err(FlowError::NotRunning);
+        }
+        let Some(step) = shared.conditions.iter().position(|condition| condition(&task)) else {
+            return Ok(TaskStream { shared: self.shared.clone(), ticket: 0, state: StreamState::Unsent(Some(task)) });
+        };
+        let deadline = options.timeout.map_or(Nanos::ZERO, |t| Nanos::now().saturating_add(t));
+        let (ticket, body) = shared.codec.encode(task)?;
+        let (answer, answered) = oneshot::channel();
+        let (parts, received) = mpsc::unbounded_channel();
+        let submit =
+            Command::Submit { ticket, step, priority: options.priority, deadline, body, answer, parts: Some(parts) };
+        if shared.commands.send(submit).is_err() {
+            shared.codec.discard(ticket);
+            return Err(FlowError::NotRunning);
+        }
+        Ok(TaskStream { shared: self.shared.clone(), ticket, state: StreamState::Open { parts: received, answered } })
     }
 
     /// A snapshot of the flow's metrics (histograms of handle time, batch size, batch wait,
@@ -478,6 +526,72 @@ impl<T> Codec<T> for NoCodec {
     fn discard(&self, _ticket: u64) {}
 }
 
+/// The partial results of a task and then the task itself ([`Flow::stream`]).
+pub struct TaskStream<T> {
+    shared: Arc<Shared<T>>,
+    ticket: u64,
+    state: StreamState<T>,
+}
+
+enum StreamState<T> {
+    /// No step takes the task: it is done as it is.
+    Unsent(Option<T>),
+    Open {
+        parts: mpsc::UnboundedReceiver<(Vec<u8>, PartReceipt)>,
+        answered: oneshot::Receiver<Result<Vec<u8>, FlowError>>,
+    },
+    /// The outcome arrived (or was taken).
+    Ended(Option<Result<T, FlowError>>),
+}
+
+impl<T: Send + 'static> TaskStream<T> {
+    /// The next part, or `None` once the task has finished or failed (then [`TaskStream::finish`]
+    /// says which). Parts come in the order the handler sent them; all of them come before the
+    /// end.
+    pub async fn next_part(&mut self) -> Option<Vec<u8>> {
+        let StreamState::Open { parts, answered } = &mut self.state else { return None };
+        // The call's sender of parts goes away with its outcome, after its last part.
+        if let Some((part, receipt)) = parts.recv().await {
+            let _ = self.shared.commands.send(Command::PartTaken { ticket: self.ticket, receipt });
+            return Some(part);
+        }
+        let outcome = answered.await.unwrap_or(Err(FlowError::NotRunning));
+        let result = match outcome {
+            Ok(body) => self.shared.codec.decode(self.ticket, &body),
+            Err(e) => {
+                self.shared.codec.discard(self.ticket);
+                Err(e)
+            }
+        };
+        self.state = StreamState::Ended(Some(result));
+        None
+    }
+
+    /// The task with the handlers' results, once the parts are read (any left are skipped), or
+    /// why it failed, as [`Flow::process`] returns them.
+    pub async fn finish(mut self) -> Result<T, FlowError> {
+        while self.next_part().await.is_some() {}
+        match std::mem::replace(&mut self.state, StreamState::Ended(None)) {
+            StreamState::Unsent(task) => task.ok_or(FlowError::NotRunning),
+            StreamState::Ended(result) => result.unwrap_or(Err(FlowError::NotRunning)),
+            StreamState::Open { .. } => unreachable!("read to its end above"),
+        }
+    }
+}
+
+impl<T> Drop for TaskStream<T> {
+    fn drop(&mut self) {
+        if let StreamState::Open { parts, .. } = &mut self.state {
+            let _ = self.shared.commands.send(Command::Cancel { ticket: self.ticket });
+            // The room of the parts never read goes back to the worker.
+            parts.close();
+            while let Ok((_, receipt)) = parts.try_recv() {
+                let _ = self.shared.commands.send(Command::PartTaken { ticket: self.ticket, receipt });
+            }
+        }
+    }
+}
+
 struct CancelOnDrop<'a, T> {
     shared: &'a Shared<T>,
     ticket: u64,
@@ -503,7 +617,8 @@ enum Workers {
 }
 
 /// A call as the driver knows it: the caller's ticket and where to answer.
-type Token = (u64, Answer);
+/// A call's ticket, its answer and, for a stream, where its parts go.
+type Token = (u64, Answer, Option<PartSender>);
 
 fn no_spawn(_: &mut Driver<Token>, _: usize) -> Result<JoinHandle<()>, FlowError> {
     Err(FlowError::NotRunning)
@@ -665,13 +780,21 @@ impl Runner {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Submit { ticket, step, priority, deadline, body, answer } => {
-                match self.driver.submit((ticket, answer), step, priority, deadline, &body, Vec::new()) {
+            Command::Submit { ticket, step, priority, deadline, body, answer, parts } => {
+                let submitted = match parts {
+                    None => self.driver.submit((ticket, answer, None), step, priority, deadline, &body, Vec::new()),
+                    Some(parts) => {
+                        let token = (ticket, answer, Some(parts));
+                        let open = StreamOpen::default();
+                        self.driver.submit_stream(token, step, priority, deadline, open, &body, Vec::new())
+                    }
+                };
+                match submitted {
                     Ok(id) => {
                         self.calls.insert(ticket, id);
                     }
                     Err(refused) => {
-                        let (ticket, answer) = refused.call;
+                        let (ticket, answer, _) = refused.call;
                         (self.discard)(ticket);
                         let error = match refused.error {
                             aqueduct_core::EngineError::Config(m) => FlowError::Invalid(m),
@@ -687,6 +810,10 @@ impl Runner {
                 }
                 (self.discard)(ticket);
             }
+            Command::PartTaken { ticket, receipt } => match self.calls.get(&ticket) {
+                Some(&id) => self.driver.part_taken(id, receipt),
+                None => self.driver.release_part(receipt),
+            },
             Command::Metrics(reply) => {
                 let _ = reply.send(self.driver.engine_mut().hub.metrics(false));
             }
@@ -736,6 +863,7 @@ impl Runner {
                     eprintln!("aqueduct: a replacement worker of {} failed to start: {message}", self.step_names[step]);
                 }
                 Owned::StopDone => self.drained = true,
+                Owned::Unclaimed(receipt) => self.driver.release_part(receipt),
                 Owned::Nothing => {}
             }
         }
@@ -852,6 +980,8 @@ enum Owned {
     },
     /// A stop has nothing left in flight (drained, or failed past its grace).
     StopDone,
+    /// A part nobody will take (its stream was dropped): its room goes back to the worker.
+    Unclaimed(PartReceipt),
     Nothing,
 }
 
@@ -859,13 +989,13 @@ impl Owned {
     fn from(event: Event<'_, Token>, arena: &Arena, names: &[String]) -> Self {
         let name = |step: usize| names.get(step).cloned().unwrap_or_default();
         match event {
-            Event::Done { call: (ticket, answer), body, bufs } => {
+            Event::Done { call: (ticket, answer, _), body, bufs } => {
                 for b in bufs {
                     let _ = arena.unhold(&b.extent());
                 }
                 Owned::Answer { ticket, answer, result: Ok(body.into_vec(arena)) }
             }
-            Event::Failed { call: (ticket, answer), step, fault } => {
+            Event::Failed { call: (ticket, answer, _), step, fault } => {
                 let error = match fault {
                     Fault::Engine(Failure::Handler { step, body }) => FlowError::Handler {
                         step: name(step),
@@ -887,13 +1017,15 @@ impl Owned {
                 };
                 Owned::Answer { ticket, answer, result: Err(error) }
             }
-            // This API submits no streaming call, so the hub drops any part before it gets here.
-            Event::Part { body, bufs, .. } => {
-                let _ = body.into_vec(arena);
+            Event::Part { call: (_, _, parts), body, bufs, receipt } => {
                 for b in bufs {
                     let _ = arena.unhold(&b.extent());
                 }
-                Owned::Nothing
+                match parts {
+                    // Handed on now: the reader gives the receipt back when it takes the part.
+                    Some(parts) if parts.send((body.into_vec(arena), receipt)).is_ok() => Owned::Nothing,
+                    _ => Owned::Unclaimed(receipt),
+                }
             }
             Event::Exited { step, pid, expected: false, .. } => Owned::Died { step, pid },
             Event::Respawn { slot, .. } => Owned::Respawn { slot },

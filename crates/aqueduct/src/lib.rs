@@ -84,7 +84,7 @@ mod worker;
 
 pub use aqueduct_core::hub::FlowMetrics;
 pub use error::{BoxError, FlowError};
-pub use flow::{Flow, FlowBuilder, ProcessOptions, RestartPolicy, DEFAULT_STOP_GRACE};
-pub use handler::{from_fn, FnHandler, Handler};
+pub use flow::{Flow, FlowBuilder, ProcessOptions, RestartPolicy, TaskStream, DEFAULT_STOP_GRACE};
+pub use handler::{from_fn, FnHandler, Handler, Parts};
 pub use remote::{RemoteFlow, RemoteInfo};
 pub use step::FlowStep;

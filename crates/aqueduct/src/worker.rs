@@ -14,7 +14,7 @@ use aqueduct_core::{Nanos, Received, WorkerEndpoint};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::handler::Handler;
+use crate::handler::{Handler, Parts};
 use crate::step::Condition;
 use crate::store::Store;
 
@@ -105,7 +105,12 @@ pub(crate) fn thread_worker<T: Send + 'static>(
             }
         }
         let t0 = Instant::now();
-        let outcome = if batch.is_empty() { Ok(()) } else { guarded(|| handler.handle(&mut batch)) };
+        let indices: Vec<usize> = held.iter().map(|&(i, _)| i).collect();
+        let outcome = if batch.is_empty() {
+            Ok(())
+        } else {
+            guarded(|| handler.handle_streaming(&mut batch, &mut Parts::new(&mut ep, &indices)))
+        };
         ep.record_handle_time(t0.elapsed());
         match outcome {
             Ok(()) => {
@@ -170,7 +175,11 @@ pub(crate) fn process_worker<T: Serialize + DeserializeOwned + 'static>(
             }
         }
         let t0 = Instant::now();
-        let outcome = if batch.is_empty() { Ok(()) } else { guarded(|| handler.handle(&mut batch)) };
+        let outcome = if batch.is_empty() {
+            Ok(())
+        } else {
+            guarded(|| handler.handle_streaming(&mut batch, &mut Parts::new(&mut ep, &held)))
+        };
         ep.record_handle_time(t0.elapsed());
         match outcome {
             Ok(()) => {

@@ -57,6 +57,62 @@ impl Handler<Task> for Scale {
     }
 }
 
+/// Streams `x` parts per task, each its index as 8 bytes and its pid; a pid from a part is how
+/// the test kills a worker mid-stream.
+#[derive(Clone)]
+struct Parts;
+
+impl Handler<Task> for Parts {
+    fn handle(&mut self, batch: &mut [Task]) -> Result<(), BoxError> {
+        self.handle_streaming(batch, &mut aqueduct::Parts::discarding())
+    }
+
+    fn handle_streaming(&mut self, batch: &mut [Task], parts: &mut aqueduct::Parts<'_>) -> Result<(), BoxError> {
+        for (i, t) in batch.iter_mut().enumerate() {
+            for n in 0..t.x {
+                let mut part = n.to_le_bytes().to_vec();
+                part.extend(std::process::id().to_le_bytes());
+                if !parts.send(i, &part)? {
+                    return Ok(());
+                }
+                if !t.data.is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            t.sum = Some(t.x);
+        }
+        Ok(())
+    }
+}
+
+fn a_stream_crosses_processes_and_a_worker_killed_mid_stream_fails_it() {
+    runtime().block_on(async {
+        let flow = Flow::builder("a_stream_crosses_processes_and_a_worker_killed_mid_stream_fails_it")
+            .step(FlowStep::new(Parts))
+            .start_timeout(Duration::from_secs(30))
+            .start_processes()
+            .await
+            .unwrap();
+        let options = aqueduct::ProcessOptions { timeout: Some(Duration::from_secs(30)), priority: 0 };
+        let mut stream = flow.stream(Task { x: 50, ..Task::default() }, options).unwrap();
+        for n in 0..50u64 {
+            let part = stream.next_part().await.expect("a part");
+            assert_eq!(u64::from_le_bytes(part[..8].try_into().unwrap()), n);
+        }
+        assert_eq!(stream.finish().await.unwrap().sum, Some(50));
+        let mut endless = flow.stream(Task { x: u64::MAX, data: vec![1], ..Task::default() }, options).unwrap();
+        let part = endless.next_part().await.expect("a part");
+        let pid = u32::from_le_bytes(part[8..12].try_into().unwrap());
+        let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+        while endless.next_part().await.is_some() {}
+        assert!(matches!(endless.finish().await, Err(FlowError::WorkerDied { .. })));
+        let again = flow.stream(Task { x: 2, ..Task::default() }, options).unwrap();
+        assert_eq!(again.finish().await.unwrap().sum, Some(2), "a replacement serves the next stream");
+        flow.stop().await;
+    });
+}
+
 fn builder(name: &str) -> aqueduct::FlowBuilder<Task> {
     Flow::builder(name)
         .step(FlowStep::new(Sum).nprocs(2).batch_size(4))
@@ -235,6 +291,10 @@ const CASES: &[(&str, fn())] = &[
     ("a_killed_worker_fails_only_its_tasks_and_is_replaced", a_killed_worker_fails_only_its_tasks_and_is_replaced),
     ("a_worker_sigkilled_from_outside_fails_the_task_it_held", a_worker_sigkilled_from_outside_fails_the_task_it_held),
     ("past_the_restart_policy_the_flow_stops", past_the_restart_policy_the_flow_stops),
+    (
+        "a_stream_crosses_processes_and_a_worker_killed_mid_stream_fails_it",
+        a_stream_crosses_processes_and_a_worker_killed_mid_stream_fails_it,
+    ),
 ];
 
 fn main() {

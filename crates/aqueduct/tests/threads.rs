@@ -357,3 +357,86 @@ async fn a_failing_on_start_fails_the_start() {
     })
     .await;
 }
+
+/// Streams `x` parts per task, `"{x}:{n}"`, round-robin over its batch; records how many it
+/// sent after its callers left (`send` returned `false`), and fails a task with x == 7 after
+/// its third part.
+#[derive(Clone, Default)]
+struct Count {
+    refused: Arc<AtomicUsize>,
+}
+
+impl Handler<Task> for Count {
+    fn handle(&mut self, batch: &mut [Task]) -> Result<(), BoxError> {
+        self.handle_streaming(batch, &mut aqueduct::Parts::discarding())
+    }
+
+    fn handle_streaming(&mut self, batch: &mut [Task], parts: &mut aqueduct::Parts<'_>) -> Result<(), BoxError> {
+        let longest = batch.iter().map(|t| t.x).max().unwrap_or(0);
+        for n in 0..longest {
+            for (i, t) in batch.iter().enumerate() {
+                if n >= t.x {
+                    continue;
+                }
+                if t.x == 7 && n == 3 {
+                    return Err("seven fails after three parts".into());
+                }
+                if !parts.send(i, format!("{}:{n}", t.x).as_bytes())? {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+        }
+        for t in batch.iter_mut() {
+            t.doubled = Some(t.x * 2);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_hands_out_the_parts_in_order_then_the_task() {
+    within(async {
+        let count = Count::default();
+        let refused = count.refused.clone();
+        let flow = start(vec![FlowStep::new(count).batch_size(4).batch_timeout(Duration::from_millis(20))]).await;
+        // More parts than the window: the reader's takes let the worker go on. Read as the
+        // worker sends, round-robin: one stream left unread would hold back its whole batch.
+        let mut streams: Vec<_> =
+            [30u64, 31, 32].iter().map(|&x| flow.stream(task(x), ProcessOptions::default()).unwrap()).collect();
+        for n in 0..32 {
+            for (stream, x) in streams.iter_mut().zip([30u64, 31, 32]) {
+                if n < x {
+                    assert_eq!(stream.next_part().await.unwrap(), format!("{x}:{n}").into_bytes());
+                }
+            }
+        }
+        for stream in &mut streams {
+            assert_eq!(stream.next_part().await, None);
+        }
+        for (stream, x) in streams.into_iter().zip([30u64, 31, 32]) {
+            assert_eq!(stream.finish().await.unwrap().doubled, Some(x * 2));
+        }
+        // process() of the streaming step: the parts are dropped, the result comes.
+        assert_eq!(flow.process(task(40)).await.unwrap().doubled, Some(80));
+        // A handler error after parts: the parts first, then the error.
+        let mut failing = flow.stream(task(7), ProcessOptions::default()).unwrap();
+        for n in 0..3 {
+            assert_eq!(failing.next_part().await.unwrap(), format!("7:{n}").into_bytes());
+        }
+        assert!(matches!(failing.finish().await, Err(FlowError::Handler { .. })));
+        // Dropping a stream cancels its task: the handler's next send says so.
+        let mut endless = flow.stream(task(1_000_000), ProcessOptions::default()).unwrap();
+        assert_eq!(endless.next_part().await.unwrap(), b"1000000:0".to_vec());
+        drop(endless);
+        assert_eq!(flow.process(task(2)).await.unwrap().doubled, Some(4), "the worker is free again");
+        assert_eq!(refused.load(Ordering::Relaxed), 1);
+        // The deadline covers the stream.
+        let options = ProcessOptions { timeout: Some(Duration::from_millis(300)), priority: 0 };
+        let mut slow = flow.stream(task(1_000_000), options).unwrap();
+        while slow.next_part().await.is_some() {}
+        assert!(matches!(slow.finish().await, Err(FlowError::Timeout)));
+        flow.stop().await;
+    })
+    .await;
+}
