@@ -103,7 +103,7 @@ class Stream(BaseTaskHandler):
     """Streams the response the request's JSON asks for: ``parts`` parts of ``kind`` (``sse``,
     ``json``, ``text``, ``bytes`` of ``size`` bytes), after setting ``status`` and ``headers``;
     raises after ``fail_after`` parts; waits ``pause`` seconds before each part after the first;
-    ends with ``final`` as the response. ``pid``: events carry the worker's pid. ``forever``:
+    ends with ``final`` as the response (with ``final_event``: ``sse(final, event=final_event)``). ``pid``: events carry the worker's pid. ``forever``:
     streams until its caller is gone, then writes ``gone <rounds of parts sent>`` to the
     ``told`` pipe (given at construction)."""
 
@@ -138,7 +138,11 @@ class Stream(BaseTaskHandler):
             os.write(self.told, b'gone %d\n' % n)
             raise
         for task in tasks:
-            task.response = asks[id(task)].get('final')
+            ask = asks[id(task)]
+            if ask.get('final_event'):
+                task.response = sse(ask.get('final', ''), event=ask['final_event'])
+            else:
+                task.response = ask.get('final')
 
     @staticmethod
     def part(ask: dict, n: int):

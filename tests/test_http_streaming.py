@@ -330,3 +330,20 @@ async def test_streamed_requests_in_flight_are_bounded_by_max_in_flight(make_flo
         await until(lambda: front._server.in_flight == 0)
         async with await post(session, front, {'parts': 1}) as response:
             assert response.status == 200
+
+
+async def test_an_event_left_as_the_response_of_a_request_that_sent_no_part_is_sent_whole(make_flow):
+    """The pattern of docs/http.md (``task.response = sse('', event='done')`` after the parts)
+    for a request whose handler sent no part, and for a ``process()`` caller, whose parts are
+    dropped: the event is the whole body of a ``text/event-stream`` response, not a 500."""
+    flow = make_flow(FlowStep(Stream(), nprocs=1))
+    async with serving(flow) as front, aiohttp.ClientSession() as session:
+        async with await post(session, front, {'parts': 0, 'final': 'bye', 'final_event': 'done'}) as response:
+            assert response.status == 200, await response.read()
+            assert response.headers['content-type'] == 'text/event-stream'
+            assert await response.read() == b'event: done\ndata: bye\n\n'
+    task = Request(json.dumps({'parts': 2, 'kind': 'sse', 'final': 'bye', 'final_event': 'done'}).encode())
+    await flow.process(task)
+    assert task.reply_body == b'event: done\ndata: bye\n\n'
+    assert ('content-type', 'text/event-stream') in task.reply_headers
+

@@ -85,8 +85,9 @@ class Request(BaseTask):
     ``response_headers`` (a dict; not the headers that frame the body, such as
     ``content-length``, which the front sets) and ``response``: ``bytes`` (sent as they are,
     ``application/octet-stream`` unless a ``content-type`` is set), ``str`` (UTF-8,
-    ``text/plain``), ``None`` (an empty body), or anything ``json.dumps`` takes, numpy arrays
-    included (``application/json``; NaN and infinities are refused, as JSON has none).
+    ``text/plain``), ``None`` (an empty body), an event from :func:`sse` (``text/event-stream``),
+    or anything ``json.dumps`` takes, numpy arrays included (``application/json``; NaN and
+    infinities are refused, as JSON has none).
 
     Tasks can be made by hand too, to test handlers with ``await flow.process(Request(...))``:
     the caller's task then also gets ``reply_headers`` and ``reply_body``, the response exactly
@@ -189,6 +190,8 @@ def _whole_body(response: Any) -> Tuple[bytes, Optional[str]]:
     """A response as a body and its default content type."""
     if response is None:
         return b'', None
+    if response.__class__ is ServerSentEvent:  # the last chunk of a stream that sent no part
+        return bytes(response), _EVENT_STREAM
     if isinstance(response, (bytes, bytearray, memoryview)):
         return bytes(response), 'application/octet-stream'
     if isinstance(response, str):
