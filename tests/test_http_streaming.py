@@ -347,3 +347,24 @@ async def test_an_event_left_as_the_response_of_a_request_that_sent_no_part_is_s
     assert task.reply_body == b'event: done\ndata: bye\n\n'
     assert ('content-type', 'text/event-stream') in task.reply_headers
 
+
+def test_an_event_of_a_str_subclass_is_sent_as_its_text():
+    """``sse(token)`` with a ``str`` subclass (``numpy.str_``, what indexing an array of
+    strings gives; a ``StrEnum``): a part is not refused ('the response could not be
+    encoded'), and the last chunk is its UTF-8 text, not the buffer a ``numpy.str_`` exposes
+    (UCS-4: ``data: t\\0\\0\\0o...``)."""
+    import numpy as np
+    from aqueduct import _core
+
+    class Token(str):
+        pass
+
+    for text in (np.array(['tok'])[0], Token('tok')):
+        assert bytes(sse(text)) == b'data: tok\n\n'
+        task = Request(b'')
+        first = _core.decode_state(task._part_state(sse(text, event='token')))[2]
+        assert b''.join(p.encode() if isinstance(p, str) else p for p in first['reply_body']) == (
+            b'event: token\ndata: tok\n\n'
+        )
+        task.response = sse(text)
+        assert _core.decode_state(task._final_state())[2]['reply_body'] == b'data: tok\n\n'

@@ -273,7 +273,9 @@ def sse(
         if retry_ms.__class__ is bool or not isinstance(retry_ms, int) or retry_ms < 0:
             raise ValueError(f'sse(): retry_ms must be an int >= 0, got {retry_ms!r}')
         lines.append(f'retry: {int(retry_ms)}')
-    text = data if isinstance(data, str) else _json_text(data, "an event's data")
+    # A str subclass as its plain text: the codec writes only exact str, and a `numpy.str_`
+    # would be joined as the UCS-4 buffer it exposes.
+    text = str.__str__(data) if isinstance(data, str) else _json_text(data, "an event's data")
     if '\r' in text:
         text = text.replace('\r\n', '\n').replace('\r', '\n')
     if '\n' in text:  # one data line per line of the text
