@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
 import os
 import pickle
@@ -368,3 +369,34 @@ def test_an_event_of_a_str_subclass_is_sent_as_its_text():
         )
         task.response = sse(text)
         assert _core.decode_state(task._final_state())[2]['reply_body'] == b'data: tok\n\n'
+
+
+class _Http10(http.client.HTTPConnection):
+    _http_vsn = 10
+    _http_vsn_str = 'HTTP/1.0'
+
+
+def _get_1_0(address, body: bytes):
+    conn = _Http10(*address, timeout=10)
+    try:
+        conn.request('POST', '/', body=body, headers={'content-type': 'application/json'})
+        response = conn.getresponse()
+        return response.status, response.getheader('transfer-encoding'), response.read()
+    finally:
+        conn.close()
+
+
+async def test_a_failure_after_parts_is_an_error_for_an_http_1_0_client_too(make_flow):
+    """HTTP/1.0 has no chunked encoding: the body is delimited by the connection's close, so
+    a body cut short by a normal close reads as a complete response (behind a proxy speaking
+    HTTP/1.0 to the front, nginx's default, the client got a truncated 200). The connection is
+    reset instead, which the client reports."""
+    flow = make_flow(FlowStep(Stream(), nprocs=1))
+    async with serving(flow) as front:
+        body = json.dumps({'parts': 5, 'kind': 'text', 'fail_after': 2}).encode()
+        with pytest.raises((ConnectionError, http.client.IncompleteRead)):
+            await asyncio.to_thread(_get_1_0, front.address, body)
+        # A stream that ends well ends with the close, as HTTP/1.0 has it.
+        body = json.dumps({'parts': 2, 'kind': 'text', 'final': 'end'}).encode()
+        status, framing, text = await asyncio.to_thread(_get_1_0, front.address, body)
+        assert (status, framing, text) == (200, None, b'part 0\npart 1\nend')

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -154,13 +154,14 @@ impl Drop for Pending {
     }
 }
 
-async fn respond(front: Arc<Front>, request: Request<Incoming>) -> Response<Body> {
-    let response = serve_request(&front, request).await;
+async fn respond(front: Arc<Front>, request: Request<Incoming>, reset: Arc<AtomicBool>) -> Response<Body> {
+    let response = serve_request(&front, request, reset).await;
     front.count(response)
 }
 
-async fn serve_request(front: &Arc<Front>, request: Request<Incoming>) -> Response<Body> {
+async fn serve_request(front: &Arc<Front>, request: Request<Incoming>, reset: Arc<AtomicBool>) -> Response<Body> {
     let (parts, body) = request.into_parts();
+    let version = parts.version;
     let path = parts.uri.path();
     let Some(&step) = front.routes.get(path) else {
         return match path {
@@ -238,7 +239,10 @@ async fn serve_request(front: &Arc<Front>, request: Request<Incoming>) -> Respon
         Some(Native::End(outcome)) => exchange::outcome_response(outcome, &front.driver.step_names),
         Some(Native::Part(part, receipt)) => {
             pending.taken(receipt);
-            streamed::respond(part, pending, counted)
+            // HTTP/1.0 has no chunked encoding: the close ends the body, so a body cut short
+            // resets the connection (a close would read as the body's end).
+            let reset = (version < hyper::Version::HTTP_11).then_some(reset);
+            streamed::respond(part, pending, counted, reset)
         }
         None => error(StatusCode::SERVICE_UNAVAILABLE, "not_running", "the flow stopped", None),
     }
@@ -311,6 +315,18 @@ struct WriteTimeout {
     stream: tokio::net::TcpStream,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set by a streamed body cut short whose end the close delimits (HTTP/1.0): the connection
+    /// is reset rather than closed, so that the client does not take the body for complete.
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for WriteTimeout {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::Acquire) {
+            // A linger of zero: the close sends RST, not FIN (and never blocks).
+            let _ = rustix::net::sockopt::set_socket_linger(&self.stream, Some(Duration::ZERO));
+        }
+    }
 }
 
 impl WriteTimeout {
@@ -406,13 +422,16 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let front = front.clone();
+        let reset = Arc::new(AtomicBool::new(false));
+        let reset_by = reset.clone();
         let service = service_fn(move |request| {
             let front = front.clone();
-            async move { Ok::<_, Infallible>(respond(front, request).await) }
+            let reset = reset_by.clone();
+            async move { Ok::<_, Infallible>(respond(front, request, reset).await) }
         });
         let connection =
             http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(limits.client_timeout).serve_connection(
-                TokioIo::new(WriteTimeout { stream, limit: limits.client_timeout, stalled: None }),
+                TokioIo::new(WriteTimeout { stream, limit: limits.client_timeout, stalled: None, reset }),
                 service,
             );
         let connection = graceful.watch(connection);

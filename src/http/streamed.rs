@@ -13,13 +13,16 @@
 //! A failure after the status has gone out cannot change it. A Server-Sent Events response
 //! (`content-type: text/event-stream`) ends with an `event: error` whose data is the JSON error
 //! document the front would have answered; any other response is cut short (the connection is
-//! closed without the chunked body's end), which every HTTP client reports as an error. The
+//! closed without the chunked body's end, or reset for an HTTP/1.0 client, whose body the close
+//! delimits), which every HTTP client reports as an error. The
 //! client hanging up drops the body, which cancels the task in the flow.
 
 use std::collections::VecDeque;
 use std::error::Error;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -45,6 +48,9 @@ pub(crate) struct PartBody {
     /// on a body's error, without writing what it has buffered, so the error waits one poll
     /// (hyper flushes its buffer between two) and the chunks sent before it reach the client.
     cut_short: Option<CutShort>,
+    /// For a body the close delimits (HTTP/1.0 has no chunked encoding), the connection's flag
+    /// set when the body is cut short: it is reset, not closed, which would end it as complete.
+    reset: Option<Arc<AtomicBool>>,
 }
 
 /// Why a streamed body was cut short (what hyper logs; the client sees the connection close).
@@ -61,7 +67,12 @@ impl Error for CutShort {}
 
 /// The response for a call whose first part is `part`: its status and headers, and a body of
 /// this part's chunk and the ones to come.
-pub(super) fn respond(part: Bytes, pending: Pending, counted: InFlight) -> Response<Body> {
+pub(super) fn respond(
+    part: Bytes,
+    pending: Pending,
+    counted: InFlight,
+    reset: Option<Arc<AtomicBool>>,
+) -> Response<Body> {
     let mut fields = match exchange::read_reply(&part) {
         Ok(fields) if fields.status.is_some() => fields,
         Ok(_) => return bad_part("the first part of a streamed response has no status".into()),
@@ -73,7 +84,7 @@ pub(super) fn respond(part: Bytes, pending: Pending, counted: InFlight) -> Respo
         .iter()
         .any(|(name, value)| name == CONTENT_TYPE && value.as_bytes().starts_with(b"text/event-stream"));
     let queued = std::mem::take(&mut fields.body).into();
-    let body = PartBody { queued, pending, counted: Some(counted), event_stream, ended: false, cut_short: None };
+    let body = PartBody { queued, pending, counted: Some(counted), event_stream, ended: false, cut_short: None, reset };
     fields.response(Body::Right(body)).unwrap_or_else(bad_part)
 }
 
@@ -89,6 +100,9 @@ impl PartBody {
             return Poll::Ready(Some(Ok(Frame::data(failure.event()))));
         }
         self.cut_short = Some(CutShort(failure.document()));
+        if let Some(reset) = &self.reset {
+            reset.store(true, Ordering::Release);
+        }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
