@@ -102,16 +102,18 @@ class Gate(BaseTaskHandler):
 class Stream(BaseTaskHandler):
     """Streams the response the request's JSON asks for: ``parts`` parts of ``kind`` (``sse``,
     ``json``, ``text``, ``bytes`` of ``size`` bytes), after setting ``status`` and ``headers``;
-    raises after ``fail_after`` parts; waits ``pause`` seconds before each part after the first;
-    ends with ``final`` as the response (with ``final_event``: ``sse(final, event=final_event)``). ``pid``: events carry the worker's pid. ``forever``:
-    streams until its caller is gone, then writes ``gone <rounds of parts sent>`` to the
-    ``told`` pipe (given at construction)."""
+    raises after ``fail_after`` parts; waits ``delay`` seconds before it begins, and ``pause``
+    seconds before each part after the first; ends with ``final`` as the response (with
+    ``final_event``: ``sse(final, event=final_event)``). ``pid``: events carry the worker's pid.
+    ``forever``: streams until its caller is gone, then writes ``gone <rounds of parts sent>``
+    to the ``told`` pipe (given at construction)."""
 
     def __init__(self, told: int = -1):
         self.told = told
 
     def handle(self, *tasks: Request):
         asks = {id(task): task.json() for task in tasks}
+        time.sleep(max(ask.get('delay', 0) for ask in asks.values()))
         for task in tasks:
             ask = asks[id(task)]
             task.status = ask.get('status', 200)

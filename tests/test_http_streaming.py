@@ -400,3 +400,22 @@ async def test_a_failure_after_parts_is_an_error_for_an_http_1_0_client_too(make
         body = json.dumps({'parts': 2, 'kind': 'text', 'final': 'end'}).encode()
         status, framing, text = await asyncio.to_thread(_get_1_0, front.address, body)
         assert (status, framing, text) == (200, None, b'part 0\npart 1\nend')
+
+
+async def test_the_idle_limit_does_not_cut_a_response_that_does_not_stream(make_flow):
+    """``idle_timeout_sec`` limits the wait for the parts of a streamed response; a request whose
+    handler takes longer than it and sends no part (a route that does not stream, beside ones
+    that do) is bound by its deadline only, as before, not failed with ``idle_timeout``. A
+    response streams from its first part on, so the idle limit runs from there."""
+    flow = make_flow(FlowStep(Stream(), nprocs=1, handle_timeout=30))
+    async with serving(flow, timeout_sec=30, idle_timeout_sec=0.3) as front, aiohttp.ClientSession() as session:
+        async with await post(session, front, {'parts': 0, 'delay': 1, 'final': {'whole': True}}) as response:
+            assert response.status == 200, await response.read()
+            assert await response.json() == {'whole': True}
+        # The wait before a stream's first part is the deadline's too; after it, the idle limit's.
+        async with await post(session, front, {'parts': 2, 'kind': 'sse', 'delay': 1, 'pause': 20}) as response:
+            assert response.status == 200
+            found = events((await response.read()).decode())
+        assert found[0][1] == '0'
+        kind, _, data = found[-1]
+        assert (kind, error_of(data.encode())['error']) == ('error', 'idle_timeout')

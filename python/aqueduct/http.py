@@ -333,7 +333,8 @@ class HttpFront:
     ``routes`` maps a path to the step its requests enter (an index, or a step's name as in
     ``Flow`` metrics); default ``{'/': 0}``. ``timeout_sec`` is each request's deadline, from
     its headers to its answer (the last chunk of a streamed one); ``idle_timeout_sec``, if set,
-    limits the wait for each part of a streamed response; ``client_timeout_sec`` bounds how
+    limits the wait for each part of a streamed response after its first (before it, the
+    deadline only: a response that does not stream is not cut); ``client_timeout_sec`` bounds how
     long a client may take to send a request's headers, or to read what it is sent (a slow or
     idle client is disconnected). ``max_body_bytes``,
     ``max_in_flight`` (requests being served) and ``max_connections`` (open at once; more wait

@@ -262,7 +262,8 @@ pub struct StreamOpen {
     pub idle: Option<Duration>,
     /// The caller takes parts if the handler sends any, but does not ask for them (the HTTP
     /// front: a route's handler decides whether its response streams). Such a call counts as
-    /// an open stream from its first part on.
+    /// an open stream, and its idle limit runs, from its first part on: before it, the call is
+    /// bound by its deadline only, as one that does not stream.
     pub optional: bool,
 }
 
@@ -278,9 +279,10 @@ pub struct StreamStats {
 }
 
 impl<C> Call<C> {
-    /// When this call's idle limit runs out, if it has one.
+    /// When this call's idle limit runs out, if it has one (an optional stream's runs from its
+    /// first part: until then the call may be answered whole, as a call that does not stream).
     fn idle_due(&self) -> Option<Nanos> {
-        self.stream.as_ref().filter(|s| s.idle.is_some()).map(|s| s.idle_due)
+        self.stream.as_ref().filter(|s| s.idle.is_some() && !(s.optional && s.parts == 0)).map(|s| s.idle_due)
     }
 }
 
@@ -332,10 +334,14 @@ impl<C> Book<C> {
         match o {
             Outcome::Part { task_id, body, bufs, receipt } => match self.calls.get_mut(&task_id) {
                 Some(call) => {
+                    let mut idle_starts = None;
                     if let Some(stream) = call.stream.as_mut() {
                         let now = Nanos::now();
                         if let Some(idle) = stream.idle {
                             stream.idle_due = now.saturating_add(idle);
+                            if stream.optional && stream.parts == 0 {
+                                idle_starts = Some(stream.idle_due);
+                            }
                         }
                         let stats = &mut self.streams[call.step as usize];
                         if stream.parts == 0 {
@@ -344,6 +350,12 @@ impl<C> Book<C> {
                         stream.parts += 1;
                         stats.parts += 1;
                     }
+                    if let Some(due) = idle_starts {
+                        // An optional stream's idle limit starts with its first part.
+                        let calls = &self.calls;
+                        self.deadlines.push(due, task_id, calls.len(), |id| calls.contains_key(&id));
+                    }
+                    let call = self.calls.get(&task_id).expect("looked up above");
                     out(Event::Part { call: &call.token, body, bufs, receipt })
                 }
                 None => {
