@@ -113,16 +113,26 @@ async def test_kinds_of_parts_and_the_final_response_as_the_last_chunk(make_flow
             assert await response.read() == expected
 
 
-async def test_a_handler_that_sends_no_part_answers_as_before(make_flow):
-    flow = make_flow(FlowStep(Stream(), nprocs=1))
-    async with serving(flow) as front, aiohttp.ClientSession() as session:
-        async with await post(session, front, {'parts': 0, 'final': {'whole': True}, 'status': 202}) as response:
+async def test_a_handler_that_sends_no_part_answers_as_before(make_flow, told):
+    flow = make_flow(FlowStep(Stream(told[1]), nprocs=2))
+    async with serving(flow, timeout_sec=30) as front, aiohttp.ClientSession() as session:
+        ask = {'parts': 0, 'final': {'whole': True}, 'status': 202, 'delay': 1}
+        answer = asyncio.ensure_future(post(session, front, ask))
+        # A request in flight that has sent no part is not counted as a stream (once it is
+        # answered nothing is: the count must be read while it is in flight)...
+        await until(lambda: flow._driver.pending == 1)
+        assert [step['streams_open'] for step in flow.metrics()['steps']] == [0]
+        # ... one that has sent a part is.
+        async with await post(session, front, {'forever': True, 'kind': 'sse'}) as streaming:
+            await streaming.content.readuntil(b'\n\n')
+            assert [step['streams_open'] for step in flow.metrics()['steps']] == [1]
+        async with await answer as response:
             assert response.status == 202
             assert response.headers['content-type'] == 'application/json'
             assert response.headers['content-length'] == str(len(b'{"whole":true}'))
             assert await response.json() == {'whole': True}
-        # Requests that did not stream are not counted as streams.
-        assert all(step['streams_open'] == 0 for step in flow.metrics()['steps'])
+        assert (await read_told(told[0])).startswith('gone ')
+        await until(lambda: all(step['streams_open'] == 0 for step in flow.metrics()['steps']))
 
 
 async def test_a_batch_of_requests_streams_one_response_each(make_flow):
