@@ -177,6 +177,15 @@ async def test_a_handler_exception_after_parts_ends_an_event_stream_with_an_erro
             assert await response.read() == b'part 0\n'
 
 
+async def test_an_event_stream_is_known_whatever_the_case_of_its_content_type(make_flow):
+    flow = make_flow(FlowStep(Stream(), nprocs=1))
+    async with serving(flow) as front, aiohttp.ClientSession() as session:
+        ask = {'parts': 5, 'kind': 'sse', 'fail_after': 1, 'headers': {'Content-Type': 'Text/Event-Stream'}}
+        async with await post(session, front, ask) as response:
+            found = events((await response.read()).decode())
+        assert found[-1][0] == 'error', 'ended with an error event, not cut short'
+
+
 async def test_a_failure_after_parts_cuts_any_other_body_short(make_flow):
     flow = make_flow(FlowStep(Stream(), nprocs=1))
     async with serving(flow) as front, aiohttp.ClientSession() as session:
@@ -281,10 +290,15 @@ async def test_a_first_part_with_bad_headers_is_a_500(make_flow):
 
 async def test_flow_stream_of_a_request_yields_the_chunks_the_front_would_send(make_flow):
     flow = make_flow(FlowStep(Stream(), nprocs=1))
-    task = Request(json.dumps({'parts': 2, 'kind': 'sse', 'final': 'bye'}).encode())
+    ask = {'parts': 2, 'kind': 'sse', 'final': 'bye', 'status': 201, 'headers': {'x-model': 'tiny'}}
+    task = Request(json.dumps(ask).encode())
     parts = [part async for part in flow.stream(task)]
     assert parts == [bytes(sse({'n': 0}, event='token', id='0')), bytes(sse({'n': 1}, event='token', id='1'))]
     assert task.reply_body == b'bye'
+    # The head that went out with the first part, for a caller testing the handler without HTTP.
+    assert task.status == 201
+    assert ('x-model', 'tiny') in [tuple(h) for h in task.reply_headers]
+    assert ('content-type', 'text/event-stream') in [tuple(h) for h in task.reply_headers]
     # Large chunks come through the pool.
     task = Request(json.dumps({'parts': 3, 'kind': 'bytes', 'size': 1 << 20}).encode())
     parts = [bytes(part) async for part in flow.stream(task)]

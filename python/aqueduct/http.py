@@ -126,10 +126,12 @@ class Request(BaseTask):
         response only (``status``, ``reply_headers`` as pairs, ``reply_body`` as bytes), in the
         compact wire form the front reads without Python. Raises on a response it cannot send.
         After parts were sent (a streamed response), ``reply_body`` is the response's last chunk,
-        encoded as a part is, and the front ignores the status and headers (sent already)."""
-        if self.__dict__.get('_head_sent'):
+        encoded as a part is, with the status and headers that went out with the first part (for
+        a ``flow.stream()`` caller's task; the front has sent them already)."""
+        head = self.__dict__.get('_head_sent')
+        if head:
             body = b'' if self.response is None else _joined(_chunk(self.response)[0])
-            return self._wire_state({'reply_body': body})
+            return self._wire_state({'status': head[0], 'reply_headers': head[1], 'reply_body': body})
         body, kind = _whole_body(self.response)
         return self._wire_state({'status': self.status, 'reply_headers': self._reply_headers(kind), 'reply_body': body})
 
@@ -144,7 +146,7 @@ class Request(BaseTask):
             state['reply_headers'] = self._reply_headers(kind, streamed=True)
             encoded = self._wire_state(state)
             # Set once the head is written; a later step that streams too sends chunks only.
-            self._head_sent = True
+            self._head_sent = (state['status'], state['reply_headers'])
             return encoded
         return self._wire_state(state)
 

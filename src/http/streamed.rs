@@ -79,13 +79,17 @@ pub(super) fn respond(
         // `pending` is dropped: the call is cancelled.
         Err(why) => return bad_part(why),
     };
-    let event_stream = fields
-        .headers
-        .iter()
-        .any(|(name, value)| name == CONTENT_TYPE && value.as_bytes().starts_with(b"text/event-stream"));
+    let event_stream =
+        fields.headers.iter().any(|(name, value)| name == CONTENT_TYPE && is_event_stream(value.as_bytes()));
     let queued = std::mem::take(&mut fields.body).into();
     let body = PartBody { queued, pending, counted: Some(counted), event_stream, ended: false, cut_short: None, reset };
     fields.response(Body::Right(body)).unwrap_or_else(bad_part)
+}
+
+/// Whether a `content-type` names an event stream (media types are case-insensitive).
+fn is_event_stream(content_type: &[u8]) -> bool {
+    const EVENT_STREAM: &[u8] = b"text/event-stream";
+    content_type.get(..EVENT_STREAM.len()).is_some_and(|t| t.eq_ignore_ascii_case(EVENT_STREAM))
 }
 
 fn bad_part(why: String) -> Response<Body> {
