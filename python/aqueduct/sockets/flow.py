@@ -42,7 +42,7 @@ import select
 import signal
 import socket
 import time
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from .. import _core, _unixsock, shm
 from ..exceptions import FlowError, NotRunningError, TaskTimeoutError
@@ -453,7 +453,7 @@ class SocketFlow:
         submitted: List[Tuple[BaseTask, asyncio.Future, int]] = []
         try:
             for task in tasks:
-                entry = self._submit(client, loop, task, timeout_sec)
+                entry = self._submit(client, task, timeout_sec, loop.create_future)
                 if entry is not None:
                     submitted.append((task, *entry))
         finally:
@@ -507,20 +507,15 @@ class SocketFlow:
         client = self._client
         if client is None:
             raise NotRunningError('the SocketFlow is not started: await flow.start() first')
-        timeout_sec = check_call(task, self._priorities, timeout_sec)
-        task.set_timeout(timeout_sec)
-        step = entry_step(self._conditions, self._step_names, task)
-        if step is None:
-            return None
-        body, bufs = encode_task(task, self._pool)
-        token = _Call()
-        deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
         try:
-            call = client.submit(token, step, task.priority, int(deadline * 1e9), body, bufs, stream=True)
+            submitted = self._submit(client, task, timeout_sec, _Call, stream=True)
         finally:
             client.flush()
             self._arm_timer(client)
-        return token, call, _PortCalls(client), deadline - timeout_sec
+        if submitted is None:
+            return None
+        token, call = submitted
+        return token, call, _PortCalls(client), time.monotonic()
 
     def _finish_stream(self, task: BaseTask, result: Any, started: float) -> None:
         """Applies a streaming call's outcome to its task, as ``process()`` does."""
@@ -545,18 +540,19 @@ class SocketFlow:
         return failure_exception(kind, name, failure.detail)
 
     def _submit(
-        self, client: _core.PortClient, loop: asyncio.AbstractEventLoop, task: BaseTask, timeout_sec: float
-    ) -> Optional[Tuple[asyncio.Future, int]]:
+        self, client: _core.PortClient, task: BaseTask, timeout_sec: float, token: Callable[[], Any], stream=False
+    ) -> Optional[Tuple[Any, int]]:
+        """Submits ``task`` with a new ``token()`` as its call's token (a future, or a stream's
+        object when ``stream``): ``(token, call id)``, or ``None`` when no step takes it."""
         timeout_sec = check_call(task, self._priorities, timeout_sec)
         task.set_timeout(timeout_sec)
         step = entry_step(self._conditions, self._step_names, task)
         if step is None:
             return None
         body, bufs = encode_task(task, self._pool)
-        future = loop.create_future()
+        made = token()
         deadline: float = task.expiration_time  # type: ignore[assignment]  # set_timeout() set it
-        call = client.submit(future, step, task.priority, int(deadline * 1e9), body, bufs)
-        return future, call
+        return made, client.submit(made, step, task.priority, int(deadline * 1e9), body, bufs, stream=stream)
 
     def _arm_timer(self, client: _core.PortClient) -> None:
         """Keeps the one timer at the earliest deadline of the client's calls."""
