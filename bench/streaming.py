@@ -2,8 +2,9 @@
 the same flow's ``process()`` round trip, in one run.
 
 Two handlers: 100 small parts (a token each) and 10 parts of a 1 MiB float32 array; 1 and 64
-concurrent streams (one stream: 30 in a row, for a median); 2 worker processes, without batching and with batches of up to 16 collected
-for at most 5 ms (where a lone task waits those 5 ms, in `process()` as in `stream()`).
+concurrent streams (one stream: 30 in a row, for a median); 2 worker processes, without
+batching and with batches of up to 16 collected for at most 5 ms (where a lone task waits those
+5 ms, in `process()` as in `stream()`).
 
     python bench/streaming.py [--rounds 3]
 
