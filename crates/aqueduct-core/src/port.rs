@@ -208,6 +208,12 @@ fn body_of(extent: Option<Extent>, inline: &[u8]) -> Payload<'_> {
     }
 }
 
+/// The client's task id that a [`TAG_CANCEL`] or [`TAG_PART_TAKEN`] record carries.
+fn task_id_record(payload: &[u8], short: &'static str) -> Result<u64> {
+    let id = payload.get(..8).ok_or(EngineError::Protocol(short))?;
+    Ok(u64::from_le_bytes(id.try_into().expect("8 bytes")))
+}
+
 fn encode_table(bufs: &[BufRef]) -> Vec<u8> {
     bufs.iter().flat_map(|b| b.encode()).collect()
 }
@@ -362,8 +368,7 @@ impl EnginePort {
                         self.requests.read_payload(&rec, &mut scratch)?;
                         self.requests.consume(&rec);
                         taken += 1;
-                        let id = scratch.get(..8).ok_or(EngineError::Protocol("short cancel record"))?;
-                        let client_id = u64::from_le_bytes(id.try_into().unwrap());
+                        let client_id = task_id_record(&scratch, "short cancel record")?;
                         self.parts_out.remove(&client_id);
                         if let Some(hub_id) = self.tasks.remove(&client_id) {
                             remote.remove(&hub_id);
@@ -374,8 +379,7 @@ impl EnginePort {
                         self.requests.read_payload(&rec, &mut scratch)?;
                         self.requests.consume(&rec);
                         taken += 1;
-                        let id = scratch.get(..8).ok_or(EngineError::Protocol("short part-taken record"))?;
-                        let client_id = u64::from_le_bytes(id.try_into().unwrap());
+                        let client_id = task_id_record(&scratch, "short part-taken record")?;
                         let receipt = self.parts_out.get_mut(&client_id).and_then(VecDeque::pop_front);
                         if let Some(receipt) = receipt {
                             hub.release_part(receipt);
