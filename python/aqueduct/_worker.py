@@ -116,26 +116,8 @@ def handle_batch(
     """Answers for every task of ``batch``: expired, undecodable, failed, or its result.
     Returns how long the handler took, in seconds (``None`` if it did not run)."""
     send = worker.send_result
-    tasks: List = []
-    indices: List[int] = []
-    deadlines: List[int] = []
     name = type(handler).__name__
-    now = time.monotonic_ns()
-    for i, (deadline, _priority, body, bufs) in enumerate(batch):
-        if deadline and now >= deadline:
-            if log_tasks:  # described before the answer hands the task's buffers back
-                _log_skipped(name, _describe(body, bufs))
-            send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
-            continue
-        try:
-            tasks.append(decode(body, bufs))
-        except Exception as exc:
-            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
-            continue
-        indices.append(i)
-        deadlines.append(deadline)
-        if log_tasks:
-            log.debug('[%s] Have message', name)
+    tasks, indices, deadlines = take_batch(worker, batch, name, step_name, log_tasks)
     if not tasks:
         return None
     started = time.perf_counter()
@@ -162,7 +144,52 @@ def handle_batch(
     elapsed = time.perf_counter() - started
     if log_tasks:
         log.debug('[%s] Handled %d task(s) in %.3f ms (%s)', name, len(tasks), elapsed * 1e3, step_name)
-        now = time.monotonic_ns()
+    answer_batch(worker, tasks, indices, deadlines, step_name, routes, log_tasks)
+    return elapsed
+
+
+def take_batch(
+    worker: _core.Worker, batch: list, name: str, step_name: str, log_tasks: bool = False
+) -> Tuple[List, List[int], List[int]]:
+    """Decodes the tasks of ``batch`` the handler is to see; answers at once for those that
+    expired or cannot be decoded. Returns the tasks, their indices in the batch and their
+    deadlines."""
+    send = worker.send_result
+    tasks: List = []
+    indices: List[int] = []
+    deadlines: List[int] = []
+    now = time.monotonic_ns()
+    for i, (deadline, _priority, body, bufs) in enumerate(batch):
+        if deadline and now >= deadline:
+            if log_tasks:  # described before the answer hands the task's buffers back
+                _log_skipped(name, _describe(body, bufs))
+            send(i, STATUS_EXPIRED, ROUTE_DONE, b'')
+            continue
+        try:
+            tasks.append(decode(body, bufs))
+        except Exception as exc:
+            send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name))
+            continue
+        indices.append(i)
+        deadlines.append(deadline)
+        if log_tasks:
+            log.debug('[%s] Have message', name)
+    return tasks, indices, deadlines
+
+
+def answer_batch(
+    worker: _core.Worker,
+    tasks: List,
+    indices: List[int],
+    deadlines: List[int],
+    step_name: str,
+    routes: Routes,
+    log_tasks: bool = False,
+) -> None:
+    """Sends each handled task on: to the first later step whose condition it meets, or back to
+    its caller (an HTTP request as the front's response)."""
+    send = worker.send_result
+    now = time.monotonic_ns() if log_tasks else 0
     for i, task, deadline in zip(indices, tasks, deadlines, strict=True):
         try:
             route = _route(task, routes)
@@ -185,7 +212,6 @@ def handle_batch(
                 send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'pickling the result of'))
                 continue
         send(i, STATUS_OK, route, body, bufs)
-    return elapsed
 
 
 def _drive(gen, running: streaming._Running, indices: List[int]) -> None:

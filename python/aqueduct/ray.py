@@ -1,0 +1,397 @@
+"""Steps whose workers are Ray actors: ``FlowStep(Model(), nprocs=8, executor=RayExecutor())``.
+
+This module owns the Ray side of the executor seam (:mod:`aqueduct.executors`). Each of the
+step's ``nprocs`` slots is served by one Ray actor, placed by Ray with the executor's
+``num_cpus``, ``num_gpus`` and ``resources``, and by a thread of this process, the slot's local
+end: it takes a batch from the slot's rings (formed by the engine like any other: batch size and
+timeout, priorities, deadlines), decodes its tasks, hands them to the actor in one call, and
+answers every task through the rings from what the actor returns. So outcomes, metrics,
+``health()``, ``top`` and the restart policy are the engine's, as for a worker process; only the
+handler runs elsewhere.
+
+What crosses to the actor is the tasks' state, not our wire form: Ray serializes it, and an
+argument over its inline limit (100 KiB) goes into Ray's object store once, read in place by an
+actor on the same node (numpy arrays arrive read-only). Shared fields (``share_value``) go as
+their data: the shared-memory pool is this machine's. What comes back is what the handler
+changed (a field it left alone as an immutable object, a read-only array, ``bytes`` or ``str``,
+is not sent back); the local end applies that to its copy of each task and sends the task on.
+
+Faults: an actor that dies, or its node, makes the slot's local end report the worker gone
+(``exited()``): the engine fails exactly the tasks of the batch the actor held with
+``WorkerDiedError``, puts the batches sent ahead but not begun back on the queue and asks for a
+replacement under the step's ``RestartPolicy``, which is a new actor. An actor that cannot be
+placed within ``start_timeout_sec`` (no node has the resources, the cluster is gone) is a worker
+that failed to start. ``stop()`` kills every actor of the flow, and shuts down the Ray instance
+the executor started itself (``address=None`` with no Ray running in this process).
+
+``ray`` is imported only when a flow with such a step starts (``pip install aqueduct-rs[ray]``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from numbers import Real
+from typing import Any, Dict, List, Mapping, Optional
+
+from . import _worker
+from ._codec import _wire_keys
+from .exceptions import FlowError, remote_error_payload
+from .executors import Executor, ExecutorWorker
+from .logger import log
+
+#: What the actor answers a batch with.
+_OK = 0
+_FAILED = 1
+#: Objects a handler cannot have changed in place: not sent back when the field still holds them.
+_IMMUTABLE = (bytes, str, int, float, complex, bool, type(None), frozenset)
+
+#: Ray instances this module started (``ray.init`` with ``address=None``), and how many
+#: executors use each: the last one to close shuts it down.
+_started_lock = threading.Lock()
+_started_users = 0
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
+    return float(value)
+
+
+class RayExecutor(Executor):
+    """Serves each slot of a step from a Ray actor.
+
+    ``num_cpus``, ``num_gpus``, ``resources`` and ``memory`` (bytes) are the actor's Ray
+    resource request; ``runtime_env`` its Ray runtime environment (the actors must be able to
+    import the handler's and the tasks' classes). ``address``: the cluster to connect to when
+    this process is not connected to Ray yet (``None``: the one ``ray.init()`` finds, or a new
+    local instance; ``init_options`` go to that ``ray.init``). ``start_timeout_sec``: how long an
+    actor may take to be placed and run ``on_start``.
+    """
+
+    def __init__(
+        self,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        resources: Optional[Mapping[str, float]] = None,
+        address: Optional[str] = None,
+        *,
+        memory: Optional[int] = None,
+        runtime_env: Optional[Dict[str, Any]] = None,
+        start_timeout_sec: float = 300.0,
+        init_options: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        self.num_cpus = _number('num_cpus', num_cpus)
+        self.num_gpus = _number('num_gpus', num_gpus)
+        if resources is not None and not isinstance(resources, Mapping):
+            raise TypeError(f'resources must be a mapping of resource name to amount, got {type(resources).__name__}')
+        self.resources = {}
+        for key, amount in (resources or {}).items():
+            if not isinstance(key, str) or not key or key in ('CPU', 'GPU', 'memory'):
+                raise ValueError(f'resources: {key!r} is not a custom resource name (use num_cpus, num_gpus, memory)')
+            self.resources[key] = _number(f'resources[{key!r}]', amount)
+        if address is not None and not isinstance(address, str):
+            raise TypeError(f'address must be a str or None, got {type(address).__name__}')
+        self.address = address
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+            raise ValueError(f'memory must be a number of bytes > 0, got {memory!r}')
+        self.memory = memory
+        if runtime_env is not None and not isinstance(runtime_env, dict):
+            raise TypeError(f'runtime_env must be a dict, got {type(runtime_env).__name__}')
+        self.runtime_env = runtime_env
+        self.start_timeout_sec = _number('start_timeout_sec', start_timeout_sec)
+        if init_options is not None and not isinstance(init_options, dict):
+            raise TypeError(f'init_options must be a dict, got {type(init_options).__name__}')
+        self.init_options = dict(init_options or {})
+        self._lock = threading.Lock()
+        self._slots: Dict[int, _Slot] = {}
+        self._started_ray = False
+        self._actor_class: Any = None
+
+    # ----------------------------------------------------------------- the seam
+
+    def start_worker(self, worker: ExecutorWorker) -> None:
+        ray = self._connect()
+        with self._lock:
+            if worker.slot in self._slots:
+                raise FlowError(f'{worker.step_name}: slot {worker.slot} is served already (one RayExecutor per flow)')
+            slot = self._slots[worker.slot] = _Slot(self, ray, worker)
+        slot.thread.start()
+
+    def stop_worker(self, slot: int, hard: bool) -> None:
+        with self._lock:
+            served = self._slots.get(slot)
+        if served is not None and hard:
+            served.kill()
+
+    def close(self) -> None:
+        with self._lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            slot.kill()
+        for slot in slots:
+            slot.thread.join(30)
+        self._release_ray()
+
+    @property
+    def actors(self) -> List[Any]:
+        """The live actors' handles (for tests and tools)."""
+        with self._lock:
+            return [s.actor for s in self._slots.values() if s.actor is not None]
+
+    # ----------------------------------------------------------------- Ray itself
+
+    def _connect(self) -> Any:
+        """The ``ray`` module, connected (started here when this process is not)."""
+        global _started_users
+        try:
+            import ray
+        except ImportError as exc:
+            raise FlowError('RayExecutor needs Ray: pip install "aqueduct-rs[ray]"') from exc
+        with _started_lock:
+            if not self._started_ray and not ray.is_initialized():
+                options = {'include_dashboard': False, 'log_to_driver': True, **self.init_options}
+                ray.init(address=self.address, **options)
+                self._started_ray = True
+                _started_users = 1
+            elif not self._started_ray and _started_users:
+                self._started_ray = True  # a Ray instance another executor started: share it
+                _started_users += 1
+        if self._actor_class is None:
+            self._actor_class = ray.remote(_RayWorker)
+        return ray
+
+    def _release_ray(self) -> None:
+        global _started_users
+        with _started_lock:
+            if not self._started_ray:
+                return
+            self._started_ray = False
+            _started_users -= 1
+            if _started_users == 0:
+                import ray
+
+                ray.shutdown()
+
+    def _new_actor(self, worker: ExecutorWorker) -> Any:
+        options: Dict[str, Any] = {
+            'num_cpus': self.num_cpus,
+            'num_gpus': self.num_gpus,
+            'max_restarts': 0,  # the flow's RestartPolicy replaces actors, not Ray
+            'max_task_retries': 0,  # a batch is never run twice
+        }
+        if self.resources:
+            options['resources'] = self.resources
+        if self.memory is not None:
+            options['memory'] = self.memory
+        if self.runtime_env is not None:
+            options['runtime_env'] = self.runtime_env
+        # Ray pickles the handler (by value when its class lives in ``__main__``).
+        return self._actor_class.options(**options).remote(worker.handler, worker.step_name)
+
+    def _forget(self, slot: int) -> None:
+        with self._lock:
+            self._slots.pop(slot, None)
+
+
+class _Slot:
+    """One slot's local end: a thread between the slot's rings and its actor."""
+
+    def __init__(self, executor: RayExecutor, ray: Any, worker: ExecutorWorker) -> None:
+        self.executor = executor
+        self.ray = ray
+        self.worker = worker
+        self.actor: Any = None
+        self.killed = False
+        self.thread = threading.Thread(target=self._run, name=f'ray-{worker.step_name}-{worker.slot}', daemon=True)
+
+    def kill(self) -> None:
+        """Ends the actor now: a call waiting on it fails, and the thread ends."""
+        self.killed = True
+        actor = self.actor
+        if actor is not None:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:  # already gone, or Ray is
+                pass
+
+    def _run(self) -> None:
+        worker = self.worker
+        try:
+            if self._start():
+                self._serve()
+        except Exception:
+            log.exception('[RayExecutor] the local end of %s slot %d failed', worker.step_name, worker.slot)
+        finally:
+            self.kill()
+            self.executor._forget(worker.slot)
+            worker.exited()
+
+    def _start(self) -> bool:
+        worker, ray = self.worker, self.ray
+        endpoint = worker.endpoint
+        try:
+            self.actor = self.executor._new_actor(worker)
+            ready = self.actor.start.remote()
+            done, _ = ray.wait([ready], timeout=self.executor.start_timeout_sec)
+            if not done:
+                raise TimeoutError(
+                    f'no Ray actor could be placed and started within {self.executor.start_timeout_sec:g} s '
+                    f'(num_cpus={self.executor.num_cpus:g}, num_gpus={self.executor.num_gpus:g}, '
+                    f'resources={self.executor.resources})'
+                )
+            failure = ray.get(ready)
+        except Exception as exc:
+            endpoint.start_failed(f'{worker.step_name}: its Ray actor did not start: {type(exc).__name__}: {exc}')
+            return False
+        if failure is not None:
+            endpoint.start_failed(failure)
+            return False
+        if self.killed:
+            return False
+        endpoint.ready()
+        return True
+
+    def _serve(self) -> None:
+        worker, ray = self.worker, self.ray
+        endpoint, step_name = worker.endpoint, worker.step_name
+        name = type(worker.handler).__name__
+        while True:
+            batch = endpoint.recv()
+            if batch is None or self.killed:
+                return
+            tasks, indices, deadlines = _worker.take_batch(endpoint, batch, name, step_name)
+            del batch
+            elapsed = None
+            if tasks:
+                try:
+                    status, elapsed, answer = ray.get(self.actor.handle.remote([_outbound(t) for t in tasks]))
+                except ray.exceptions.RayTaskError as exc:
+                    # Ray could not run the call (arguments the actor cannot unpickle, ...):
+                    # this batch fails, the actor serves on.
+                    status, answer = _FAILED, _ray_failure(exc, step_name)
+                except Exception as exc:
+                    # The actor, its node or the cluster is gone: the engine fails this batch
+                    # with WorkerDiedError and asks for a replacement.
+                    log.error('[RayExecutor] the actor of %s slot %d is gone: %s', step_name, worker.slot, exc)
+                    return
+                if status == _OK:
+                    for task, changes in zip(tasks, answer, strict=True):
+                        _apply(task, changes)
+                    _worker.answer_batch(endpoint, tasks, indices, deadlines, step_name, worker.routes)
+                else:
+                    for i in indices:
+                        endpoint.send_result(i, _worker.STATUS_ERROR, _worker.ROUTE_DONE, answer)
+            del tasks
+            endpoint.finish_batch(elapsed)
+
+
+def _ray_failure(exc: BaseException, step_name: str) -> bytes:
+    cause = getattr(exc, 'cause', None) or exc
+    return remote_error_payload(FlowError(f'Ray could not run the batch: {type(cause).__name__}: {cause}'), step_name)
+
+
+# --------------------------------------------------------------------- the tasks' state
+
+
+def _outbound(task: Any) -> Any:
+    """What goes to the actor for ``task``: a plain task's class and fields (shared fields as
+    their data), any other task as itself."""
+    cls = type(task)
+    if _wire_keys[cls] is None:
+        return task
+    state = task.__dict__
+    if '_shared_fields' in state:
+        state = {k: v for k, v in state.items() if k != '_shared_fields'}
+    return (cls, state)
+
+
+def _rebuild(wire: Any) -> Any:
+    if wire.__class__ is not tuple:
+        return wire
+    cls, state = wire
+    task = cls.__new__(cls)
+    task.__dict__.update(state)
+    return task
+
+
+def _changes(task: Any, before: Optional[Dict[str, Any]]) -> Any:
+    """What the actor sends back for ``task``: the fields the handler may have changed and the
+    names it deleted (for a plain task), or the whole task."""
+    if before is None:
+        return task
+    now = task.__dict__
+    changed = {}
+    for key, value in now.items():
+        if key in before and before[key] is value and _unchanged_in_place(value):
+            continue
+        changed[key] = value
+    return changed, [key for key in before if key not in now]
+
+
+def _unchanged_in_place(value: Any) -> bool:
+    if isinstance(value, _IMMUTABLE):
+        return True
+    flags = getattr(value, 'flags', None)  # a numpy array Ray handed over read-only
+    return flags is not None and getattr(flags, 'writeable', True) is False and hasattr(value, 'dtype')
+
+
+def _apply(task: Any, changes: Any) -> None:
+    """Brings this process's copy of ``task`` up to date with the actor's."""
+    if changes.__class__ is not tuple:
+        task.__dict__.clear()
+        task.__dict__.update(changes.__dict__)
+        return
+    changed, deleted = changes
+    fields = task.__dict__
+    shared = fields.get('_shared_fields')
+    for key, value in changed.items():
+        if shared and key in shared and fields.get(key) is not value:
+            del shared[key]  # replaced by the handler: no longer shared, as in a worker process
+        fields[key] = value
+    for key in deleted:
+        fields.pop(key, None)
+        if shared:
+            shared.pop(key, None)
+
+
+class _RayWorker:
+    """The actor: one handler, on a Ray worker."""
+
+    def __init__(self, handler: Any, step_name: str) -> None:
+        self.step_name = step_name
+        self.handler = handler
+
+    def start(self) -> Optional[str]:
+        """Runs ``on_start``; returns why it failed, or ``None``."""
+        try:
+            self.handler.on_start()
+        except BaseException as exc:
+            import traceback
+
+            return f'{self.step_name}: on_start raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}'
+        return None
+
+    def handle(self, wire: List[Any]) -> tuple:
+        tasks = [_rebuild(w) for w in wire]
+        before = [dict(t.__dict__) if w.__class__ is tuple else None for t, w in zip(tasks, wire, strict=True)]
+        started = time.perf_counter()
+        try:
+            result = self.handler.handle(*tasks)
+            if hasattr(result, 'send') and hasattr(result, 'throw'):
+                result.close()
+                raise TypeError('a streaming handle() (a generator) cannot run on a RayExecutor step')
+        except BaseException as exc:
+            elapsed = time.perf_counter() - started
+            payload = remote_error_payload(exc, self.step_name)
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                import ray
+
+                ray.actor.exit_actor()  # the batch fails with WorkerDiedError; a new actor replaces it
+            return _FAILED, elapsed, payload
+        elapsed = time.perf_counter() - started
+        return _OK, elapsed, [_changes(t, b) for t, b in zip(tasks, before, strict=True)]
+
+
+__all__ = ['RayExecutor']
