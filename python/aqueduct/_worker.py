@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 from types import GeneratorType
-from typing import Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from . import _core, shm, streaming
 from ._codec import decode, encode, http_classes
@@ -199,9 +199,10 @@ def answer_batch(
         if log_tasks and route != ROUTE_DONE and deadline and now >= deadline:
             # The engine drops it before the next step's workers see it (see the module docstring).
             _log_skipped(next(n for step, _, n in routes if step == route), task)
+        bufs: List[Any] = []
         if route == ROUTE_DONE and http_classes[task.__class__]:
             try:
-                body, bufs = task._final_state(), []
+                body = task._final_state()
             except Exception as exc:
                 send(i, STATUS_ERROR, ROUTE_DONE, remote_error_payload(exc, step_name, 'encoding the response of'))
                 continue
