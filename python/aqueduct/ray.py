@@ -11,10 +11,11 @@ handler runs elsewhere.
 
 What crosses to the actor is the tasks' state, not our wire form: Ray serializes it, and an
 argument over its inline limit (100 KiB) goes into Ray's object store once, read in place by an
-actor on the same node (numpy arrays arrive read-only). Shared fields (``share_value``) go as
-their data: the shared-memory pool is this machine's. What comes back is what the handler
-changed (a field it left alone as an immutable object, a read-only array, ``bytes`` or ``str``,
-is not sent back); the local end applies that to its copy of each task and sends the task on.
+actor on the same node. Shared fields (``share_value``) go as
+their data: the shared-memory pool is this machine's. The handler sees a writable copy of each
+array field, as in a worker process. What comes back is what the handler changed (a field that
+still holds the immutable object it came with, or an array still bitwise as it came, is not sent
+back); the local end applies that to its copy of each task and sends the task on.
 
 Faults: an actor that dies, or its node, makes the slot's local end report the worker gone
 (``exited()``): the engine fails exactly the tasks of the batch the actor held with
@@ -33,7 +34,7 @@ import math
 import threading
 import time
 from numbers import Real
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from . import _worker
 from ._codec import _wire_keys
@@ -244,6 +245,7 @@ class _Slot:
             failure = ray.get(ready)
         except Exception as exc:
             endpoint.start_failed(f'{worker.step_name}: its Ray actor did not start: {type(exc).__name__}: {exc}')
+            _unlink(exc)
             return False
         if failure is not None:
             endpoint.start_failed(failure)
@@ -271,20 +273,53 @@ class _Slot:
                     # Ray could not run the call (arguments the actor cannot unpickle, ...):
                     # this batch fails, the actor serves on.
                     status, answer = _FAILED, _ray_failure(exc, step_name)
+                    _unlink(exc)
                 except Exception as exc:
                     # The actor, its node or the cluster is gone: the engine fails this batch
                     # with WorkerDiedError and asks for a replacement.
                     log.error('[RayExecutor] the actor of %s slot %d is gone: %s', step_name, worker.slot, exc)
+                    _unlink(exc)
                     return
                 if status == _OK:
-                    for task, changes in zip(tasks, answer, strict=True):
-                        _apply(task, changes)
-                    _worker.answer_batch(endpoint, tasks, indices, deadlines, step_name, worker.routes)
+                    kept, at, due = _apply_all(endpoint, tasks, indices, deadlines, answer, step_name)
+                    _worker.answer_batch(endpoint, kept, at, due, step_name, worker.routes)
                 else:
                     for i in indices:
                         endpoint.send_result(i, _worker.STATUS_ERROR, _worker.ROUTE_DONE, answer)
             del tasks
             endpoint.finish_batch(elapsed)
+
+
+def _apply_all(
+    endpoint: Any, tasks: list, indices: list, deadlines: list, answer: list, step_name: str
+) -> Tuple[list, list, list]:
+    """Applies the actor's answer to each task; one that cannot take it (``share_value`` of a
+    field whose value cannot be shared) fails alone. Returns the others' tasks, indices and
+    deadlines."""
+    kept: Tuple[list, list, list] = ([], [], [])
+    for task, i, deadline, changes in zip(tasks, indices, deadlines, answer, strict=True):
+        try:
+            _apply(task, changes)
+        except Exception as exc:
+            payload = remote_error_payload(exc, step_name, 'applying the Ray actor\'s answer to')
+            endpoint.send_result(i, _worker.STATUS_ERROR, _worker.ROUTE_DONE, payload)
+            continue
+        kept[0].append(task)
+        kept[1].append(i)
+        kept[2].append(deadline)
+    return kept
+
+
+def _unlink(exc: BaseException) -> None:
+    """Ray keeps the error of a call with the call's result: cut its link to this thread's
+    frames, which hold the slot's end of the rings (its descriptors go when the thread ends,
+    not when the garbage collector finds the cycle)."""
+    seen = set()
+    link: Optional[BaseException] = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
 
 
 def _ray_failure(exc: BaseException, step_name: str) -> bytes:
@@ -316,44 +351,99 @@ def _rebuild(wire: Any) -> Any:
     return task
 
 
-def _changes(task: Any, before: Optional[Dict[str, Any]]) -> Any:
-    """What the actor sends back for ``task``: the fields the handler may have changed and the
-    names it deleted (for a plain task), or the whole task."""
+def _changes(task: Any, before: Optional[Dict[str, Any]], received: Dict[str, Any]) -> Any:
+    """What the actor sends back for ``task``: for a plain task, the fields the handler may have
+    changed (``changed``), the names of those it changed in place (``in_place``: same object,
+    an array written to), of those it shared (``share_value`` there) and of those it deleted;
+    any other task whole. ``received`` maps a field to the read-only array Ray delivered, which
+    the handler saw as a writable copy."""
     if before is None:
         return task
     now = task.__dict__
-    changed = {}
+    shared_here = now.pop('_shared_fields', None) or {}
+    changed, in_place = {}, []
     for key, value in now.items():
-        if key in before and before[key] is value and _unchanged_in_place(value):
-            continue
+        if key in before and before[key] is value:
+            original = received.get(key)
+            if original is not None and _same_bytes(value, original):
+                continue  # the handler's copy still holds what was sent
+            if original is None and isinstance(value, _IMMUTABLE):
+                continue
+            in_place.append(key)
         changed[key] = value
-    return changed, [key for key in before if key not in now]
+    deleted = [key for key in before if key not in now]
+    return changed, in_place, list(shared_here), deleted
 
 
-def _unchanged_in_place(value: Any) -> bool:
-    if isinstance(value, _IMMUTABLE):
-        return True
-    flags = getattr(value, 'flags', None)  # a numpy array Ray handed over read-only
-    return flags is not None and getattr(flags, 'writeable', True) is False and hasattr(value, 'dtype')
+def _writable_arrays(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Replaces each read-only numpy array among ``state``'s fields (Ray hands large ones over
+    in place, read-only) with a writable copy, as a worker process's handler gets; returns the
+    originals, by field."""
+    received = {}
+    for key, value in state.items():
+        flags = getattr(value, 'flags', None)
+        dtype = getattr(value, 'dtype', None)
+        if flags is not None and dtype is not None and not flags.writeable and not dtype.hasobject:
+            received[key] = value
+            state[key] = value.copy()
+    return received
+
+
+def _same_bytes(copy: Any, original: Any) -> bool:
+    """Whether the handler left its copy of an array as it came (bitwise: a NaN is itself)."""
+    if copy.shape != original.shape or copy.dtype != original.dtype or not original.flags.c_contiguous:
+        return False
+    import numpy
+
+    return bool(numpy.array_equal(copy.reshape(-1).view(numpy.uint8), original.reshape(-1).view(numpy.uint8)))
 
 
 def _apply(task: Any, changes: Any) -> None:
-    """Brings this process's copy of ``task`` up to date with the actor's."""
+    """Brings this process's copy of ``task`` up to date with the actor's, as a worker process's
+    answer would: an array shared here and changed in place there is written into the shared
+    memory and stays shared; a shared field the handler replaced or deleted is no longer shared;
+    a field the handler shared is shared here."""
     if changes.__class__ is not tuple:
         task.__dict__.clear()
         task.__dict__.update(changes.__dict__)
         return
-    changed, deleted = changes
+    changed, in_place, shared_there, deleted = changes
     fields = task.__dict__
     shared = fields.get('_shared_fields')
     for key, value in changed.items():
-        if shared and key in shared and fields.get(key) is not value:
+        if shared and key in shared:
+            mine = fields.get(key)
+            if key in in_place and _same_layout(mine, value):
+                mine[...] = value
+                continue
             del shared[key]  # replaced by the handler: no longer shared, as in a worker process
-        fields[key] = value
+        fields[key] = _own(value)
     for key in deleted:
         fields.pop(key, None)
         if shared:
             shared.pop(key, None)
+    for key in shared_there:
+        if key in fields and key not in task._shared_fields:
+            task.share_value(key)
+
+
+def _own(value: Any) -> Any:
+    """A writable copy of an array Ray handed over read-only (a view on its object store, which
+    the caller should not hold); anything else as it is."""
+    flags = getattr(value, 'flags', None)
+    dtype = getattr(value, 'dtype', None)
+    if flags is not None and dtype is not None and not flags.writeable:
+        return value.copy()
+    return value
+
+
+def _same_layout(mine: Any, theirs: Any) -> bool:
+    return (
+        getattr(mine, 'dtype', None) is not None
+        and getattr(theirs, 'dtype', None) == mine.dtype
+        and theirs.shape == mine.shape
+        and mine.flags.writeable
+    )
 
 
 class _RayWorker:
@@ -375,7 +465,9 @@ class _RayWorker:
 
     def handle(self, wire: List[Any]) -> tuple:
         tasks = [_rebuild(w) for w in wire]
-        before = [dict(t.__dict__) if w.__class__ is tuple else None for t, w in zip(tasks, wire, strict=True)]
+        plain = [w.__class__ is tuple for w in wire]
+        received = [_writable_arrays(t.__dict__) if p else {} for t, p in zip(tasks, plain, strict=True)]
+        before = [dict(t.__dict__) if p else None for t, p in zip(tasks, plain, strict=True)]
         started = time.perf_counter()
         try:
             result = self.handler.handle(*tasks)
@@ -391,7 +483,7 @@ class _RayWorker:
                 ray.actor.exit_actor()  # the batch fails with WorkerDiedError; a new actor replaces it
             return _FAILED, elapsed, payload
         elapsed = time.perf_counter() - started
-        return _OK, elapsed, [_changes(t, b) for t, b in zip(tasks, before, strict=True)]
+        return _OK, elapsed, [_changes(t, b, r) for t, b, r in zip(tasks, before, received, strict=True)]
 
 
 __all__ = ['RayExecutor']
