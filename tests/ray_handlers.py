@@ -74,3 +74,16 @@ class Streams(BaseTaskHandler):
 
     def handle(self, *tasks):
         yield from ()
+
+
+class Where(BaseTaskHandler):
+    """Sleeps ``task.sleep`` seconds; records the Ray node it ran on."""
+
+    def handle(self, *tasks) -> None:
+        import ray
+
+        time.sleep(max(getattr(t, 'sleep', 0.0) for t in tasks))
+        node = ray.get_runtime_context().get_node_id()
+        for t in tasks:
+            t.result = t.x
+            t.node = node

@@ -72,16 +72,18 @@ def ray_init_options(tmp: str) -> dict:
 @pytest.fixture(scope='module', autouse=True)
 def local_ray():
     tmp = tempfile.mkdtemp(prefix='ar', dir='/tmp')
-    before = os.environ.get('PYTHONPATH')
+    saved = {key: os.environ.get(key) for key in ('PYTHONPATH', 'RAY_TMPDIR')}
     os.environ['PYTHONPATH'] = ROOT  # Ray's workers import the tests' handlers by name
+    os.environ['RAY_TMPDIR'] = tmp  # where Ray notes the current cluster, not the machine's /tmp/ray
     ray.init(**ray_init_options(tmp))
     ray_processes = {p.pid for p in psutil.Process().children(recursive=True)}
     yield ray_processes
     ray.shutdown()
-    if before is None:
-        del os.environ['PYTHONPATH']
-    else:
-        os.environ['PYTHONPATH'] = before
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -416,7 +418,7 @@ async def test_arguments_the_actor_cannot_import_fail_the_batch_and_the_actor_se
 def test_a_flow_that_starts_ray_shuts_it_down_and_leaves_no_process():
     with python_script(
         f"""
-        import asyncio, faulthandler, os, signal, sys, tempfile
+        import asyncio, faulthandler, os, shutil, signal, sys, tempfile
         import psutil, ray
         sys.path.insert(0, {ROOT!r})
         os.environ['PYTHONPATH'] = {ROOT!r}
@@ -425,7 +427,8 @@ def test_a_flow_that_starts_ray_shuts_it_down_and_leaves_no_process():
         from tests.handlers import Add, Task
         from tests.test_ray import ray_init_options
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        options = ray_init_options(tempfile.mkdtemp(prefix='ar', dir='/tmp'))
+        tmp = os.environ['RAY_TMPDIR'] = tempfile.mkdtemp(prefix='ar', dir='/tmp')
+        options = ray_init_options(tmp)
         async def main():
             assert not ray.is_initialized()
             flow = Flow(FlowStep(Add(), executor=RayExecutor(num_cpus=1, init_options=options), nprocs=2))
@@ -437,10 +440,86 @@ def test_a_flow_that_starts_ray_shuts_it_down_and_leaves_no_process():
             await flow.stop()
             assert not ray.is_initialized(), 'the executor that started Ray shut it down'
         asyncio.run(main())
+        shutil.rmtree(tmp, ignore_errors=True)
         gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
         print('left', [p.name() for p in alive], flush=True)
         """
     ) as proc:
         out = finish_or_dump(proc, 110, 'hung starting or stopping Ray')
+        assert proc.returncode == 0
+        assert out.strip().splitlines()[-1] == 'left []'
+
+
+def test_on_a_cluster_a_lost_node_fails_only_its_batch_and_a_new_node_takes_the_slot():
+    """Three simulated nodes: a head with no CPU for actors and two that take one actor each.
+    One node is removed (its raylet and processes killed) under load: the one task its actor
+    held fails with WorkerDiedError, every other is served by the other node; the replacement
+    actor waits for resources, and comes up on a node added afterwards."""
+    with python_script(
+        f"""
+        import asyncio, faulthandler, os, shutil, signal, sys, tempfile
+        import psutil
+        sys.path.insert(0, {ROOT!r})
+        os.environ['PYTHONPATH'] = {ROOT!r}
+        tmp = tempfile.mkdtemp(prefix='ar', dir='/tmp')
+        os.environ['RAY_TMPDIR'] = tmp  # Ray's session files, and its note of the current cluster
+        import ray
+        from ray.cluster_utils import Cluster
+        from aqueduct import Flow, FlowStep, RestartPolicy
+        from aqueduct.exceptions import WorkerDiedError
+        from aqueduct.ray import RayExecutor
+        from tests.handlers import Task
+        from tests.ray_handlers import Where
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        store = {{'object_store_memory': 128 * 2**20, 'plasma_directory': tmp}}
+        # A lost node is noticed after two seconds of missed heartbeats, not Ray's default 30.
+        heartbeats = {{'health_check_period_ms': 500, 'health_check_failure_threshold': 4}}
+        head = {{'num_cpus': 0, 'include_dashboard': False, '_system_config': heartbeats, **store}}
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        a = cluster.add_node(num_cpus=1, resources={{'worker_node': 1}}, **store)
+        b = cluster.add_node(num_cpus=1, resources={{'worker_node': 1}}, **store)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        async def until(condition):
+            for _ in range(600):
+                if condition():
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError('condition not reached')
+
+        async def main():
+            executor = RayExecutor(num_cpus=1, resources={{'worker_node': 1}}, start_timeout_sec=60)
+            step = FlowStep(Where(), executor=executor, nprocs=2)
+            flow = Flow(step, restart_policy=RestartPolicy(max_restarts=5))
+            flow.start(timeout=90)
+            tasks = [Task(i, sleep=0.2) for i in range(40)]
+            calls = [asyncio.ensure_future(flow.process(t, timeout_sec=90)) for t in tasks]
+            await until(lambda: sum(hasattr(t, 'node') for t in tasks) >= 4)  # both nodes at work
+            cluster.remove_node(b, allow_graceful=False)
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            failed = [type(o).__name__ for o in outcomes if isinstance(o, BaseException)]
+            assert failed == ['WorkerDiedError'], failed
+            served = {{t.node for t, o in zip(tasks, outcomes) if o is True}}
+            assert served == {{a.node_id, b.node_id}}, served
+            health = flow.health()['steps'][0]
+            assert health['deaths'] == 1 and health['ready'] == 1, health
+            c = cluster.add_node(num_cpus=1, resources={{'worker_node': 1}}, **store)
+            await until(lambda: flow.health()['steps'][0]['ready'] == 2)
+            more = [Task(i, sleep=0.2) for i in range(8)]
+            await asyncio.gather(*(flow.process(t, timeout_sec=60) for t in more))
+            assert {{t.node for t in more}} == {{a.node_id, c.node_id}}
+            await flow.stop()
+            assert executor.actors == []
+
+        asyncio.run(main())
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+        gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
+        print('left', [p.name() for p in alive], flush=True)
+        """
+    ) as proc:
+        out = finish_or_dump(proc, 110, 'hung on the simulated cluster')
         assert proc.returncode == 0
         assert out.strip().splitlines()[-1] == 'left []'

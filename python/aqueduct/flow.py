@@ -556,7 +556,8 @@ class Flow:
                 if kind == 'ready':
                     ready += 1
                 elif kind == 'start_failed':
-                    failure = failure or WorkerStartError(f'{name} failed to start (pid {pid}): {event.message}')
+                    where = f'pid {pid}' if pid else f'slot {event.slot}, on its executor'
+                    failure = failure or WorkerStartError(f'{name} failed to start ({where}): {event.message}')
                 elif kind == 'exited':
                     self._reap(pid)
                     failure = failure or WorkerStartError(f'{name} worker (pid {pid}) exited during start-up')
@@ -920,8 +921,11 @@ class Flow:
             kind = event.kind
             if kind == 'exited':
                 self._reap(event.pid)
-                if not event.expected:
+                if not event.expected and event.pid:
                     log.error('The process %s for %s handler is dead', event.pid, self._handler_names[event.step])
+                elif not event.expected:
+                    name = self._handler_names[event.step]
+                    log.error('The worker of slot %d for %s handler (on its executor) is gone', event.slot, name)
             elif kind == 'respawn':
                 self._respawn(event.slot, event.step)
             elif kind == 'give_up':
