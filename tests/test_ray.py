@@ -502,8 +502,9 @@ def test_on_a_cluster_a_lost_node_fails_only_its_batch_and_a_new_node_takes_the_
             assert failed == ['WorkerDiedError'], failed
             served = {{t.node for t, o in zip(tasks, outcomes) if o is True}}
             assert served == {{a.node_id, b.node_id}}, served
+            # A replacement Ray placed on the lost node before it was noticed lost dies too.
             health = flow.health()['steps'][0]
-            assert health['deaths'] == 1 and health['ready'] == 1, health
+            assert health['deaths'] >= 1 and health['ready'] == 1, health
             c = cluster.add_node(num_cpus=1, resources={{'worker_node': 1}}, **store)
             await until(lambda: flow.health()['steps'][0]['ready'] == 2)
             more = [Task(i, sleep=0.2) for i in range(8)]
