@@ -87,3 +87,17 @@ class Where(BaseTaskHandler):
         for t in tasks:
             t.result = t.x
             t.node = node
+
+
+class Emits(BaseTaskHandler):
+    """Sends a partial result with ``aqueduct.emit``: not something a Ray step can do."""
+
+    def handle(self, *tasks) -> None:
+        from aqueduct import emit
+
+        for t in tasks:
+            emit(t, 'part')
+
+
+def not_skipped(task) -> bool:
+    return not getattr(task, 'skip_first', False)

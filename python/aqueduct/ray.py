@@ -1,26 +1,27 @@
 """Steps whose workers are Ray actors: ``FlowStep(Model(), nprocs=8, executor=RayExecutor())``.
 
 This module owns the Ray side of the executor seam (:mod:`aqueduct.executors`). Each of the
-step's ``nprocs`` slots is served by one Ray actor, placed by Ray with the executor's
-``num_cpus``, ``num_gpus`` and ``resources``, and by a thread of this process, the slot's local
-end: it takes a batch from the slot's rings (formed by the engine like any other: batch size and
-timeout, priorities, deadlines), decodes its tasks, hands them to the actor in one call, and
-answers every task through the rings from what the actor returns. So outcomes, metrics,
-``health()``, ``top`` and the restart policy are the engine's, as for a worker process; only the
-handler runs elsewhere.
+step's ``nprocs`` slots is served by a Ray actor (one actor per ``batches_per_actor`` slots),
+placed by Ray with the executor's ``num_cpus``, ``num_gpus`` and ``resources``, and by a thread
+of this process, the slot's local end: it takes a batch from the slot's rings (formed by the
+engine like any other: batch size and timeout, priorities, deadlines), decodes its tasks, hands
+them to the actor in one call, and answers every task through the rings from what the actor
+returns. So outcomes, metrics, ``health()``, ``top`` and the restart policy are the engine's, as
+for a worker process; only the handler runs elsewhere. An actor serving two slots has the
+second's batch queued while it runs the first's: it does not wait a round trip between batches.
 
 What crosses to the actor is the tasks' state, not our wire form: Ray serializes it, and an
 argument over its inline limit (100 KiB) goes into Ray's object store once, read in place by an
-actor on the same node. Shared fields (``share_value``) go as
-their data: the shared-memory pool is this machine's. The handler sees a writable copy of each
-array field, as in a worker process. What comes back is what the handler changed (a field that
-still holds the immutable object it came with, or an array still bitwise as it came, is not sent
-back); the local end applies that to its copy of each task and sends the task on.
+actor on the same node. Shared fields (``share_value``) go as their data: the shared-memory pool
+is this machine's. The handler sees a writable copy of each array field, as in a worker process.
+What comes back is what the handler changed (a field that still holds the immutable object it
+came with, or an array still bitwise as it came, is not sent back); the local end applies that
+to its copy of each task and sends the task on.
 
-Faults: an actor that dies, or its node, makes the slot's local end report the worker gone
-(``exited()``): the engine fails exactly the tasks of the batch the actor held with
-``WorkerDiedError``, puts the batches sent ahead but not begun back on the queue and asks for a
-replacement under the step's ``RestartPolicy``, which is a new actor. An actor that cannot be
+Faults: an actor that dies, or its node, makes the local ends of its slots report their workers
+gone (``exited()``): the engine fails exactly the tasks of the batches the actor held with
+``WorkerDiedError``, puts the batches sent ahead but not begun back on the queue and asks for
+replacements under the step's ``RestartPolicy``, served by a new actor. An actor that cannot be
 placed within ``start_timeout_sec`` (no node has the resources, the cluster is gone) is a worker
 that failed to start. ``stop()`` kills every actor of the flow, and shuts down the Ray instance
 the executor started itself (``address=None`` with no Ray running in this process).
@@ -68,7 +69,9 @@ class RayExecutor(Executor):
     import the handler's and the tasks' classes). ``address``: the cluster to connect to when
     this process is not connected to Ray yet (``None``: the one ``ray.init()`` finds, or a new
     local instance; ``init_options`` go to that ``ray.init``). ``start_timeout_sec``: how long an
-    actor may take to be placed and run ``on_start``.
+    actor may take to be placed and run ``on_start``. ``batches_per_actor``: how many of the
+    step's slots (``nprocs``) one actor serves, each with a batch at the actor at once (``2``:
+    its next batch is queued while it runs one; ``nprocs=8`` then makes 4 actors).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class RayExecutor(Executor):
         runtime_env: Optional[Dict[str, Any]] = None,
         start_timeout_sec: float = 300.0,
         init_options: Optional[Dict[str, Any]] = None,
+        batches_per_actor: int = 1,
     ) -> None:
         self.num_cpus = _number('num_cpus', num_cpus)
         self.num_gpus = _number('num_gpus', num_gpus)
@@ -105,8 +109,13 @@ class RayExecutor(Executor):
         if init_options is not None and not isinstance(init_options, dict):
             raise TypeError(f'init_options must be a dict, got {type(init_options).__name__}')
         self.init_options = dict(init_options or {})
+        if isinstance(batches_per_actor, bool) or not isinstance(batches_per_actor, int) or batches_per_actor < 1:
+            raise ValueError(f'batches_per_actor must be an int >= 1, got {batches_per_actor!r}')
+        self.batches_per_actor = batches_per_actor
         self._lock = threading.Lock()
         self._slots: Dict[int, _Slot] = {}
+        #: The live actors of each step (by step name), each serving up to batches_per_actor slots.
+        self._actors: Dict[str, List[_Actor]] = {}
         self._started_ray = False
         self._actor_class: Any = None
 
@@ -139,7 +148,7 @@ class RayExecutor(Executor):
     def actors(self) -> List[Any]:
         """The live actors' handles (for tests and tools)."""
         with self._lock:
-            return [s.actor for s in self._slots.values() if s.actor is not None]
+            return [actor.handle for actors in self._actors.values() for actor in actors]
 
     # ----------------------------------------------------------------- Ray itself
 
@@ -195,6 +204,54 @@ class RayExecutor(Executor):
         with self._lock:
             self._slots.pop(slot, None)
 
+    def _join(self, worker: ExecutorWorker) -> _Actor:
+        """The actor that serves this slot: one of the step's with room for another slot's
+        batches, or a new one."""
+        with self._lock:
+            actors = self._actors.setdefault(worker.step_name, [])
+            for actor in actors:
+                if not actor.gone and len(actor.slots) < self.batches_per_actor:
+                    actor.slots.add(worker.slot)
+                    return actor
+            handle = self._new_actor(worker)
+            actor = _Actor(worker.step_name, handle, handle.start.remote(), worker.slot)
+            actors.append(actor)
+            return actor
+
+    def _leave(self, slot: int, actor: _Actor, gone: bool) -> None:
+        """The slot no longer uses ``actor``; the actor ends when it is ``gone`` (dead, failed
+        to start: its other slots' calls fail too) or serves no slot any more."""
+        with self._lock:
+            actor.slots.discard(slot)
+            if gone:
+                actor.gone = True
+            if actor.slots and not actor.gone:
+                return
+            actors = self._actors.get(actor.step_name, [])
+            if actor in actors:
+                actors.remove(actor)
+        actor.kill()
+
+
+class _Actor:
+    """A Ray actor and the slots it serves (several: their batches queue at the actor, so it
+    never waits for the next call between two batches)."""
+
+    def __init__(self, step_name: str, handle: Any, ready: Any, slot: int) -> None:
+        self.step_name = step_name
+        self.handle = handle
+        self.ready = ready  # the result of its start(): None, or why on_start failed
+        self.slots = {slot}
+        self.gone = False
+
+    def kill(self) -> None:
+        import ray
+
+        try:
+            ray.kill(self.handle, no_restart=True)
+        except Exception:  # already gone, or Ray is
+            pass
+
 
 class _Slot:
     """One slot's local end: a thread between the slot's rings and its actor."""
@@ -203,19 +260,18 @@ class _Slot:
         self.executor = executor
         self.ray = ray
         self.worker = worker
-        self.actor: Any = None
+        self.actor: Optional[_Actor] = None
         self.killed = False
+        self.actor_gone = False  # the actor died or did not start: no slot may use it again
         self.thread = threading.Thread(target=self._run, name=f'ray-{worker.step_name}-{worker.slot}', daemon=True)
 
     def kill(self) -> None:
-        """Ends the actor now: a call waiting on it fails, and the thread ends."""
+        """Ends the slot's actor now (a hard stop): a call waiting on it fails (the other slots'
+        the actor serves too), and the thread ends."""
         self.killed = True
         actor = self.actor
         if actor is not None:
-            try:
-                self.ray.kill(actor, no_restart=True)
-            except Exception:  # already gone, or Ray is
-                pass
+            actor.kill()
 
     def _run(self) -> None:
         worker = self.worker
@@ -223,9 +279,11 @@ class _Slot:
             if self._start():
                 self._serve()
         except Exception:
+            self.actor_gone = True
             log.exception('[RayExecutor] the local end of %s slot %d failed', worker.step_name, worker.slot)
         finally:
-            self.kill()
+            if self.actor is not None:
+                self.executor._leave(worker.slot, self.actor, self.actor_gone)
             self.executor._forget(worker.slot)
             worker.exited()
 
@@ -233,21 +291,22 @@ class _Slot:
         worker, ray = self.worker, self.ray
         endpoint = worker.endpoint
         try:
-            self.actor = self.executor._new_actor(worker)
-            ready = self.actor.start.remote()
-            done, _ = ray.wait([ready], timeout=self.executor.start_timeout_sec)
+            actor = self.actor = self.executor._join(worker)
+            done, _ = ray.wait([actor.ready], timeout=self.executor.start_timeout_sec)
             if not done:
                 raise TimeoutError(
                     f'no Ray actor could be placed and started within {self.executor.start_timeout_sec:g} s '
                     f'(num_cpus={self.executor.num_cpus:g}, num_gpus={self.executor.num_gpus:g}, '
                     f'resources={self.executor.resources})'
                 )
-            failure = ray.get(ready)
+            failure = ray.get(actor.ready)
         except Exception as exc:
+            self.actor_gone = True
             endpoint.start_failed(f'{worker.step_name}: its Ray actor did not start: {type(exc).__name__}: {exc}')
             _unlink(exc)
             return False
         if failure is not None:
+            self.actor_gone = True
             endpoint.start_failed(failure)
             return False
         if self.killed:
@@ -259,6 +318,8 @@ class _Slot:
         worker, ray = self.worker, self.ray
         endpoint, step_name = worker.endpoint, worker.step_name
         name = type(worker.handler).__name__
+        actor = self.actor
+        assert actor is not None, 'set by _start'
         while True:
             batch = endpoint.recv()
             if batch is None or self.killed:
@@ -268,7 +329,7 @@ class _Slot:
             elapsed = None
             if tasks:
                 try:
-                    status, elapsed, answer = ray.get(self.actor.handle.remote([_outbound(t) for t in tasks]))
+                    status, elapsed, answer = ray.get(actor.handle.handle.remote([_outbound(t) for t in tasks]))
                 except ray.exceptions.RayTaskError as exc:
                     # Ray could not run the call (arguments the actor cannot unpickle, ...):
                     # this batch fails, the actor serves on.
@@ -279,6 +340,7 @@ class _Slot:
                     # with WorkerDiedError and asks for a replacement.
                     log.error('[RayExecutor] the actor of %s slot %d is gone: %s', step_name, worker.slot, exc)
                     _unlink(exc)
+                    self.actor_gone = True
                     return
                 if status == _OK:
                     kept, at, due = _apply_all(endpoint, tasks, indices, deadlines, answer, step_name)
@@ -450,8 +512,11 @@ class _RayWorker:
     """The actor: one handler, on a Ray worker."""
 
     def __init__(self, handler: Any, step_name: str) -> None:
+        from . import streaming
+
         self.step_name = step_name
         self.handler = handler
+        streaming._cannot_stream = f'{step_name} runs on a RayExecutor: its handler cannot stream (aqueduct.emit)'
 
     def start(self) -> Optional[str]:
         """Runs ``on_start``; returns why it failed, or ``None``."""

@@ -87,6 +87,8 @@ class _Running:
 #: process (several at once for an executor's slots, which are threads). Threads a handler
 #: starts find their tasks here too; once the batch ends its tasks are gone from it.
 _handled: Dict[int, Tuple[_Running, int]] = {}
+#: Why this process's handlers cannot stream at all (a Ray actor: ``aqueduct.ray``), or None.
+_cannot_stream: Optional[str] = None
 
 
 def _begin(running: _Running, tasks: List[Any], positions: List[int]) -> None:
@@ -108,6 +110,8 @@ def emit(task: Any, part: Any) -> bool:
     returns."""
     entry = _handled.get(id(task))
     if entry is None:
+        if _cannot_stream is not None:
+            raise TypeError(_cannot_stream)
         if not _handled:
             raise RuntimeError('aqueduct.emit() sends a partial result from a handler: call it while handle() runs')
         raise ValueError(f'aqueduct.emit(): {task!r} is not one of the tasks handle() was given')
