@@ -15,9 +15,11 @@ Scenarios (each case in a fresh interpreter, ``--runs`` times, alternating the o
   batch_wait_timeout_s=0.002)``, called through its ``DeploymentHandle``), ``aqueduct115``
   (1.15, worker processes) and ``ppe`` (``ProcessPoolExecutor(2)``, one task per call).
   Throughput and each task's latency (p50, p99); the ideal is 2 CPUs / 10 ms = 200 tasks/s.
+  ``ray_executor_x2``: the two actors with ``batches_per_actor=2`` (``nprocs=4``).
 - ``scale``: a handler that sleeps 50 ms per task (batches of one), on a simulated cluster of
   four nodes of one CPU (``ray.cluster_utils.Cluster``), ``RayExecutor(num_cpus=1)`` with 1, 2
-  and 4 actors, 64 in flight: throughput over the ideal (actors / 50 ms).
+  and 4 actors, 64 in flight: throughput over the ideal (actors / 50 ms); ``scale4x2``: the 4
+  actors with ``batches_per_actor=2``.
 """
 
 from __future__ import annotations
@@ -126,11 +128,11 @@ class Work(BaseTaskHandler):
             t.result = burn(self.loops) if self.loops else t.x
 
 
-async def case_aqueduct(loops: int, total: int, executor) -> dict:
+async def case_aqueduct(loops: int, total: int, executor, nprocs: int = 2) -> dict:
     from aqueduct import Flow, FlowStep
 
     kwargs = {'executor': executor} if executor is not None else {}
-    flow = Flow(FlowStep(Work(loops), nprocs=2, batch_size=BATCH, batch_timeout=BATCH_TIMEOUT, **kwargs))
+    flow = Flow(FlowStep(Work(loops), nprocs=nprocs, batch_size=BATCH, batch_timeout=BATCH_TIMEOUT, **kwargs))
     flow.start(timeout=300)
     try:
 
@@ -142,14 +144,15 @@ async def case_aqueduct(loops: int, total: int, executor) -> dict:
         await flow.stop()
 
 
-async def case_ray_executor(loops: int, total: int) -> dict:
+async def case_ray_executor(loops: int, total: int, batches_per_actor: int) -> dict:
     import ray
     from aqueduct.ray import RayExecutor
 
     tmp = private_ray_dir()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp, _plasma_directory=tmp)
     try:
-        return await case_aqueduct(loops, total, RayExecutor(num_cpus=1))
+        executor = RayExecutor(num_cpus=1, batches_per_actor=batches_per_actor)
+        return await case_aqueduct(loops, total, executor, nprocs=2 * batches_per_actor)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,7 +197,7 @@ async def case_ppe(loops: int, total: int) -> dict:
         return await load(submit, total)
 
 
-async def case_scale(actors: int, total: int) -> dict:
+async def case_scale(actors: int, total: int, batches_per_actor: int) -> dict:
     import ray
     from aqueduct import Flow, FlowStep
     from aqueduct.ray import RayExecutor
@@ -207,7 +210,8 @@ async def case_scale(actors: int, total: int) -> dict:
         cluster.add_node(num_cpus=1, **store)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    flow = Flow(FlowStep(Work(0, sleep=0.05), nprocs=actors, executor=RayExecutor(num_cpus=1)))
+    executor = RayExecutor(num_cpus=1, batches_per_actor=batches_per_actor)
+    flow = Flow(FlowStep(Work(0, sleep=0.05), nprocs=actors * batches_per_actor, executor=executor))
     try:
         flow.start(timeout=300)
 
@@ -228,21 +232,23 @@ async def case_scale(actors: int, total: int) -> dict:
 def run_case(name: str, loops: int, total: int) -> dict:
     if name == 'local' or name == 'aqueduct115':
         return asyncio.run(case_aqueduct(loops, total, None))
-    if name == 'ray_executor':
-        return asyncio.run(case_ray_executor(loops, total))
+    if name.startswith('ray_executor'):
+        return asyncio.run(case_ray_executor(loops, total, 2 if name.endswith('x2') else 1))
     if name == 'serve':
         return asyncio.run(case_serve(loops, total))
     if name == 'ppe':
         return asyncio.run(case_ppe(loops, total))
     if name.startswith('scale'):
-        return asyncio.run(case_scale(int(name[len('scale') :]), total))
+        actors, _, per_actor = name[len('scale') :].partition('x')
+        return asyncio.run(case_scale(int(actors), total, int(per_actor or 1)))
     raise SystemExit(f'unknown case {name}')
 
 
 # ------------------------------------------------------------------------------- the driver
 
-CPU_CASES = ['local', 'ray_executor', 'serve', 'aqueduct115', 'ppe']
-SCALE_CASES = ['scale1', 'scale2', 'scale4']
+CPU_CASES = ['local', 'ray_executor', 'ray_executor_x2', 'serve', 'aqueduct115', 'ppe']
+#: scale<actors>[x<batches per actor>]
+SCALE_CASES = ['scale1', 'scale2', 'scale4', 'scale4x2']
 
 
 def python_for(case: str) -> str:
@@ -302,7 +308,7 @@ def main() -> None:
     for run in range(runs):
         order = cases if run % 2 == 0 else list(reversed(cases))
         for case in order:
-            outcome = spawn(case, loops, total if not case.startswith('scale') else total // 2)
+            outcome = spawn(case, loops, total if not case.startswith('scale') else total // 4)
             print(case, outcome, flush=True)
             results[case].append(outcome)
     summary = {case: median_of(r) for case, r in results.items()}

@@ -101,3 +101,7 @@ class Emits(BaseTaskHandler):
 
 def not_skipped(task) -> bool:
     return not getattr(task, 'skip_first', False)
+
+
+def on_ray(task) -> bool:
+    return not getattr(task, 'local_only', False)

@@ -554,3 +554,73 @@ def test_on_a_cluster_a_lost_node_fails_only_its_batch_and_a_new_node_takes_the_
         out = finish_or_dump(proc, 110, 'hung on the simulated cluster')
         assert proc.returncode == 0
         assert out.strip().splitlines()[-1] == 'left []'
+
+
+def test_a_cluster_that_goes_away_fails_calls_clearly_and_the_local_steps_serve_on():
+    """Every node of the cluster, the head too, is killed under a held batch: that batch fails
+    with WorkerDiedError, a call for the Ray step then times out, the local step keeps serving
+    for longer than Ray's own limit for a driver without its head (60 s: the executor that
+    connected raises it), and stop() returns."""
+    with python_script(
+        f"""
+        import asyncio, faulthandler, os, shutil, signal, sys, tempfile, time
+        sys.path.insert(0, {ROOT!r})
+        os.environ['PYTHONPATH'] = {ROOT!r}
+        tmp = tempfile.mkdtemp(prefix='ar', dir='/tmp')
+        os.environ['RAY_TMPDIR'] = tmp
+        from ray.cluster_utils import Cluster
+        from aqueduct import Flow, FlowStep, RestartPolicy
+        from aqueduct.exceptions import TaskTimeoutError, WorkerDiedError
+        from aqueduct.ray import RayExecutor
+        from tests.handlers import Add, Task
+        from tests.ray_handlers import Where, on_ray
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        store = {{'object_store_memory': 128 * 2**20, 'plasma_directory': tmp}}
+        cluster = Cluster(initialize_head=True, head_node_args={{'num_cpus': 0, 'include_dashboard': False, **store}})
+        cluster.add_node(num_cpus=1, **store)
+        cluster.wait_for_nodes()
+
+        async def main():
+            executor = RayExecutor(num_cpus=1, address=cluster.address, start_timeout_sec=30)
+            # Replacements that cannot start are failures the policy counts: a budget that
+            # outlasts the test (else the flow gives up, as for worker processes).
+            policy = RestartPolicy(max_restarts=10, window=60)
+            steps = FlowStep(Add(1)), FlowStep(Where(), executor=executor, handle_condition=on_ray)
+            flow = Flow(*steps, restart_policy=policy)
+            flow.start(timeout=90)
+            held = asyncio.ensure_future(flow.process(Task(1, sleep=30), timeout_sec=60))
+            while flow.health()['steps'][1]['in_flight'] == 0:
+                await asyncio.sleep(0.05)
+            for node in list(cluster.worker_nodes):
+                cluster.remove_node(node, allow_graceful=False)
+            cluster.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+            killed = time.monotonic()
+            try:
+                await held
+                raise AssertionError('the held batch finished without its cluster')
+            except WorkerDiedError:
+                pass
+            try:
+                await flow.process(Task(2), timeout_sec=3)
+                raise AssertionError('served without a cluster')
+            except TaskTimeoutError:
+                pass
+            while time.monotonic() - killed < 75:
+                local = Task(3, local_only=True)
+                await flow.process(local, timeout_sec=5)
+                assert local.result == 4
+                await asyncio.sleep(1)
+            started = time.monotonic()
+            await flow.stop()
+            print('stopped in', round(time.monotonic() - started, 1), flush=True)
+
+        asyncio.run(main())
+        shutil.rmtree(tmp, ignore_errors=True)
+        print('alive', flush=True)
+        """
+    ) as proc:
+        out = finish_or_dump(proc, 140, 'hung once the cluster was gone')
+        assert proc.returncode == 0, out
+        lines = out.strip().splitlines()
+        assert lines[-1] == 'alive'
+        assert float(lines[-2].split()[-1]) < 20, lines[-2]

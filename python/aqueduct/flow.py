@@ -219,17 +219,17 @@ def failure_exception(kind: str, step_name: str, detail) -> Exception:
         return TaskTimeoutError('Task timeout error: the queue stayed full until the task expired')
     if kind == 'idle_timeout':
         return TaskTimeoutError('Task timeout error: no partial result came within the stream\'s idle_timeout_sec')
+    # An executor's worker (a thread, a Ray actor) has no pid: 0.
+    worker = f'worker process {detail}' if detail else 'worker (on its executor)'
     if kind == 'handler_timeout':
         return HandlerTimeoutError(
-            f'the batch holding the task ran longer than the handle_timeout of {step_name}: its worker '
-            f'process {detail} was killed and is being replaced',
+            f'the batch holding the task ran longer than the handle_timeout of {step_name}: its '
+            f'{worker} was killed and is being replaced',
             step_name,
             detail,
         )
     if kind == 'died':
-        return WorkerDiedError(
-            f'the worker process {detail} of {step_name} died while holding the task', step_name, detail
-        )
+        return WorkerDiedError(f'the {worker} of {step_name} died while holding the task', step_name, detail)
     if kind == 'shm_exhausted':
         return SharedMemoryExhaustedError(f'no shared memory left for the task on its way to {step_name}')
     if kind == 'rejected':

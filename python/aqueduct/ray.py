@@ -32,6 +32,7 @@ the executor started itself (``address=None`` with no Ray running in this proces
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from numbers import Real
@@ -48,6 +49,16 @@ _OK = 0
 _FAILED = 1
 #: Objects a handler cannot have changed in place: not sent back when the field still holds them.
 _IMMUTABLE = (bytes, str, int, float, complex, bool, type(None), frozenset)
+
+#: How often a slot waiting for its actor to start looks whether the flow is stopping.
+_START_SLICE_SEC = 0.25
+#: How long this process, as a Ray driver this module connected, keeps trying to reach a Ray
+#: head that went away. Ray's default (60 s) ends the process after that: the service with it.
+_GCS_RECONNECT_SEC = 24 * 3600
+_GCS_RECONNECT_ENV = 'RAY_gcs_rpc_server_reconnect_timeout_s'
+
+#: How long ``close()`` waits for the slots' local ends, in all.
+_CLOSE_WAIT_SEC = 10.0
 
 #: Ray instances this module started (``ray.init`` with ``address=None``), and how many
 #: executors use each: the last one to close shuts it down.
@@ -140,8 +151,11 @@ class RayExecutor(Executor):
             slots = list(self._slots.values())
         for slot in slots:
             slot.kill()
+        # A local end ends as soon as its call fails; one blocked on a cluster that is gone is
+        # a daemon thread, not waited for past the deadline.
+        deadline = time.monotonic() + _CLOSE_WAIT_SEC
         for slot in slots:
-            slot.thread.join(30)
+            slot.thread.join(max(deadline - time.monotonic(), 0))
         self._release_ray()
 
     @property
@@ -162,7 +176,15 @@ class RayExecutor(Executor):
         with _started_lock:
             if not self._started_ray and not ray.is_initialized():
                 options = {'include_dashboard': False, 'log_to_driver': True, **self.init_options}
-                ray.init(address=self.address, **options)
+                # Ray reads its configuration from the environment when it connects; a value
+                # the user set is kept.
+                saved = os.environ.get(_GCS_RECONNECT_ENV)
+                os.environ.setdefault(_GCS_RECONNECT_ENV, str(_GCS_RECONNECT_SEC))
+                try:
+                    ray.init(address=self.address, **options)
+                finally:
+                    if saved is None:
+                        os.environ.pop(_GCS_RECONNECT_ENV, None)
                 self._started_ray = True
                 _started_users = 1
             elif not self._started_ray and _started_users:
@@ -213,10 +235,15 @@ class RayExecutor(Executor):
                 if not actor.gone and len(actor.slots) < self.batches_per_actor:
                     actor.slots.add(worker.slot)
                     return actor
-            handle = self._new_actor(worker)
-            actor = _Actor(worker.step_name, handle, handle.start.remote(), worker.slot)
+            actor = _Actor(worker.step_name, worker.slot)
             actors.append(actor)
-            return actor
+        # Outside the lock: creating an actor waits on Ray's control plane, which may be gone.
+        try:
+            handle = self._new_actor(worker)
+            actor.created(handle, handle.start.remote())
+        except Exception as exc:
+            actor.failed(exc)
+        return actor
 
     def _leave(self, slot: int, actor: _Actor, gone: bool) -> None:
         """The slot no longer uses ``actor``; the actor ends when it is ``gone`` (dead, failed
@@ -237,20 +264,44 @@ class _Actor:
     """A Ray actor and the slots it serves (several: their batches queue at the actor, so it
     never waits for the next call between two batches)."""
 
-    def __init__(self, step_name: str, handle: Any, ready: Any, slot: int) -> None:
+    def __init__(self, step_name: str, slot: int) -> None:
         self.step_name = step_name
-        self.handle = handle
-        self.ready = ready  # the result of its start(): None, or why on_start failed
         self.slots = {slot}
         self.gone = False
+        self.handle: Any = None
+        self.ready: Any = None  # the result of its start(): None, or why on_start failed
+        self.error: Optional[BaseException] = None  # why it could not be created
+        self._made = threading.Event()
+
+    def created(self, handle: Any, ready: Any) -> None:
+        self.handle, self.ready = handle, ready
+        self._made.set()
+        if self.gone:  # killed while it was being created
+            self.kill()
+
+    def failed(self, error: BaseException) -> None:
+        self.error, self.gone = error, True
+        self._made.set()
+
+    def wait_made(self, timeout: float) -> bool:
+        return self._made.wait(timeout)
 
     def kill(self) -> None:
-        import ray
+        """Ends the actor, without waiting: ``ray.kill`` asks Ray's control plane, which may be
+        unreachable (a cluster that went away), and a stop must not wait for it."""
+        self.gone = True
+        handle = self.handle
+        if handle is not None:
+            threading.Thread(target=_kill_quietly, args=(handle,), name='ray-kill', daemon=True).start()
 
-        try:
-            ray.kill(self.handle, no_restart=True)
-        except Exception:  # already gone, or Ray is
-            pass
+
+def _kill_quietly(handle: Any) -> None:
+    import ray
+
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already gone, or Ray is
+        pass
 
 
 class _Slot:
@@ -290,9 +341,20 @@ class _Slot:
     def _start(self) -> bool:
         worker, ray = self.worker, self.ray
         endpoint = worker.endpoint
+        deadline = time.monotonic() + self.executor.start_timeout_sec
         try:
             actor = self.actor = self.executor._join(worker)
-            done, _ = ray.wait([actor.ready], timeout=self.executor.start_timeout_sec)
+            done = False
+            # In slices: a stop while the actor waits for a node ends the wait.
+            while not done and not self.killed and time.monotonic() < deadline:
+                slice_sec = min(_START_SLICE_SEC, max(deadline - time.monotonic(), 0))
+                if not actor.wait_made(slice_sec):
+                    continue
+                if actor.error is not None:
+                    raise actor.error
+                done = bool(ray.wait([actor.ready], timeout=slice_sec)[0])
+            if self.killed:
+                return False
             if not done:
                 raise TimeoutError(
                     f'no Ray actor could be placed and started within {self.executor.start_timeout_sec:g} s '
