@@ -478,6 +478,7 @@ fn worker_event_of<C>(e: Event<'_, C>, step_names: &[String]) -> Option<WorkerEv
             WorkerEvent { pid, expected, ..worker_event("exited", slot, step) }
         }
         Event::Respawn { slot, step } => worker_event("respawn", slot, step),
+        Event::StopWorker { slot, step } => worker_event("stop_worker", slot, step),
         Event::GiveUp(why) => {
             let message = match why {
                 GiveUp::TooManyDeaths { step, deaths, window, max_restarts } => format!(

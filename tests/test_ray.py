@@ -22,7 +22,7 @@ import psutil
 import pytest
 import ray
 from aqueduct import Flow, FlowStep, RestartPolicy
-from aqueduct.exceptions import FlowError, WorkerDiedError, WorkerStartError
+from aqueduct.exceptions import FlowError, HandlerTimeoutError, WorkerDiedError, WorkerStartError
 from aqueduct.ray import RayExecutor
 
 from .conftest import finish_or_dump, python_script, until
@@ -405,6 +405,22 @@ async def test_an_actor_serving_two_slots_has_a_batch_queued_and_its_death_fails
     assert step['deaths'] == 2 and step['ready'] == 2, step
     [replacement] = executor.actors
     assert replacement is not actor
+
+
+async def test_a_handler_past_its_handle_timeout_has_its_actor_killed_and_replaced(flows):
+    executor = RayExecutor()
+    step = FlowStep(Busy(), executor=executor, handle_timeout=1.0)
+    flow = Flow(step, restart_policy=RestartPolicy(max_restarts=3))
+    flows.append(flow)
+    flow.start(timeout=60)
+    [hung] = executor.actors
+    with pytest.raises(HandlerTimeoutError, match='handle_timeout of step1_Busy'):
+        await flow.process(Task(1, sleep=60), timeout_sec=30)
+    after = Task(2)
+    await flow.process(after, timeout_sec=60)
+    assert after.result == 2
+    [replacement] = executor.actors
+    assert replacement is not hung
 
 
 async def test_sys_exit_in_a_handler_ends_its_actor_like_a_worker_process(flows):

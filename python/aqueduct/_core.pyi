@@ -43,7 +43,9 @@ _FailureKind = Literal[
     'not_running',
     'lost',
 ]
-_EventKind = Literal['ready', 'start_failed', 'exited', 'respawn', 'give_up', 'drained', 'grace_expired', 'all_exited']
+_EventKind = Literal[
+    'ready', 'start_failed', 'exited', 'respawn', 'stop_worker', 'give_up', 'drained', 'grace_expired', 'all_exited'
+]
 
 def die_with_parent(signum: int = 9) -> int: ...
 def exit_with_process(pid: int) -> None: ...

@@ -636,6 +636,17 @@ class Flow:
             if close:
                 executor.close()
 
+    def _stop_overdue(self, slot: int, step: int) -> None:
+        """An executor's worker ran past the step's ``handle_timeout``: its executor ends it (a
+        Ray actor is killed; a thread cannot be, and keeps the slot until its handler returns)."""
+        executor = self._steps[step].executor
+        log.error('A worker of %s ran past its handle_timeout: stopping it', self._handler_names[step])
+        if executor is not None:
+            try:
+                executor.stop_worker(slot, True)
+            except Exception:
+                log.exception('the executor of %s failed to stop slot %d', self._step_names[step], slot)
+
     def _any_alive(self) -> bool:
         driver = self._driver
         return driver is not None and any(driver.worker(s)[1] for s in range(driver.slot_count))
@@ -928,6 +939,8 @@ class Flow:
                     log.error('The worker of slot %d for %s handler (on its executor) is gone', event.slot, name)
             elif kind == 'respawn':
                 self._respawn(event.slot, event.step)
+            elif kind == 'stop_worker':
+                self._stop_overdue(event.slot, event.step)
             elif kind == 'give_up':
                 log.error('%s', event.message)
                 self._give_up()

@@ -150,6 +150,13 @@ pub enum Event<'a, C> {
         slot: usize,
         step: usize,
     },
+    /// The worker of `slot` is not a process (an executor's) and its batch ran past the step's
+    /// `handle_timeout`: end it now, as the engine kills a process. Its exit (through its
+    /// `ExitNotifier`) fails the batch and brings a replacement.
+    StopWorker {
+        slot: usize,
+        step: usize,
+    },
     GiveUp(GiveUp),
     /// A graceful stop: nothing is left in flight. Call [`Driver::stop_workers`].
     Drained,
@@ -820,6 +827,9 @@ impl<C> Driver<C> {
             self.engine.hub.release_part(receipt);
         }
         self.expire(now, out);
+        for slot in self.engine.take_overdue_hosted() {
+            out(Event::StopWorker { slot, step: self.book.slot_step[slot] });
+        }
         if !self.book.respawns.is_empty() {
             let due: Vec<usize> =
                 self.book.respawns.iter().filter(|(at, _)| *at <= now).map(|&(_, slot)| slot).collect();

@@ -39,6 +39,9 @@ pub struct Engine {
     /// Slots whose worker is not a watched process and has reported that it is gone (see
     /// [`ExitNotifier`]); handled in the next poll like a process exit.
     gone: Arc<Mutex<Vec<usize>>>,
+    /// Slots whose worker is not a process and ran past its step's `handle_timeout`: the engine
+    /// cannot kill it, its owner must (the driver's `Event::StopWorker`).
+    overdue_hosted: Vec<usize>,
 }
 
 /// How a worker that is not a process of the engine's (an executor's worker: a thread, a
@@ -127,6 +130,7 @@ impl Engine {
             port_counts,
             host_timer: None,
             gone: Arc::new(Mutex::new(Vec::new())),
+            overdue_hosted: Vec::new(),
         })
     }
 
@@ -293,9 +297,19 @@ impl Engine {
     /// "Hung workers"); their exit, seen by the reactor, fails the batch.
     fn kill_overdue(&mut self) {
         for slot in self.hub.take_overdue() {
-            // A worker that exited meanwhile is already gone: nothing to kill.
-            let _ = self.reactor.signal(slot, rustix::process::Signal::KILL);
+            if self.reactor.watches(slot) {
+                // A worker that exited meanwhile is already gone: nothing to kill.
+                let _ = self.reactor.signal(slot, rustix::process::Signal::KILL);
+            } else {
+                self.overdue_hosted.push(slot);
+            }
         }
+    }
+
+    /// The workers that are not processes found overdue since the last call: their owner is
+    /// to end them, and their exit fails the batch as a killed process's does.
+    pub fn take_overdue_hosted(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.overdue_hosted)
     }
 
     /// One round: workers' results, then ports' requests, then the ports' responses published.

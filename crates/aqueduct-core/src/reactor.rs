@@ -239,6 +239,11 @@ impl Reactor {
     /// Sends a signal to the worker of `slot` through its pidfd (no pid-reuse race), or, for
     /// a polled worker, by pid once its identity is checked. A slot not watched, or whose
     /// polled process is gone, is not an error.
+    /// Whether the worker of `slot` is a process the reactor watches (not an executor's).
+    pub fn watches(&self, slot: usize) -> bool {
+        self.pidfds.contains_key(&slot) || self.polled.contains_key(&slot)
+    }
+
     pub fn signal(&self, slot: usize, sig: rustix::process::Signal) -> Result<()> {
         if let Some(fd) = self.pidfds.get(&slot) {
             rustix::process::pidfd_send_signal(fd, sig).map_err(EngineError::os("pidfd_send_signal"))?;

@@ -1041,7 +1041,8 @@ impl Owned {
             }),
             Event::StartFailed { step, message, .. } => Owned::StartFailed { step, message },
             Event::Drained | Event::GraceExpired => Owned::StopDone,
-            Event::Ready { .. } | Event::Exited { .. } | Event::AllExited => Owned::Nothing,
+            // This front end's workers are processes, which the engine kills itself.
+            Event::Ready { .. } | Event::Exited { .. } | Event::AllExited | Event::StopWorker { .. } => Owned::Nothing,
         }
     }
 }
