@@ -333,6 +333,28 @@ fn a_worker_that_is_no_process_reports_its_end_from_any_thread_like_an_exit() {
 }
 
 #[test]
+fn a_worker_that_is_no_process_past_handle_timeout_is_handed_to_its_owner_to_end() {
+    let spec = StepSpec { handle_timeout: Some(Duration::from_millis(50)), ..step(1, 1, 4) };
+    let mut rig = Rig::new(vec![spec], 1, Admission::Wait, RestartPolicy::default());
+    let (held, _) = rig.submit(0, 0, far()).unwrap();
+    assert_eq!(rig.begin(0), 1);
+    // The engine cannot kill a thread or a remote actor: the driver tells the front end.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while rig.seen.events.is_empty() && std::time::Instant::now() < until {
+        rig.driver.wait(Some(Duration::from_millis(100)), &mut rig.seen.sink()).unwrap();
+    }
+    assert_eq!(rig.seen.events, vec!["StopWorker { slot: 0, step: 0 }".to_string()]);
+    rig.poll();
+    assert_eq!(rig.seen.events.len(), 1, "reported once");
+    // Its owner ends it (an executor kills its actor): the exit fails the batch as overdue.
+    rig.driver.engine().exit_notifier(0).unwrap().notify();
+    rig.workers[0] = None;
+    rig.driver.poll(true, &mut rig.seen.sink()).unwrap();
+    assert_eq!(rig.seen.got[&held], Got::Other("Engine(HandlerTimeout { step: 0, pid: 0 })".to_string()));
+    assert_eq!(rig.seen.respawn, vec![0]);
+}
+
+#[test]
 fn a_graceful_stop_drains_then_reports_and_fails_what_waits() {
     let mut rig = Rig::new(vec![step(1, 1, 1)], 1, Admission::Wait, RestartPolicy::default());
     let (held, _) = rig.submit(0, 0, far()).unwrap();
