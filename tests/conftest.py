@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psutil
 import pytest
@@ -83,21 +83,33 @@ def start_method(request) -> str:
     return request.param
 
 
-@pytest.fixture
-async def make_flow(start_method):
-    """``make_flow(*steps, **kwargs)`` builds and starts a flow with the test's start method;
-    at teardown every flow is stopped and no worker process may remain."""
-    flows: list[Flow] = []
+def flow_factory(flows: list, prepare: Callable[[tuple, dict], tuple], start_timeout: float = 30) -> Callable:
+    """``make(*steps, start=True, timeout=..., **kwargs)``: a flow of ``prepare(steps, kwargs)``
+    (the steps and keyword arguments to build it from), kept in ``flows`` for the teardown, and
+    started unless ``start=False``."""
 
-    def make(*steps, start: bool = True, timeout: float | None = 30, **kwargs) -> Flow:
-        kwargs.setdefault('mp_start_method', start_method)
+    def make(*steps, start: bool = True, timeout: float | None = start_timeout, **kwargs) -> Flow:
+        steps, kwargs = prepare(steps, kwargs)
         flow = Flow(*steps, **kwargs)
         flows.append(flow)
         if start:
             flow.start(timeout=timeout)
         return flow
 
-    yield make
+    return make
+
+
+def without_start_method(kwargs: dict) -> dict:
+    """A flow's arguments without ``mp_start_method``: for steps whose slots are no processes."""
+    return {k: v for k, v in kwargs.items() if k != 'mp_start_method'}
+
+
+@pytest.fixture
+async def make_flow(start_method):
+    """``make_flow(*steps, **kwargs)`` builds and starts a flow with the test's start method;
+    at teardown every flow is stopped and no worker process may remain."""
+    flows: list[Flow] = []
+    yield flow_factory(flows, lambda steps, kwargs: (steps, {'mp_start_method': start_method, **kwargs}))
     for flow in flows:
         await flow.stop(graceful=False)
     assert children() == [], 'worker processes left behind'

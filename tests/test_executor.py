@@ -20,7 +20,7 @@ from aqueduct._worker import serve
 from aqueduct.exceptions import FlowError, WorkerDiedError
 from aqueduct.executors import Executor, ExecutorWorker
 
-from .conftest import children, finish_or_dump, python_script
+from .conftest import children, finish_or_dump, flow_factory, python_script, without_start_method
 from .handlers import Add, Double, Mark, Sleep, Task
 from .test_flow import (  # noqa: F401 (collected here, with this module's make_flow)
     test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped,
@@ -103,16 +103,7 @@ async def make_flow():
     """``test_flow``'s factory, with every step served by a ``ThreadExecutor``; at teardown no
     process and no executor thread may remain."""
     flows: list[Flow] = []
-
-    def make(*steps, start: bool = True, timeout: float | None = 30, **kwargs) -> Flow:
-        kwargs.pop('mp_start_method', None)
-        flow = Flow(*on_threads(steps), **kwargs)
-        flows.append(flow)
-        if start:
-            flow.start(timeout=timeout)
-        return flow
-
-    yield make
+    yield flow_factory(flows, lambda steps, kwargs: (on_threads(steps), without_start_method(kwargs)))
     for flow in flows:
         await flow.stop(graceful=False)
     for flow in flows:

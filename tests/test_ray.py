@@ -25,7 +25,7 @@ from aqueduct import Flow, FlowStep, RestartPolicy
 from aqueduct.exceptions import FlowError, HandlerTimeoutError, WorkerDiedError, WorkerStartError
 from aqueduct.ray import RayExecutor
 
-from .conftest import finish_or_dump, python_script, until
+from .conftest import finish_or_dump, flow_factory, python_script, until, without_start_method
 from .handlers import Add, ArrayTask, Double, FailingStart, Mark, Raise, Sleep, Task
 from .ray_handlers import Busy, Emits, InPlace, Quit, ReadOnly, ShareThere, Streams, not_skipped
 from .test_flow import (  # noqa: F401 (collected here, with this module's make_flow)
@@ -170,16 +170,7 @@ def on_ray(steps) -> list[FlowStep]:
 async def make_flow(local_ray):
     """``test_flow``'s factory, with every step served by Ray actors."""
     flows: list[Flow] = []
-
-    def make(*steps, start: bool = True, timeout: float | None = 60, **kwargs) -> Flow:
-        kwargs.pop('mp_start_method', None)
-        flow = Flow(*on_ray(steps), **kwargs)
-        flows.append(flow)
-        if start:
-            flow.start(timeout=timeout)
-        return flow
-
-    yield make
+    yield flow_factory(flows, lambda steps, kwargs: (on_ray(steps), without_start_method(kwargs)), start_timeout=60)
     for flow in flows:
         await flow.stop(graceful=False)
     await nothing_left(flows, local_ray)
