@@ -105,3 +105,24 @@ def not_skipped(task) -> bool:
 
 def on_ray(task) -> bool:
     return not getattr(task, 'local_only', False)
+
+
+class Layout(BaseTaskHandler):
+    """Records what the handler saw of ``task.arr`` and ``task.same``: memory order, whether
+    they are one array; doubles ``task.arr`` in place; leaves ``task.flagged`` alone."""
+
+    def handle(self, *tasks) -> None:
+        for t in tasks:
+            t.seen = (bool(t.arr.flags.f_contiguous), t.arr is t.same, bool(t.arr.flags.writeable))
+            t.arr *= 2
+
+
+class Flagged:
+    """Looks like an array to duck typing (``flags``, ``dtype``) without being one (a pandas
+    Series, a CuPy array)."""
+
+    flags = object()
+    dtype = 'float64'
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Flagged)

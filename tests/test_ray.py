@@ -26,8 +26,8 @@ from aqueduct.exceptions import FlowError, HandlerTimeoutError, WorkerDiedError,
 from aqueduct.ray import RayExecutor
 
 from .conftest import finish_or_dump, flow_factory, python_script, until, without_start_method
-from .handlers import Add, ArrayTask, Double, FailingStart, Mark, Raise, Sleep, Task
-from .ray_handlers import Busy, Emits, InPlace, Quit, ReadOnly, ShareThere, Streams, not_skipped
+from .handlers import Add, ArrayTask, Double, FailingStart, Mark, Raise, Sleep, SlotsAdd, SlotsTask, Task
+from .ray_handlers import Busy, Emits, Flagged, InPlace, Layout, Quit, ReadOnly, ShareThere, Streams, not_skipped
 from .test_flow import (  # noqa: F401 (collected here, with this module's make_flow)
     test_a_cancelled_call_raises_cancelled_error_and_its_task_is_dropped,
     test_a_handler_error_is_both_a_flow_error_and_the_handlers_type,
@@ -305,6 +305,28 @@ async def test_a_shared_array_changed_in_place_stays_shared_and_a_new_one_can_be
     assert task.arr is view and float(view.sum()) == 400_000.0, 'written into the shared memory'
     assert set(task._shared_fields) == {'arr', 'out'}
     np.testing.assert_array_equal(task.out, np.full(50_000, 7, dtype=np.int64))
+
+
+async def test_array_layout_aliasing_and_array_lookalikes_come_through_as_in_a_worker(flows):
+    flow = Flow(FlowStep(Layout(), executor=RayExecutor()))
+    flows.append(flow)
+    flow.start(timeout=60)
+    arr = np.asfortranarray(np.arange(300_000, dtype=np.float64).reshape(600, 500))  # over the inline limit
+    task = ArrayTask(arr, flagged=Flagged())
+    task.same = task.arr
+    await flow.process(task, timeout_sec=30)
+    assert task.seen == (True, True, True), 'Fortran order, one array, writable'
+    np.testing.assert_array_equal(task.arr, np.arange(300_000, dtype=np.float64).reshape(600, 500) * 2)
+    assert task.flagged == Flagged()
+
+
+async def test_a_task_with_slots_goes_whole_and_comes_back_whole(flows):
+    flow = Flow(FlowStep(SlotsAdd(), executor=RayExecutor()))
+    flows.append(flow)
+    flow.start(timeout=60)
+    task = SlotsTask(4)
+    await flow.process(task, timeout_sec=30)
+    assert task.result == 5 and task.secret == 'worker'
 
 
 # ------------------------------------------------------------------------------- placement

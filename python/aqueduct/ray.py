@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 from numbers import Real
@@ -48,10 +49,11 @@ from .logger import log
 _OK = 0
 _FAILED = 1
 #: Objects a handler cannot have changed in place: not sent back when the field still holds them.
-_IMMUTABLE = (bytes, str, int, float, complex, bool, type(None), frozenset)
+_IMMUTABLE = (bytes, str, int, float, complex, bool, type(None))
 
-#: How often a slot waiting for its actor to start looks whether the flow is stopping.
-_START_SLICE_SEC = 0.25
+#: How often a slot waiting for its actor (to start, to answer, for a batch) looks whether it
+#: was killed or its actor is gone.
+_START_SLICE_SEC = _POLL_SEC = 0.25
 #: How long this process, as a Ray driver this module connected, keeps trying to reach a Ray
 #: head that went away. Ray's default (60 s) ends the process after that: the service with it.
 _GCS_RECONNECT_SEC = 24 * 3600
@@ -333,10 +335,12 @@ class _Slot:
             self.actor_gone = True
             log.exception('[RayExecutor] the local end of %s slot %d failed', worker.step_name, worker.slot)
         finally:
-            if self.actor is not None:
-                self.executor._leave(worker.slot, self.actor, self.actor_gone)
-            self.executor._forget(worker.slot)
-            worker.exited()
+            try:
+                if self.actor is not None:
+                    self.executor._leave(worker.slot, self.actor, self.actor_gone)
+                self.executor._forget(worker.slot)
+            finally:
+                worker.exited()  # whatever failed above, the engine learns the slot is not served
 
     def _start(self) -> bool:
         worker, ray = self.worker, self.ray
@@ -377,41 +381,70 @@ class _Slot:
         return True
 
     def _serve(self) -> None:
-        worker, ray = self.worker, self.ray
+        worker = self.worker
         endpoint, step_name = worker.endpoint, worker.step_name
         name = type(worker.handler).__name__
+        log_tasks = _worker.logging_tasks()
         actor = self.actor
         assert actor is not None, 'set by _start'
         while True:
-            batch = endpoint.recv()
-            if batch is None or self.killed:
+            # In slices: a slot whose actor died serving a sibling slot, or that was killed,
+            # takes no batch it cannot run (a worker process that is dead takes none either).
+            if self.killed or actor.gone:
+                self.actor_gone = True
                 return
-            tasks, indices, deadlines = _worker.take_batch(endpoint, batch, name, step_name)
+            batch = endpoint.recv(_POLL_SEC)
+            if batch is None:
+                return
+            if not batch:
+                continue
+            tasks, indices, deadlines = _worker.take_batch(endpoint, batch, name, step_name, log_tasks)
             del batch
             elapsed = None
             if tasks:
-                try:
-                    status, elapsed, answer = ray.get(actor.handle.handle.remote([_outbound(t) for t in tasks]))
-                except ray.exceptions.RayTaskError as exc:
-                    # Ray could not run the call (arguments the actor cannot unpickle, ...):
-                    # this batch fails, the actor serves on.
-                    status, answer = _FAILED, _ray_failure(exc, step_name)
-                    _unlink(exc)
-                except Exception as exc:
-                    # The actor, its node or the cluster is gone: the engine fails this batch
-                    # with WorkerDiedError and asks for a replacement.
-                    log.error('[RayExecutor] the actor of %s slot %d is gone: %s', step_name, worker.slot, exc)
-                    _unlink(exc)
-                    self.actor_gone = True
-                    return
+                outcome = self._call(actor, tasks)
+                if outcome is None:
+                    return  # the actor is gone: the engine fails this batch and replaces it
+                status, elapsed, answer = outcome
                 if status == _OK:
                     kept, at, due = _apply_all(endpoint, tasks, indices, deadlines, answer, step_name)
-                    _worker.answer_batch(endpoint, kept, at, due, step_name, worker.routes)
+                    _worker.answer_batch(endpoint, kept, at, due, step_name, worker.routes, log_tasks)
+                    del kept
                 else:
                     for i in indices:
                         endpoint.send_result(i, _worker.STATUS_ERROR, _worker.ROUTE_DONE, answer)
+                # Nothing of this batch is held while the slot waits for the next one (the
+                # pool's memory, the object store's copies of the answer).
+                del answer
             del tasks
             endpoint.finish_batch(elapsed)
+
+    def _call(self, actor: _Actor, tasks: list) -> Optional[tuple]:
+        """The actor's answer for ``tasks``: ``(status, elapsed, answer)``, a failure of this
+        batch alone when Ray could not run the call, or ``None`` when the actor is gone (dead,
+        its node lost, or the slot killed while it waited)."""
+        ray, worker = self.ray, self.worker
+        try:
+            pending = actor.handle.handle.remote([_outbound(t) for t in tasks])
+            while True:
+                try:
+                    return ray.get(pending, timeout=_POLL_SEC)
+                except ray.exceptions.GetTimeoutError as exc:
+                    _unlink(exc)
+                    if self.killed:
+                        self.actor_gone = True
+                        return None
+        except Exception as exc:
+            if isinstance(exc, _deaths()):
+                log.error('[RayExecutor] the actor of %s slot %d is gone: %s', worker.step_name, worker.slot, exc)
+                _unlink(exc)
+                self.actor_gone = True
+                return None
+            # Ray could not run the call (arguments it cannot serialize, or the actor cannot
+            # deserialize, a full object store): this batch fails, the actor serves on.
+            payload = _ray_failure(exc, worker.step_name)
+            _unlink(exc)
+            return _FAILED, None, payload
 
 
 def _apply_all(
@@ -423,7 +456,10 @@ def _apply_all(
     kept: Tuple[list, list, list] = ([], [], [])
     for task, i, deadline, changes in zip(tasks, indices, deadlines, answer, strict=True):
         try:
-            _apply(task, changes)
+            if changes.__class__ is tuple:
+                _apply(task, changes)
+            else:
+                task = changes  # a task that went whole (``__slots__``, its own pickling) comes back whole
         except Exception as exc:
             payload = remote_error_payload(exc, step_name, 'applying the Ray actor\'s answer to')
             endpoint.send_result(i, _worker.STATUS_ERROR, _worker.ROUTE_DONE, payload)
@@ -444,6 +480,17 @@ def _unlink(exc: BaseException) -> None:
         seen.add(id(link))
         link.__traceback__ = None
         link = link.__cause__ or link.__context__
+
+
+def _deaths() -> tuple:
+    """Ray's errors that mean the actor is gone (not that one call failed)."""
+    from ray import exceptions as e
+
+    return tuple(
+        getattr(e, n)
+        for n in ('RayActorError', 'WorkerCrashedError', 'LocalRayletDiedError', 'NodeDiedError', 'OutOfMemoryError')
+        if hasattr(e, n)
+    )
 
 
 def _ray_failure(exc: BaseException, step_name: str) -> bytes:
@@ -499,27 +546,44 @@ def _changes(task: Any, before: Optional[Dict[str, Any]], received: Dict[str, An
     return changed, in_place, list(shared_here), deleted
 
 
+def _ndarray() -> Any:
+    """numpy's array type, if numpy is loaded (an array field means it is); else ``None``."""
+    numpy = sys.modules.get('numpy')
+    return getattr(numpy, 'ndarray', None)
+
+
 def _writable_arrays(state: Dict[str, Any]) -> Dict[str, Any]:
     """Replaces each read-only numpy array among ``state``'s fields (Ray hands large ones over
-    in place, read-only) with a writable copy, as a worker process's handler gets; returns the
-    originals, by field."""
-    received = {}
+    in place, read-only) with a writable copy of the same layout, as a worker process's handler
+    gets (fields that were one array stay one array); returns the originals, by field."""
+    ndarray = _ndarray()
+    if ndarray is None:
+        return {}
+    received: Dict[str, Any] = {}
+    copies: Dict[int, Any] = {}
     for key, value in state.items():
-        flags = getattr(value, 'flags', None)
-        dtype = getattr(value, 'dtype', None)
-        if flags is not None and dtype is not None and not flags.writeable and not dtype.hasobject:
+        if isinstance(value, ndarray) and not value.flags.writeable and not value.dtype.hasobject:
             received[key] = value
-            state[key] = value.copy()
+            copy = copies.get(id(value))
+            if copy is None:
+                copy = copies[id(value)] = value.copy(order='K')
+            state[key] = copy
     return received
 
 
 def _same_bytes(copy: Any, original: Any) -> bool:
     """Whether the handler left its copy of an array as it came (bitwise: a NaN is itself)."""
-    if copy.shape != original.shape or copy.dtype != original.dtype or not original.flags.c_contiguous:
+    if copy.shape != original.shape or copy.dtype != original.dtype:
         return False
     import numpy
 
-    return bool(numpy.array_equal(copy.reshape(-1).view(numpy.uint8), original.reshape(-1).view(numpy.uint8)))
+    if original.flags.c_contiguous and copy.flags.c_contiguous:
+        a, b = copy.reshape(-1), original.reshape(-1)
+    elif original.flags.f_contiguous and copy.flags.f_contiguous:
+        a, b = copy.T.reshape(-1), original.T.reshape(-1)
+    else:
+        return False
+    return bool(numpy.array_equal(a.view(numpy.uint8), b.view(numpy.uint8)))
 
 
 def _apply(task: Any, changes: Any) -> None:
@@ -527,10 +591,6 @@ def _apply(task: Any, changes: Any) -> None:
     answer would: an array shared here and changed in place there is written into the shared
     memory and stays shared; a shared field the handler replaced or deleted is no longer shared;
     a field the handler shared is shared here."""
-    if changes.__class__ is not tuple:
-        task.__dict__.clear()
-        task.__dict__.update(changes.__dict__)
-        return
     changed, in_place, shared_there, deleted = changes
     fields = task.__dict__
     shared = fields.get('_shared_fields')
@@ -554,17 +614,19 @@ def _apply(task: Any, changes: Any) -> None:
 def _own(value: Any) -> Any:
     """A writable copy of an array Ray handed over read-only (a view on its object store, which
     the caller should not hold); anything else as it is."""
-    flags = getattr(value, 'flags', None)
-    dtype = getattr(value, 'dtype', None)
-    if flags is not None and dtype is not None and not flags.writeable:
-        return value.copy()
+    ndarray = _ndarray()
+    if ndarray is not None and isinstance(value, ndarray) and not value.flags.writeable:
+        return value.copy(order='K')
     return value
 
 
 def _same_layout(mine: Any, theirs: Any) -> bool:
+    ndarray = _ndarray()
     return (
-        getattr(mine, 'dtype', None) is not None
-        and getattr(theirs, 'dtype', None) == mine.dtype
+        ndarray is not None
+        and isinstance(mine, ndarray)
+        and isinstance(theirs, ndarray)
+        and theirs.dtype == mine.dtype
         and theirs.shape == mine.shape
         and mine.flags.writeable
     )
