@@ -69,6 +69,13 @@ def ray_init_options(tmp: str) -> dict:
     }
 
 
+def print_leftovers() -> None:
+    """For a script that ran its own Ray: prints the names of its descendants still alive once
+    they have had 30 s to end (``left []``: none)."""
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
+    print('left', [p.name() for p in alive], flush=True)
+
+
 @pytest.fixture(scope='module', autouse=True)
 def local_ray():
     tmp = tempfile.mkdtemp(prefix='ar', dir='/tmp')
@@ -478,13 +485,13 @@ def test_a_flow_that_starts_ray_shuts_it_down_and_leaves_no_process():
     with python_script(
         f"""
         import asyncio, faulthandler, os, shutil, signal, sys, tempfile
-        import psutil, ray
+        import ray
         sys.path.insert(0, {ROOT!r})
         os.environ['PYTHONPATH'] = {ROOT!r}
         from aqueduct import Flow, FlowStep
         from aqueduct.ray import RayExecutor
         from tests.handlers import Add, Task
-        from tests.test_ray import ray_init_options
+        from tests.test_ray import print_leftovers, ray_init_options
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         tmp = os.environ['RAY_TMPDIR'] = tempfile.mkdtemp(prefix='ar', dir='/tmp')
         options = ray_init_options(tmp)
@@ -500,8 +507,7 @@ def test_a_flow_that_starts_ray_shuts_it_down_and_leaves_no_process():
             assert not ray.is_initialized(), 'the executor that started Ray shut it down'
         asyncio.run(main())
         shutil.rmtree(tmp, ignore_errors=True)
-        gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
-        print('left', [p.name() for p in alive], flush=True)
+        print_leftovers()
         """
     ) as proc:
         out = finish_or_dump(proc, 110, 'hung starting or stopping Ray')
@@ -517,7 +523,6 @@ def test_on_a_cluster_a_lost_node_fails_only_its_batch_and_a_new_node_takes_the_
     with python_script(
         f"""
         import asyncio, faulthandler, os, shutil, signal, sys, tempfile
-        import psutil
         sys.path.insert(0, {ROOT!r})
         os.environ['PYTHONPATH'] = {ROOT!r}
         tmp = tempfile.mkdtemp(prefix='ar', dir='/tmp')
@@ -529,6 +534,7 @@ def test_on_a_cluster_a_lost_node_fails_only_its_batch_and_a_new_node_takes_the_
         from aqueduct.ray import RayExecutor
         from tests.handlers import Task
         from tests.ray_handlers import Where
+        from tests.test_ray import print_leftovers
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         store = {{'object_store_memory': 128 * 2**20, 'plasma_directory': tmp}}
         # A lost node is noticed after two seconds of missed heartbeats, not Ray's default 30.
@@ -576,8 +582,7 @@ def test_on_a_cluster_a_lost_node_fails_only_its_batch_and_a_new_node_takes_the_
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-        gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
-        print('left', [p.name() for p in alive], flush=True)
+        print_leftovers()
         """
     ) as proc:
         out = finish_or_dump(proc, 110, 'hung on the simulated cluster')

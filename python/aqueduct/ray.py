@@ -53,7 +53,7 @@ _IMMUTABLE = (bytes, str, int, float, complex, bool, type(None))
 
 #: How often a slot waiting for its actor (to start, to answer, for a batch) looks whether it
 #: was killed or its actor is gone.
-_START_SLICE_SEC = _POLL_SEC = 0.25
+_POLL_SEC = 0.25
 #: How long this process, as a Ray driver this module connected, keeps trying to reach a Ray
 #: head that went away. Ray's default (60 s) ends the process after that: the service with it.
 _GCS_RECONNECT_SEC = 24 * 3600
@@ -351,7 +351,7 @@ class _Slot:
             done = False
             # In slices: a stop while the actor waits for a node ends the wait.
             while not done and not self.killed and time.monotonic() < deadline:
-                slice_sec = min(_START_SLICE_SEC, max(deadline - time.monotonic(), 0))
+                slice_sec = min(_POLL_SEC, max(deadline - time.monotonic(), 0))
                 if not actor.wait_made(slice_sec):
                     continue
                 if actor.error is not None:
